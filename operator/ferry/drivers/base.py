@@ -1,0 +1,167 @@
+"""The driver interface: how an agent runs VM processes on its host and migrates them.
+
+A driver manages one VM process per droplet under a data directory. VM processes outlive
+the agent: after an agent restart, ``list_vms()`` re-attaches to whatever still runs, so
+the agent never keeps state it cannot rebuild from the driver.
+
+Both drivers (``sim``, ``qemu``) implement this protocol and fill ``MigrationStats`` with
+the same fields, which the agent copies into ``LiveMigration.status.transfer``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from typing import Protocol, runtime_checkable
+
+
+@dataclasses.dataclass(frozen=True, order=True)
+class VMKey:
+    namespace: str
+    name: str
+
+    def __str__(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+    @property
+    def dirname(self) -> str:
+        """A file-system safe, unique directory name for this VM."""
+        return f"{self.namespace}__{self.name}"
+
+
+@dataclasses.dataclass(frozen=True)
+class Workload:
+    """The guest's own activity (sim driver; the qemu test guest has its own init)."""
+
+    pattern: str = "uniform"  # uniform | hotspot | sequential
+    write_rate_kibps: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class VMSpec:
+    key: VMKey
+    cpu: int
+    memory_mib: int
+    disk_gib: int
+    workload: Workload = Workload()
+    power_on: bool = True
+
+
+class VMState(str, enum.Enum):
+    RUNNING = "Running"
+    PAUSED = "Paused"  # e.g. converged source waiting for cut-over
+    STOPPED = "Stopped"  # images exist, no guest running
+    INCOMING = "Incoming"  # target of a migration, not yet resumed
+
+
+@dataclasses.dataclass
+class VMInfo:
+    key: VMKey
+    state: VMState
+    pid: int | None = None
+    migration_id: str | None = None  # the migration this VM is the source/target of
+
+
+@dataclasses.dataclass(frozen=True)
+class MigrationOptions:
+    downtime_budget_ms: int = 300
+    bandwidth_bps: int | None = None  # None: unlimited
+    offline: bool = False  # one copy of a stopped VM, no rounds, no throttle
+
+
+class MigrationState(str, enum.Enum):
+    NONE = "None"
+    COPYING = "Copying"
+    CONVERGING = "Converging"
+    PAUSED = "Paused"
+    COMPLETED = "Completed"  # source: all sent, digests equal, guest paused for cut-over
+    RECEIVED = "Received"  # target: all received and verified, paused
+    FAILED = "Failed"
+    ABORTED = "Aborted"
+
+
+@dataclasses.dataclass
+class TransferCounters:
+    total: int = 0
+    sent: int = 0
+    remaining: int = 0
+
+
+@dataclasses.dataclass
+class RoundStats:
+    round: int
+    bytes: int
+    dirty_bytes: int
+    ms: int
+
+
+@dataclasses.dataclass
+class MigrationStats:
+    """Progress of one migration as a driver sees it (source or target side)."""
+
+    migration_id: str | None = None
+    state: MigrationState = MigrationState.NONE
+    round: int = 0
+    disk: TransferCounters = dataclasses.field(default_factory=TransferCounters)
+    memory: TransferCounters = dataclasses.field(default_factory=TransferCounters)
+    dirty_rate_bps: int = 0
+    bandwidth_bps: int = 0
+    throttle_percent: int = 0
+    max_throttle_percent: int = 0
+    throttled_ms: int = 0
+    expected_downtime_ms: int = 0
+    eta_seconds: float | None = None
+    rounds: list[RoundStats] = dataclasses.field(default_factory=list)
+    downtime_ms: int | None = None
+    digest: str | None = None
+    error: str | None = None
+
+    @property
+    def bytes_total(self) -> int:
+        return self.disk.total + self.memory.total
+
+    @property
+    def bytes_sent(self) -> int:
+        return self.disk.sent + self.memory.sent
+
+    @property
+    def dirty_remaining(self) -> int:
+        return self.disk.remaining + self.memory.remaining
+
+
+class DriverError(Exception):
+    """A driver operation failed; the message is shown to users as a reason."""
+
+
+@runtime_checkable
+class Driver(Protocol):
+    name: str
+
+    def list_vms(self) -> list[VMInfo]:
+        """Every VM with images or a process on this host (re-attaches after a restart)."""
+
+    def start(self, spec: VMSpec) -> VMInfo:
+        """Create the images if missing and start the guest. Idempotent."""
+
+    def stop(self, key: VMKey) -> None:
+        """Power the guest off; keep its images. Idempotent."""
+
+    def destroy(self, key: VMKey) -> None:
+        """Stop and delete everything of this VM. Idempotent."""
+
+    def prepare_incoming(self, spec: VMSpec, bind_host: str, secret: bytes, migration_id: str) -> str:
+        """Start a paused VM waiting for migration ``migration_id``; return "host:port"."""
+
+    def start_migration(
+        self, key: VMKey, target: str, secret: bytes, migration_id: str, options: MigrationOptions
+    ) -> None:
+        """Source side: start sending to ``target``. Returns at once; poll query_migration."""
+
+    def query_migration(self, key: VMKey) -> MigrationStats:
+        """Progress of the VM's current or last migration (either side)."""
+
+    def cancel_migration(self, key: VMKey) -> None:
+        """Source side: abort, lift any throttle, resume the guest. Idempotent."""
+
+    def resume(self, key: VMKey) -> None:
+        """Target side, after the placement record names this host: run the guest."""
