@@ -1,0 +1,235 @@
+"""A small typed facade over pykube-ng for the three ferry kinds, Secrets and Events."""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import os
+import socket
+import uuid
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import pykube
+import requests
+
+from ferry.api import constants as c
+from ferry.api.times import fmt, now
+
+log = logging.getLogger(__name__)
+
+KINDS = {
+    "Host": ("hosts", False),
+    "Droplet": ("droplets", True),
+    "LiveMigration": ("livemigrations", True),
+}
+
+
+class StorageError(Exception):
+    """An API call failed; the message says which call and why, in one line."""
+
+
+class NotFound(StorageError):
+    pass
+
+
+class Conflict(StorageError):
+    """A precondition (resourceVersion) failed or the object already exists."""
+
+
+class Forbidden(StorageError):
+    pass
+
+
+def _raise(resp: requests.Response, what: str) -> None:
+    if resp.ok:
+        return
+    try:
+        message = resp.json().get("message", resp.text)
+    except ValueError:
+        message = resp.text
+    cls = {404: NotFound, 409: Conflict, 403: Forbidden}.get(resp.status_code, StorageError)
+    raise cls(f"{what}: {message} (HTTP {resp.status_code})")
+
+
+def load_config(kubeconfig: str | None = None) -> pykube.KubeConfig:
+    path = kubeconfig or os.environ.get("KUBECONFIG")
+    try:
+        if path:
+            return pykube.KubeConfig.from_file(path.split(os.pathsep)[0])
+        return pykube.KubeConfig.from_env()
+    except (FileNotFoundError, pykube.exceptions.PyKubeError) as exc:
+        raise StorageError(f"no Kubernetes credentials: {exc} (set KUBECONFIG or run in a cluster)") from None
+
+
+class Kube:
+    """ferry's API client. Methods take and return plain dicts (bodies as the API has them)."""
+
+    def __init__(self, api: pykube.HTTPClient):
+        self.api = api
+        self.requests = 0  # counted for the operator-overhead benchmark
+
+    @classmethod
+    def connect(cls, kubeconfig: str | None = None, timeout: float = 30) -> Kube:
+        return cls(pykube.HTTPClient(load_config(kubeconfig), timeout=timeout))
+
+    # --- plumbing -----------------------------------------------------------------------
+    def _url(self, kind: str, namespace: str | None = None, name: str | None = None, sub: str | None = None) -> str:
+        plural, namespaced = KINDS[kind]
+        parts = [f"/apis/{c.API_VERSION}"]
+        if namespaced and namespace:
+            parts.append(f"namespaces/{namespace}")
+        parts.append(plural)
+        if name:
+            parts.append(name)
+        if sub:
+            parts.append(sub)
+        return "/".join(parts)
+
+    def _call(self, method: str, url: str, what: str, *, base: str = "/", **kw: Any) -> dict[str, Any]:
+        self.requests += 1
+        try:
+            resp = getattr(self.api.session, method)(self.api.url + url, timeout=self.api.timeout, **kw)
+        except requests.RequestException as exc:
+            raise StorageError(f"{what}: {exc.__class__.__name__}: {exc}") from None
+        _raise(resp, what)
+        return resp.json() if resp.content else {}
+
+    def _get(self, url: str, what: str, params: Mapping[str, str] | None = None) -> dict[str, Any]:
+        return self._call("get", url, what, params=params)
+
+    def _merge_patch(self, url: str, patch: Mapping[str, Any], what: str) -> dict[str, Any]:
+        return self._call("patch", url, what, data=json.dumps(patch),
+                          headers={"Content-Type": "application/merge-patch+json"})
+
+    # --- generic ------------------------------------------------------------------------
+    def get(self, kind: str, name: str, namespace: str | None = None) -> dict[str, Any]:
+        return self._get(self._url(kind, namespace, name), f"get {kind} {_qual(namespace, name)}")
+
+    def get_or_none(self, kind: str, name: str, namespace: str | None = None) -> dict[str, Any] | None:
+        try:
+            return self.get(kind, name, namespace)
+        except NotFound:
+            return None
+
+    def list(self, kind: str, namespace: str | None = None, selector: str | None = None) -> list[dict[str, Any]]:
+        params = {"labelSelector": selector} if selector else None
+        return self._get(self._url(kind, namespace), f"list {kind}", params).get("items") or []
+
+    def list_with_version(self, kind: str, namespace: str | None = None,
+                          selector: str | None = None) -> tuple[list[dict[str, Any]], str]:
+        params = {"labelSelector": selector} if selector else None
+        body = self._get(self._url(kind, namespace), f"list {kind}", params)
+        return body.get("items") or [], body.get("metadata", {}).get("resourceVersion", "")
+
+    def watch(self, kind: str, namespace: str | None = None, selector: str | None = None,
+              resource_version: str | None = None, timeout_seconds: int = 60) -> Iterator[tuple[str, dict[str, Any]]]:
+        """Yield (type, object) from a watch; returns when the server ends it. Raises on 410 Gone."""
+        params: dict[str, Any] = {"watch": "true", "timeoutSeconds": timeout_seconds, "allowWatchBookmarks": "true"}
+        if selector:
+            params["labelSelector"] = selector
+        if resource_version:
+            params["resourceVersion"] = resource_version
+        self.requests += 1
+        try:
+            resp = self.api.session.get(self.api.url + self._url(kind, namespace), params=params, stream=True,
+                                        timeout=(10, timeout_seconds + 10))
+        except requests.RequestException as exc:
+            raise StorageError(f"watch {kind}: {exc}") from None
+        _raise(resp, f"watch {kind}")
+        with resp:
+            for line in resp.iter_lines():
+                if not line:
+                    continue
+                event = json.loads(line)
+                if event.get("type") == "ERROR":
+                    code = event.get("object", {}).get("code")
+                    raise (Conflict if code == 410 else StorageError)(f"watch {kind}: {event['object'].get('message')}")
+                yield event["type"], event["object"]
+
+    def create(self, kind: str, body: Mapping[str, Any], namespace: str | None = None) -> dict[str, Any]:
+        name = body.get("metadata", {}).get("name")
+        return self._call("post", self._url(kind, namespace), f"create {kind} {_qual(namespace, name)}",
+                          data=json.dumps(dict(body)), headers={"Content-Type": "application/json"})
+
+    def delete(self, kind: str, name: str, namespace: str | None = None) -> None:
+        try:
+            self._call("delete", self._url(kind, namespace, name), f"delete {kind} {_qual(namespace, name)}")
+        except NotFound:
+            pass
+
+    def patch(self, kind: str, name: str, patch: Mapping[str, Any], namespace: str | None = None,
+              resource_version: str | None = None) -> dict[str, Any]:
+        if resource_version:
+            patch = {**patch, "metadata": {**patch.get("metadata", {}), "resourceVersion": resource_version}}
+        return self._merge_patch(self._url(kind, namespace, name), patch, f"patch {kind} {_qual(namespace, name)}")
+
+    def patch_status(self, kind: str, name: str, status: Mapping[str, Any], namespace: str | None = None,
+                     resource_version: str | None = None) -> dict[str, Any]:
+        body: dict[str, Any] = {"status": status}
+        if resource_version:
+            body["metadata"] = {"resourceVersion": resource_version}
+        return self._merge_patch(self._url(kind, namespace, name, "status"), body,
+                                 f"patch {kind} {_qual(namespace, name)} status")
+
+    # --- secrets ------------------------------------------------------------------------
+    def read_secret_key(self, namespace: str, name: str, key: str = c.TRANSFER_SECRET_KEY) -> bytes:
+        body = self._get(f"/api/v1/namespaces/{namespace}/secrets/{name}", f"get secret {namespace}/{name}")
+        data = (body.get("data") or {}).get(key)
+        if not data:
+            raise NotFound(f"secret {namespace}/{name} has no key {key!r}")
+        return base64.b64decode(data)
+
+    def create_secret(self, namespace: str, name: str, data: Mapping[str, bytes],
+                      owner: Mapping[str, Any] | None = None, labels: Mapping[str, str] | None = None) -> None:
+        meta: dict[str, Any] = {"name": name, "namespace": namespace, "labels": dict(labels or {})}
+        if owner:
+            meta["ownerReferences"] = [owner]
+        body = {"apiVersion": "v1", "kind": "Secret", "type": "Opaque", "metadata": meta,
+                "data": {k: base64.b64encode(v).decode() for k, v in data.items()}}
+        try:
+            self._call("post", f"/api/v1/namespaces/{namespace}/secrets", f"create secret {namespace}/{name}",
+                       data=json.dumps(body), headers={"Content-Type": "application/json"})
+        except Conflict:
+            pass  # idempotent: it exists already
+
+    def delete_secret(self, namespace: str, name: str) -> None:
+        try:
+            self._call("delete", f"/api/v1/namespaces/{namespace}/secrets/{name}", f"delete secret {namespace}/{name}")
+        except NotFound:
+            pass
+
+    # --- events -------------------------------------------------------------------------
+    def event(self, obj: Mapping[str, Any], type_: str, reason: str, message: str,
+              component: str = "ferry-operator") -> None:
+        """Post a core/v1 Event about ``obj``; failures are logged, never raised."""
+        meta = obj.get("metadata", {})
+        namespace = meta.get("namespace") or "default"
+        t = fmt(now(), fraction=True)
+        body = {
+            "apiVersion": "v1", "kind": "Event",
+            "metadata": {"name": f"{meta.get('name', 'x')}.{uuid.uuid4().hex[:12]}", "namespace": namespace},
+            "involvedObject": {"apiVersion": obj.get("apiVersion", c.API_VERSION), "kind": obj.get("kind"),
+                               "name": meta.get("name"), "namespace": meta.get("namespace"),
+                               "uid": meta.get("uid"), "resourceVersion": meta.get("resourceVersion")},
+            "type": type_, "reason": reason, "message": message[:1024],
+            "source": {"component": component, "host": socket.gethostname()},
+            "firstTimestamp": fmt(now()), "lastTimestamp": fmt(now()), "eventTime": t, "count": 1,
+            "reportingComponent": component, "reportingInstance": socket.gethostname(), "action": reason,
+        }
+        try:
+            self._call("post", f"/api/v1/namespaces/{namespace}/events", "create event",
+                       data=json.dumps(body), headers={"Content-Type": "application/json"})
+        except StorageError as exc:
+            log.warning("could not post event %s on %s: %s", reason, meta.get("name"), exc)
+
+
+def _qual(namespace: str | None, name: str | None) -> str:
+    return f"{namespace}/{name}" if namespace else str(name)
+
+
+def owner_reference(body: Mapping[str, Any]) -> dict[str, Any]:
+    meta = body["metadata"]
+    return {"apiVersion": body.get("apiVersion", c.API_VERSION), "kind": body["kind"], "name": meta["name"],
+            "uid": meta["uid"], "controller": True, "blockOwnerDeletion": True}
