@@ -1,0 +1,10 @@
+"""The agent-to-agent (VM-to-VM) migration data channel.
+
+- ``auth``: challenge-response over a per-migration secret (HMAC-SHA256, both nonces, id)
+- ``framing``: frame header with kind, block index, length, checksums
+- ``bitmap``: dirty bitmaps and extent coalescing
+- ``digest``: per-block hashes and image digests
+- ``ratelimit``: token bucket
+- ``policy``: PURE convergence/throttle decision
+- ``precopy``: the source and target engines
+"""
