@@ -1,0 +1,191 @@
+"""Plain data for placement: what the scorer reads and what it answers.
+
+Everything here is a frozen, slotted dataclass over built-in types, so the operator can
+build them from its caches and tests can build thousands of them cheaply.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+from ferry.api.sizes import Resources
+
+__all__ = [
+    "FILTERS",
+    "FILTER_PHRASES",
+    "STRATEGIES",
+    "Candidate",
+    "DropletRequest",
+    "HostInfo",
+    "PlacementResult",
+    "Reservation",
+]
+
+#: The filters, in the fixed order they run. A host is rejected by the FIRST one it fails,
+#: and counted under that name in ``PlacementResult.rejected``.
+#:
+#: ``datacenter``  host in another datacenter than the droplet
+#: ``ready``       host NotReady (stale agent heartbeat)
+#: ``schedulable`` host cordoned (``spec.schedulable: false``)
+#: ``maintenance`` host in maintenance (being evacuated)
+#: ``source``      the droplet's current host (migrations only)
+#: ``hostSelector`` host labels do not carry every ``hostSelector.matchLabels`` pair
+#: ``cpu`` / ``memory`` / ``disk``  not enough free after allocations AND reservations
+#: ``inbound``     host already receives ``inbound_limit`` migrations (only when a limit is
+#:                 given); last, so a host rejected here would otherwise fit: worth waiting for.
+FILTERS: tuple[str, ...] = (
+    "datacenter",
+    "ready",
+    "schedulable",
+    "maintenance",
+    "source",
+    "hostSelector",
+    "cpu",
+    "memory",
+    "disk",
+    "inbound",
+)
+
+#: How ``PlacementResult.message`` words a count of hosts rejected by each filter.
+FILTER_PHRASES: dict[str, str] = {
+    "datacenter": "wrong datacenter",
+    "ready": "not ready",
+    "schedulable": "not schedulable",
+    "maintenance": "in maintenance",
+    "source": "source host",
+    "hostSelector": "not matching hostSelector",
+    "cpu": "insufficient cpu",
+    "memory": "insufficient memory",
+    "disk": "insufficient disk",
+    "inbound": "at inbound migration limit",
+}
+
+STRATEGIES = ("spread", "pack")
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class HostInfo:
+    """One host as placement sees it.
+
+    ``allocated`` is what the droplets whose placement record names this host use;
+    reservations of migrations in flight towards it are passed separately
+    (:class:`Reservation`). ``migrations_in_flight`` counts active migrations from or to the
+    host (scored as a penalty); ``inbound_migrations`` counts those towards it (checked
+    against ``inbound_limit`` when one is given). ``labels`` are the Host's metadata labels.
+    """
+
+    name: str
+    datacenter: str
+    capacity: Resources
+    allocated: Resources = Resources(0, 0, 0)
+    labels: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    ready: bool = True
+    schedulable: bool = True
+    in_maintenance: bool = False
+    migrations_in_flight: int = 0
+    inbound_migrations: int = 0
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Reservation:
+    """Capacity held on ``host`` by a migration in flight whose target is that host.
+
+    ``droplet`` (the same key as :attr:`DropletRequest.name`) lets ``place`` ignore the
+    reservation of the very droplet being placed, e.g. when a migration picks a new target
+    after a failed attempt while its old target is still recorded.
+    """
+
+    host: str
+    resources: Resources
+    droplet: str = ""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class DropletRequest:
+    """What to place: a droplet's size, datacenter and constraints.
+
+    ``name`` identifies the droplet (``namespace/name`` recommended). ``source_host`` is the
+    host it runs on when picking a migration target (excluded by the ``source`` filter), or
+    None for a new droplet. ``host_selector`` is ``spec.hostSelector.matchLabels``. Every
+    dimension of ``resources`` must be at least 1.
+    """
+
+    name: str
+    datacenter: str
+    resources: Resources
+    host_selector: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    source_host: str | None = None
+
+    def __post_init__(self) -> None:
+        r = self.resources
+        if r.cpu < 1 or r.memory_mib < 1 or r.disk_gib < 1:
+            raise ValueError(f"droplet {self.name}: every resource must be at least 1, got {r}")
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Candidate:
+    """A host that passed every filter, with its score (0..100 scale, higher is better).
+
+    ``cpu``/``memory``/``disk`` are per-dimension scores: for ``spread`` the percentage of the
+    host left free after placing the droplet, for ``pack`` the percentage used.
+    ``score`` is their weighted mean minus ``penalty`` (per migration in flight on the host).
+    """
+
+    host: str
+    score: float
+    cpu: float
+    memory: float
+    disk: float
+    penalty: float
+
+    def to_status(self) -> dict[str, Any]:
+        return {
+            "host": self.host,
+            "score": round(self.score, 2),
+            "cpu": round(self.cpu, 2),
+            "memory": round(self.memory, 2),
+            "disk": round(self.disk, 2),
+            "penalty": round(self.penalty, 2),
+        }
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class PlacementResult:
+    """The answer of ``place``: the chosen host (or None) and why.
+
+    ``candidates`` are the best hosts, best first (at most ``top``; when an explicit target is
+    chosen but not among them it is appended). ``rejected`` maps every filter name in
+    :data:`FILTERS` order to how many hosts it rejected (zeros included, so a merge patch of
+    ``to_status()`` always overwrites the previous counts). ``considered`` is how many hosts
+    were looked at. ``reason`` is ``Placed`` | ``NoHostFits`` | ``TargetHostRejected``.
+    For an explicit target, ``target_host`` names it and ``target_rejected_by`` is the filter
+    that rejected it (``notFound`` if no such host), else None.
+    """
+
+    chosen: str | None
+    strategy: str
+    candidates: tuple[Candidate, ...]
+    rejected: dict[str, int]
+    considered: int
+    message: str
+    reason: str
+    target_host: str | None = None
+    target_rejected_by: str | None = None
+
+    @property
+    def feasible(self) -> int:
+        """How many hosts passed every filter."""
+        return self.considered - sum(self.rejected.values())
+
+    def to_status(self) -> dict[str, Any]:
+        """The ``status.placement`` object of docs/architecture.md (plus ``message``)."""
+        return {
+            "chosen": self.chosen,
+            "strategy": self.strategy,
+            "candidates": [c.to_status() for c in self.candidates],
+            "rejected": dict(self.rejected),
+            "considered": self.considered,
+            "message": self.message,
+        }
