@@ -1,0 +1,636 @@
+"""PURE decisions of the per-host agent: what to do with the VMs and migrations of one host.
+
+``plan(host, droplets, migrations, vms, now)`` looks at plain data -- the droplets and
+LiveMigrations that concern this host (typed views from ``ferry.api.models``), the VMs the
+driver reports (``VMObs``: ``VMInfo`` plus the driver's ``MigrationStats``) and the time --
+and returns the list of ``Action``s that move the host towards what the API asks for.
+It performs no I/O; ``ferry.agent.loop`` executes the actions. Every action is idempotent,
+and the function is a function of observations only, so an agent that crashed and
+restarted rebuilds everything from ``driver.list_vms()`` + ``query_migration`` + the API.
+
+Knowledge about an object comes in three states, and the difference matters:
+
+- ``droplets[key]`` is a ``Droplet``: we know its placement record (``status.host``);
+- ``droplets[key]`` is ``None``: the droplet is gone (deleted, the API said 404);
+- ``key`` not in ``droplets``: unknown (not fetched, API error): nothing destructive happens.
+
+The same holds for ``migrations`` (keyed by ``(namespace, name)``).
+
+The rules (docs/architecture.md, "The migration protocol"):
+
+- The placement record is the lock. A VM whose droplet record names this host is never
+  destroyed; a VM is destroyed only when its droplet is gone or its record names another
+  host and no migration of this host still needs it (the incoming VM of the current
+  attempt). The executor re-reads the droplet before destroying, starting or resuming.
+- Target role (``status.targetHost`` is this host), attempt N: Preparing -> prepare the
+  incoming VM and report Listening; PreCopy/CutOver -> report Received (+ digest) or
+  Failed from the incoming VM's stats; once the record names this host and the phase is
+  CutOver or Completed -> resume (or keep stopped if the droplet is powered off) and report
+  Running. An incoming VM of another attempt, of a Failed/Cancelled migration or of a
+  migration that no longer names this host is destroyed (report Cleaned).
+- Source role (``status.sourceHost`` is this host), while the record names this host:
+  PreCopy -> start the migration to ``status.target.address`` once the target listens,
+  then report ``status.transfer`` (rate-limited; state changes at once). Failed,
+  Cancelled or a later attempt -> cancel (the source resumes). The source copy is
+  destroyed only once the record names another host (the general rule above).
+- Droplets whose record names this host run when ``powerState`` is on and are stopped
+  when off, unless a migration is using the VM.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+from collections.abc import Iterable, Mapping
+from typing import Any, Union
+
+from ferry.api.models import Droplet, Migration
+from ferry.api.times import fmt
+from ferry.drivers.base import (
+    MigrationOptions,
+    MigrationState,
+    MigrationStats,
+    VMInfo,
+    VMKey,
+    VMSpec,
+    VMState,
+    Workload,
+)
+
+MiB = 1024 * 1024
+ROUNDS_REPORTED = 20
+
+MigKey = tuple[str, str]  # (namespace, name) of a LiveMigration
+
+#: source-side driver states in which the source VM is busy with (or held for) a migration
+SOURCE_BUSY = frozenset({MigrationState.COPYING, MigrationState.CONVERGING, MigrationState.PAUSED,
+                         MigrationState.COMPLETED})
+#: phases in which the target of the current attempt keeps its incoming VM
+TARGET_KEEP_PHASES = ("Preparing", "PreCopy", "CutOver", "Completed")
+#: phases in which the source must not resume on its own: the record may be moving
+SOURCE_HOLD_PHASES = ("PreCopy", "CutOver", "Completed")
+#: target report states that mean "prepared for this attempt"
+TARGET_PREPARED = ("Listening", "Received", "Running")
+
+TRANSFER_STATE = {
+    MigrationState.NONE: "Copying",
+    MigrationState.COPYING: "Copying",
+    MigrationState.CONVERGING: "Converging",
+    MigrationState.PAUSED: "Paused",
+    MigrationState.COMPLETED: "Completed",
+    MigrationState.RECEIVED: "Completed",
+    MigrationState.FAILED: "Failed",
+    MigrationState.ABORTED: "Aborted",
+}
+TRANSFER_FINAL = ("Completed", "Failed", "Aborted")
+
+
+# --- inputs -------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class HostContext:
+    """Who we are, plus the settings the decisions use."""
+
+    name: str
+    address: str = "127.0.0.1"
+    downtime_budget_ms: int = 300
+    report_interval_seconds: float = 1.0
+
+
+@dataclasses.dataclass(frozen=True)
+class VMObs:
+    """One VM as the driver reports it; ``stats`` is None when it was not queried."""
+
+    info: VMInfo
+    stats: MigrationStats | None = None
+
+    @property
+    def key(self) -> VMKey:
+        return self.info.key
+
+    @property
+    def state(self) -> VMState:
+        return self.info.state
+
+    @property
+    def migration_id(self) -> str | None:
+        """The migration this VM last took part in (live process first, then its stats)."""
+        if self.info.migration_id:
+            return self.info.migration_id
+        return self.stats.migration_id if self.stats is not None else None
+
+    @property
+    def migration_state(self) -> MigrationState:
+        return self.stats.state if self.stats is not None else MigrationState.NONE
+
+    @property
+    def source_busy_mid(self) -> str | None:
+        """The migration id this VM is sending for (or held paused for), if any."""
+        s = self.stats
+        if (s is None or self.info.state == VMState.INCOMING or not s.migration_id
+                or s.state not in SOURCE_BUSY or self.info.migration_id != s.migration_id):
+            return None  # a VM without a live process (migration_id from its files) sends nothing
+        return s.migration_id
+
+
+# --- actions ------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class StartVM:
+    spec: VMSpec
+    reason: str = ""
+
+    @property
+    def key(self) -> VMKey:
+        return self.spec.key
+
+
+@dataclasses.dataclass(frozen=True)
+class StopVM:
+    key: VMKey
+    reason: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class DestroyVM:
+    key: VMKey
+    reason: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class ResumeVM:
+    """Target after the flip: run the received guest."""
+
+    key: VMKey
+    migration_id: str
+    reason: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class PrepareIncoming:
+    """Target: start the incoming VM; the executor reports Listening with its address."""
+
+    spec: VMSpec
+    migration: MigKey
+    attempt: int
+
+    @property
+    def key(self) -> VMKey:
+        return self.spec.key
+
+    @property
+    def migration_id(self) -> str:
+        return migration_id(*self.migration, self.attempt)
+
+
+@dataclasses.dataclass(frozen=True)
+class StartMigration:
+    """Source: send the VM to ``target``; a failure is reported as status.transfer Failed."""
+
+    key: VMKey
+    migration: MigKey
+    attempt: int
+    target: str
+    options: MigrationOptions
+
+    @property
+    def migration_id(self) -> str:
+        return migration_id(*self.migration, self.attempt)
+
+
+@dataclasses.dataclass(frozen=True)
+class CancelMigration:
+    """Source: abort the migration ``migration_id``; the guest resumes on this host."""
+
+    key: VMKey
+    migration_id: str
+    reason: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class ReportTarget:
+    """Merge ``status`` into LiveMigration ``migration``'s status.target."""
+
+    key: VMKey
+    migration: MigKey
+    status: Mapping[str, Any]
+
+
+@dataclasses.dataclass(frozen=True)
+class ReportTransfer:
+    """Merge ``status`` into LiveMigration ``migration``'s status.transfer."""
+
+    key: VMKey
+    migration: MigKey
+    status: Mapping[str, Any]
+
+
+@dataclasses.dataclass(frozen=True)
+class Warn:
+    """Nothing to do but something a human should know (logged, deduplicated)."""
+
+    key: VMKey
+    message: str
+
+
+Action = Union[StartVM, StopVM, DestroyVM, ResumeVM, PrepareIncoming, StartMigration, CancelMigration,
+               ReportTarget, ReportTransfer, Warn]
+DRIVER_ACTIONS = (StartVM, StopVM, DestroyVM, ResumeVM, PrepareIncoming, StartMigration, CancelMigration)
+
+
+# --- helpers ------------------------------------------------------------------------------
+
+def migration_id(namespace: str, name: str, attempt: int) -> str:
+    return f"{namespace}/{name}#{attempt}"
+
+
+def parse_migration_id(mid: str | None) -> tuple[str, str, int] | None:
+    """``"ns/lm#3"`` -> ``("ns", "lm", 3)``; None for anything else."""
+    if not mid or "/" not in mid or "#" not in mid:
+        return None
+    ref, _, attempt = mid.rpartition("#")
+    ns, _, name = ref.partition("/")
+    try:
+        n = int(attempt)
+    except ValueError:
+        return None
+    return (ns, name, n) if ns and name else None
+
+
+def vm_spec(droplet: Droplet, *, power_on: bool | None = None) -> VMSpec:
+    r = droplet.resources
+    return VMSpec(
+        key=VMKey(droplet.namespace, droplet.name),
+        cpu=r.cpu, memory_mib=r.memory_mib, disk_gib=r.disk_gib,
+        workload=Workload(droplet.workload.pattern, droplet.workload.write_rate_kibps),
+        power_on=droplet.power_on if power_on is None else power_on,
+    )
+
+
+def migration_options(lm: Migration, default_downtime_ms: int) -> MigrationOptions:
+    limits = lm.status.get("effectiveLimits") or {}
+    downtime = limits.get("downtimeMs") or lm.downtime_ms or default_downtime_ms
+    bandwidth = limits.get("bandwidthMiBps") or lm.bandwidth_mibps
+    mode = lm.status.get("effectiveMode") or lm.mode
+    return MigrationOptions(downtime_budget_ms=int(downtime),
+                            bandwidth_bps=int(bandwidth) * MiB if bandwidth else None,
+                            offline=mode == "offline")
+
+
+def progress_percent(stats: MigrationStats) -> int:
+    """0..100: the share of the data to send that is sent (holes and zero blocks are never
+    sent, so ``bytesTotal`` is no measure); 100 only when Completed."""
+    if stats.state in (MigrationState.COMPLETED, MigrationState.RECEIVED):
+        return 100
+    sent, remaining = max(0, stats.bytes_sent), max(0, stats.dirty_remaining)
+    if sent + remaining <= 0:
+        return 0
+    return max(0, min(99, sent * 100 // (sent + remaining)))
+
+
+def transfer_status(stats: MigrationStats, attempt: int, now: dt.datetime) -> dict[str, Any]:
+    """``status.transfer`` from the source's stats (None values clear stale fields)."""
+    return {
+        "attempt": attempt,
+        "state": TRANSFER_STATE.get(stats.state, "Copying"),
+        "round": stats.round,
+        "disk": {"total": stats.disk.total, "sent": stats.disk.sent, "remaining": stats.disk.remaining},
+        "memory": {"total": stats.memory.total, "sent": stats.memory.sent, "remaining": stats.memory.remaining},
+        "bytesTotal": stats.bytes_total,
+        "bytesSent": stats.bytes_sent,
+        "dirtyRemaining": stats.dirty_remaining,
+        "dirtyRateBps": stats.dirty_rate_bps,
+        "bandwidthBps": stats.bandwidth_bps,
+        "throttlePercent": stats.throttle_percent,
+        "throttledMs": stats.throttled_ms,
+        "maxThrottlePercent": stats.max_throttle_percent,
+        "expectedDowntimeMs": stats.expected_downtime_ms,
+        "etaSeconds": None if stats.eta_seconds is None else round(float(stats.eta_seconds), 3),
+        "progress": progress_percent(stats),
+        "rounds": [{"round": r.round, "bytes": r.bytes, "dirtyBytes": r.dirty_bytes, "ms": r.ms}
+                   for r in stats.rounds[-ROUNDS_REPORTED:]],
+        "downtimeMs": stats.downtime_ms,
+        "digest": stats.digest,
+        "error": stats.error,
+        "updatedAt": fmt(now, fraction=True),
+    }
+
+
+def transfer_failed(attempt: int, error: str, now: dt.datetime) -> dict[str, Any]:
+    return {"attempt": attempt, "state": "Failed", "error": error, "digest": None, "progress": 0,
+            "updatedAt": fmt(now, fraction=True)}
+
+
+def target_status(attempt: int, state: str, now: dt.datetime, *, address: str | None = None,
+                  digest: str | None = None, error: str | None = None) -> dict[str, Any]:
+    return {"attempt": attempt, "state": state, "address": address, "digest": digest, "error": error,
+            "updatedAt": fmt(now, fraction=True)}
+
+
+def _comparable(d: Mapping[str, Any] | None) -> dict[str, Any]:
+    return {k: v for k, v in (d or {}).items() if v is not None and k != "updatedAt"}
+
+
+def transfer_due(lm: Migration, new: Mapping[str, Any], now: dt.datetime, interval: float) -> bool:
+    """Whether ``new`` should be written now: at once on a new attempt or state, otherwise
+    when something changed and the last report is ``interval`` seconds old."""
+    old = lm.transfer
+    if old.attempt != new["attempt"] or old.state != new["state"]:
+        return True
+    if _comparable(old.raw) == _comparable(new):
+        return False
+    if new["state"] in TRANSFER_FINAL:
+        return True  # e.g. the digest or downtime arrives with the final state: never wait
+    return old.updated is None or (now - old.updated).total_seconds() >= interval
+
+
+def _same_target(lm: Migration, attempt: int, state: str) -> bool:
+    return lm.target.attempt == attempt and lm.target.state == state
+
+
+# --- the decision -------------------------------------------------------------------------
+
+def plan(host: HostContext, droplets: Mapping[VMKey, Droplet | None],
+         migrations: Mapping[MigKey, Migration | None], vms: Mapping[VMKey, VMObs],
+         now: dt.datetime) -> list[Action]:
+    """Everything this host should do now, in execution order (grouped by droplet)."""
+    me = host.name
+    by_droplet: dict[VMKey, list[Migration]] = {}
+    for lm in migrations.values():
+        if lm is not None and me in (lm.source_host, lm.status_target_host):
+            by_droplet.setdefault(VMKey(lm.namespace, lm.droplet), []).append(lm)
+    keys: set[VMKey] = set(vms) | set(by_droplet)
+    keys |= {k for k, d in droplets.items() if d is not None and d.host == me}
+    actions: list[Action] = []
+    for key in sorted(keys):
+        lms = sorted(by_droplet.get(key, ()), key=lambda m: m.name)
+        actions.extend(_plan_droplet(host, key, droplets, migrations, vms.get(key), lms, now))
+    return actions
+
+
+def _plan_droplet(host: HostContext, key: VMKey, droplets: Mapping[VMKey, Droplet | None],
+                  migrations: Mapping[MigKey, Migration | None], vm: VMObs | None,
+                  lms: list[Migration], now: dt.datetime) -> list[Action]:
+    me = host.name
+    known = key in droplets
+    d = droplets.get(key)
+    owned = d is not None and d.host == me
+    elsewhere = known and (d is None or (d.host is not None and d.host != me))
+    out: list[Action] = []
+    destroyed = False  # planned a DestroyVM for this key
+    claimed = False  # a migration of this host decided about this VM: no power management
+
+    # 1. An incoming VM: the current attempt of a migration to this host keeps it, the
+    #    rest is torn down (unless the record names this host: then it is adopted).
+    if vm is not None and vm.state == VMState.INCOMING:
+        claimed = True
+        ref = parse_migration_id(vm.migration_id)
+        owner_key = (ref[0], ref[1]) if ref else None
+        owner = migrations.get(owner_key) if owner_key else None
+        owner_known = owner_key is None or owner_key in migrations
+        current = (owner is not None and ref is not None and owner.status_target_host == me
+                   and owner.attempt == ref[2] and owner.phase in TARGET_KEEP_PHASES)
+        if current or not owner_known:
+            pass  # the target logic below handles the current attempt; unknown: wait
+        elif owned:
+            if vm.migration_state == MigrationState.RECEIVED:
+                out.append(ResumeVM(key, vm.migration_id or "", "its record names this host"))
+                if d is not None and not d.power_on:
+                    out.append(StopVM(key, "powerState off"))
+            else:
+                out.append(Warn(key, f"incoming VM of {vm.migration_id or 'no migration'} holds unverified data "
+                                     "but the droplet's record names this host; leaving it alone"))
+        elif elsewhere:
+            reason = "its migration no longer needs it" if d is not None else "its droplet was deleted"
+            out.append(DestroyVM(key, f"incoming VM of {vm.migration_id or 'no migration'}: {reason}"))
+            destroyed = True
+
+    # 2. Target role.
+    serving: str | None = None
+    for lm in lms:
+        if lm.status_target_host != me or lm.attempt < 1:
+            continue
+        acts, took = _target(host, key, lm, d, known, owned, elsewhere, vm, destroyed, now)
+        if serving is not None and any(isinstance(a, DRIVER_ACTIONS) for a in acts):
+            # one droplet, one incoming VM: the operator allows one active migration per droplet
+            acts = [Warn(key, f"{lm.namespace}/{lm.name} also targets this host; serving {serving} only")]
+        elif any(isinstance(a, DRIVER_ACTIONS) for a in acts):
+            serving = f"{lm.namespace}/{lm.name}"
+        out.extend(acts)
+        claimed = claimed or took
+        destroyed = destroyed or any(isinstance(a, DestroyVM) for a in acts)
+
+    # 3. Source role (only while the record names this host).
+    source_mid = vm.source_busy_mid if vm is not None else None
+    handled: set[str] = set()
+    for lm in lms:
+        if lm.source_host != me or lm.attempt < 1:
+            continue
+        acts, mids = _source(host, key, lm, owned, vm, source_mid, now)
+        out.extend(acts)
+        handled |= mids
+    if source_mid is not None:
+        claimed = True
+        if owned and source_mid not in handled and _orphaned(me, source_mid, migrations):
+            out.append(CancelMigration(key, source_mid, "its migration is gone"))
+
+    # 4. The lock rule, then power management.
+    if vm is not None and elsewhere and not destroyed and vm.state != VMState.INCOMING:
+        where = f"its record names {d.host}" if d is not None else "its droplet was deleted"
+        out.append(DestroyVM(key, where))
+    elif owned and not claimed and not any(isinstance(a, DRIVER_ACTIONS) for a in out):
+        assert d is not None
+        out.extend(_power(key, d, vm, lms, me))
+    return out
+
+
+def _orphaned(me: str, mid: str, migrations: Mapping[MigKey, Migration | None]) -> bool:
+    """The source-side migration ``mid`` belongs to no migration of this host any more."""
+    ref = parse_migration_id(mid)
+    if ref is None:
+        return True
+    if (ref[0], ref[1]) not in migrations:
+        return False  # unknown: wait
+    owner = migrations[(ref[0], ref[1])]
+    return owner is None or (owner.source_host != me and owner.phase not in SOURCE_HOLD_PHASES)
+
+
+def _power(key: VMKey, d: Droplet, vm: VMObs | None, lms: list[Migration], me: str) -> list[Action]:
+    if vm is None or vm.state == VMState.STOPPED:
+        if not d.power_on and vm is not None:
+            return []
+        if vm is None:
+            expecting = [lm for lm in lms if lm.status_target_host == me and lm.phase in ("PreCopy", "CutOver")]
+            if expecting:
+                return [Warn(key, f"the droplet's record names this host but the incoming VM of "
+                                  f"{expecting[0].namespace}/{expecting[0].name} is missing; not starting an empty one")]
+            if any(lm.source_host == me and lm.phase in ("PreCopy", "CutOver") for lm in lms):
+                return []  # no VM to send: the migration fails first (reported), an empty VM would hide that
+        if not d.power_on:  # define it (images, no guest): a powered-off droplet has a disk too
+            return [StartVM(vm_spec(d), "placed on this host, powered off")]
+        return [StartVM(vm_spec(d), "powerState on" if vm is not None else "placed on this host")]
+    if vm.state == VMState.RUNNING and not d.power_on:
+        return [StopVM(key, "powerState off")]
+    if vm.state == VMState.PAUSED and not d.power_on:
+        return [StopVM(key, "powerState off")]
+    return []
+
+
+def _target(host: HostContext, key: VMKey, lm: Migration, d: Droplet | None, known: bool, owned: bool,
+            elsewhere: bool, vm: VMObs | None, destroyed: bool, now: dt.datetime) -> tuple[list[Action], bool]:
+    """Actions of the target role for ``lm``; the bool says whether it decided about the VM."""
+    me, n = host.name, lm.attempt
+    ref = (lm.namespace, lm.name)
+    mid = migration_id(lm.namespace, lm.name, n)
+    rep = lm.target
+    has_vm = vm is not None and vm.migration_id == mid and not destroyed
+    out: list[Action] = []
+
+    if lm.phase == "Preparing":
+        if has_vm and vm is not None and vm.state == VMState.INCOMING and rep.attempt == n and rep.state in TARGET_PREPARED:
+            return out, True
+        if rep.attempt == n and rep.state == "Failed":
+            return out, has_vm  # reported; the operator fails the attempt
+        if not known or d is None:
+            return out, False  # need the droplet's size; a deleted droplet fails the migration upstream
+        if owned:
+            if not _same_target(lm, n, "Failed"):
+                out.append(ReportTarget(key, ref, target_status(
+                    n, "Failed", now, error=f"droplet {key} already runs on target host {me}")))
+            return out, False
+        if vm is not None and vm.state != VMState.INCOMING and not destroyed and elsewhere:
+            out.append(DestroyVM(key, f"a stale copy is in the way of incoming {mid}"))
+        out.append(PrepareIncoming(vm_spec(d), ref, n))
+        return out, True
+
+    if lm.phase in ("PreCopy", "CutOver", "Completed"):
+        if not has_vm:
+            if lm.phase != "Completed" and rep.attempt == n and rep.state in ("Preparing", "Listening", "Received"):
+                out.append(ReportTarget(key, ref, target_status(
+                    n, "Failed", now, address=rep.address, error=f"the incoming VM of {mid} is gone from host {me}")))
+            return out, False
+        assert vm is not None
+        st = vm.migration_state
+        stats = vm.stats
+        if vm.state == VMState.INCOMING:
+            if st == MigrationState.RECEIVED:
+                if owned and lm.phase in ("CutOver", "Completed"):
+                    out.append(ResumeVM(key, mid, f"the record names {me}"))
+                    if d is not None and not d.power_on:
+                        out.append(StopVM(key, "powerState off (offline migration)"))
+                    out.append(ReportTarget(key, ref, target_status(
+                        n, "Running", now, address=rep.address if rep.attempt == n else None,
+                        digest=stats.digest if stats else None)))
+                elif not (rep.attempt == n and rep.state in ("Received", "Running")):
+                    out.append(ReportTarget(key, ref, target_status(
+                        n, "Received", now, address=rep.address if rep.attempt == n else None,
+                        digest=stats.digest if stats else None)))
+            elif st in (MigrationState.FAILED, MigrationState.ABORTED):
+                if not _same_target(lm, n, "Failed"):
+                    error = (stats.error if stats else None) or f"incoming migration {st.value.lower()}"
+                    out.append(ReportTarget(key, ref, target_status(
+                        n, "Failed", now, address=rep.address if rep.attempt == n else None, error=error)))
+            return out, True
+        # resumed already (Running, or Stopped when powered off): power management applies again
+        if owned and not _same_target(lm, n, "Running"):
+            out.append(ReportTarget(key, ref, target_status(
+                n, "Running", now, address=rep.address if rep.attempt == n else None,
+                digest=(stats.digest if stats else None) or rep.digest)))
+        return out, False
+
+    # Pending/Announced/Scheduling (a later attempt is being set up), Failed, Cancelled:
+    # the incoming VM (if any) was torn down in step 1; say so once.
+    m = rep.attempt
+    if m >= 1 and rep.state not in ("Cleaned", "Running") and not owned:
+        still_there = vm is not None and vm.migration_id == migration_id(lm.namespace, lm.name, m) and not destroyed
+        if not still_there:
+            out.append(ReportTarget(key, ref, target_status(m, "Cleaned", now, address=rep.address,
+                                                            error=rep.error)))
+    return out, False
+
+
+def _source(host: HostContext, key: VMKey, lm: Migration, owned: bool, vm: VMObs | None,
+            source_mid: str | None, now: dt.datetime) -> tuple[list[Action], set[str]]:
+    """Actions of the source role for ``lm``; the set holds the migration ids it decided about."""
+    n = lm.attempt
+    ref = (lm.namespace, lm.name)
+    mid = migration_id(lm.namespace, lm.name, n)
+    stats = vm.stats if vm is not None else None
+    stats_ref = parse_migration_id(stats.migration_id) if stats is not None else None
+    ours = stats_ref is not None and (stats_ref[0], stats_ref[1]) == ref  # stats of some attempt of lm
+    out: list[Action] = []
+    handled: set[str] = set()
+    if source_mid is not None and ours:
+        handled.add(source_mid)
+    if not owned:
+        return out, handled  # the record moved (or is unknown): nothing to send, nothing to resume
+
+    if lm.phase == "PreCopy":
+        if stats is not None and stats.migration_id == mid:
+            out.extend(_report_transfer(host, key, lm, stats, n, now))
+            return out, handled
+        if lm.transfer.attempt == n and lm.transfer.state in ("Failed", "Aborted"):
+            return out, handled  # reported; the operator retries with a new attempt
+        if vm is None or vm.state == VMState.INCOMING:
+            if not (lm.transfer.attempt == n and lm.transfer.state == "Failed"):
+                out.append(ReportTransfer(key, ref, transfer_failed(
+                    n, f"droplet {key} has no VM on source host {host.name}", now)))
+            return out, handled
+        target = lm.target
+        if target.attempt == n and target.state == "Listening" and target.address:
+            if source_mid is not None and source_mid != mid:
+                out.append(CancelMigration(key, source_mid, f"{mid} replaces it"))
+                handled.add(source_mid)
+            out.append(StartMigration(key, ref, n, target.address, migration_options(lm, host.downtime_budget_ms)))
+        return out, handled
+
+    if lm.phase == "CutOver":
+        if stats is not None and stats.migration_id == mid:
+            out.extend(_report_transfer(host, key, lm, stats, n, now))
+        return out, handled
+
+    # Any other phase: this attempt is over or not started. Resume the source if it is still
+    # held for an attempt of this migration (never in Completed: the record may be moving).
+    if source_mid is not None and ours and lm.phase != "Completed":
+        why = f"migration {lm.phase}" if lm.phase in ("Failed", "Cancelled") else f"attempt {n} replaces it"
+        out.append(CancelMigration(key, source_mid, why))
+    if stats is not None and ours and stats_ref is not None and (stats_ref[2] == n or lm.transfer.attempt == stats_ref[2]):
+        if source_mid is None:  # once the cancel took effect, say how it ended
+            out.extend(_report_transfer(host, key, lm, stats, stats_ref[2], now))
+    return out, handled
+
+
+def _report_transfer(host: HostContext, key: VMKey, lm: Migration, stats: MigrationStats, attempt: int,
+                     now: dt.datetime) -> list[Action]:
+    new = transfer_status(stats, attempt, now)
+    if transfer_due(lm, new, now, host.report_interval_seconds):
+        return [ReportTransfer(key, (lm.namespace, lm.name), new)]
+    return []
+
+
+# --- the heartbeat ------------------------------------------------------------------------
+
+def agent_status(host: HostContext, driver: str, version: str, vms: Iterable[VMInfo], now: dt.datetime) -> dict:
+    """``Host.status.agent``: the only part of the Host the agent writes."""
+    return {
+        "address": host.address,
+        "heartbeatTime": fmt(now, fraction=True),
+        "driver": driver,
+        "version": version,
+        "vms": [{"namespace": v.key.namespace, "name": v.key.name, "state": v.state.value}
+                for v in sorted(vms, key=lambda v: v.key)],
+    }
+
+
+def busy(vms: Mapping[VMKey, VMObs], migrations: Mapping[MigKey, Migration | None], me: str) -> bool:
+    """Whether a migration is in flight here (the loop then polls the driver often)."""
+    for lm in migrations.values():
+        if lm is not None and lm.phase in ("Preparing", "PreCopy", "CutOver") and me in (lm.source_host,
+                                                                                         lm.status_target_host):
+            return True
+    for vm in vms.values():
+        if vm.source_busy_mid is not None:
+            return True
+        if vm.state == VMState.INCOMING and vm.migration_state not in (MigrationState.FAILED, MigrationState.ABORTED):
+            return True
+    return False

@@ -1,0 +1,24 @@
+"""`ferry agent`: the per-host agent (heartbeat, droplet VMs, migration source/target roles)."""
+
+from __future__ import annotations
+
+import click
+
+
+@click.command()
+@click.option("--host", "host", envvar="FERRY_HOST", required=True, help="Name of this agent's Host object.")
+@click.option("--data-dir", envvar="FERRY_DATA_DIR", required=True, type=click.Path(file_okay=False),
+              help="Directory of the VM images and processes of this host.")
+@click.option("--driver", type=click.Choice(["sim", "qemu"]), default=None,
+              help="Hypervisor driver (default FERRY_DRIVER, sim).")
+@click.option("--address", envvar="FERRY_ADDRESS", default="127.0.0.1", show_default=True,
+              help="IP the migration data channels bind to (in a cluster: the node IP).")
+@click.pass_context
+def agent(ctx: click.Context, host: str, data_dir: str, driver: str | None, address: str) -> None:
+    """Run the agent of one host until SIGTERM (its VM processes keep running)."""
+    from ferry.agent.main import run
+    from ferry.settings import Settings
+
+    settings = Settings.from_env()
+    obj = ctx.obj or {}
+    ctx.exit(run(host, data_dir, driver or settings.driver, address, obj.get("kubeconfig"), settings))

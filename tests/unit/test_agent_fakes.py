@@ -1,0 +1,342 @@
+"""Builders and fakes shared by the agent's unit tests (no tests here): API bodies, VM observations,
+an in-memory Kube and driver."""
+
+from __future__ import annotations
+
+import copy
+import datetime as dt
+import threading
+from typing import Any
+
+from ferry.agent.plan import VMObs
+from ferry.api.models import Droplet, Migration
+from ferry.drivers.base import (
+    DriverError,
+    MigrationOptions,
+    MigrationState,
+    MigrationStats,
+    RoundStats,
+    TransferCounters,
+    VMInfo,
+    VMKey,
+    VMSpec,
+    VMState,
+)
+from ferry.storage import NotFound
+
+NOW = dt.datetime(2030, 1, 1, 12, 0, 0, tzinfo=dt.timezone.utc)
+NS = "ns"
+
+
+def ts(seconds_ago: float = 0.0) -> str:
+    return (NOW - dt.timedelta(seconds=seconds_ago)).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def droplet_body(name: str = "web", host: str | None = "a", *, power: str = "on", ns: str = NS, rv: str = "1",
+                 label: str | None = "same") -> dict:
+    labels = {} if label is None else {"ferry.dev/host": host if label == "same" else label}
+    body = {"apiVersion": "ferry.dev/v1alpha1", "kind": "Droplet",
+            "metadata": {"name": name, "namespace": ns, "resourceVersion": rv, "labels": labels, "uid": "u-" + name},
+            "spec": {"size": "s-1vcpu-1gb", "datacenter": "nyc3", "powerState": power,
+                     "workload": {"pattern": "hotspot", "writeRateKiBps": 64}},
+            "status": {}}
+    if host is not None:
+        body["status"]["host"] = host
+    return body
+
+
+def droplet(name: str = "web", host: str | None = "a", **kw: Any) -> Droplet:
+    return Droplet.from_body(droplet_body(name, host, **kw))
+
+
+def lm_body(name: str = "move", droplet: str = "web", *, phase: str = "PreCopy", attempt: int = 1, source: str = "a",
+            target: str = "b", ns: str = NS, target_report: dict | None = None, transfer: dict | None = None,
+            mode: str | None = None, limits: dict | None = None, rv: str = "1") -> dict:
+    status: dict[str, Any] = {"phase": phase, "attempt": attempt, "sourceHost": source, "targetHost": target}
+    if target_report is not None:
+        status["target"] = target_report
+    if transfer is not None:
+        status["transfer"] = transfer
+    if mode is not None:
+        status["effectiveMode"] = mode
+    if limits is not None:
+        status["effectiveLimits"] = limits
+    return {"apiVersion": "ferry.dev/v1alpha1", "kind": "LiveMigration",
+            "metadata": {"name": name, "namespace": ns, "resourceVersion": rv, "uid": "u-" + name,
+                         "labels": {"ferry.dev/source-host": source, "ferry.dev/target-host": target,
+                                    "ferry.dev/droplet": droplet}},
+            "spec": {"droplet": droplet}, "status": status}
+
+
+def lm(name: str = "move", droplet: str = "web", **kw: Any) -> Migration:
+    return Migration.from_body(lm_body(name, droplet, **kw))
+
+
+def treport(attempt: int, state: str, address: str | None = "127.0.0.1:4000", digest: str | None = None,
+            updated: float = 0.0) -> dict:
+    d = {"attempt": attempt, "state": state, "updatedAt": ts(updated)}
+    if address:
+        d["address"] = address
+    if digest:
+        d["digest"] = digest
+    return d
+
+
+def stats(mid: str | None, state: MigrationState, *, digest: str | None = None, error: str | None = None,
+          total: int = 1000, remaining: int = 0, sent: int = 0, rounds: int = 0) -> MigrationStats:
+    return MigrationStats(
+        migration_id=mid, state=state, round=rounds,
+        disk=TransferCounters(total=total // 2, sent=sent // 2, remaining=remaining // 2),
+        memory=TransferCounters(total=total - total // 2, sent=sent - sent // 2, remaining=remaining - remaining // 2),
+        rounds=[RoundStats(i + 1, 100, 10, 5) for i in range(rounds)], digest=digest, error=error)
+
+
+def vm(name: str = "web", state: VMState = VMState.RUNNING, mid: str | None = None, st: MigrationStats | None = None,
+       ns: str = NS, pid: int | None = 123) -> VMObs:
+    live_mid = mid if state != VMState.STOPPED or pid else None
+    return VMObs(VMInfo(VMKey(ns, name), state, pid=pid, migration_id=live_mid), st)
+
+
+def key(name: str = "web", ns: str = NS) -> VMKey:
+    return VMKey(ns, name)
+
+
+# --- fakes for the loop --------------------------------------------------------------------
+
+def merge_patch(target: Any, patch: Any) -> Any:
+    if not isinstance(patch, dict):
+        return copy.deepcopy(patch)
+    out = dict(target) if isinstance(target, dict) else {}
+    for k, v in patch.items():
+        if v is None:
+            out.pop(k, None)
+        else:
+            out[k] = merge_patch(out.get(k), v)
+    return out
+
+
+class FakeKube:
+    """Enough of ferry.storage.Kube for the agent: objects in memory, merge patches, secrets."""
+
+    def __init__(self) -> None:
+        self.objects: dict[tuple[str, str, str], dict] = {}
+        self.secrets: dict[tuple[str, str], bytes] = {}
+        self.patches: list[tuple[str, str, str, dict]] = []
+        self.events: list[tuple[str, str, str]] = []
+        self.rv = 100
+        self.lock = threading.Lock()
+        self.fail_gets = False
+        self.gets: list[tuple[str, str, str]] = []
+
+    def put(self, body: dict) -> dict:
+        with self.lock:
+            self.rv += 1
+            body = copy.deepcopy(body)
+            body["metadata"]["resourceVersion"] = str(self.rv)
+            m = body["metadata"]
+            self.objects[(body["kind"], m.get("namespace") or "", m["name"])] = body
+            return copy.deepcopy(body)
+
+    def remove(self, kind: str, name: str, namespace: str = "") -> None:
+        self.objects.pop((kind, namespace, name), None)
+
+    def obj(self, kind: str, name: str, namespace: str = "") -> dict:
+        return self.objects[(kind, namespace, name)]
+
+    def get(self, kind: str, name: str, namespace: str | None = None) -> dict:
+        self.gets.append((kind, namespace or "", name))
+        if self.fail_gets:
+            from ferry.storage import StorageError
+            raise StorageError("connection refused")
+        try:
+            return copy.deepcopy(self.objects[(kind, namespace or "", name)])
+        except KeyError:
+            raise NotFound(f"{kind} {name} not found") from None
+
+    def get_or_none(self, kind: str, name: str, namespace: str | None = None) -> dict | None:
+        try:
+            return self.get(kind, name, namespace)
+        except NotFound:
+            return None
+
+    def list_with_version(self, kind: str, namespace: str | None = None, selector: str | None = None):
+        out = []
+        for (k, ns, _), body in sorted(self.objects.items()):
+            if k != kind or (namespace and ns != namespace):
+                continue
+            if selector:
+                lk, _, lv = selector.partition("=")
+                if (body["metadata"].get("labels") or {}).get(lk) != lv:
+                    continue
+            out.append(copy.deepcopy(body))
+        return out, str(self.rv)
+
+    def list(self, kind: str, namespace: str | None = None, selector: str | None = None) -> list[dict]:
+        return self.list_with_version(kind, namespace, selector)[0]
+
+    def patch_status(self, kind: str, name: str, status: dict, namespace: str | None = None,
+                     resource_version: str | None = None) -> dict:
+        with self.lock:
+            k = (kind, namespace or "", name)
+            if k not in self.objects:
+                raise NotFound(f"{kind} {name} not found")
+            self.patches.append((kind, namespace or "", name, copy.deepcopy(status)))
+            body = self.objects[k]
+            body["status"] = merge_patch(body.get("status") or {}, status)
+            self.rv += 1
+            body["metadata"]["resourceVersion"] = str(self.rv)
+            return copy.deepcopy(body)
+
+    def read_secret_key(self, namespace: str, name: str, key: str = "key") -> bytes:
+        try:
+            return self.secrets[(namespace, name)]
+        except KeyError:
+            raise NotFound(f"secret {namespace}/{name} not found") from None
+
+    def event(self, obj: dict, type_: str, reason: str, message: str, component: str = "x") -> None:
+        self.events.append((type_, reason, message))
+
+
+class Network:
+    """Where fake drivers of several hosts meet: listening incoming VMs by address."""
+
+    def __init__(self) -> None:
+        self.listeners: dict[str, tuple["FakeDriver", VMKey, bytes, str]] = {}
+        self.next_port = 40000
+
+
+class FakeVM:
+    def __init__(self, spec: VMSpec, state: VMState):
+        self.spec = spec
+        self.state = state
+        self.migration_id: str | None = None
+        self.role: str | None = None
+        self.mstate = MigrationState.NONE
+        self.progress = 0
+        self.digest = "d-" + spec.key.name
+        self.error: str | None = None
+        self.address: str | None = None
+        self.peer: tuple[FakeDriver, VMKey] | None = None
+
+
+class FakeDriver:
+    """An in-memory driver: a migration advances one step (of ``steps``) per query_migration."""
+
+    name = "fake"
+
+    def __init__(self, host: str, network: Network | None = None, steps: int = 3):
+        self.host = host
+        self.network = network or Network()
+        self.steps = steps
+        self.vms: dict[VMKey, FakeVM] = {}
+        self.calls: list[tuple[str, str]] = []
+        self.fail: dict[str, str] = {}  # method -> error message
+
+    def _check(self, method: str, key: VMKey) -> None:
+        self.calls.append((method, str(key)))
+        if method in self.fail:
+            raise DriverError(self.fail[method])
+
+    def list_vms(self) -> list[VMInfo]:
+        if "list_vms" in self.fail:
+            raise DriverError(self.fail["list_vms"])
+        return [VMInfo(k, v.state, pid=1, migration_id=v.migration_id) for k, v in sorted(self.vms.items())]
+
+    def start(self, spec: VMSpec) -> VMInfo:
+        self._check("start", spec.key)
+        v = self.vms.get(spec.key)
+        if v is None:
+            v = self.vms[spec.key] = FakeVM(spec, VMState.STOPPED)
+        if v.state == VMState.INCOMING:
+            raise DriverError("incoming VM")
+        if spec.power_on:
+            v.state = VMState.RUNNING
+        return VMInfo(spec.key, v.state, pid=1, migration_id=v.migration_id)
+
+    def stop(self, key: VMKey) -> None:
+        self._check("stop", key)
+        if key in self.vms:
+            self.vms[key].state = VMState.STOPPED
+
+    def destroy(self, key: VMKey) -> None:
+        self._check("destroy", key)
+        v = self.vms.pop(key, None)
+        if v is not None and v.address:
+            self.network.listeners.pop(v.address, None)
+
+    def prepare_incoming(self, spec: VMSpec, bind_host: str, secret: bytes, migration_id: str) -> str:
+        self._check("prepare_incoming", spec.key)
+        v = self.vms.get(spec.key)
+        if v is not None and v.state == VMState.INCOMING and v.migration_id == migration_id:
+            return v.address or ""
+        if v is not None and v.state != VMState.INCOMING:
+            raise DriverError("a VM of that name runs here")
+        v = self.vms[spec.key] = FakeVM(spec, VMState.INCOMING)
+        v.migration_id, v.role = migration_id, "target"
+        self.network.next_port += 1
+        v.address = f"{bind_host}:{self.network.next_port}"
+        self.network.listeners[v.address] = (self, spec.key, secret, migration_id)
+        return v.address
+
+    def start_migration(self, key: VMKey, target: str, secret: bytes, migration_id: str,
+                        options: MigrationOptions) -> None:
+        self._check("start_migration", key)
+        v = self.vms.get(key)
+        if v is None:
+            raise DriverError("no such VM")
+        if v.role == "source" and v.migration_id == migration_id and v.mstate not in (MigrationState.FAILED,
+                                                                                       MigrationState.ABORTED):
+            return
+        listener = self.network.listeners.get(target)
+        if listener is None or listener[2] != secret or listener[3] != migration_id:
+            raise DriverError(f"cannot connect to {target}")
+        v.migration_id, v.role, v.mstate, v.progress = migration_id, "source", MigrationState.COPYING, 0
+        v.peer = (listener[0], listener[1])
+        v.options = options  # type: ignore[attr-defined]
+        tv = listener[0].vms[listener[1]]
+        tv.mstate = MigrationState.COPYING
+
+    def _advance(self, v: FakeVM) -> None:
+        if v.role != "source" or v.mstate not in (MigrationState.COPYING, MigrationState.CONVERGING):
+            return
+        v.progress += 1
+        if v.progress >= self.steps:
+            v.mstate = MigrationState.COMPLETED
+            v.state = VMState.PAUSED
+            assert v.peer is not None
+            peer_driver, peer_key = v.peer
+            tv = peer_driver.vms.get(peer_key)
+            if tv is not None and tv.migration_id == v.migration_id:
+                tv.mstate = MigrationState.RECEIVED
+                tv.digest = v.digest
+
+    def query_migration(self, key: VMKey) -> MigrationStats:
+        self.calls.append(("query_migration", str(key)))
+        if "query_migration" in self.fail:
+            raise DriverError(self.fail["query_migration"])
+        v = self.vms.get(key)
+        if v is None:
+            return MigrationStats()
+        self._advance(v)
+        total = 1000
+        remaining = 0 if v.mstate in (MigrationState.COMPLETED, MigrationState.RECEIVED) else \
+            total * max(0, self.steps - v.progress) // max(1, self.steps)
+        return MigrationStats(migration_id=v.migration_id, state=v.mstate,
+                              disk=TransferCounters(total, total - remaining, remaining),
+                              digest=v.digest if v.mstate in (MigrationState.COMPLETED, MigrationState.RECEIVED) else None,
+                              error=v.error, round=1 if v.role == "source" else 0)
+
+    def cancel_migration(self, key: VMKey) -> None:
+        self._check("cancel_migration", key)
+        v = self.vms.get(key)
+        if v is not None and v.role == "source" and v.mstate in (MigrationState.COPYING, MigrationState.CONVERGING,
+                                                                 MigrationState.PAUSED, MigrationState.COMPLETED):
+            v.mstate = MigrationState.ABORTED
+            v.state = VMState.RUNNING
+
+    def resume(self, key: VMKey) -> None:
+        self._check("resume", key)
+        v = self.vms[key]
+        if v.state == VMState.INCOMING and v.mstate != MigrationState.RECEIVED:
+            raise DriverError("not received")
+        v.state = VMState.RUNNING
