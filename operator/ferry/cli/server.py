@@ -17,15 +17,17 @@ REPO = pathlib.Path(__file__).resolve().parents[3]
 @click.option("--peering-name", default="ferry", show_default=True, help="Name of the KopfPeering object.")
 @click.option("--liveness", "liveness", default=None, metavar="URL",
               help="Serve the liveness probe, e.g. http://0.0.0.0:8081/healthz.")
+@click.option("--priority", type=int, default=0, show_default=True,
+              help="Peering priority; replicas need distinct values (the chart derives one from the pod UID).")
 @click.option("--metrics-port", type=int, default=None, help="Prometheus port (default FERRY_METRICS_PORT, 8080; 0 = off).")
 @click.pass_context
-def operator(ctx: click.Context, standalone: bool, peering_name: str, liveness: str | None,
+def operator(ctx: click.Context, standalone: bool, peering_name: str, liveness: str | None, priority: int,
              metrics_port: int | None) -> None:
     """Run the ferry operator (reconciles Hosts, Droplets and LiveMigrations)."""
     from ferry.controller.app import run
 
     run(kubeconfig=ctx.obj["kubeconfig"], namespace=ctx.obj["namespace"], standalone=standalone,
-        peering_name=peering_name, liveness=liveness, metrics_port=metrics_port)
+        peering_name=peering_name, liveness=liveness, metrics_port=metrics_port, priority=priority)
 
 
 @click.command()

@@ -96,7 +96,7 @@ def probe_world(memo: kopf.Memo, **_: Any) -> dict[str, int]:
 
 
 def run(*, kubeconfig: str | None, namespace: str | None, standalone: bool, peering_name: str,
-        liveness: str | None, metrics_port: int | None) -> None:
+        liveness: str | None, metrics_port: int | None, priority: int = 0) -> None:
     """Block running the operator until SIGTERM/SIGINT."""
     if kubeconfig:
         os.environ["KUBECONFIG"] = kubeconfig
@@ -116,4 +116,5 @@ def run(*, kubeconfig: str | None, namespace: str | None, standalone: bool, peer
         clusterwide=not namespace,
         namespaces=[namespace] if namespace else (),
         liveness_endpoint=liveness,
+        priority=priority,
     )
