@@ -59,11 +59,11 @@ class Stack:
                                            env={**self.env, **(env or {})})
         return self.operator
 
-    def start_agent(self, host: str, env: dict[str, str] | None = None):
+    def start_agent(self, host: str, env: dict[str, str] | None = None, address: str = "127.0.0.1"):
         if host not in self.dirs:
             # short: a sim VM's control socket lives under the data dir (AF_UNIX paths < 108 bytes)
             self.dirs[host] = pathlib.Path(tempfile.mkdtemp(prefix="fs-"))
-        p = self.ferry_process("agent", "--host", host, "--data-dir", str(self.dirs[host]),
+        p = self.ferry_process("agent", "--host", host, "--data-dir", str(self.dirs[host]), "--address", address,
                                env={**self.env, **(env or {})})
         self.agents[host] = p
         return p

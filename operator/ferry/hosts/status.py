@@ -89,7 +89,7 @@ def host_status(host: Host, droplets: Iterable[Droplet], migrations: Iterable[Mi
     if not ready:
         phase = "NotReady"
     elif host.in_maintenance:
-        phase = "Evacuated" if ev.droplets_left == 0 else "Draining"
+        phase = "Evacuated" if ev.droplets_left == 0 and ev.running == 0 else "Draining"
     elif not host.schedulable:
         phase = "Cordoned"
     else:
@@ -113,7 +113,7 @@ def host_status(host: Host, droplets: Iterable[Droplet], migrations: Iterable[Mi
               prev.get("Schedulable"), now),
     ]
     if host.in_maintenance:
-        done = ev.droplets_left == 0
+        done = ev.droplets_left == 0 and ev.running == 0
         conditions.append(_cond(
             "Evacuated", done, "Evacuated" if done else "Draining",
             "no droplet is left on this host" if done else

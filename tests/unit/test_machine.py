@@ -1,0 +1,831 @@
+"""Table-driven tests of the LiveMigration state machine (ferry.migration.machine)."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+
+import pytest
+
+from ferry.api.sizes import Resources
+from ferry.migration import machine as m
+from ferry.migration.machine import (
+    Admission,
+    Announce,
+    AttemptRecord,
+    ClearAnnouncement,
+    CreateSecret,
+    DeleteSecret,
+    DropletObs,
+    EmitEvent,
+    FlipRecord,
+    Limits,
+    MachineConfig,
+    MarkDropletCondition,
+    MigrationSpec,
+    MigrationStatus,
+    Observation,
+    ProgressMark,
+    RecomputeAllocations,
+    RecordLastMigration,
+    SetLabels,
+    TargetReport,
+    TransferReport,
+    decide,
+)
+from ferry.placement import DropletRequest, HostInfo, Reservation, place
+
+UTC = dt.timezone.utc
+T0 = dt.datetime(2030, 1, 1, 12, 0, 0, tzinfo=UTC)
+CFG = MachineConfig()
+
+
+def sec(n: float) -> dt.timedelta:
+    return dt.timedelta(seconds=n)
+
+
+ANNOUNCED_AT = T0 - sec(700)  # notice (600 s) already over at T0
+
+
+def droplet(**kw) -> DropletObs:
+    base = dict(exists=True, host="h1", host_ready=True, image_gib=10.0, maintenance_since=ANNOUNCED_AT)
+    base.update(kw)
+    return DropletObs(**base)
+
+
+def spec(**kw) -> MigrationSpec:
+    return MigrationSpec(droplet="web-1", **kw)
+
+
+def status(phase: str | None, **kw) -> MigrationStatus:
+    """A consistent status in ``phase``; attempt phases get attempt 1 to h2 started at T0-10s."""
+    base: dict = {"phase": phase}
+    if phase not in (None, "Pending"):
+        base.update(
+            source_host="h1",
+            announced_at=ANNOUNCED_AT,
+            not_before=ANNOUNCED_AT + sec(600),
+            effective_limits=Limits(None, 300, 3),
+            effective_mode="live",
+            phase_times={"Pending": ANNOUNCED_AT, "Announced": ANNOUNCED_AT},
+            conditions=(m.Condition("Announced", "True", "MaintenanceEventPublished", "", ANNOUNCED_AT),),
+        )
+    if phase in ("Preparing", "PreCopy", "CutOver"):
+        base.update(
+            target_host="h2",
+            attempt=1,
+            attempts=(AttemptRecord(1, T0 - sec(10)),),
+            progress_mark=ProgressMark(1, "-/0/0|-", T0 - sec(10)),
+        )
+    base.update(kw)
+    return MigrationStatus(**base)
+
+
+def obs(phase: str | None = None, *, st: MigrationStatus | None = None, **kw) -> Observation:
+    base = dict(
+        name="lm-1",
+        spec=spec(),
+        created_at=T0 - sec(1000),
+        status=st if st is not None else status(phase),
+        droplet=droplet(),
+        target_host_ready=True if phase in ("Preparing", "PreCopy", "CutOver") else None,
+        secret_exists=phase in ("Preparing", "PreCopy", "CutOver"),
+    )
+    if base["status"].phase == "Pending":
+        base["admission"] = Admission(True, "Admitted")
+    base.update(kw)
+    return Observation(**base)
+
+
+def events(d: m.Decision, on: str | None = None) -> list[EmitEvent]:
+    return [a for a in d.actions if isinstance(a, EmitEvent) and (on is None or a.on == on)]
+
+
+def non_events(d: m.Decision) -> list:
+    return [a for a in d.actions if not isinstance(a, EmitEvent)]
+
+
+def hosts(*specs: tuple) -> list[HostInfo]:
+    return [HostInfo(n, "nyc3", Resources(16, 32768, 1000), allocated=a, **kw) for n, a, kw in specs]
+
+
+def placement(target_host: str | None = None, *, hs=None, inbound_limit=None, res=Resources(2, 4096, 80)):
+    hs = hs if hs is not None else hosts(("h1", Resources(0, 0, 0), {}), ("h2", Resources(0, 0, 0), {}))
+    req = DropletRequest("default/web-1", "nyc3", res, source_host="h1")
+    return place(req, hs, [], target_host=target_host, inbound_limit=inbound_limit)
+
+
+# ---------------------------------------------------------------- new and Pending
+
+
+def test_new_migration_becomes_pending():
+    d = decide(obs(None, generation=4), T0)
+    assert d.phase == "Pending"
+    assert d.new_status.phase_times == {"Pending": T0}
+    assert d.status["phase"] == "Pending"
+    assert d.status["observedGeneration"] == 4
+    assert d.status["effectiveLimits"] == {"downtimeMs": 300, "maxAttempts": 3}
+    assert d.status["effectiveMode"] == "live"
+    assert [e.reason for e in events(d)] == ["Accepted"]
+    assert d.requeue_after == 0 and not d.done
+    assert "sourceHost" not in d.status  # recorded at admission, not creation
+
+
+def test_spec_limits_override_defaults():
+    d = decide(obs(None, spec=spec(limits=Limits(50, 100, 7))), T0)
+    assert d.new_status.effective_limits == Limits(50, 100, 7)
+
+
+@pytest.mark.parametrize(
+    "admission, reason",
+    [
+        (Admission(False, "DropletBusy", "droplet web-1 is being migrated by lm-0"), "DropletBusy"),
+        (Admission(False, "ConcurrencyLimitReached", "5 migrations in flight"), "ConcurrencyLimitReached"),
+    ],
+)
+def test_pending_waits_when_not_admitted(admission, reason):
+    d = decide(obs("Pending", admission=admission), T0)
+    assert d.phase == "Pending"
+    assert d.new_status.reason == reason
+    assert d.new_status.message == admission.message
+    assert d.actions == ()
+    assert d.requeue_after == CFG.poll_seconds
+
+
+def test_pending_needs_admission():
+    with pytest.raises(ValueError, match="admission"):
+        decide(obs("Pending", admission=None), T0)
+
+
+def test_pending_admitted_announces():
+    o = obs("Pending", droplet=droplet(maintenance_since=None))
+    d = decide(o, T0)
+    assert d.phase == "Announced"
+    nb = T0 + sec(600)
+    assert non_events(d) == [Announce("web-1", T0, nb)]
+    assert d.new_status.announced_at == T0 and d.new_status.not_before == nb
+    assert d.new_status.source_host == "h1"
+    assert d.new_status.condition("Announced").status == "True"
+    assert d.new_status.phase_times["Announced"] == T0
+    assert {e.on for e in events(d)} == {"migration", "droplet"}
+
+
+def test_scheduled_at_later_than_notice_sets_not_before():
+    at = T0 + sec(3600)
+    d = decide(obs("Pending", spec=spec(scheduled_at=at), droplet=droplet(maintenance_since=None)), T0)
+    assert d.new_status.not_before == at
+    assert non_events(d) == [Announce("web-1", T0, at)]
+
+
+def test_already_annotated_droplet_is_not_announced_again():
+    since = T0 - sec(300)
+    d = decide(obs("Pending", droplet=droplet(maintenance_since=since)), T0)
+    assert d.phase == "Announced"
+    assert not any(isinstance(a, Announce) for a in d.actions)
+    assert d.new_status.announced_at == since
+    assert d.new_status.not_before == since + sec(600)
+
+
+@pytest.mark.parametrize(
+    "drop, reason, words",
+    [
+        (DropletObs.missing(), "DropletNotFound", "not found"),
+        (droplet(deleting=True), "DropletDeleted", "being deleted"),
+        (droplet(host=None), "DropletNotPlaced", "no host"),
+        (droplet(host_ready=False), "HostNotReady", "live migration is impossible"),
+    ],
+)
+@pytest.mark.parametrize("phase", ["Pending", "Announced", "Scheduling", "Preparing", "PreCopy"])
+def test_droplet_problems_fail(drop, reason, words, phase):
+    d = decide(obs(phase, droplet=drop), T0)
+    assert d.phase == "Failed"
+    assert d.new_status.reason == reason
+    assert words in d.new_status.failure_reason
+    assert d.done and d.requeue_after is None
+    assert d.new_status.condition("Failed").status == "True"
+    assert not any(isinstance(a, (FlipRecord, Announce)) for a in d.actions)
+    if phase in ("Preparing", "PreCopy"):
+        assert d.new_status.attempts[-1].result == "Failed"
+        assert DeleteSecret("lm-1-transfer") in d.actions
+    if drop.exists:
+        assert any(e.on == "droplet" and e.type == "Warning" for e in events(d))
+    else:
+        assert not events(d, "droplet")
+
+
+def test_host_not_ready_names_the_source():
+    d = decide(obs("PreCopy", droplet=droplet(host_ready=False)), T0)
+    assert "source host h1 is not ready" in d.new_status.failure_reason
+
+
+def test_droplet_moved_elsewhere_fails_source_changed():
+    d = decide(obs("Preparing", droplet=droplet(host="h9")), T0)
+    assert d.phase == "Failed" and d.new_status.reason == "SourceChanged"
+
+
+def test_busy_migration_survives_droplet_move_by_earlier_one():
+    # created while the droplet was on h0; another migration moved it to h1; not yet admitted
+    o = obs(None, droplet=droplet(host="h0"))
+    st = MigrationStatus.from_dict({**o.status.to_dict(), **decide(o, T0).status})
+    d = decide(obs("Pending", st=st, droplet=droplet(host="h1")), T0)
+    assert d.phase == "Announced" and d.new_status.source_host == "h1"
+
+
+# ---------------------------------------------------------------- cancel
+
+
+@pytest.mark.parametrize("phase", ["Pending", "Announced", "Scheduling", "Preparing", "PreCopy", "CutOver"])
+@pytest.mark.parametrize("how", ["cancel", "delete"])
+def test_cancel_before_flip(phase, how):
+    kw = {"spec": spec(cancel=True)} if how == "cancel" else {"deleting": True}
+    o = obs(phase, **kw)
+    d = decide(o, T0)
+    assert d.phase == "Cancelled"
+    assert d.done
+    assert "keeps running on h1" in d.new_status.message
+    assert d.new_status.phase_times["Cancelled"] == T0
+    assert not any(isinstance(a, FlipRecord) for a in d.actions)
+    announced = phase != "Pending"
+    assert (ClearAnnouncement("web-1") in d.actions) == announced
+    if phase in ("Preparing", "PreCopy", "CutOver"):
+        assert d.new_status.attempts[-1].result == "Cancelled"
+        assert DeleteSecret("lm-1-transfer") in d.actions
+    assert d.new_status.condition("Succeeded").reason == "Cancelled"
+    if how == "delete":
+        assert "being deleted" in d.new_status.message
+
+
+def test_cancel_in_pending_never_clears_someone_elses_announcement():
+    # Waiting (DropletBusy) behind another migration that announced the droplet.
+    o = obs("Pending", spec=spec(cancel=True), droplet=droplet(maintenance_since=T0 - sec(5)))
+    d = decide(o, T0)
+    assert d.phase == "Cancelled"
+    assert ClearAnnouncement("web-1") not in d.actions
+
+
+# ---------------------------------------------------------------- Announced
+
+
+def test_announced_waits_for_notice():
+    st = status("Announced", announced_at=T0 - sec(100), not_before=T0 + sec(500))
+    d = decide(obs("Announced", st=st, droplet=droplet(maintenance_since=T0 - sec(100))), T0)
+    assert d.phase == "Announced"
+    assert d.new_status.reason == "WaitingForNotice"
+    assert d.requeue_after == CFG.poll_seconds  # capped; 500 s remain
+    assert non_events(d) == []
+    d2 = decide(
+        obs("Announced", st=st, droplet=droplet(maintenance_since=T0 - sec(100))), T0 + sec(490)
+    )
+    assert d2.requeue_after == pytest.approx(10)
+
+
+def test_announced_waits_for_schedule():
+    at = T0 + sec(5000)
+    st = status("Announced", announced_at=T0 - sec(100), not_before=at)
+    d = decide(obs("Announced", st=st, spec=spec(scheduled_at=at)), T0)
+    assert d.phase == "Announced" and d.new_status.reason == "WaitingForSchedule"
+
+
+def test_announced_moves_to_scheduling_when_notice_over():
+    d = decide(obs("Announced"), T0)
+    assert d.phase == "Scheduling"
+    assert d.new_status.phase_times["Scheduling"] == T0
+    assert non_events(d) == []
+    assert d.requeue_after == 0
+
+
+def test_notice_is_exact_to_the_second():
+    st = status("Announced", announced_at=T0, not_before=T0 + sec(600))
+    assert decide(obs("Announced", st=st), T0 + sec(599.999)).phase == "Announced"
+    assert decide(obs("Announced", st=st), T0 + sec(600)).phase == "Scheduling"
+
+
+def test_vanished_annotation_is_reannounced_and_notice_restarts():
+    d = decide(obs("Announced", droplet=droplet(maintenance_since=None)), T0)
+    assert d.phase == "Announced"
+    assert non_events(d) == [Announce("web-1", T0, T0 + sec(600))]
+    assert d.new_status.announced_at == T0
+    assert [e.reason for e in events(d)] == ["Reannounced"]
+
+
+def test_notice_counts_from_the_later_of_status_and_annotation():
+    # re-announced at T0-100 but that status write was lost: status still says T0-700
+    d = decide(obs("Announced", droplet=droplet(maintenance_since=T0 - sec(100))), T0)
+    assert d.phase == "Announced" and d.new_status.reason == "WaitingForNotice"
+    assert d.new_status.announced_at == T0 - sec(100)
+    assert d.new_status.not_before == T0 + sec(500)
+    d = decide(obs("Scheduling", droplet=droplet(maintenance_since=T0 - sec(100)), placement=placement()), T0)
+    assert d.phase == "Announced"
+
+
+def test_changed_scheduled_at_moves_not_before_and_annotation():
+    at = T0 + sec(7200)
+    d = decide(obs("Announced", spec=spec(scheduled_at=at)), T0)
+    assert d.phase == "Announced"
+    assert d.new_status.not_before == at
+    assert non_events(d) == [Announce("web-1", ANNOUNCED_AT, at)]
+
+
+# ---------------------------------------------------------------- Scheduling
+
+
+def test_scheduling_needs_placement():
+    with pytest.raises(ValueError, match="placement"):
+        decide(obs("Scheduling"), T0)
+
+
+def test_scheduling_chooses_target_and_reserves():
+    p = placement()
+    d = decide(obs("Scheduling", placement=p), T0)
+    assert d.phase == "Preparing"
+    ns = d.new_status
+    assert (ns.target_host, ns.source_host, ns.attempt) == ("h2", "h1", 1)
+    assert ns.attempts == (AttemptRecord(1, T0),)
+    assert m.reserved_target(ns) == "h2"
+    assert ns.placement == p.to_status()
+    assert ns.progress == 0 and ns.effective_mode == "live"
+    assert non_events(d) == [SetLabels("web-1", "h1", "h2"), CreateSecret("lm-1-transfer")]
+    assert "attempt 1/3" in ns.message and "h2" in ns.message
+
+
+def test_scheduling_does_not_recreate_existing_secret():
+    d = decide(obs("Scheduling", placement=placement(), secret_exists=True), T0)
+    assert not any(isinstance(a, CreateSecret) for a in d.actions)
+
+
+@pytest.mark.parametrize(
+    "mode, power, effective", [("live", "on", "live"), ("offline", "on", "offline"), ("live", "off", "offline")]
+)
+def test_effective_mode(mode, power, effective):
+    o = obs("Scheduling", spec=spec(mode=mode), droplet=droplet(power_state=power), placement=placement())
+    assert decide(o, T0).new_status.effective_mode == effective
+
+
+def test_explicit_target_failing_filters_fails_with_placement_message():
+    hs = hosts(("h1", Resources(0, 0, 0), {}), ("h3", Resources(0, 32768 - 2048, 0), {}))
+    p = placement("h3", hs=hs)
+    d = decide(obs("Scheduling", spec=spec(target_host="h3"), placement=p), T0)
+    assert d.phase == "Failed"
+    assert d.new_status.reason == "TargetHostRejected"
+    assert d.new_status.failure_reason == "target host h3 rejected: insufficient memory (needs 4096 MiB, 2048 free)"
+    assert d.new_status.placement["chosen"] is None
+
+
+def test_explicit_target_at_inbound_limit_waits():
+    hs = hosts(("h1", Resources(0, 0, 0), {}), ("h3", Resources(0, 0, 0), {"inbound_migrations": 2}))
+    p = placement("h3", hs=hs, inbound_limit=2)
+    d = decide(obs("Scheduling", spec=spec(target_host="h3"), placement=p), T0)
+    assert d.phase == "Scheduling" and d.new_status.reason == "TargetHostBusy"
+
+
+def test_no_host_fits_waits_then_fails():
+    hs = hosts(("h1", Resources(0, 0, 0), {}), ("h2", Resources(16, 0, 0), {}))
+    p = placement(hs=hs)
+    st = status("Scheduling", phase_times={"Scheduling": T0})
+    d = decide(obs("Scheduling", st=st, placement=p), T0 + sec(5))
+    assert d.phase == "Scheduling" and d.new_status.reason == "NoHostAvailable"
+    assert d.new_status.message == "no host fits: 1 source host, 1 insufficient cpu"
+    assert [e.type for e in events(d)] == ["Warning"]
+    assert d.requeue_after == CFG.poll_seconds
+    # the same wait again: no second Event
+    st2 = dataclasses.replace(d.new_status)
+    d2 = decide(obs("Scheduling", st=st2, placement=p), T0 + sec(35))
+    assert d2.new_status.reason == "NoHostAvailable" and events(d2) == [] and d2.status == {}
+    d3 = decide(obs("Scheduling", st=st2, placement=p), T0 + sec(CFG.no_host_timeout_seconds))
+    assert d3.phase == "Failed" and d3.new_status.reason == "NoHostAvailable"
+    assert "no host fits" in d3.new_status.failure_reason
+
+
+def test_fitting_hosts_at_inbound_limit_wait_without_bound():
+    hs = hosts(("h1", Resources(0, 0, 0), {}), ("h2", Resources(0, 0, 0), {"inbound_migrations": 2}))
+    p = placement(hs=hs, inbound_limit=2)
+    st = status("Scheduling", phase_times={"Scheduling": T0 - sec(99999)})
+    d = decide(obs("Scheduling", st=st, placement=p), T0)
+    assert d.phase == "Scheduling" and d.new_status.reason == "TargetsBusy"
+
+
+def test_scheduling_waits_for_backoff_without_placement():
+    st = status("Scheduling", attempt=1, attempts=(AttemptRecord(1, T0 - sec(60), T0 - sec(5), "Failed", "X"),),
+                next_attempt_at=T0 + sec(15))
+    d = decide(obs("Scheduling", st=st), T0)  # no placement needed
+    assert d.phase == "Scheduling" and d.new_status.reason == "RetryBackoff"
+    assert d.requeue_after == pytest.approx(15)
+    assert not m.needs_placement(obs("Scheduling", st=st), T0)
+    assert m.needs_placement(obs("Scheduling", st=st), T0 + sec(15))
+
+
+def test_retry_starts_next_attempt():
+    st = status("Scheduling", attempt=1, attempts=(AttemptRecord(1, T0 - sec(60), T0 - sec(25), "Failed", "X"),),
+                next_attempt_at=T0 - sec(5))
+    d = decide(obs("Scheduling", st=st, placement=placement(), secret_exists=True), T0)
+    assert d.phase == "Preparing"
+    assert d.new_status.attempt == 2
+    assert [a.number for a in d.new_status.attempts] == [1, 2]
+    assert d.new_status.next_attempt_at is None and d.status["nextAttemptAt"] is None
+
+
+def test_scheduling_never_moves_data_unannounced():
+    st = status("Scheduling", not_before=T0 + sec(100))
+    d = decide(obs("Scheduling", st=st, placement=placement()), T0)
+    assert d.phase == "Announced" and non_events(d) == []  # still visible: no new notice
+    later = T0 + sec(5000)
+    d = decide(obs("Scheduling", spec=spec(scheduled_at=later), placement=placement()), T0)
+    assert d.phase == "Announced" and d.new_status.not_before == later
+    assert non_events(d) == [Announce("web-1", ANNOUNCED_AT, later)]
+    d = decide(obs("Scheduling", droplet=droplet(maintenance_since=None), placement=placement()), T0)
+    assert d.phase == "Announced"
+    assert Announce("web-1", T0, T0 + sec(600)) in d.actions
+
+
+# ---------------------------------------------------------------- Preparing
+
+
+def test_preparing_moves_to_precopy_when_target_listens():
+    d = decide(obs("Preparing", target=TargetReport(1, "Listening", "10.0.0.2:7000")), T0)
+    assert d.phase == "PreCopy"
+    assert non_events(d) == []
+    assert d.new_status.phase_times["PreCopy"] == T0
+
+
+def test_preparing_ignores_older_attempt_report():
+    st = status("Preparing", attempt=2, attempts=(AttemptRecord(1, T0 - sec(90), T0 - sec(50), "Failed", "X"),
+                                                   AttemptRecord(2, T0 - sec(10))))
+    d = decide(obs("Preparing", st=st, target=TargetReport(1, "Listening", "10.0.0.2:7000")), T0)
+    assert d.phase == "Preparing" and d.new_status.reason == "WaitingForTarget"
+    d = decide(obs("Preparing", st=st, target=TargetReport(1, "Failed", error="old")), T0)
+    assert d.phase == "Preparing"
+
+
+@pytest.mark.parametrize(
+    "kw, reason",
+    [
+        ({"target": TargetReport(1, "Failed", error="disk full")}, "TargetFailed"),
+        ({"transfer": TransferReport(1, "Failed", error="connection reset")}, "TransferFailed"),
+        ({"target_host_ready": False}, "TargetHostNotReady"),
+    ],
+)
+@pytest.mark.parametrize("phase", ["Preparing", "PreCopy", "CutOver"])
+def test_attempt_failure_retries_with_backoff(kw, reason, phase):
+    d = decide(obs(phase, **kw), T0)
+    assert d.phase == "Scheduling"
+    ns = d.new_status
+    assert ns.reason == "RetryBackoff"
+    assert ns.attempts[-1].result == "Failed" and ns.attempts[-1].reason == reason
+    assert ns.attempts[-1].end_time == T0
+    assert ns.next_attempt_at == T0 + sec(20)
+    assert ns.target_host is None and m.reserved_target(ns) is None
+    assert d.status["targetHost"] is None  # merge patch deletes the reservation
+    assert d.requeue_after == 20
+    assert [(e.type, e.reason) for e in events(d)] == [("Warning", "RetryBackoff")]
+    assert not any(isinstance(a, FlipRecord) for a in d.actions)
+
+
+def test_backoff_doubles():
+    st = status("PreCopy", attempt=2, attempts=(AttemptRecord(1, T0 - sec(300), T0 - sec(200), "Failed", "X"),
+                                                 AttemptRecord(2, T0 - sec(10))))
+    d = decide(obs("PreCopy", st=st, transfer=TransferReport(2, "Failed")), T0)
+    assert d.new_status.next_attempt_at == T0 + sec(40)
+
+
+def test_last_attempt_failure_fails_and_asks_for_offline_migration():
+    st = status("PreCopy", attempt=3, attempts=tuple(AttemptRecord(i, T0 - sec(100 - i)) for i in (1, 2, 3)))
+    d = decide(obs("PreCopy", st=st, transfer=TransferReport(3, "Failed", error="link down")), T0)
+    assert d.phase == "Failed" and d.done
+    ns = d.new_status
+    assert ns.reason == "AttemptsExhausted"
+    assert "after 3 attempts" in ns.failure_reason and "TransferFailed" in ns.failure_reason
+    assert "offline migration is needed" in ns.failure_reason
+    assert "keeps running on h1" in ns.failure_reason
+    marks = [a for a in d.actions if isinstance(a, MarkDropletCondition)]
+    assert [(c.type, c.status) for c in marks] == [("OfflineMigrationNeeded", True)]
+    warn = [e for e in events(d, "droplet") if e.type == "Warning"]
+    assert [e.reason for e in warn] == ["OfflineMigrationNeeded"]
+    assert ClearAnnouncement("web-1") in d.actions and DeleteSecret("lm-1-transfer") in d.actions
+    assert ns.next_attempt_at is None
+
+
+def test_max_attempts_from_spec():
+    o = obs("PreCopy", spec=spec(limits=Limits(max_attempts=1)), transfer=TransferReport(1, "Aborted"))
+    o = dataclasses.replace(o, status=dataclasses.replace(o.status, effective_limits=Limits(None, 300, 1)))
+    assert decide(o, T0).phase == "Failed"
+
+
+def test_no_progress_fails_attempt():
+    tr = TransferReport(1, "Copying", round=1, bytes_sent=1000)
+    st = status("PreCopy", progress_mark=ProgressMark(1, "Copying/1/1000|Listening", T0 - sec(120)))
+    d = decide(obs("PreCopy", st=st, transfer=tr, target=TargetReport(1, "Listening", "a:1")), T0)
+    assert d.phase == "Scheduling" and d.new_status.attempts[-1].reason == "NoProgress"
+
+
+def test_progress_resets_the_clock():
+    tr = TransferReport(1, "Copying", round=1, bytes_sent=2000, progress=40)
+    st = status("PreCopy", progress_mark=ProgressMark(1, "Copying/1/1000|Listening", T0 - sec(119)))
+    d = decide(obs("PreCopy", st=st, transfer=tr, target=TargetReport(1, "Listening", "a:1")), T0)
+    assert d.phase == "PreCopy" and d.new_status.reason == "Copying"
+    assert d.new_status.progress_mark == ProgressMark(1, "Copying/1/2000|Listening", T0)
+    assert d.new_status.progress == 40 and d.status["progressText"] == "40%"
+    assert non_events(d) == [] and events(d) == []
+
+
+def test_preparing_without_target_report_times_out():
+    st = status("Preparing", progress_mark=ProgressMark(1, "-/0/0|-", T0 - sec(121)))
+    d = decide(obs("Preparing", st=st), T0)
+    assert d.phase == "Scheduling" and d.new_status.attempts[-1].reason == "NoProgress"
+
+
+def test_completion_budget():
+    # image 1 GiB: budget 120 + 60 = 180 s from the attempt start, progress or not
+    tr = TransferReport(1, "Converging", round=9, bytes_sent=10**9)
+    st = status("PreCopy", attempts=(AttemptRecord(1, T0 - sec(180)),))
+    o = obs("PreCopy", st=st, transfer=tr, droplet=droplet(image_gib=1.0))
+    d = decide(o, T0)
+    assert d.phase == "Scheduling" and d.new_status.attempts[-1].reason == "BudgetExceeded"
+    d = decide(o, T0 - sec(1))
+    assert d.phase == "PreCopy"
+    assert d.requeue_after == pytest.approx(1)
+
+
+# ---------------------------------------------------------------- PreCopy -> CutOver
+
+
+def done_reports(n=1, src="sha256:aa", dst="sha256:aa"):
+    return dict(
+        transfer=TransferReport(n, "Completed", round=4, bytes_sent=5, progress=100, digest=src, downtime_ms=87),
+        target=TargetReport(n, "Received", "10.0.0.2:7000", digest=dst),
+    )
+
+
+def test_equal_digests_cut_over():
+    d = decide(obs("PreCopy", **done_reports()), T0)
+    assert d.phase == "CutOver"
+    assert non_events(d) == [FlipRecord("web-1", "h1", "h2")]
+    assert d.new_status.downtime_ms == 87 and d.status["downtimeText"] == "87ms"
+    assert d.new_status.progress == 100
+
+
+def test_unequal_digests_fail_attempt():
+    d = decide(obs("PreCopy", **done_reports(dst="sha256:bb")), T0)
+    assert d.phase == "Scheduling"
+    assert d.new_status.attempts[-1].reason == "DigestMismatch"
+    assert not any(isinstance(a, FlipRecord) for a in d.actions)
+
+
+def test_missing_digest_never_flips():
+    d = decide(obs("PreCopy", **done_reports(src="", dst="")), T0)
+    assert d.new_status.attempts[-1].reason == "DigestMismatch"
+
+
+def test_reports_of_old_attempt_never_flip():
+    st = status("PreCopy", attempt=2, attempts=(AttemptRecord(1, T0 - sec(90), T0 - sec(50), "Failed", "X"),
+                                                 AttemptRecord(2, T0 - sec(10))))
+    d = decide(obs("PreCopy", st=st, **done_reports(n=1)), T0)
+    assert d.phase == "PreCopy"
+    assert not any(isinstance(a, FlipRecord) for a in d.actions)
+
+
+def test_old_transfer_report_with_current_target_never_flips():
+    st = status("PreCopy", attempt=2, attempts=(AttemptRecord(1, T0 - sec(90), T0 - sec(50), "Failed", "X"),
+                                                 AttemptRecord(2, T0 - sec(10))))
+    old_done = TransferReport(1, "Completed", digest="sha256:aa")
+    d = decide(obs("PreCopy", st=st, transfer=old_done, target=TargetReport(2, "Received", "a:1", "sha256:aa")), T0)
+    assert d.phase == "PreCopy" and not any(isinstance(a, FlipRecord) for a in d.actions)
+    d = decide(obs("PreCopy", st=st, transfer=TransferReport(1, "Failed", error="old")), T0)
+    assert d.phase == "PreCopy"
+
+
+def test_only_one_side_done_waits():
+    r = done_reports()
+    d = decide(obs("PreCopy", transfer=r["transfer"], target=TargetReport(1, "Listening", "a:1")), T0)
+    assert d.phase == "PreCopy" and d.new_status.reason == "Completed"
+
+
+def test_finished_copy_beats_the_budget():
+    st = status("PreCopy", attempts=(AttemptRecord(1, T0 - sec(99999)),))
+    assert decide(obs("PreCopy", st=st, **done_reports()), T0).phase == "CutOver"
+
+
+def test_cutover_reissues_flip_until_visible():
+    d = decide(obs("CutOver", **done_reports()), T0)
+    assert d.phase == "CutOver" and d.new_status.reason == "FlippingRecord"
+    assert non_events(d) == [FlipRecord("web-1", "h1", "h2")]
+
+
+def test_cutover_without_finished_copy_does_not_flip():
+    d = decide(obs("CutOver", transfer=TransferReport(1, "Paused")), T0)
+    assert d.phase == "CutOver" and not any(isinstance(a, FlipRecord) for a in d.actions)
+
+
+# ---------------------------------------------------------------- after the flip
+
+
+def flipped(**kw):
+    base = dict(droplet=droplet(host="h2"), **done_reports())
+    base.update(kw)
+    return obs("CutOver", **base)
+
+
+def test_lost_status_write_after_flip_catches_up_without_flipping_again():
+    d = decide(obs("PreCopy", droplet=droplet(host="h2"), **done_reports()), T0)
+    assert d.phase == "CutOver"
+    assert non_events(d) == []
+
+
+def test_completed_when_target_runs():
+    o = flipped(target=TargetReport(1, "Running", "10.0.0.2:7000", "sha256:aa"))
+    d = decide(o, T0)
+    assert d.phase == "Completed" and d.done and d.requeue_after is None
+    ns = d.new_status
+    assert ns.progress == 100 and ns.downtime_ms == 87
+    assert ns.attempts[-1].result == "Succeeded"
+    assert ns.condition("Succeeded").status == "True"
+    assert ns.condition("Announced").status == "False"
+    acts = non_events(d)
+    assert ClearAnnouncement("web-1") in acts
+    assert DeleteSecret("lm-1-transfer") in acts
+    assert RecordLastMigration("web-1", "lm-1", T0, "h1", "h2") in acts
+    assert RecomputeAllocations(("h1", "h2")) in acts
+    assert MarkDropletCondition("web-1", "OfflineMigrationNeeded", False, "LiveMigrated", ns.message) in acts
+    assert not any(isinstance(a, FlipRecord) for a in acts)
+    assert not any(a.type == "NestedVirtualizationRestartNeeded" for a in acts if isinstance(a, MarkDropletCondition))
+
+
+def test_nested_virtualization_condition_and_event():
+    o = flipped(target=TargetReport(1, "Running"), droplet=droplet(host="h2", nested_virtualization=True))
+    d = decide(o, T0)
+    conds = [a for a in d.actions if isinstance(a, MarkDropletCondition) and a.type == "NestedVirtualizationRestartNeeded"]
+    assert len(conds) == 1 and conds[0].status is True
+    assert "restart" in conds[0].message
+    ev = [e for e in events(d, "droplet") if e.reason == "NestedVirtualizationRestartNeeded"]
+    assert len(ev) == 1 and "nested virtual machines" in ev[0].message
+
+
+def test_powered_off_droplet_completes_on_received():
+    o = flipped(droplet=droplet(host="h2", power_state="off"))
+    assert decide(o, T0).phase == "Completed"
+    assert decide(flipped(), T0).phase == "CutOver"  # powered on: waits for Running
+
+
+@pytest.mark.parametrize("kw", [{"spec": spec(cancel=True)}, {"deleting": True}])
+def test_cancel_after_flip_is_ignored_once(kw):
+    d = decide(flipped(**kw), T0)
+    assert d.phase == "CutOver"
+    assert [(e.type, e.reason) for e in events(d)] == [("Warning", "CancelTooLate")]
+    assert d.new_status.condition("CancelIgnored").status == "True"
+    d2 = decide(flipped(st=d.new_status, **kw), T0 + sec(1))
+    assert d2.phase == "CutOver" and events(d2) == []
+    d3 = decide(flipped(st=d.new_status, target=TargetReport(1, "Running"), **kw), T0 + sec(2))
+    assert d3.phase == "Completed"
+
+
+def test_target_resume_failure_after_flip_waits_and_warns_once():
+    d = decide(flipped(target=TargetReport(1, "Failed", error="qemu died")), T0)
+    assert d.phase == "CutOver" and d.new_status.reason == "TargetResumeFailed"
+    assert [e.type for e in events(d)] == ["Warning"]
+    d2 = decide(flipped(st=d.new_status, target=TargetReport(1, "Failed", error="qemu died")), T0)
+    assert events(d2) == []
+
+
+# ---------------------------------------------------------------- terminal and misc
+
+
+@pytest.mark.parametrize("phase", ["Completed", "Failed", "Cancelled"])
+def test_terminal_phases_are_inert(phase):
+    o = obs(phase, spec=spec(cancel=True), deleting=True, droplet=DropletObs.missing(),
+            transfer=TransferReport(1, "Failed"))
+    d = decide(o, T0)
+    assert d.phase == phase and d.done and d.actions == () and d.status == {} and d.requeue_after is None
+
+
+def test_rejects_naive_time_and_unknown_phase():
+    with pytest.raises(ValueError):
+        decide(obs(None), dt.datetime(2030, 1, 1))
+    with pytest.raises(ValueError, match="unknown phase"):
+        decide(obs(None, st=MigrationStatus(phase="Bogus")), T0)
+
+
+def test_inconsistent_attempt_status_fails_safely():
+    st = status("PreCopy", target_host=None)
+    d = decide(obs("PreCopy", st=st, **done_reports()), T0)
+    assert d.phase == "Failed" and not any(isinstance(a, FlipRecord) for a in d.actions)
+
+
+def test_status_round_trips_through_api_shape():
+    d = decide(obs("Scheduling", placement=placement()), T0 + dt.timedelta(microseconds=123))
+    st = d.new_status
+    assert MigrationStatus.from_dict(st.to_dict()) == st
+    assert st.to_dict()["attempts"][0]["startTime"] == "2030-01-01T12:00:00.000123Z"
+
+
+def test_merge_patch():
+    old = {"a": 1, "b": {"x": 1, "y": 2}, "c": [1], "d": 4}
+    new = {"a": 1, "b": {"x": 1, "y": 3}, "c": [1, 2], "e": 5}
+    assert m.merge_patch(old, new) == {"b": {"y": 3}, "c": [1, 2], "d": None, "e": 5}
+    assert m.merge_patch(new, new) == {}
+
+
+def test_decision_patch_is_empty_when_nothing_changes():
+    st = status("Announced", announced_at=T0 - sec(100), not_before=T0 + sec(500),
+                reason="WaitingForNotice")
+    o = obs("Announced", st=st)
+    d = decide(o, T0)
+    st2 = MigrationStatus.from_dict({**st.to_dict(), **d.status})
+    d2 = decide(dataclasses.replace(o, status=st2), T0 + sec(1))
+    assert d2.status == {}
+
+
+def test_parsers():
+    sp = MigrationSpec.from_dict({"droplet": "d", "targetHost": "h3", "scheduledAt": "2030-01-01T12:00:00Z",
+                                  "mode": "offline", "limits": {"maxAttempts": 2}, "cancel": True})
+    assert sp == MigrationSpec("d", "h3", T0, "offline", Limits(None, None, 2), True)
+    assert TransferReport.from_dict(None) is None and TransferReport.from_dict({"state": "Copying"}) is None
+    tr = TransferReport.from_dict({"attempt": 2, "state": "Completed", "digest": "x", "bytesSent": 9, "round": 3})
+    assert (tr.attempt, tr.state, tr.digest, tr.bytes_sent, tr.round) == (2, "Completed", "x", 9, 3)
+    tg = TargetReport.from_dict({"attempt": 2, "state": "Listening", "address": "1.2.3.4:5"})
+    assert tg == TargetReport(2, "Listening", "1.2.3.4:5")
+    body = {
+        "metadata": {"annotations": {"ferry.dev/maintenance-event": "live_migrate",
+                                     "ferry.dev/maintenance-event-since": "2030-01-01T12:00:00Z"}},
+        "spec": {"size": "s-2vcpu-4gb", "powerState": "off", "features": {"nestedVirtualization": True}},
+        "status": {"host": "h1"},
+    }
+    d = DropletObs.from_droplet(body, host_ready=True)
+    assert d == DropletObs(True, False, "h1", True, "off", True, 84.0, T0)
+    assert DropletObs.from_droplet(None, host_ready=True) == DropletObs.missing()
+    body["metadata"]["annotations"]["ferry.dev/maintenance-event"] = ""
+    assert DropletObs.from_droplet(body, host_ready=True).maintenance_since is None
+
+
+# ---------------------------------------------------------------- admission
+
+
+def ref(key, phase, age, droplet=None, src="h1", dst=None):
+    return m.MigrationRef(key, droplet or f"d-{key}", phase, T0 - sec(age), src, dst)
+
+
+def test_admit_cluster_limit_oldest_first():
+    lim = m.ConcurrencyLimits(max_parallel=2, max_outbound_per_host=9, max_inbound_per_host=9)
+    refs = [ref("a", "PreCopy", 999, src="x"), ref("new", "Pending", 1, src="y"), ref("old", "Pending", 50, src="z"),
+            ref("mid", None, 10, src="w")]
+    v = m.admit(refs, lim)
+    assert v["old"].admitted
+    assert not v["mid"].admitted and v["mid"].reason == "ConcurrencyLimitReached"
+    assert "limit 2" in v["mid"].message
+    assert not v["new"].admitted
+    assert "a" not in v
+
+
+def test_admit_per_host_limits_do_not_block_other_hosts():
+    lim = m.ConcurrencyLimits(max_parallel=10, max_outbound_per_host=1, max_inbound_per_host=1)
+    refs = [ref("a", "Announced", 100, src="h1"), ref("b", "Pending", 50, src="h1"),
+            ref("c", "Pending", 40, src="h2", dst="h9"), ref("d", "Pending", 30, src="h3", dst="h9"),
+            ref("e", "Pending", 20, src="h4")]
+    v = m.admit(refs, lim)
+    assert not v["b"].admitted and "source host h1" in v["b"].message
+    assert v["c"].admitted
+    assert not v["d"].admitted and "target host h9" in v["d"].message
+    assert v["e"].admitted
+
+
+def test_admit_droplet_busy():
+    lim = m.ConcurrencyLimits()
+    refs = [ref("a", "PreCopy", 100, droplet="web", src="h1"), ref("b", "Pending", 50, droplet="web", src="h1"),
+            ref("c", "Pending", 80, droplet="db", src="h2"), ref("d", "Pending", 60, droplet="db", src="h2"),
+            ref("e", "Completed", 500, droplet="api", src="h3"), ref("f", "Pending", 10, droplet="api", src="h3")]
+    v = m.admit(refs, lim)
+    assert v["b"] == Admission(False, "DropletBusy", "droplet web is being migrated by a; waiting for it to finish")
+    assert v["c"].admitted
+    assert v["d"].reason == "DropletBusy"
+    assert v["f"].admitted
+
+
+def test_admit_counts_in_flight_phases_only():
+    lim = m.ConcurrencyLimits(max_parallel=1)
+    for phase in ("Completed", "Failed", "Cancelled", "Pending"):
+        v = m.admit([ref("a", phase, 100, src="q"), ref("b", "Pending", 50)], lim)
+        assert v["b"].admitted == (phase != "Pending"), phase
+    for phase in m.IN_FLIGHT_PHASES:
+        v = m.admit([ref("a", phase, 100, src="q"), ref("b", "Pending", 50)], lim)
+        assert not v["b"].admitted, phase
+
+
+def test_reservation_used_by_placement_ignores_own_droplet():
+    hs = hosts(("h1", Resources(0, 0, 0), {}), ("h2", Resources(15, 0, 0), {}))
+    req = DropletRequest("default/web-1", "nyc3", Resources(1, 1024, 10), source_host="h1")
+    own = Reservation("h2", Resources(1, 1024, 10), "default/web-1")
+    other = Reservation("h2", Resources(1, 1024, 10), "default/db")
+    assert place(req, hs, [own]).chosen == "h2"
+    assert place(req, hs, [other]).chosen is None
+
+
+def test_pure_modules_import_no_kopf_pykube_or_network():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, ferry.migration.machine, ferry.placement, ferry.api.sizes\n"
+        "bad = sorted(m for m in sys.modules if m.split('.')[0] in "
+        "{'kopf', 'pykube', 'aiohttp', 'requests', 'kubernetes', 'urllib3'})\n"
+        "print(','.join(bad))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert out == "", out
