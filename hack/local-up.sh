@@ -42,7 +42,19 @@ cmd_up() {
   for h in "${HOSTS[@]}"; do
     start_proc "agent-${h}" agent --host "${h}" --data-dir "${LOCAL}/agents/${h}" --address 127.0.0.1
   done
-  start_proc metadata metadata --listen 127.0.0.1:8169
+  start_proc metadata metadata --listen "${FERRY_METADATA_LISTEN:-127.0.0.1:8169}"
+  log "waiting for the hosts' agents"
+  local deadline=$((SECONDS + 60))
+  until [ "$(kubectl get hosts "${HOSTS[@]}" -o jsonpath='{.items[*].status.phase}')" = "Ready Ready Ready" ]; do
+    [ "${SECONDS}" -lt "${deadline}" ] || { log "hosts not Ready; see ${LOCAL}/logs/"; exit 1; }
+    sleep 0.5
+  done
+  log "ready: operator, agents on ${HOSTS[*]}, metadata endpoint. Logs: ${LOCAL}/logs"
+  echo "export KUBECONFIG=${KUBECONFIG}"
+  echo "export PATH=${CACHE}/bin:${ROOT}/.venv/bin:\${PATH}"
+}
+
+place_example() {
   kubectl apply -f "${ROOT}/examples/droplet.yaml" >/dev/null
   log "waiting for the example droplet to be placed and running"
   local deadline=$((SECONDS + 120)) host=""
@@ -54,15 +66,14 @@ cmd_up() {
     sleep 0.5
   done
   [ -n "${host}" ] || { log "the droplet was not placed; see ${LOCAL}/logs/"; exit 1; }
-  log "ready. web-1 runs on ${host}. Logs: ${LOCAL}/logs"
-  echo "export KUBECONFIG=${KUBECONFIG}"
-  echo "export PATH=${CACHE}/bin:${ROOT}/.venv/bin:\${PATH}"
+  log "web-1 runs on ${host}"
 }
 
 cmd_demo() {
   cmd_up >/dev/null
   eval "$(bash "${ROOT}/hack/cluster.sh" env)"
   export KUBECONFIG PATH="${CACHE}/bin:${PATH}"
+  place_example
   kubectl get hosts
   kubectl get droplets
   log "migrating web-1 (the droplet is told first: notice ${FERRY_NOTICE_SECONDS:-5}s)"

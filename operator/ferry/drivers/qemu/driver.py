@@ -1,0 +1,619 @@
+"""The qemu driver: one real QEMU process per droplet, migrated the way libvirt does.
+
+Per VM, under ``<data_dir>/vms/<ns>__<name>/``: ``disk.img`` (raw, sparse),
+``vm.json`` (the spec, the scaled size, the migration role), ``migration.json`` (the
+last migration's stats), ``qemu.pid``, ``qmp.sock`` (kept connected by the driver),
+``qmp-aux.sock`` (for people and tests), ``serial.log`` (the guest's console).
+
+QEMU runs daemonized, so it outlives the agent; a new driver instance finds it again
+from the pid file and the monitor socket (``list_vms``), and finishes or rolls back a
+migration that was in flight when the previous agent died.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import os
+import pathlib
+import shutil
+import socket
+import threading
+from collections.abc import Mapping
+from typing import Any
+
+from ferry.drivers.base import (
+    DriverError,
+    MigrationOptions,
+    MigrationState,
+    MigrationStats,
+    VMInfo,
+    VMKey,
+    VMSpec,
+    VMState,
+    Workload,
+)
+
+from . import process
+from .config import (
+    GuestSize,
+    QemuConfig,
+    VMLayout,
+    build_argv,
+    format_address,
+    guest_size,
+    parse_address,
+    safe_id,
+)
+from .migration import (
+    FINAL_STATES,
+    EXPORT_NAME,
+    SourceMigration,
+    TargetMigration,
+    add_tls_creds,
+    object_ids,
+    write_json,
+)
+from .qmp import QMPClient, QMPConnectionError, QMPError
+from .stats import stats_from_dict, stats_to_dict
+
+log = logging.getLogger("ferry.drivers.qemu")
+
+# QEMU run states in which the guest is not running but the process may continue it.
+_STOPPED_RUNSTATES = {"shutdown", "guest-panicked", "internal-error"}
+
+
+def vm_state(alive: bool, runstate: str | None, meta: Mapping[str, Any]) -> VMState:
+    """PURE: what a VM is, from its process, QEMU's run state and its vm.json.
+
+    An incoming VM stays INCOMING until it is resumed or destroyed, even when its QEMU
+    died (its migration then reports FAILED): partial data is never a stopped droplet.
+    """
+    if meta.get("role") == "target":
+        return VMState.INCOMING
+    if not alive:
+        return VMState.STOPPED
+    if meta.get("offline_source"):
+        return VMState.STOPPED  # a stopped droplet's disk being served; the guest never runs
+    if runstate == "running":
+        return VMState.RUNNING
+    if runstate in _STOPPED_RUNSTATES:
+        return VMState.STOPPED
+    return VMState.PAUSED
+
+
+class QemuDriver:
+    """Driver protocol implementation over QEMU (see ferry.drivers.base)."""
+
+    name = "qemu"
+
+    def __init__(
+        self,
+        data_dir: str | os.PathLike[str],
+        *,
+        config: QemuConfig | None = None,
+        **overrides: Any,
+    ):
+        """``QemuDriver(data_dir, size_scale=0.001, kernel=..., initrd=...)``; any
+        :class:`QemuConfig` field may be given as a keyword."""
+        self.data_dir = pathlib.Path(data_dir).resolve()
+        base = config or QemuConfig()
+        self.config = dataclasses.replace(base, **overrides) if overrides else base
+        self.config.validate()
+        (self.data_dir / "vms").mkdir(parents=True, exist_ok=True)
+        self._lock = threading.RLock()
+        self._clients: dict[VMKey, QMPClient] = {}
+        self._migrations: dict[VMKey, SourceMigration | TargetMigration] = {}
+
+    @classmethod
+    def from_env(cls, data_dir: str | os.PathLike[str], environ: Mapping[str, str] | None = None,
+                 **overrides: Any) -> QemuDriver:
+        """Configured by FERRY_QEMU_KERNEL, FERRY_QEMU_INITRD, FERRY_QEMU_BINARY, FERRY_SIZE_SCALE, ..."""
+        return cls(data_dir, config=QemuConfig.from_env(environ, **overrides))
+
+    @classmethod
+    def from_settings(cls, settings: Any, data_dir: str | os.PathLike[str],
+                      environ: Mapping[str, str] | None = None) -> QemuDriver:
+        """From ferry.settings.Settings (size_scale) plus the FERRY_QEMU_* variables."""
+        return cls.from_env(data_dir, environ, size_scale=getattr(settings, "size_scale", None))
+
+    def close(self) -> None:
+        """Let go of every QEMU (they keep running) and stop background threads."""
+        with self._lock:
+            for m in self._migrations.values():
+                m.detach()
+            for c in self._clients.values():
+                c.close()
+            migrations = list(self._migrations.values())
+            self._clients.clear()
+            self._migrations.clear()
+        for m in migrations:
+            m.thread.join(timeout=5)
+
+    # -- helpers: files ----------------------------------------------------------------
+
+    def layout(self, key: VMKey) -> VMLayout:
+        return VMLayout.of(self.data_dir, key)
+
+    def guest_size(self, spec: VMSpec) -> GuestSize:
+        return guest_size(spec, self.config)
+
+    def _read_meta(self, layout: VMLayout) -> dict[str, Any] | None:
+        try:
+            return json.loads(layout.meta.read_text())
+        except (FileNotFoundError, ValueError):
+            return None
+
+    def _write_meta(self, layout: VMLayout, meta: dict[str, Any]) -> None:
+        layout.root.mkdir(parents=True, exist_ok=True)
+        write_json(layout.meta, meta)
+
+    def _new_meta(self, spec: VMSpec, role: str | None = None, migration_id: str | None = None) -> dict[str, Any]:
+        size = self.guest_size(spec)
+        return {
+            "spec": _spec_to_dict(spec),
+            "size": dataclasses.asdict(size),
+            "machine": self.config.machine,
+            "role": role,
+            "migration_id": migration_id,
+            "offline_source": False,
+        }
+
+    def _ensure_disk(self, layout: VMLayout, size: GuestSize) -> None:
+        layout.root.mkdir(parents=True, exist_ok=True)
+        path = layout.disk
+        if path.exists():
+            current = path.stat().st_size
+            if current > size.disk_bytes:
+                raise DriverError(f"{path} is {current} bytes, larger than the droplet's {size.disk_bytes}")
+            if current < size.disk_bytes:
+                with open(path, "r+b") as f:
+                    f.truncate(size.disk_bytes)
+            return
+        with open(path, "xb") as f:
+            f.truncate(size.disk_bytes)  # sparse
+
+    # -- helpers: processes and monitors --------------------------------------------
+
+    def _pid(self, layout: VMLayout) -> int | None:
+        return process.read_pid(layout)
+
+    def _qmp(self, key: VMKey) -> QMPClient:
+        with self._lock:
+            client = self._clients.get(key)
+            if client is not None and not client.closed:
+                return client
+            layout = self.layout(key)
+            if self._pid(layout) is None:
+                raise DriverError(f"{key}: QEMU is not running")
+            try:
+                client = QMPClient.connect(str(layout.qmp), timeout=self.config.qmp_timeout)
+            except QMPConnectionError as exc:
+                raise DriverError(f"{key}: cannot reach QEMU's monitor: {exc}") from exc
+            self._clients[key] = client
+            return client
+
+    def _drop_client(self, key: VMKey) -> None:
+        with self._lock:
+            client = self._clients.pop(key, None)
+        if client is not None:
+            client.close()
+
+    def _launch(self, key: VMKey, meta: dict[str, Any], *, incoming: bool = False, prelaunch: bool = False) -> int:
+        layout = self.layout(key)
+        size = GuestSize(**meta["size"])
+        self._ensure_disk(layout, size)
+        self._write_meta(layout, meta)
+        argv = build_argv(self.config, layout, size, safe_id(f"{key.namespace}-{key.name}"),
+                          incoming=incoming, prelaunch=prelaunch)
+        log.info("starting QEMU for %s: %s", key, " ".join(argv))
+        self._drop_client(key)
+        pid = process.launch(argv, layout, self.config.launch_timeout)
+        self._qmp(key)
+        return pid
+
+    def _runstate(self, key: VMKey) -> str | None:
+        try:
+            return self._qmp(key).execute("query-status", timeout=self.config.qmp_timeout).get("status")
+        except (DriverError, QMPError, QMPConnectionError):
+            return None
+
+    def _kill(self, key: VMKey, graceful: bool) -> None:
+        layout = self.layout(key)
+        pid = self._pid(layout)
+        if pid is None:
+            self._drop_client(key)
+            return
+        if graceful:
+            with contextlib.suppress(DriverError, QMPError, QMPConnectionError):
+                self._qmp(key).execute("quit", timeout=self.config.qmp_timeout)
+            if process.wait_gone(pid, layout, self.config.stop_timeout):
+                self._drop_client(key)
+                return
+        process.kill(pid, layout)
+        self._drop_client(key)
+
+    def _info(self, key: VMKey, meta: dict[str, Any] | None = None) -> VMInfo:
+        layout = self.layout(key)
+        meta = meta if meta is not None else (self._read_meta(layout) or {})
+        pid = self._pid(layout)
+        runstate = self._runstate(key) if pid is not None else None
+        return VMInfo(key=key, state=vm_state(pid is not None, runstate, meta), pid=pid,
+                      migration_id=meta.get("migration_id") if meta.get("role") else None)
+
+    # -- Driver protocol -----------------------------------------------------------
+
+    def list_vms(self) -> list[VMInfo]:
+        out: list[VMInfo] = []
+        vms = self.data_dir / "vms"
+        for d in sorted(vms.iterdir()) if vms.exists() else []:
+            meta = self._read_meta(VMLayout(d))
+            if not meta or "spec" not in meta:
+                continue
+            key = VMKey(meta["spec"]["namespace"], meta["spec"]["name"])
+            self._recover(key, meta)
+            out.append(self._info(key, meta))
+        return out
+
+    def start(self, spec: VMSpec) -> VMInfo:
+        """Create the image if missing and boot the guest. A VM that runs stays as it is.
+        A spec with ``power_on=False`` only creates the image (STOPPED)."""
+        key = spec.key
+        layout = self.layout(key)
+        with self._lock:
+            meta = self._read_meta(layout)
+            if meta and meta.get("role") == "target":
+                raise DriverError(f"{key} is the target of migration {meta.get('migration_id')}; it starts by resume()")
+            if self._pid(layout) is not None:
+                if meta and meta.get("offline_source"):
+                    raise DriverError(f"{key} is being copied by offline migration {meta.get('migration_id')}")
+                return self._info(key, meta)
+            new = self._new_meta(spec)
+            if meta and meta.get("size") and meta["size"] != new["size"]:
+                log.warning("%s: size changed from %s to %s", key, meta["size"], new["size"])
+            if not spec.power_on:
+                self._ensure_disk(layout, GuestSize(**new["size"]))
+                self._write_meta(layout, new)
+                return VMInfo(key=key, state=VMState.STOPPED)
+            self._launch(key, new)
+            return self._info(key, new)
+
+    def stop(self, key: VMKey) -> None:
+        layout = self.layout(key)
+        with self._lock:
+            m = self._migrations.get(key)
+        if isinstance(m, SourceMigration) and not m.finished:
+            m.cancel()
+        with self._lock:
+            self._kill(key, graceful=True)
+            meta = self._read_meta(layout)
+            if meta and meta.get("role") == "source":
+                meta.update(role=None, migration_id=None, offline_source=False)
+                self._write_meta(layout, meta)
+
+    def destroy(self, key: VMKey) -> None:
+        layout = self.layout(key)
+        with self._lock:
+            m = self._migrations.pop(key, None)
+        if m is not None:
+            m.detach()
+        with self._lock:
+            self._kill(key, graceful=False)
+            shutil.rmtree(layout.root, ignore_errors=True)
+        if m is not None:
+            m.thread.join(timeout=10)
+
+    def prepare_incoming(self, spec: VMSpec, bind_host: str, secret: bytes, migration_id: str) -> str:
+        key = spec.key
+        layout = self.layout(key)
+        if bind_host in ("0.0.0.0", "::", ""):
+            raise DriverError("the migration channel binds to the migration's address, never a wildcard")
+        with self._lock:
+            meta = self._read_meta(layout)
+            if meta and meta.get("role") == "target":
+                m = self._migrations.get(key)
+                failed = (MigrationState.FAILED, MigrationState.ABORTED)
+                if (meta.get("migration_id") == migration_id and meta.get("address")
+                        and self._pid(layout) is not None and (m is None or m.state not in failed)):
+                    self._recover(key, meta)
+                    return meta["address"]
+                self.destroy(key)  # a previous attempt's leftovers
+            elif meta:
+                raise DriverError(f"{key} already exists on this host ({self._info(key, meta).state.value})")
+            elif layout.root.exists():
+                shutil.rmtree(layout.root, ignore_errors=True)
+            meta = self._new_meta(spec, role="target", migration_id=migration_id)
+            try:
+                self._launch(key, meta, incoming=True)
+                address = self._listen(key, layout, bind_host, secret, migration_id)
+            except (DriverError, QMPError, QMPConnectionError, OSError) as exc:
+                self.destroy(key)
+                raise DriverError(f"preparing the incoming VM failed: {exc}") from exc
+            meta["address"] = address
+            self._write_meta(layout, meta)
+            watch = TargetMigration(migration_id=migration_id, layout=layout, config=self.config,
+                                    qmp=self._qmp(key), disk_bytes=meta["size"]["disk_bytes"])
+            self._migrations[key] = watch
+            watch.start()
+            log.info("%s: incoming migration %s listening on %s", key, migration_id, address)
+            return address
+
+    def _listen(self, key: VMKey, layout: VMLayout, host: str, secret: bytes, migration_id: str) -> str:
+        """TLS creds, NBD export and migration listener on host:P (NBD on P+1)."""
+        q = self._qmp(key)
+        ids = object_ids(migration_id)
+        tls = add_tls_creds(q, layout, secret, migration_id, "server")
+        q.execute("migrate-set-capabilities", {"capabilities": [{"capability": "events", "state": True}]})
+        q.execute("migrate-set-parameters", {"tls-creds": tls})
+        last_error: Exception | None = None
+        for _ in range(20):
+            mig_sock, nbd_sock = _reserve_port_pair(host)
+            port = mig_sock.getsockname()[1]
+            try:
+                # the NBD listener is handed to QEMU as a file descriptor: no race for it
+                q.execute("getfd", {"fdname": ids["nbd_fd"]}, fds=[nbd_sock.fileno()])
+                nbd_sock.close()
+                q.execute("nbd-server-start", {"addr": {"type": "fd", "data": {"str": ids["nbd_fd"]}},
+                                               "tls-creds": tls})
+                q.execute("block-export-add", {"type": "nbd", "id": ids["export"], "node-name": "disk0",
+                                               "name": EXPORT_NAME, "writable": True})
+                mig_sock.close()
+                q.execute("migrate-incoming", {"uri": "tcp:" + format_address(host, port)})
+                return format_address(host, port)
+            except QMPError as exc:
+                last_error = exc
+                mig_sock.close()
+                nbd_sock.close()
+                with contextlib.suppress(QMPError):
+                    q.execute("block-export-del", {"id": ids["export"], "mode": "hard"})
+                with contextlib.suppress(QMPError):
+                    q.execute("nbd-server-stop")
+                with contextlib.suppress(QMPError):
+                    q.execute("closefd", {"fdname": ids["nbd_fd"]})
+        raise DriverError(f"no port pair on {host} for the incoming migration: {last_error}")
+
+    def start_migration(self, key: VMKey, target: str, secret: bytes, migration_id: str,
+                        options: MigrationOptions) -> None:
+        layout = self.layout(key)
+        host, port = parse_address(target)
+        with self._lock:
+            m = self._migrations.get(key)
+            if m is not None and m.migration_id == migration_id and isinstance(m, SourceMigration):
+                return  # idempotent
+            if m is not None and not m.finished:
+                raise DriverError(f"{key} is already migrating ({m.migration_id})")
+            meta = self._read_meta(layout)
+            if not meta:
+                raise DriverError(f"{key} does not exist on this host")
+            if meta.get("role") == "target":
+                raise DriverError(f"{key} is itself an incoming VM ({meta.get('migration_id')})")
+            alive = self._pid(layout) is not None
+            if options.offline:
+                if alive and not meta.get("offline_source"):
+                    raise DriverError(f"{key} is running: an offline migration needs a stopped VM")
+                meta.update(role="source", migration_id=migration_id, offline_source=True)
+                if not alive:
+                    self._launch(key, meta, prelaunch=True)
+            else:
+                if not alive or self._runstate(key) != "running":
+                    raise DriverError(f"{key} is not running: a live migration needs a running guest")
+                meta.update(role="source", migration_id=migration_id, offline_source=False)
+            self._write_meta(layout, meta)
+            with contextlib.suppress(FileNotFoundError):
+                layout.migration.unlink()
+            m = SourceMigration(
+                migration_id=migration_id, layout=layout, config=self.config, qmp=self._qmp(key),
+                target_host=host, target_port=port, secret=secret, options=options,
+                disk_bytes=meta["size"]["disk_bytes"], offline=bool(options.offline),
+                stop_vm=lambda: self._stop_offline_source(key),
+                on_settled=lambda state: self._source_settled(key, migration_id, state),
+            )
+            self._migrations[key] = m
+            m.start()
+
+    def _source_settled(self, key: VMKey, migration_id: str, state: MigrationState) -> None:
+        """A failed or aborted migration leaves a plain VM behind (no role)."""
+        if state not in (MigrationState.FAILED, MigrationState.ABORTED):
+            return
+        layout = self.layout(key)
+        with self._lock:
+            meta = self._read_meta(layout)
+            if meta and meta.get("role") == "source" and meta.get("migration_id") == migration_id:
+                meta.update(role=None, migration_id=None, offline_source=False)
+                self._write_meta(layout, meta)
+
+    def _stop_offline_source(self, key: VMKey) -> None:
+        self._kill(key, graceful=True)
+        layout = self.layout(key)
+        meta = self._read_meta(layout)
+        if meta:
+            meta.update(role=None, migration_id=None, offline_source=False)
+            self._write_meta(layout, meta)
+
+    def query_migration(self, key: VMKey) -> MigrationStats:
+        with self._lock:
+            m = self._migrations.get(key)
+        if m is not None:
+            return m.snapshot()
+        layout = self.layout(key)
+        meta = self._read_meta(layout)
+        if meta:
+            m = self._recover(key, meta)
+            if m is not None:
+                return m.snapshot()
+        return self._persisted_stats(layout) or MigrationStats()
+
+    def cancel_migration(self, key: VMKey) -> None:
+        layout = self.layout(key)
+        with self._lock:
+            meta = self._read_meta(layout)
+            if meta:
+                self._recover(key, meta)
+            m = self._migrations.get(key)
+        if meta and meta.get("role") == "target":
+            self.destroy(key)  # a target that is told to stop has nothing worth keeping
+            return
+        if isinstance(m, SourceMigration):
+            if not m.finished:
+                m.cancel()
+                if not m.finished:
+                    raise DriverError(f"{key}: the migration did not stop within 60 s")
+            elif m.state == MigrationState.COMPLETED:
+                self._undo_completed(key, m)
+        elif meta and meta.get("role") == "source":
+            stats = self._persisted_stats(layout)
+            if stats is not None and stats.state == MigrationState.COMPLETED:
+                self._undo_completed(key, None)
+        with self._lock:
+            meta = self._read_meta(layout)
+            if meta and meta.get("role") == "source":
+                meta.update(role=None, migration_id=None, offline_source=False)
+                self._write_meta(layout, meta)
+
+    def _undo_completed(self, key: VMKey, m: SourceMigration | None) -> None:
+        """The stream completed but the record did not flip: the source runs again
+        (a ``cont`` after ``postmigrate`` re-activates its own disk)."""
+        meta = self._read_meta(self.layout(key)) or {}
+        if meta.get("offline_source"):
+            self._stop_offline_source(key)
+        elif self._pid(self.layout(key)) is not None and self._runstate(key) != "running":
+            self._qmp(key).execute("cont")
+        if m is not None:
+            m.set_state(MigrationState.ABORTED)
+        else:
+            stats = self._persisted_stats(self.layout(key)) or MigrationStats()
+            stats.state = MigrationState.ABORTED
+            write_json(self.layout(key).migration, {**stats_to_dict(stats), "role": "source"})
+
+    def resume(self, key: VMKey) -> None:
+        layout = self.layout(key)
+        with self._lock:
+            meta = self._read_meta(layout)
+            if not meta:
+                raise DriverError(f"{key} does not exist on this host")
+            if meta.get("role") != "target":
+                if self._pid(layout) is not None and self._runstate(key) == "running":
+                    return  # resumed already
+                raise DriverError(f"{key} is not an incoming VM")
+            self._recover(key, meta)
+            m = self._migrations.get(key)
+            stats = m.snapshot() if m is not None else self._persisted_stats(layout)
+            if stats is None or stats.state != MigrationState.RECEIVED:
+                state = stats.state.value if stats else "unknown"
+                raise DriverError(f"{key}: nothing to resume, the incoming migration is {state}")
+            spec = _spec_from_dict(meta["spec"])
+            runstate = self._runstate(key)
+            meta.update(role=None, migration_id=None, resumed_from=meta.get("migration_id"))
+            if runstate == "prelaunch":
+                # an offline migration: the source guest never ran; boot it afresh
+                self._kill(key, graceful=True)
+                self._write_meta(layout, meta)
+                if spec.power_on:
+                    self._launch(key, meta)
+            elif spec.power_on:
+                self._qmp(key).execute("cont")
+                self._write_meta(layout, meta)
+            else:
+                self._kill(key, graceful=True)
+                self._write_meta(layout, meta)
+            self._migrations.pop(key, None)
+
+    # -- re-attach ---------------------------------------------------------------------
+
+    def _persisted_stats(self, layout: VMLayout) -> MigrationStats | None:
+        try:
+            return stats_from_dict(json.loads(layout.migration.read_text()))
+        except (FileNotFoundError, ValueError, TypeError):
+            return None
+
+    def _recover(self, key: VMKey, meta: dict[str, Any]) -> SourceMigration | TargetMigration | None:
+        """After an agent restart: pick up (target) or settle (source) a migration that
+        the previous driver instance left unfinished."""
+        with self._lock:
+            if key in self._migrations:
+                return self._migrations[key]
+            role = meta.get("role")
+            mid = meta.get("migration_id")
+            if role not in ("source", "target") or not mid:
+                return None
+            layout = self.layout(key)
+            stats = self._persisted_stats(layout)
+            if stats is not None and (stats.state in FINAL_STATES or stats.migration_id != mid):
+                return None
+            alive = self._pid(layout) is not None
+            if not alive:
+                stats = stats or MigrationStats(migration_id=mid)
+                stats.state = MigrationState.FAILED
+                stats.error = f"the {role} QEMU exited while the agent was away"
+                write_json(layout.migration, {**stats_to_dict(stats), "role": role})
+                return None
+            m: SourceMigration | TargetMigration
+            if role == "target":
+                m = TargetMigration(migration_id=mid, layout=layout, config=self.config, qmp=self._qmp(key),
+                                    disk_bytes=meta["size"]["disk_bytes"])
+            else:
+                m = SourceMigration(
+                    migration_id=mid, layout=layout, config=self.config, qmp=self._qmp(key),
+                    target_host="", target_port=0, secret=b"", options=MigrationOptions(),
+                    disk_bytes=meta["size"]["disk_bytes"], offline=bool(meta.get("offline_source")),
+                    stop_vm=lambda: self._stop_offline_source(key), recover=True,
+                    on_settled=lambda state: self._source_settled(key, mid, state),
+                )
+            if stats is not None:
+                m.tracker.stats = stats
+            self._migrations[key] = m
+            m.start()
+            log.info("%s: re-attached to %s migration %s", key, role, mid)
+        if role == "source":
+            m.done.wait(60)  # settle it before answering
+        return m
+
+
+def _reserve_port_pair(host: str) -> tuple[socket.socket, socket.socket]:
+    """Two sockets bound to host:P and host:P+1 (P from the kernel)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    for _ in range(100):
+        a = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            a.bind((host, 0))
+        except OSError as exc:
+            a.close()
+            raise DriverError(f"cannot bind {host}: {exc}") from exc
+        port = a.getsockname()[1]
+        if port >= 65534:
+            a.close()
+            continue
+        b = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            b.bind((host, port + 1))
+        except OSError:
+            a.close()
+            b.close()
+            continue
+        return a, b
+    raise DriverError(f"no two consecutive free ports on {host}")
+
+
+def _spec_to_dict(spec: VMSpec) -> dict[str, Any]:
+    return {
+        "namespace": spec.key.namespace,
+        "name": spec.key.name,
+        "cpu": spec.cpu,
+        "memory_mib": spec.memory_mib,
+        "disk_gib": spec.disk_gib,
+        "workload": dataclasses.asdict(spec.workload),
+        "power_on": spec.power_on,
+    }
+
+
+def _spec_from_dict(d: Mapping[str, Any]) -> VMSpec:
+    return VMSpec(
+        key=VMKey(d["namespace"], d["name"]),
+        cpu=int(d["cpu"]),
+        memory_mib=int(d["memory_mib"]),
+        disk_gib=int(d["disk_gib"]),
+        workload=Workload(**d.get("workload", {})),
+        power_on=bool(d.get("power_on", True)),
+    )

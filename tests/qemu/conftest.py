@@ -1,0 +1,63 @@
+"""Fixtures for the qemu driver tests: the test guest and two "hosts" on loopback.
+
+Each host is a QemuDriver with its own data directory; no Kubernetes. The guest
+(Debian kernel + busybox initramfs) is built once by hack/build-test-guest.sh and
+cached in ${FERRY_CACHE:-~/.cache/ferry}/guest.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import re
+import shutil
+import subprocess
+from collections.abc import Iterator
+
+import pytest
+
+from ferry.drivers.base import VMKey, VMSpec
+from ferry.drivers.qemu import QemuDriver
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+QEMU = os.environ.get("FERRY_QEMU_BINARY", "qemu-system-x86_64")
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if shutil.which(QEMU):
+        return
+    skip = pytest.mark.skip(reason=f"{QEMU} is not installed (apt-get install qemu-system-x86 qemu-utils)")
+    for item in items:
+        if "qemu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def guest(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    out = tmp_path_factory.mktemp("guest")
+    subprocess.run(["bash", str(ROOT / "hack" / "build-test-guest.sh"), str(out)], check=True,
+                   stdout=subprocess.DEVNULL)
+    return {"kernel": str(out / "vmlinuz"), "initrd": str(out / "initrd.img")}
+
+
+def make_driver(guest: dict[str, str], data_dir: pathlib.Path) -> QemuDriver:
+    # size_scale 0.001: an s-1vcpu-1gb droplet (1 GiB, 25 GiB) becomes 96 MiB (the floor)
+    # and a 26 MiB disk.
+    return QemuDriver(data_dir, kernel=guest["kernel"], initrd=guest["initrd"], size_scale=0.001,
+                      binary=QEMU, max_vcpus=1)
+
+
+@pytest.fixture
+def hosts(guest: dict[str, str], tmp_path: pathlib.Path) -> Iterator[tuple[QemuDriver, QemuDriver]]:
+    a = make_driver(guest, tmp_path / "host-a")
+    b = make_driver(guest, tmp_path / "host-b")
+    yield a, b
+    for d in (a, b):
+        for vm in d.list_vms():
+            d.destroy(vm.key)
+        d.close()
+
+
+@pytest.fixture
+def spec(request: pytest.FixtureRequest) -> VMSpec:
+    name = re.sub(r"[^a-z0-9-]", "-", request.node.name.lower())[:40].strip("-")
+    return VMSpec(key=VMKey("t", name), cpu=1, memory_mib=1024, disk_gib=25)

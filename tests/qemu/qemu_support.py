@@ -1,0 +1,44 @@
+"""Helpers for the qemu driver tests: reading the guest's serial console, filling disks."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import re
+
+from ferry.drivers.base import VMSpec
+from ferry.drivers.qemu import QemuDriver
+
+# whole lines only: a VM can stop mid-line, and the rest of that line then comes out
+# of the target's serial port
+COUNTER = re.compile(r"^ferry-counter (\d+)\r?\n", re.MULTILINE)
+BOOT_BANNER = "ferry-guest: boot"
+
+
+def serial_text(path: pathlib.Path) -> str:
+    return path.read_text(errors="replace") if path.exists() else ""
+
+
+def counters(path: pathlib.Path | str) -> list[int]:
+    """The counter values on whole lines of a serial log (a path) or of a text."""
+    text = path if isinstance(path, str) else serial_text(path)
+    return [int(m) for m in COUNTER.findall(text)]
+
+
+def last_counter(path: pathlib.Path) -> int:
+    c = counters(path)
+    return c[-1] if c else 0
+
+
+def fill_disk(driver: QemuDriver, spec: VMSpec) -> None:
+    """Random data in the whole image before the VM starts, so a bandwidth-limited
+    mirror has real bytes to copy (a sparse image mirrors zeros almost for free)."""
+    layout = driver.layout(spec.key)
+    layout.root.mkdir(parents=True, exist_ok=True)
+    size = driver.guest_size(spec).disk_bytes
+    with open(layout.disk, "wb") as f:
+        left = size
+        while left:
+            n = min(left, 1 << 20)
+            f.write(os.urandom(n))
+            left -= n
