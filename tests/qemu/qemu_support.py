@@ -42,3 +42,33 @@ def fill_disk(driver: QemuDriver, spec: VMSpec) -> None:
             n = min(left, 1 << 20)
             f.write(os.urandom(n))
             left -= n
+
+
+def fill_file(path: pathlib.Path, size: int | None = None) -> None:
+    """Random bytes over a whole file (``size`` bytes, default: its current size), in place:
+    an image written while no guest runs, with real bytes for a copy to move."""
+    size = path.stat().st_size if size is None else size
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "r+b" if path.exists() else "wb") as f:
+        left = size
+        while left:
+            n = min(left, 1 << 20)
+            f.write(os.urandom(n))
+            left -= n
+        f.truncate(size)
+
+
+def monitor_state(qmp_aux: pathlib.Path) -> dict:
+    """What QEMU's second (people-and-tests) monitor says about a VM: run state, block jobs,
+    ferry's own block nodes (NBD client), block exports (NBD server) and the migration status."""
+    from ferry.drivers.qemu.qmp import QMPClient
+
+    with QMPClient.connect(str(qmp_aux)) as q:
+        return {
+            "status": q.execute("query-status")["status"],
+            "jobs": q.execute("query-block-jobs"),
+            "ferry_nodes": [n["node-name"] for n in q.execute("query-named-block-nodes")
+                            if n["node-name"].startswith("ferry-")],
+            "exports": q.execute("query-block-exports"),
+            "migration": q.execute("query-migrate").get("status"),
+        }

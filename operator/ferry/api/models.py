@@ -42,6 +42,7 @@ class Meta:
     annotations: Mapping[str, str]
     created: dt.datetime | None
     deleting: bool
+    finalizers: tuple[str, ...] = ()
 
     @classmethod
     def from_body(cls, body: Mapping[str, Any]) -> Meta:
@@ -51,6 +52,7 @@ class Meta:
             resource_version=m.get("resourceVersion", ""), generation=int(m.get("generation") or 0),
             labels=dict(m.get("labels") or {}), annotations=dict(m.get("annotations") or {}),
             created=parse(m.get("creationTimestamp")), deleting=bool(m.get("deletionTimestamp")),
+            finalizers=tuple(m.get("finalizers") or ()),
         )
 
 

@@ -70,14 +70,16 @@ async def _reconcile(cx: Context, key: Key, logger: logging.Logger) -> None:
                       "conditions": [_condition("Placed", True, "Placed", f"placed on {result.chosen}",
                                                 prev_conds.get("Placed"))]}
             try:
-                await cx.call(cx.kube.patch_status, "Droplet", key[1], status, key[0],
-                              resource_version=d.meta.resource_version)
+                new = await cx.call(cx.kube.patch_status, "Droplet", key[1], status, key[0],
+                                    resource_version=d.meta.resource_version)
+                world.observe("Droplet", "MODIFIED", new)
             except (Conflict, NotFound) as exc:
                 world.pending_placements.pop(key, None)
                 log.info("placement of %s/%s not written (%s); will retry", *key, exc)
                 return
-            await cx.call(cx.kube.patch, "Droplet", key[1], {"metadata": {"labels": {c.HOST_LABEL: result.chosen}}},
-                          key[0])
+            new = await cx.call(cx.kube.patch, "Droplet", key[1],
+                                {"metadata": {"labels": {c.HOST_LABEL: result.chosen}}}, key[0])
+            world.observe("Droplet", "MODIFIED", new)
             await cx.call(cx.kube.event, {"kind": "Droplet", "apiVersion": c.API_VERSION,
                                           "metadata": {"name": key[1], "namespace": key[0], "uid": d.meta.uid}},
                           "Normal", "Placed", f"placed on {result.chosen}: {result.message}")
@@ -88,7 +90,8 @@ async def _reconcile(cx: Context, key: Key, logger: logging.Logger) -> None:
                       "conditions": [_condition("Placed", False, "NoHostFits", result.message,
                                                 prev_conds.get("Placed"))]}
             if d.status.get("message") != result.message or d.phase != "Unschedulable":
-                await cx.call(cx.kube.patch_status, "Droplet", key[1], status, key[0])
+                new = await cx.call(cx.kube.patch_status, "Droplet", key[1], status, key[0])
+                world.observe("Droplet", "MODIFIED", new)
                 await cx.call(cx.kube.event, {"kind": "Droplet", "apiVersion": c.API_VERSION,
                                               "metadata": {"name": key[1], "namespace": key[0], "uid": d.meta.uid}},
                               "Warning", "NoHostFits", result.message)
@@ -96,7 +99,10 @@ async def _reconcile(cx: Context, key: Key, logger: logging.Logger) -> None:
 
     # Placed: the label mirrors the record (repairs a crash between the two writes).
     if d.meta.labels.get(c.HOST_LABEL) != d.host:
-        await cx.call(cx.kube.patch, "Droplet", key[1], {"metadata": {"labels": {c.HOST_LABEL: d.host}}}, key[0])
+        new = await cx.call(cx.kube.patch, "Droplet", key[1], {"metadata": {"labels": {c.HOST_LABEL: d.host}}},
+                            key[0])
+        world.observe("Droplet", "MODIFIED", new)
+        d = world.droplets.get(key) or d
     host = world.hosts.get(d.host)
     active = [m for m in world.migrations_of(key) if m.active]
     if host is None:
@@ -107,10 +113,11 @@ async def _reconcile(cx: Context, key: Key, logger: logging.Logger) -> None:
                                   "live-migrated until its host is back")
     elif active:
         m = active[0]
-        phase, reason, message = "Migrating", "LiveMigration", f"{m.name}: {m.phase}"
+        phase, reason, message = "Migrating", "LiveMigration", f"being live-migrated by {m.name}"
     else:
         phase, reason, message = "Placed", "Placed", f"running on {d.host}"
     if (d.phase, d.status.get("reason"), d.status.get("message")) != (phase, reason, message):
-        await cx.call(cx.kube.patch_status, "Droplet", key[1],
-                      {"phase": phase, "reason": reason, "message": message,
-                       "observedGeneration": d.meta.generation}, key[0])
+        new = await cx.call(cx.kube.patch_status, "Droplet", key[1],
+                            {"phase": phase, "reason": reason, "message": message,
+                             "observedGeneration": d.meta.generation}, key[0])
+        world.observe("Droplet", "MODIFIED", new)

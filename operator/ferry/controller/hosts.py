@@ -57,7 +57,8 @@ async def reconcile_host(cx: Context, name: str, logger: logging.Logger) -> None
                               "Warning" if desired["phase"] == "NotReady" else "Normal",
                               f"Host{desired['phase']}", desired["conditions"][0]["message"]
                               if desired["phase"] == "NotReady" else f"host is {desired['phase']}")
-            await cx.call(cx.kube.patch_status, "Host", name, desired)
+            new = await cx.call(cx.kube.patch_status, "Host", name, desired)
+            world.observe("Host", "MODIFIED", new)
         for body in evacuation_plan(host, droplets, migrations, t):
             try:
                 await cx.call(cx.kube.create, "LiveMigration", body, body["metadata"]["namespace"])

@@ -16,7 +16,7 @@ from typing import Any
 import kopf
 
 from ferry.api import constants as c
-from ferry.api.times import fmt, now
+from ferry.api.times import fmt, now, parse
 from ferry.controller.app import RESOURCES, Context, ctx
 from ferry.controller.world import Key
 from ferry.migration import machine as mm
@@ -109,20 +109,26 @@ def observe(cx: Context, key: Key, body: dict) -> mm.Observation:
         target_host_ready=target_ready,
         secret_exists=mstatus.attempt >= 1 and key not in world.secrets_deleted,
     )
+    # Pending: may it be announced (one migration per droplet); Announced with the notice over:
+    # may it take a concurrency slot. Asked without a clock (every Announced one), because
+    # decide() runs with a slightly later now() than t.
     if mm.needs_admission(obs):
         refs = []
         for m in world.migrations.values():
             dd = world.droplets.get((m.namespace, m.droplet))
-            phase = m.phase
-            if (m.namespace, m.name) in world.admitted and phase in (None, "Pending"):
-                phase = "Announced"  # admitted a moment ago, not seen back yet
+            mkey, phase = (m.namespace, m.name), m.phase
+            if mkey in world.admitted and phase in (None, "Pending", "Announced"):
+                phase = "Scheduling"  # took a slot a moment ago, not seen back yet
+            elif mkey in world.announcing and phase in (None, "Pending"):
+                phase = "Announced"  # announced a moment ago (owns its droplet), not seen back yet
             refs.append(mm.MigrationRef(
                 key=f"{m.namespace}/{m.name}", droplet=f"{m.namespace}/{m.droplet}", phase=phase,
                 created_at=m.meta.created or t, source_host=m.source_host or (dd.host if dd else None),
-                target_host=m.status_target_host or m.target_host))
+                target_host=m.status_target_host or m.target_host, not_before=parse(m.status.get("notBefore"))))
         verdict = mm.admit(refs, mm.ConcurrencyLimits(s.max_parallel, s.max_outbound_per_host,
-                                                      s.max_inbound_per_host)).get(f"{key[0]}/{key[1]}")
-        obs = _replace(obs, admission=verdict or mm.Admission(False, "ConcurrencyLimitReached", "waiting"))
+                                                      s.max_inbound_per_host), t).get(f"{key[0]}/{key[1]}")
+        # None: Announced, notice not over at t (decide does not read it unless it ended since)
+        obs = _replace(obs, admission=verdict or mm.Admission(False, "ConcurrencyLimitReached", "waiting for a slot"))
     if mm.needs_placement(obs, t) and d is not None:
         request = DropletRequest(name=f"{dkey[0]}/{dkey[1]}", datacenter=d.datacenter, resources=d.resources,
                                  host_selector=d.host_selector, source_host=d.host)
@@ -141,39 +147,64 @@ def _replace(obs: mm.Observation, **changes: Any) -> mm.Observation:
 
 async def reconcile(cx: Context, key: Key, logger: logging.Logger) -> None:
     async with cx.object_lock(("LiveMigration", key)):
-        m = cx.world.migrations.get(key)
-        if m is None:
-            invalid = cx.world.invalid.get(("LiveMigration", key))
-            if invalid:
-                logger.warning("migration %s/%s has an invalid spec: %s", *key, invalid)
-            return
-        body = _body_of(cx, key)
-        async with cx.lock:  # admission, placement and the overlay decide together
-            obs = observe(cx, key, body)
-            decision = mm.decide(obs, now(), machine_config(cx))
-            _reserve(cx, key, obs, decision)
-        if not decision.status and not decision.actions:
-            return
-        try:
-            for action in decision.actions:
-                await apply(cx, key, m, action, logger)
-        except StorageError as exc:
-            logger.warning("migration %s/%s: %s; will retry", *key, exc)
-            _unreserve(cx, key)
-            return
-        if decision.status:
-            try:
-                new = await cx.call(cx.kube.patch_status, "LiveMigration", key[1], decision.status, key[0],
-                                    resource_version=m.meta.resource_version)
-            except (Conflict, NotFound) as exc:
-                log.debug("status of %s/%s not written (stale view: %s)", *key, exc)
-                _unreserve(cx, key)
+        for _ in range(3):  # a decision made on a stale view is retried on a fresh read
+            if await _reconcile_once(cx, key, logger):
                 return
-            cx.world.observe("LiveMigration", "MODIFIED", new)
-        if decision.new_status.phase != obs.status.phase:
-            log.info("migration %s/%s: %s -> %s (%s)", *key, obs.status.phase, decision.new_status.phase,
-                        decision.new_status.message)
-            _count(cx, obs, decision)
+            try:
+                fresh = await cx.call(cx.kube.get, "LiveMigration", key[1], key[0])
+            except NotFound:
+                cx.world.observe("LiveMigration", "DELETED", {"metadata": {"namespace": key[0], "name": key[1]}})
+                return
+            cx.world.observe("LiveMigration", "MODIFIED", fresh)
+
+
+async def _reconcile_once(cx: Context, key: Key, logger: logging.Logger) -> bool:
+    """One look. False when the status write met a newer version (decide again)."""
+    m = cx.world.migrations.get(key)
+    if m is None:
+        invalid = cx.world.invalid.get(("LiveMigration", key))
+        if invalid:
+            logger.warning("migration %s/%s has an invalid spec: %s", *key, invalid)
+        return True
+    if c.FINALIZER not in m.meta.finalizers and not m.meta.deleting and not m.terminal:
+        return True  # kopf adds the finalizer first; deciding meanwhile only races its patch
+    body = _body_of(cx, key)
+    async with cx.lock:  # admission, placement and the overlay decide together
+        obs = observe(cx, key, body)
+        decision = mm.decide(obs, now(), machine_config(cx))
+        _reserve(cx, key, obs, decision)
+    if not decision.status and not decision.actions:
+        return True
+    effects = [a for a in decision.actions if not isinstance(a, mm.EmitEvent)]
+    events = [a for a in decision.actions if isinstance(a, mm.EmitEvent)]
+    rv = m.meta.resource_version
+    try:
+        for action in effects:
+            new_rv = await apply(cx, key, m, action, logger)
+            if new_rv:  # our own write to this LiveMigration (labels): guard the status with it
+                rv = new_rv
+    except StorageError as exc:
+        logger.warning("migration %s/%s: %s; will retry", *key, exc)
+        _unreserve(cx, key)
+        return True
+    if decision.status:
+        try:
+            new = await cx.call(cx.kube.patch_status, "LiveMigration", key[1], decision.status, key[0],
+                                resource_version=rv)
+        except Conflict:
+            _unreserve(cx, key)
+            return False
+        except NotFound:
+            return True
+        cx.world.observe("LiveMigration", "MODIFIED", new)
+    # Events only once the status that tells the same story is written: never twice.
+    for action in events:
+        await apply(cx, key, m, action, logger)
+    if decision.new_status.phase != obs.status.phase:
+        log.info("migration %s/%s: %s -> %s (%s)", *key, obs.status.phase, decision.new_status.phase,
+                 decision.new_status.message)
+        _count(cx, obs, decision)
+    return True
 
 
 def _body_of(cx: Context, key: Key) -> dict:
@@ -188,8 +219,10 @@ def _reserve(cx: Context, key: Key, obs: mm.Observation, decision: mm.Decision) 
     from ferry.controller.world import PendingReservation
 
     st = decision.new_status
-    if obs.status.phase in (None, "Pending") and st.phase not in (None, "Pending") and not decision.done:
-        cx.world.admitted.add(key)
+    if obs.status.phase == "Pending" and st.phase == "Announced":
+        cx.world.announcing.add(key)  # owns its droplet from now on (DropletBusy for the others)
+    if obs.status.phase == "Announced" and st.phase == "Scheduling":
+        cx.world.admitted.add(key)  # holds a concurrency slot from now on
     target = mm.reserved_target(st)
     if target and target != obs.status.target_host:
         d = cx.world.droplets.get((key[0], obs.spec.droplet))
@@ -200,6 +233,7 @@ def _reserve(cx: Context, key: Key, obs: mm.Observation, decision: mm.Decision) 
 def _unreserve(cx: Context, key: Key) -> None:
     cx.world.pending_reservations.pop(key, None)
     cx.world.admitted.discard(key)
+    cx.world.announcing.discard(key)
 
 
 def _count(cx: Context, obs: mm.Observation, decision: mm.Decision) -> None:
@@ -225,25 +259,29 @@ def _count(cx: Context, obs: mm.Observation, decision: mm.Decision) -> None:
 # --------------------------------------------------------------------------- actions
 
 
-async def apply(cx: Context, key: Key, m: Any, action: mm.Action, logger: logging.Logger) -> None:
+async def apply(cx: Context, key: Key, m: Any, action: mm.Action, logger: logging.Logger) -> str | None:
+    """Carry out one action; returns the migration's new resourceVersion if it wrote the migration."""
     ns = key[0]
     kube = cx.kube
     if isinstance(action, mm.Announce):
-        await cx.call(kube.patch, "Droplet", action.droplet, {"metadata": {"annotations": {
+        new = await cx.call(kube.patch, "Droplet", action.droplet, {"metadata": {"annotations": {
             c.MAINTENANCE_ANNOTATION: c.MAINTENANCE_EVENT,
             c.MAINTENANCE_SINCE_ANNOTATION: fmt(action.since),
             c.MAINTENANCE_NOT_BEFORE_ANNOTATION: fmt(action.not_before)}}}, ns)
+        cx.world.observe("Droplet", "MODIFIED", new)  # the next look must see its own announcement
     elif isinstance(action, mm.ClearAnnouncement):
         try:
-            await cx.call(kube.patch, "Droplet", action.droplet, {"metadata": {"annotations": {
+            new = await cx.call(kube.patch, "Droplet", action.droplet, {"metadata": {"annotations": {
                 c.MAINTENANCE_ANNOTATION: None, c.MAINTENANCE_SINCE_ANNOTATION: None,
                 c.MAINTENANCE_NOT_BEFORE_ANNOTATION: None}}}, ns)
+            cx.world.observe("Droplet", "MODIFIED", new)
         except NotFound:
             pass
     elif isinstance(action, mm.SetLabels):
-        await cx.call(kube.patch, "LiveMigration", key[1], {"metadata": {"labels": {
+        new = await cx.call(kube.patch, "LiveMigration", key[1], {"metadata": {"labels": {
             c.SOURCE_HOST_LABEL: action.source_host, c.TARGET_HOST_LABEL: action.target_host,
-            c.DROPLET_LABEL: action.droplet}}}, ns)
+            c.DROPLET_LABEL: action.droplet}}}, ns, resource_version=m.meta.resource_version)
+        return new["metadata"]["resourceVersion"]
     elif isinstance(action, mm.CreateSecret):
         owner = owner_reference({"apiVersion": c.API_VERSION, "kind": "LiveMigration",
                                  "metadata": {"name": key[1], "uid": m.meta.uid}})
@@ -268,10 +306,11 @@ async def apply(cx: Context, key: Key, m: Any, action: mm.Action, logger: loggin
         await mark_droplet_condition(cx, ns, action)
     elif isinstance(action, mm.RecordLastMigration):
         try:
-            await cx.call(kube.patch_status, "Droplet", action.droplet, {"lastMigration": {
+            new = await cx.call(kube.patch_status, "Droplet", action.droplet, {"lastMigration": {
                 "name": action.migration, "completedAt": fmt(action.completed_at),
                 "fromHost": action.from_host, "toHost": action.to_host,
                 "downtimeMs": (m.status or {}).get("downtimeMs")}}, ns)
+            cx.world.observe("Droplet", "MODIFIED", new)
         except NotFound:
             pass
     elif isinstance(action, mm.RecomputeAllocations):
@@ -281,6 +320,7 @@ async def apply(cx: Context, key: Key, m: Any, action: mm.Action, logger: loggin
             await reconcile_host(cx, h, logger)
     else:  # pragma: no cover - the machine's Action union is closed
         raise TypeError(f"unknown action {action!r}")
+    return None
 
 
 async def flip_record(cx: Context, ns: str, action: mm.FlipRecord, logger: logging.Logger) -> None:

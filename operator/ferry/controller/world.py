@@ -38,8 +38,9 @@ class World:
         self.invalid: dict[tuple[str, Key], str] = {}
         self.pending_reservations: dict[Key, PendingReservation] = {}
         self.pending_placements: dict[Key, tuple[str, Resources]] = {}  # new droplets placed, not yet seen
-        self.admitted: set[Key] = set()
-        self.secrets_deleted: set[Key] = set()  # transfer Secrets this operator deleted  # migrations let past the concurrency gate, not yet seen active
+        self.admitted: set[Key] = set()  # moved Announced -> Scheduling (took a slot), not yet seen so
+        self.announcing: set[Key] = set()  # moved Pending -> Announced (owns its droplet), not yet seen so
+        self.secrets_deleted: set[Key] = set()  # transfer Secrets this operator deleted
 
     # --- watch events ----------------------------------------------------------------------
     def observe(self, kind: str, event_type: str | None, body: dict) -> None:
@@ -52,7 +53,11 @@ class World:
             self.pending_reservations.pop(key, None) if kind == "LiveMigration" else None
             self.pending_placements.pop(key, None) if kind == "Droplet" else None
             self.admitted.discard(key) if kind == "LiveMigration" else None
+            self.announcing.discard(key) if kind == "LiveMigration" else None
             return
+        current = table.get(k)
+        if current is not None and _older(meta.get("resourceVersion"), current.meta.resource_version):
+            return  # a late event (kopf's queue, or our own write seen back after a newer one): keep the newer
         try:
             parsed = {"Host": Host, "Droplet": Droplet, "LiveMigration": Migration}[kind].from_body(body)
         except InvalidSpec as exc:
@@ -69,6 +74,8 @@ class World:
                 self.pending_reservations.pop(key, None)
             if parsed.phase not in (None, "Pending", "Announced"):
                 self.admitted.discard(key)
+            if parsed.phase not in (None, "Pending"):
+                self.announcing.discard(key)
 
     # --- derived views --------------------------------------------------------------------
     def droplet_host(self, key: Key) -> str | None:
@@ -153,3 +160,12 @@ class World:
 
 
 TERMINAL = c.TERMINAL_PHASES
+
+
+def _older(candidate: str | None, current: str | None) -> bool:
+    """resourceVersions are opaque to clients, but etcd's are increasing integers; compare
+    them when they are, and never let a late event replace a newer view."""
+    try:
+        return int(candidate or 0) < int(current or 0)
+    except ValueError:
+        return False

@@ -64,10 +64,18 @@ class Detached(Exception):
     """The driver let go of this migration (agent shutting down): stop without acting."""
 
 
+# QEMU keeps a block node name in char[32]: longer names fail ("Node name too long").
+QEMU_NAME_MAX = 31
+
+
 def object_ids(migration_id: str) -> dict[str, str]:
     """QEMU ids of everything a migration adds, derived from its id (so a restarted
-    agent can find and remove them)."""
+    agent can find and remove them). A long id (``<namespace>/<name>#<attempt>``) is
+    shortened to a prefix plus a hash, so that every id fits QEMU_NAME_MAX."""
     s = safe_id(migration_id)
+    room = QEMU_NAME_MAX - len("ferry-mirror-")  # the longest prefix below
+    if len(s) > room:
+        s = s[: room - 9] + "-" + hashlib.sha256(migration_id.encode()).hexdigest()[:8]
     return {
         "tls": f"ferry-tls-{s}",
         "node": f"ferry-nbd-{s}",

@@ -1,0 +1,278 @@
+"""The qemu driver through the whole system: the operator, two agents running real QEMU
+(TCG) and the real API server, driven as a user drives them (kubectl apply / patch).
+
+What the guest shows is the evidence: the test guest (hack/guest/init) prints
+"ferry-counter N" every ~100 ms on its serial console, and a migrated guest must keep
+counting on the target without a second boot banner. The images are read from the
+agents' data directories; VM processes from their pid files; everything else comes from
+the API (LiveMigration status, the Droplet's record, Host.status.agent.vms).
+
+Windows such as "mid-mirror" come from a bandwidth limit on an image filled with random
+data before the guest boots (a sparse image mirrors its zeros almost for free).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pathlib
+import shutil
+import signal
+import sys
+
+import pytest
+from qemu_support import BOOT_BANNER, counters, fill_file, last_counter, monitor_state, serial_text
+from support import wait_until
+
+from ferry.drivers.base import VMKey
+from ferry.drivers.qemu import process
+from ferry.drivers.qemu.config import VMLayout
+
+sys.path.append(str(pathlib.Path(__file__).resolve().parents[1] / "integration"))
+from stack import Stack  # noqa: E402
+
+QEMU = os.environ.get("FERRY_QEMU_BINARY", "qemu-system-x86_64")
+
+pytestmark = [pytest.mark.qemu, pytest.mark.timeout(180)]
+
+SCALE = 0.001  # s-1vcpu-512mb-10gb: 96 MiB of memory (the floor), a 16 MiB disk (the floor)
+SIZE = "s-1vcpu-512mb-10gb"
+DISK_BYTES = 16 << 20  # 10 GiB x 0.001 is below the driver's 16 MiB floor
+BOOT_TIMEOUT = 60
+
+
+def sha256_file(path: pathlib.Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+class QemuStack(Stack):
+    """A Stack whose agents run the qemu driver on the test guest."""
+
+    def __init__(self, ferry_process, kubectl, namespace: str, guest: dict[str, str]):
+        super().__init__(ferry_process, kubectl, namespace, env={
+            "FERRY_DRIVER": "qemu",
+            "FERRY_QEMU_BINARY": QEMU,
+            "FERRY_QEMU_KERNEL": guest["kernel"],
+            "FERRY_QEMU_INITRD": guest["initrd"],
+            "FERRY_QEMU_MAX_VCPUS": "1",
+            "FERRY_SIZE_SCALE": str(SCALE),
+        })
+
+    def layout(self, host: str, droplet: str) -> VMLayout:
+        return VMLayout.of(pathlib.Path(self.dirs[host]).resolve(), VMKey(self.ns, droplet))
+
+    def agent_vms(self, host: str) -> dict[str, str]:
+        """The VMs of this test's namespace as the host's agent reports them (name -> state)."""
+        vms = ((self.get("host", host).get("status") or {}).get("agent") or {}).get("vms") or []
+        return {v["name"]: v["state"] for v in vms if v["namespace"] == self.ns}
+
+    def qemu_pid(self, host: str, droplet: str) -> int | None:
+        """The live QEMU of this droplet on this host (pid file + command line check)."""
+        return process.read_pid(self.layout(host, droplet))
+
+    def place_on_first_host(self, name: str, *, power: str = "on", fill: bool = True) -> tuple[str, str]:
+        """Host a with its agent and the operator; the droplet (its image filled with random
+        bytes before the guest first boots) lands on a, the only host; then host b joins.
+        Returns (a, b) once both are Ready and the droplet is placed (and running if on)."""
+        a = self.host("a")
+        self.start_operator()
+        self.wait_hosts_ready()
+        if fill:
+            fill_file(self.layout(a, name).disk, DISK_BYTES)
+        self.droplet(name, size=SIZE, power=power)
+        wait_until(lambda: (self.get("droplet", name).get("status") or {}).get("host") == a, 30,
+                   what=f"{name} placed on {a}")
+        b = self.host("b")  # joins while the guest boots
+        want = "Running" if power == "on" else "Stopped"
+        wait_until(lambda: self.agent_vms(a).get(name) == want, 60, what=f"{name} {want} on {a}")
+        self.wait_hosts_ready()
+        if power == "on":
+            serial = self.layout(a, name).serial
+            wait_until(lambda: last_counter(serial) >= 3, BOOT_TIMEOUT, what="the guest to boot and count")
+        return a, b
+
+    def keeps_counting(self, host: str, droplet: str, more: int = 5, timeout: float = 30) -> None:
+        serial = self.layout(host, droplet).serial
+        start = last_counter(serial)
+        wait_until(lambda: last_counter(serial) >= start + more, timeout,
+                   what=f"{droplet} to count past {start + more} on {host}")
+
+    def assert_runs_alone(self, host: str, droplet: str,
+                          migration: tuple[str | None, ...] = (None, "cancelled", "failed")) -> None:
+        """The droplet's QEMU on ``host`` runs its guest with no migration left attached:
+        no block job, no NBD client node, no NBD export, no migration in flight."""
+        st = monitor_state(self.layout(host, droplet).qmp_aux)
+        assert st["status"] == "running", st
+        assert st["jobs"] == [] and st["ferry_nodes"] == [] and st["exports"] == [], st
+        assert st["migration"] in migration, st
+
+    def assert_gone(self, host: str, droplet: str, pid: int | None) -> None:
+        """No VM, no image, no QEMU of ``droplet`` left on ``host``."""
+        layout = self.layout(host, droplet)
+        wait_until(lambda: not layout.root.exists() and droplet not in self.agent_vms(host), 30,
+                   what=f"{droplet}'s VM and image removed from {host}")
+        if pid is not None:
+            assert not process.is_ours(pid, layout), f"QEMU {pid} of {droplet} still runs on {host}"
+
+    def record(self, droplet: str) -> tuple[str | None, str | None]:
+        d = self.get("droplet", droplet)
+        return (d.get("status") or {}).get("host"), (d["metadata"].get("labels") or {}).get("ferry.dev/host")
+
+    def close(self) -> None:
+        for p in [self.operator, self.metadata, *self.agents.values()]:
+            if p is not None:
+                p.stop()
+        # QEMU is daemonized: it outlives its agent, so it is stopped here by its pid file
+        for d in self.dirs.values():
+            for vm in sorted((pathlib.Path(d) / "vms").glob("*")):
+                layout = VMLayout(vm.resolve())
+                pid = process.read_pid(layout)
+                if pid is not None:
+                    process.kill(pid, layout)
+            shutil.rmtree(d, ignore_errors=True)
+        super().close()
+
+
+@pytest.fixture
+def stack(ferry_process, kubectl, namespace, guest):
+    s = QemuStack(ferry_process, kubectl, namespace, guest)
+    yield s
+    s.close()
+
+
+def test_live_migration_moves_the_running_guest(stack: QemuStack) -> None:
+    a, b = stack.place_on_first_host("web")
+    src_layout, dst_layout = stack.layout(a, "web"), stack.layout(b, "web")
+    stack.migrate("web", limits={"bandwidthMiBps": 16})  # a window of seconds to hold the operator in
+
+    # Hold the operator (SIGSTOP) once the copy has started: it cannot flip the record, so
+    # the target cannot resume and the source cannot be destroyed. Both VMs then sit
+    # paused at the switchover and their images can be compared byte for byte.
+    stack.wait_phase("move", "PreCopy", timeout=60)
+    os.kill(stack.operator.proc.pid, signal.SIGSTOP)
+    try:
+        assert stack.lm()["phase"] == "PreCopy", "the copy finished before the operator was held"
+        st = wait_until(lambda: ((s := stack.lm()).get("transfer") or {}).get("state") == "Completed"
+                        and (s.get("target") or {}).get("state") == "Received" and s, 90, interval=0.2,
+                        what="source Completed and target Received")
+        assert st["phase"] == "PreCopy"
+        assert stack.record("web") == (a, a)
+        src_mon, dst_mon = monitor_state(src_layout.qmp_aux), monitor_state(dst_layout.qmp_aux)
+        assert src_mon["status"] == "postmigrate" and dst_mon["status"] == "paused", (src_mon, dst_mon)
+        image = sha256_file(src_layout.disk)
+        assert sha256_file(dst_layout.disk) == image, "the disks differ at the switchover"
+        assert st["transfer"]["digest"] == st["target"]["digest"] == "sha256:" + image
+        source_console = serial_text(src_layout.serial)  # final: the source never runs again
+        frozen = last_counter(src_layout.serial)
+        assert frozen >= 3
+    finally:
+        os.kill(stack.operator.proc.pid, signal.SIGCONT)
+
+    st = stack.wait_phase("move", "Completed", timeout=60)
+    assert st["sourceHost"] == a and st["targetHost"] == b
+    assert st["transfer"]["digest"] == st["target"]["digest"] == "sha256:" + image
+    assert st["target"]["state"] == "Running" and st["progress"] == 100
+    assert st["transfer"]["downtimeMs"] is not None and st["transfer"]["bytesSent"] > DISK_BYTES
+    assert stack.record("web") == (b, b)
+
+    # the same guest counts on at the target: no gap, no repeat, no second boot
+    wait_until(lambda: len(counters(dst_layout.serial)) >= 10, 30, what="the target to count")
+    target_console = serial_text(dst_layout.serial)
+    assert BOOT_BANNER not in target_console
+    assert counters(target_console)[0] in (frozen + 1, frozen + 2), (frozen, counters(target_console)[:3])
+    seen = counters(source_console + target_console)
+    assert seen == list(range(1, len(seen) + 1)), seen
+    assert BOOT_BANNER in source_console  # the one boot, on the source
+
+    # exactly one host has it: the target runs it, the source copy is gone
+    wait_until(lambda: stack.agent_vms(b).get("web") == "Running", 20, what="target reports Running")
+    stack.assert_gone(a, "web", None)
+    assert stack.qemu_pid(b, "web") is not None
+    stack.assert_runs_alone(b, "web", migration=("completed",))  # the incoming one, finished
+
+
+def test_cancel_mid_mirror_keeps_the_guest_on_its_source(stack: QemuStack) -> None:
+    a, b = stack.place_on_first_host("web")
+    stack.migrate("web", limits={"bandwidthMiBps": 2})
+    # mid-mirror: disk bytes moving, memory not started yet
+    st = wait_until(lambda: (s := stack.lm()).get("phase") == "PreCopy"
+                    and (t := s.get("transfer") or {}).get("disk", {}).get("sent", 0) > 0
+                    and t.get("memory", {}).get("total", 0) == 0 and s, 60, interval=0.1,
+                    what="the disk mirror under way")
+    assert st["transfer"]["disk"]["remaining"] > 0
+    target_pid = stack.qemu_pid(b, "web")
+    assert target_pid is not None and stack.agent_vms(b).get("web") == "Incoming"
+
+    stack.kubectl("patch", "lm", "move", "-n", stack.ns, "--type=merge", "-p", json.dumps({"spec": {"cancel": True}}))
+    st = stack.wait_phase("move", "Cancelled", timeout=60)
+    assert "keeps running" in st["message"]
+    assert [x["result"] for x in st["attempts"]] == ["Cancelled"]
+    assert stack.record("web") == (a, a)
+
+    # the source runs on, alone, with the same guest; the target's VM and image are gone
+    aborted = wait_until(lambda: (t := stack.lm().get("transfer") or {}).get("state") == "Aborted" and t, 20,
+                         what="the source to report the copy aborted")
+    assert aborted["disk"]["remaining"] > 0 and aborted["memory"]["sent"] == 0, aborted  # it was mid-mirror
+    stack.assert_runs_alone(a, "web")
+    stack.keeps_counting(a, "web")
+    assert serial_text(stack.layout(a, "web").serial).count(BOOT_BANNER) == 1
+    assert stack.agent_vms(a).get("web") == "Running"
+    stack.assert_gone(b, "web", target_pid)
+
+
+def test_killed_target_fails_the_migration_and_the_source_runs_on(stack: QemuStack) -> None:
+    a, b = stack.place_on_first_host("web")
+    stack.migrate("web", limits={"bandwidthMiBps": 2, "maxAttempts": 1})
+    wait_until(lambda: (s := stack.lm()).get("phase") == "PreCopy"
+               and (s.get("transfer") or {}).get("disk", {}).get("sent", 0) > 0, 60, interval=0.1,
+               what="the copy under way")
+    target_pid = stack.qemu_pid(b, "web")
+    assert target_pid is not None
+    os.kill(target_pid, signal.SIGKILL)
+
+    st = stack.wait_phase("move", "Failed", timeout=60)
+    assert st["reason"] == "AttemptsExhausted"
+    assert [x["result"] for x in st["attempts"]] == ["Failed"]
+    reason = st["failureReason"]
+    # the target's own report wins: its agent sees QEMU's monitor close at once, the source's
+    # mirror notices the dead NBD peer ~0.8 s later
+    assert f"TargetFailed: target host {b} failed: target QEMU exited" in reason, reason
+    assert "target QEMU exited" in (st["target"].get("error") or ""), st["target"]
+    assert "keeps running on " + a in reason
+    assert stack.record("web") == (a, a)
+
+    stack.assert_runs_alone(a, "web")
+    stack.keeps_counting(a, "web")
+    assert serial_text(stack.layout(a, "web").serial).count(BOOT_BANNER) == 1
+    assert stack.agent_vms(a).get("web") == "Running"
+    conds = {c["type"]: c["status"] for c in stack.get("droplet", "web")["status"].get("conditions", [])}
+    assert conds.get("OfflineMigrationNeeded") == "True"
+    stack.assert_gone(b, "web", target_pid)
+
+
+def test_offline_migration_of_a_stopped_droplet(stack: QemuStack) -> None:
+    a, b = stack.place_on_first_host("db", power="off", fill=False)
+    src_layout = stack.layout(a, "db")
+    assert stack.qemu_pid(a, "db") is None  # powered off: an image, no process
+    fill_file(src_layout.disk)  # what the droplet wrote before it was powered off
+    image = sha256_file(src_layout.disk)
+    assert src_layout.disk.stat().st_size == DISK_BYTES
+
+    stack.migrate("db")
+    st = stack.wait_phase("move", "Completed", timeout=90)
+    assert st["effectiveMode"] == "offline"
+    assert st["sourceHost"] == a and st["targetHost"] == b
+    assert st["transfer"]["digest"] == st["target"]["digest"] == "sha256:" + image
+    assert stack.record("db") == (b, b)
+
+    dst_layout = stack.layout(b, "db")
+    wait_until(lambda: stack.agent_vms(b).get("db") == "Stopped", 20, what="db Stopped on the target")
+    assert stack.qemu_pid(b, "db") is None  # still powered off
+    assert sha256_file(dst_layout.disk) == image
+    assert BOOT_BANNER not in serial_text(dst_layout.serial)  # the guest never ran
+    stack.assert_gone(a, "db", None)
