@@ -78,7 +78,8 @@ cmd_demo() {
   kubectl get droplets
   log "migrating web-1 (the droplet is told first: notice ${FERRY_NOTICE_SECONDS:-5}s)"
   local rc=0
-  "${FERRY}" migrate web-1 --wait || rc=$?
+  # A bandwidth limit so the copy takes long enough to watch (and the guest's writes make it throttle).
+  "${FERRY}" migrate web-1 --wait --bandwidth "${FERRY_DEMO_BANDWIDTH_MIBPS:-2}" || rc=$?
   kubectl get droplets
   kubectl get livemigrations
   echo

@@ -156,6 +156,13 @@ def main() -> None:
     args = ap.parse_args()
 
     kubeconfig, teardown = cluster()
+    try:
+        run(args, kubeconfig)
+    finally:
+        teardown()
+
+
+def run(args: argparse.Namespace, kubeconfig: str) -> None:
     os.environ.update({"KUBECONFIG": kubeconfig, "FERRY_NOTICE_SECONDS": "0", "FERRY_METRICS_PORT": "0",
                        "FERRY_MAX_PARALLEL": str(args.parallel), "FERRY_MAX_OUTBOUND_PER_HOST": str(args.parallel),
                        "FERRY_MAX_INBOUND_PER_HOST": str(args.parallel), "FERRY_HEARTBEAT_TIMEOUT_SECONDS": "30"})
@@ -245,7 +252,6 @@ def main() -> None:
     kube.delete("LiveMigration", "x", ns)
     for h in hosts:
         kube.delete("Host", h)
-    teardown()
 
 
 if __name__ == "__main__":

@@ -204,6 +204,9 @@ async def _reconcile_once(cx: Context, key: Key, logger: logging.Logger) -> bool
         log.info("migration %s/%s: %s -> %s (%s)", *key, obs.status.phase, decision.new_status.phase,
                  decision.new_status.message)
         _count(cx, obs, decision)
+        from ferry.controller.droplets import reconcile_droplet
+
+        await reconcile_droplet(cx, (key[0], obs.spec.droplet), logger)  # its phase follows at once
     return True
 
 

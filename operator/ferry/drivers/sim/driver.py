@@ -1,0 +1,415 @@
+"""``SimDriver``: runs each droplet as its own sim VM process (``ferry.drivers.sim.vm``).
+
+State lives in ``<data_dir>/vms/<ns>__<name>/``: ``vm.json`` (spec and sizes), ``disk.img``
+(sparse, 64 KiB blocks), ``mem.img`` (4 KiB pages), ``control.sock``, ``pid``, ``log``,
+and ``writes.log`` when ``write_log`` is on. VM processes are started detached (own
+session), so they outlive the agent; ``list_vms()`` re-attaches by scanning the
+directory (pid alive and the control socket answers).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+from ferry.drivers.base import (
+    DriverError,
+    MigrationOptions,
+    MigrationState,
+    MigrationStats,
+    RoundStats,
+    TransferCounters,
+    VMInfo,
+    VMKey,
+    VMSpec,
+    VMState,
+)
+from ferry.drivers.sim import control
+from ferry.drivers.sim.image import image_sizes
+from ferry.drivers.sim.layout import LOG_FILE, MIGRATION_FILE, PID_FILE, SOCKET_FILE, SPEC_FILE
+
+_STATUS_TO_STATE = {
+    "running": VMState.RUNNING,
+    "paused": VMState.PAUSED,
+    "finish-migrate": VMState.PAUSED,
+    "postmigrate": VMState.PAUSED,
+    "stopped": VMState.STOPPED,
+    "inmigrate": VMState.INCOMING,
+}
+
+
+def stats_from_dict(d: dict) -> MigrationStats:
+    """query-migrate's answer -> MigrationStats."""
+
+    def counters(x) -> TransferCounters:
+        x = x or {}
+        return TransferCounters(total=int(x.get("total", 0)), sent=int(x.get("sent", 0)), remaining=int(x.get("remaining", 0)))
+
+    try:
+        state = MigrationState(d.get("state") or "None")
+    except ValueError:
+        state = MigrationState.FAILED
+    return MigrationStats(
+        migration_id=d.get("migration_id"),
+        state=state,
+        round=int(d.get("round") or 0),
+        disk=counters(d.get("disk")),
+        memory=counters(d.get("memory")),
+        dirty_rate_bps=int(d.get("dirty_rate_bps") or 0),
+        bandwidth_bps=int(d.get("bandwidth_bps") or 0),
+        throttle_percent=int(d.get("throttle_percent") or 0),
+        max_throttle_percent=int(d.get("max_throttle_percent") or 0),
+        throttled_ms=int(d.get("throttled_ms") or 0),
+        expected_downtime_ms=int(d.get("expected_downtime_ms") or 0),
+        eta_seconds=d.get("eta_seconds"),
+        rounds=[RoundStats(round=r["round"], bytes=r["bytes"], dirty_bytes=r["dirty_bytes"], ms=r["ms"]) for r in d.get("rounds") or []],
+        downtime_ms=d.get("downtime_ms"),
+        digest=d.get("digest"),
+        error=d.get("error"),
+    )
+
+
+def _pid_alive(pid: int, vm_dir: str) -> bool:
+    """True if ``pid`` is a live (not zombie) sim VM process for ``vm_dir``."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+        if stat[stat.rindex(b")") + 2 : stat.rindex(b")") + 3] in (b"Z", b"X"):
+            return False
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            cmdline = f.read().split(b"\0")
+    except (OSError, ValueError):
+        return False
+    return b"ferry.drivers.sim.vm" in cmdline and os.fsencode(vm_dir) in cmdline
+
+
+class SimDriver:
+    name = "sim"
+
+    def __init__(self, data_dir: str, size_scale: float = 1.0, write_log: bool = False, *,
+                 python: str | None = None, start_timeout: float = 15.0):
+        if size_scale <= 0:
+            raise ValueError("size_scale must be > 0")
+        self.data_dir = os.path.realpath(data_dir)
+        self.vms_dir = os.path.join(self.data_dir, "vms")
+        self.size_scale = size_scale
+        self.write_log = write_log
+        self.python = python or sys.executable
+        self.start_timeout = start_timeout
+        self._children: dict[int, subprocess.Popen] = {}
+        os.makedirs(self.vms_dir, exist_ok=True)
+
+    # --- paths and processes -------------------------------------------------------
+
+    def vm_dir(self, key: VMKey) -> str:
+        return os.path.join(self.vms_dir, key.dirname)
+
+    def _sock(self, key: VMKey) -> str:
+        return os.path.join(self.vm_dir(key), SOCKET_FILE)
+
+    def _reap(self) -> None:
+        for pid, p in list(self._children.items()):
+            if p.poll() is not None:
+                del self._children[pid]
+
+    def _pid(self, key: VMKey) -> int | None:
+        self._reap()
+        try:
+            with open(os.path.join(self.vm_dir(key), PID_FILE)) as f:
+                pid = int(f.read().strip())
+        except (OSError, ValueError):
+            return None
+        return pid if _pid_alive(pid, self.vm_dir(key)) else None
+
+    def execute(self, key: VMKey, command: str, arguments: dict | None = None, timeout: float = 30.0) -> dict:
+        """Send one control command to the VM process (raw QMP-like access)."""
+        try:
+            return control.execute(self._sock(key), command, arguments, timeout=timeout)
+        except control.ControlError as e:
+            raise DriverError(f"{key}: {command}: {e.desc}") from None
+        except control.ControlUnavailable as e:
+            raise DriverError(f"{key}: VM process not reachable: {e}") from None
+
+    def _status(self, key: VMKey) -> dict | None:
+        """query-status of a live VM process; None if there is none. A live process that
+        does not answer raises (it must never be mistaken for a stopped VM)."""
+        pid = self._pid(key)
+        if pid is None:
+            return None
+        last = None
+        for timeout in (5.0, 15.0):
+            try:
+                return control.execute(self._sock(key), "query-status", timeout=timeout)
+            except (control.ControlUnavailable, control.ControlError, ValueError) as e:
+                last = e
+                if self._pid(key) is None:
+                    return None  # it just exited
+        raise DriverError(f"{key}: VM process {pid} is alive but its control socket does not answer: {last}")
+
+    def _write_spec(self, spec: VMSpec, incoming: bool = False) -> dict:
+        disk_bytes, memory_bytes = image_sizes(spec.memory_mib, spec.disk_gib, self.size_scale)
+        data = {
+            "key": {"namespace": spec.key.namespace, "name": spec.key.name},
+            "cpu": spec.cpu,
+            "memory_mib": spec.memory_mib,
+            "disk_gib": spec.disk_gib,
+            "size_scale": self.size_scale,
+            "disk_bytes": disk_bytes,
+            "memory_bytes": memory_bytes,
+            "workload": {"pattern": spec.workload.pattern, "write_rate_kibps": spec.workload.write_rate_kibps},
+            "power_on": spec.power_on,
+            "write_log": self.write_log,
+            # a target not resumed yet: its images are partial or unconfirmed and must
+            # never run as the droplet (cleared by the VM process on `cont`)
+            "incoming_pending": incoming,
+        }
+        d = self.vm_dir(spec.key)
+        os.makedirs(d, exist_ok=True)
+        tmp = os.path.join(d, SPEC_FILE + ".tmp")
+        with open(tmp, "w") as f:
+            json.dump(data, f, indent=1)
+        os.replace(tmp, os.path.join(d, SPEC_FILE))
+        return data
+
+    def _spawn(self, key: VMKey, *flags: str) -> int:
+        d = self.vm_dir(key)
+        for stale in (SOCKET_FILE, PID_FILE):
+            try:
+                os.unlink(os.path.join(d, stale))
+            except FileNotFoundError:
+                pass
+        with open(os.path.join(d, LOG_FILE), "ab") as logf:
+            proc = subprocess.Popen(
+                [self.python, "-m", "ferry.drivers.sim.vm", "--dir", d, *flags],
+                stdin=subprocess.DEVNULL,
+                stdout=logf,
+                stderr=subprocess.STDOUT,
+                close_fds=True,
+                start_new_session=True,
+                cwd=d,
+                env=self._child_env(),
+            )
+        self._children[proc.pid] = proc
+        deadline = time.monotonic() + self.start_timeout
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise DriverError(f"{key}: VM process exited at start (code {proc.returncode}): {self._log_tail(key)}")
+            try:
+                control.execute(self._sock(key), "query-status", timeout=2.0)
+                return proc.pid
+            except (control.ControlUnavailable, ValueError):
+                time.sleep(0.02)
+        self._kill(proc.pid)
+        raise DriverError(f"{key}: VM process did not answer within {self.start_timeout}s")
+
+    def _log_tail(self, key: VMKey, size: int = 600) -> str:
+        try:
+            with open(os.path.join(self.vm_dir(key), LOG_FILE), "rb") as f:
+                f.seek(max(0, os.fstat(f.fileno()).st_size - size))
+                return f.read().decode(errors="replace").strip().replace("\n", " | ")
+        except OSError as e:
+            return f"(no log: {e})"
+
+    @staticmethod
+    def _child_env() -> dict:
+        env = dict(os.environ)
+        # make the package importable in the child even when run from a source tree
+        pkg_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+        env["PYTHONPATH"] = pkg_root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+        return env
+
+    def _kill(self, pid: int, timeout: float = 5.0) -> None:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        p = self._children.pop(pid, None)
+        if p is not None:
+            try:
+                p.wait(timeout)
+            except subprocess.TimeoutExpired:
+                pass
+
+    def _quit(self, key: VMKey, timeout: float = 10.0) -> None:
+        pid = self._pid(key)
+        if pid is None:
+            return
+        try:
+            control.execute(self._sock(key), "quit", timeout=5.0)
+        except (control.ControlUnavailable, control.ControlError, ValueError):
+            try:
+                os.kill(pid, signal.SIGTERM)  # the VM process quits cleanly on SIGTERM too
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            p = self._children.get(pid)
+            if p is not None:
+                try:
+                    p.wait(0.05)
+                except subprocess.TimeoutExpired:
+                    pass
+            if not _pid_alive(pid, self.vm_dir(key)):
+                self._reap()
+                return
+            time.sleep(0.02)
+        self._kill(pid)
+
+    def _incoming_pending(self, key: VMKey) -> bool:
+        try:
+            with open(os.path.join(self.vm_dir(key), SPEC_FILE)) as f:
+                return bool(json.load(f).get("incoming_pending"))
+        except (OSError, ValueError):
+            return False
+
+    def _info(self, key: VMKey, status: dict | None) -> VMInfo:
+        if status is None:
+            state = VMState.INCOMING if self._incoming_pending(key) else VMState.STOPPED
+            return VMInfo(key=key, state=state)
+        return VMInfo(
+            key=key,
+            state=_STATUS_TO_STATE.get(status.get("status"), VMState.PAUSED),
+            pid=status.get("pid"),
+            migration_id=status.get("migration_id"),
+        )
+
+    # --- Driver protocol ----------------------------------------------------------
+
+    def list_vms(self) -> list[VMInfo]:
+        out = []
+        try:
+            names = sorted(os.listdir(self.vms_dir))
+        except FileNotFoundError:
+            return out
+        for name in names:
+            spec_path = os.path.join(self.vms_dir, name, SPEC_FILE)
+            try:
+                with open(spec_path) as f:
+                    k = json.load(f)["key"]
+                key = VMKey(k["namespace"], k["name"])
+            except (OSError, ValueError, KeyError, TypeError):
+                continue
+            try:
+                out.append(self._info(key, self._status(key)))
+            except DriverError:
+                # alive but not answering: it exists; never report it as stopped
+                out.append(VMInfo(key=key, state=VMState.PAUSED, pid=self._pid(key)))
+        return out
+
+    def start(self, spec: VMSpec) -> VMInfo:
+        status = self._status(spec.key)
+        if status is not None:
+            return self._info(spec.key, status)
+        if self._incoming_pending(spec.key):
+            raise DriverError(f"{spec.key}: holds an unfinished incoming migration; destroy it first")
+        self._write_spec(spec)
+        if not spec.power_on:
+            return VMInfo(key=spec.key, state=VMState.STOPPED)
+        self._spawn(spec.key)
+        return self._info(spec.key, self._status(spec.key))
+
+    def stop(self, key: VMKey) -> None:
+        self._quit(key)
+
+    def destroy(self, key: VMKey) -> None:
+        try:
+            self._quit(key)
+        except DriverError:
+            pass
+        pid = self._pid(key)
+        if pid is not None:
+            self._kill(pid)
+        shutil.rmtree(self.vm_dir(key), ignore_errors=True)
+
+    def prepare_incoming(self, spec: VMSpec, bind_host: str, secret: bytes, migration_id: str) -> str:
+        status = self._status(spec.key)
+        if status is not None:
+            if status.get("status") == "inmigrate" and status.get("migration_id") == migration_id \
+                    and status.get("migration_state") not in ("Failed", "Aborted"):
+                st = self.execute(spec.key, "query-migrate")
+                if st.get("address"):
+                    return st["address"]
+            if status.get("status") != "inmigrate":
+                raise DriverError(f"{spec.key}: a VM of that name runs here ({status.get('status')})")
+            self.destroy(spec.key)  # an incoming VM of another attempt
+        elif self._pid(spec.key) is not None:
+            raise DriverError(f"{spec.key}: a VM process of that name exists here but does not answer")
+        elif os.path.exists(os.path.join(self.vm_dir(spec.key), SPEC_FILE)):
+            if not self._incoming_pending(spec.key):
+                raise DriverError(f"{spec.key}: a stopped VM of that name has its images here; not overwriting them")
+            shutil.rmtree(self.vm_dir(spec.key), ignore_errors=True)  # partial images of an earlier attempt
+        self._write_spec(spec, incoming=True)
+        self._spawn(spec.key, "--incoming")
+        host = bind_host or "127.0.0.1"
+        listen = f"[{host}]:0" if ":" in host else f"{host}:0"
+        ret = self.execute(spec.key, "migrate-incoming", {"listen": listen, "secret": bytes(secret).hex(), "id": migration_id})
+        return ret["uri"] if ":" not in host else f"[{host}]:{ret['uri'].rpartition(':')[2]}"
+
+    def start_migration(self, key: VMKey, target: str, secret: bytes, migration_id: str, options: MigrationOptions) -> None:
+        if self._status(key) is None:
+            if not options.offline:
+                raise DriverError(f"{key}: VM is not running; only an offline migration can copy it")
+            if not os.path.exists(os.path.join(self.vm_dir(key), SPEC_FILE)):
+                raise DriverError(f"{key}: no such VM")
+            if self._incoming_pending(key):
+                raise DriverError(f"{key}: an unfinished incoming VM cannot migrate")
+            self._spawn(key, "--stopped")
+        self.execute(
+            key,
+            "migrate",
+            {
+                "uri": target,
+                "secret": bytes(secret).hex(),
+                "id": migration_id,
+                "downtime_ms": options.downtime_budget_ms,
+                "bandwidth_bps": options.bandwidth_bps,
+                "offline": options.offline,
+            },
+        )
+
+    def query_migration(self, key: VMKey) -> MigrationStats:
+        if self._status(key) is not None:
+            return stats_from_dict(self.execute(key, "query-migrate"))
+        try:
+            with open(os.path.join(self.vm_dir(key), MIGRATION_FILE)) as f:
+                return stats_from_dict(json.load(f))
+        except (OSError, ValueError):
+            return MigrationStats()
+
+    def cancel_migration(self, key: VMKey) -> None:
+        if self._status(key) is None:
+            return
+        self.execute(key, "migrate_cancel", timeout=30.0)
+
+    def resume(self, key: VMKey) -> None:
+        self.execute(key, "cont")
+
+    # --- extras (tests, CLI) ------------------------------------------------------------
+
+    def set_workload(self, key: VMKey, pattern: str | None = None, write_rate_kibps: float | None = None) -> dict:
+        args = {}
+        if pattern is not None:
+            args["pattern"] = pattern
+        if write_rate_kibps is not None:
+            args["write_rate_kibps"] = write_rate_kibps
+        return self.execute(key, "set-workload", args)
+
+    def pause(self, key: VMKey) -> None:
+        self.execute(key, "stop")
+
+    def digest(self, key: VMKey) -> str:
+        """Digest of the VM's images by re-reading them (pause the guest for a stable answer)."""
+        return self.execute(key, "query-digest", timeout=120.0)["digest"]
+
+    def status(self, key: VMKey) -> dict | None:
+        """The VM's query-status answer, or None if no process answers."""
+        return self._status(key)
+
+    def stats_dict(self, key: VMKey) -> dict:
+        return dataclasses.asdict(self.query_migration(key))
