@@ -1,6 +1,5 @@
 """Frames of the data channel: headers, checksums, data/zero/control frames."""
 
-import hashlib
 import socket
 import struct
 import zlib
@@ -8,6 +7,7 @@ import zlib
 import pytest
 
 from ferry.transfer import framing
+from ferry.transfer.digest import block_hash
 from ferry.transfer.framing import ChecksumError, FrameError, Kind
 
 
@@ -66,7 +66,8 @@ def test_zero_frame():
 def test_data_frame_layout_and_count():
     bs = 4096
     blocks = [bytes([i + 1]) * bs for i in range(3)]
-    hl = b"".join(hashlib.sha256(b).digest() for b in blocks)
+    hl = b"".join(block_hash(b) for b in blocks)
+    assert len(hl) == 3 * framing.HASH_SIZE
     head = framing.data_header(Kind.MEMORY, 40, hl, 3 * bs)
     kind, _, length, index, check = framing.decode_header(head)
     assert kind is Kind.MEMORY and index == 40
@@ -120,3 +121,18 @@ def test_recv_exact_reports_eof():
     with pytest.raises(framing.ConnectionClosed):
         framing.recv_exact(b, 10)
     b.close()
+
+
+def test_block_hashes_and_first_mismatch():
+    from ferry.transfer.digest import HASH_SIZE, block_hashes, first_mismatch, zero_hash
+
+    bs = 4096
+    data = bytearray(b"".join(bytes([i + 1]) * bs for i in range(5)))
+    hl = block_hashes(data, bs)
+    assert len(hl) == 5 * HASH_SIZE
+    assert hl == b"".join(block_hash(data[k * bs : (k + 1) * bs]) for k in range(5))
+    assert block_hashes(bytes(2 * bs), bs) == zero_hash(bs) * 2
+    assert first_mismatch(data, bs, hl) is None
+    data[3 * bs + 100] ^= 1  # one flipped bit in block 3
+    assert first_mismatch(data, bs, hl) == 3
+    assert first_mismatch(data, bs, hl[:HASH_SIZE] + bytes(HASH_SIZE) + hl[2 * HASH_SIZE :]) == 1

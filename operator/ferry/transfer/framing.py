@@ -12,8 +12,8 @@ Every frame starts with a fixed 24-byte header::
     hcrc    u32  crc32 of the 20 header bytes before it
 
 Data frames (``DISK``/``MEMORY``) carry ``n`` contiguous blocks starting at ``index``:
-the payload is ``n`` SHA-256 block hashes followed by the ``n`` blocks themselves, so
-``length == n * (32 + block_size)``. ``check`` covers the hash list; each block is then
+the payload is ``n`` block hashes (``ferry.transfer.digest``: XXH3-128, 16 bytes each)
+followed by the ``n`` blocks themselves, so ``length == n * (16 + block_size)``. ``check`` covers the hash list; each block is then
 checked against its own hash, which is also what the receiver keeps for its digest.
 ``ZERO_*`` frames say "these ``n`` blocks are all zero" (payload: u32 ``n``). Control
 frames (INFO, ROUND, DONE, VERDICT, ERROR, ABORT) carry a small JSON object and ``check``
@@ -31,10 +31,11 @@ import socket
 import struct
 import zlib
 
+from ferry.transfer.digest import HASH_SIZE
+
 MAGIC = b"FY"
 HEADER = struct.Struct("!2sBBIQI")  # everything but the header crc
 HEADER_SIZE = HEADER.size + 4  # 24
-HASH_SIZE = 32
 MAX_CONTROL_PAYLOAD = 1 << 20
 MAX_DATA_PAYLOAD = 64 << 20
 

@@ -33,7 +33,7 @@ from typing import Protocol
 
 from ferry.transfer import auth, framing
 from ferry.transfer.bitmap import DirtyBitmap, extents, popcount, split_extents
-from ferry.transfer.digest import HASH_NAME, BlockHashes, block_hash, combine, zero_hash
+from ferry.transfer.digest import HASH_NAME, BlockHashes, block_hashes, combine, first_mismatch, zero_hash
 from ferry.transfer.framing import HASH_SIZE, Kind
 from ferry.transfer.policy import Action, KindSample, PolicyConfig, PolicyInput, decide, expected_downtime_ms
 from ferry.transfer.ratelimit import TokenBucket
@@ -501,23 +501,28 @@ class SourceEngine:
         n = os.preadv(dev.fd, [mv], first * bs)
         if n < nbytes:
             mv[n:] = bytes(nbytes - n)
-        bh = block_hash
-        hashes = [bh(mv[o : o + bs]) for o in range(0, nbytes, bs)]
+        hashes = block_hashes(mv, bs)  # one pass over the extent, one bytes object
         zh = zero_hash(bs)
+        if zh in hashes:  # some all-zero blocks: split into runs of zero / data blocks
+            zero = [hashes[k * HASH_SIZE : (k + 1) * HASH_SIZE] == zh for k in range(count)]
+            runs, i = [], 0
+            while i < count:
+                j = i + 1
+                while j < count and zero[j] == zero[i]:
+                    j += 1
+                runs.append((i, j, zero[i]))
+                i = j
+        else:
+            runs = [(0, count, False)]
         table = self._hashes[name]
         prog = self._progress[name]
-        i = 0
-        while i < count:
-            zero = hashes[i] == zh
-            j = i + 1
-            while j < count and (hashes[j] == zh) == zero:
-                j += 1
+        for i, j, zero in runs:
             if zero:
                 table.set_zero(first + i, j - i)
                 if not skip_zero:
                     self._send(framing.zero_frame(kind_zero, first + i, j - i))
             else:
-                hl = b"".join(hashes[i:j])
+                hl = hashes[i * HASH_SIZE : j * HASH_SIZE] if (i, j) != (0, count) else hashes
                 data = mv[i * bs : j * bs]
                 self._data_frames += 1
                 if self.corrupt_data_frame is not None and self._data_frames >= self.corrupt_data_frame:
@@ -528,12 +533,12 @@ class SourceEngine:
                 length = (j - i) * bs
                 self._bucket.consume(length)
                 self._check()
+                # header, hash list and the data straight from the read buffer: one sendmsg
                 self._send_parts([framing.data_header(kind_data, first + i, hl, length), hl, data])
                 table.set_run(first + i, hl)
                 prog.sent += length
                 self._round_bytes += length
             prog.queued = max(0, prog.queued - (j - i) * bs)
-            i = j
 
     # --- I/O -------------------------------------------------------------------
 
@@ -680,6 +685,7 @@ class TargetEngine:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._buf = bytearray(RECV_CHUNK_BYTES)
+        self._hl_buf = bytearray(HASH_SIZE * 256)
         self.address: tuple[str, int] | None = None
         self.started_at = time.monotonic()
 
@@ -808,7 +814,6 @@ class TargetEngine:
         head = bytearray(framing.HEADER_SIZE)
         headv = memoryview(head)
         bufv = memoryview(self._buf)
-        bh = block_hash
         got_info = False
         while True:
             framing.recv_exact_into(conn, headv, stop)
@@ -822,9 +827,13 @@ class TargetEngine:
                 if index + count > dev.nblocks:
                     raise framing.FrameError(f"{name} frame out of range: blocks {index}+{count} > {dev.nblocks}")
                 hl_len = count * HASH_SIZE
-                hl = framing.recv_exact(conn, hl_len, stop)
-                if zlib.crc32(hl) != check:
+                if len(self._hl_buf) < hl_len:
+                    self._hl_buf = bytearray(hl_len)
+                hlv = memoryview(self._hl_buf)[:hl_len]
+                framing.recv_exact_into(conn, hlv, stop)
+                if zlib.crc32(hlv) != check:
                     raise framing.ChecksumError(f"checksum mismatch in {name} frame at block {index}")
+                hl = bytes(hlv)
                 # receive, verify and write in chunks that stay in the CPU cache
                 per = max(1, RECV_CHUNK_BYTES // bs)
                 if len(self._buf) < per * bs:
@@ -834,10 +843,9 @@ class TargetEngine:
                     n = min(per, count - c0)
                     data = bufv[: n * bs]
                     framing.recv_exact_into(conn, data, stop)
-                    for k in range(n):
-                        h = hl[(c0 + k) * HASH_SIZE : (c0 + k + 1) * HASH_SIZE]
-                        if bh(data[k * bs : (k + 1) * bs]) != h:
-                            raise framing.ChecksumError(f"checksum mismatch in {name} frame at block {index + c0 + k}")
+                    bad = first_mismatch(data, bs, hl[c0 * HASH_SIZE : (c0 + n) * HASH_SIZE])
+                    if bad is not None:
+                        raise framing.ChecksumError(f"checksum mismatch in {name} frame at block {index + c0 + bad}")
                     if os.pwritev(dev.fd, [data], (index + c0) * bs) != n * bs:
                         raise OSError(errno.EIO, f"short write to {name} image")
                 self._hashes[name].set_run(index, hl)
