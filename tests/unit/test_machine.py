@@ -91,7 +91,7 @@ def obs(phase: str | None = None, *, st: MigrationStatus | None = None, **kw) ->
         target_host_ready=True if phase in ("Preparing", "PreCopy", "CutOver") else None,
         secret_exists=phase in ("Preparing", "PreCopy", "CutOver"),
     )
-    if base["status"].phase == "Pending":
+    if base["status"].phase in ("Pending", "Announced"):
         base["admission"] = Admission(True, "Admitted")
     base.update(kw)
     return Observation(**base)
@@ -140,15 +140,15 @@ def test_spec_limits_override_defaults():
     "admission, reason",
     [
         (Admission(False, "DropletBusy", "droplet web-1 is being migrated by lm-0"), "DropletBusy"),
-        (Admission(False, "ConcurrencyLimitReached", "5 migrations in flight"), "ConcurrencyLimitReached"),
+        (Admission(False), "DropletBusy"),  # no reason given: the only gate in Pending
     ],
 )
-def test_pending_waits_when_not_admitted(admission, reason):
-    d = decide(obs("Pending", admission=admission), T0)
+def test_pending_waits_while_droplet_busy(admission, reason):
+    d = decide(obs("Pending", admission=admission, droplet=droplet(maintenance_since=None)), T0)
     assert d.phase == "Pending"
     assert d.new_status.reason == reason
-    assert d.new_status.message == admission.message
-    assert d.actions == ()
+    assert d.new_status.message == (admission.message or "waiting for another migration of the droplet")
+    assert d.actions == ()  # not announced
     assert d.requeue_after == CFG.poll_seconds
 
 
@@ -286,12 +286,58 @@ def test_announced_waits_for_schedule():
     assert d.phase == "Announced" and d.new_status.reason == "WaitingForSchedule"
 
 
-def test_announced_moves_to_scheduling_when_notice_over():
+def test_announced_moves_to_scheduling_when_notice_over_and_slot_admitted():
     d = decide(obs("Announced"), T0)
     assert d.phase == "Scheduling"
     assert d.new_status.phase_times["Scheduling"] == T0
+    assert "concurrency slot taken" in d.new_status.message
     assert non_events(d) == []
     assert d.requeue_after == 0
+
+
+def test_announced_without_slot_stays_announced_and_queued():
+    adm = Admission(False, "ConcurrencyLimitReached", "5 migrations in flight cluster-wide (limit 5)")
+    d = decide(obs("Announced", admission=adm), T0)
+    assert d.phase == "Announced"  # told, notice over, queued: not back to Pending
+    assert d.new_status.reason == "ConcurrencyLimitReached"
+    assert d.new_status.message == (
+        f"notice over at {m._fmt(ANNOUNCED_AT + sec(600))}; waiting for a concurrency slot: {adm.message}"
+    )
+    assert d.actions == ()  # the announcement stays up, nothing else happens
+    assert d.requeue_after == CFG.poll_seconds
+    assert d.new_status.announced_at == ANNOUNCED_AT and d.new_status.condition("Announced").status == "True"
+    # the slot frees up: on to Scheduling
+    d2 = decide(obs("Announced", st=d.new_status), T0 + sec(3))
+    assert d2.phase == "Scheduling"
+
+
+def test_announced_droplet_busy_waits_in_announced():
+    adm = Admission(False, "DropletBusy", "droplet default/web-1 is being migrated by default/lm-0; waiting")
+    d = decide(obs("Announced", admission=adm), T0)
+    assert d.phase == "Announced" and d.new_status.reason == "DropletBusy"
+    assert "waiting for its droplet" in d.new_status.message
+
+
+def test_announced_needs_admission_only_once_the_notice_is_over():
+    st = status("Announced", announced_at=T0 - sec(100), not_before=T0 + sec(500))
+    o = obs("Announced", st=st, droplet=droplet(maintenance_since=T0 - sec(100)), admission=None)
+    assert not m.needs_admission(o, T0, CFG)
+    assert m.needs_admission(o)  # without a clock: conservative
+    assert decide(o, T0).new_status.reason == "WaitingForNotice"  # does not read it
+    assert m.needs_admission(o, T0 + sec(500), CFG)
+    with pytest.raises(ValueError, match="admission"):
+        decide(o, T0 + sec(500))
+    # a longer notice in the config: still waiting, and needs_admission agrees
+    long = MachineConfig(notice_seconds=700)
+    assert not m.needs_admission(o, T0 + sec(500), long)
+    assert decide(o, T0 + sec(500), long).phase == "Announced"
+    # the annotation vanished: re-announced, no admission read
+    gone = dataclasses.replace(o, droplet=droplet(maintenance_since=None))
+    assert not m.needs_admission(gone, T0 + sec(9999), CFG)
+    assert decide(gone, T0 + sec(9999)).new_status.reason == "Reannounced"
+    for phase in (None, "Scheduling", "Preparing", "PreCopy", "CutOver", "Completed"):
+        assert not m.needs_admission(obs(phase), T0), phase
+    assert m.needs_admission(obs("Pending"), T0)
 
 
 def test_notice_is_exact_to_the_second():
@@ -758,31 +804,52 @@ def test_parsers():
 # ---------------------------------------------------------------- admission
 
 
-def ref(key, phase, age, droplet=None, src="h1", dst=None):
-    return m.MigrationRef(key, droplet or f"d-{key}", phase, T0 - sec(age), src, dst)
+def ref(key, phase, age, droplet=None, src="h1", dst=None, nb=None):
+    return m.MigrationRef(key, droplet or f"d-{key}", phase, T0 - sec(age), src, dst, nb)
 
 
-def test_admit_cluster_limit_oldest_first():
+def test_admit_announces_everything_whatever_the_limits():
+    lim = m.ConcurrencyLimits(max_parallel=1, max_outbound_per_host=1, max_inbound_per_host=1)
+    refs = [ref("busy", "PreCopy", 999, src="h1", dst="h9")] + [
+        ref(f"p{i}", "Pending" if i % 2 else None, 100 - i, src="h1", dst="h9") for i in range(20)
+    ]
+    v = m.admit(refs, lim, T0)
+    assert all(v[f"p{i}"] == Admission(True, "Admitted", "") for i in range(20))
+    assert "busy" not in v
+
+
+def test_admit_slot_cluster_limit_oldest_first():
     lim = m.ConcurrencyLimits(max_parallel=2, max_outbound_per_host=9, max_inbound_per_host=9)
-    refs = [ref("a", "PreCopy", 999, src="x"), ref("new", "Pending", 1, src="y"), ref("old", "Pending", 50, src="z"),
-            ref("mid", None, 10, src="w")]
+    refs = [ref("a", "PreCopy", 999, src="x"), ref("new", "Announced", 1, src="y"),
+            ref("old", "Announced", 50, src="z"), ref("mid", "Announced", 10, src="w")]
     v = m.admit(refs, lim)
     assert v["old"].admitted
     assert not v["mid"].admitted and v["mid"].reason == "ConcurrencyLimitReached"
-    assert "limit 2" in v["mid"].message
+    assert v["mid"].message == "2 migrations in flight cluster-wide (limit 2)"
     assert not v["new"].admitted
     assert "a" not in v
 
 
-def test_admit_per_host_limits_do_not_block_other_hosts():
+def test_admit_slot_only_once_the_notice_is_over():
+    lim = m.ConcurrencyLimits(max_parallel=1, max_outbound_per_host=9, max_inbound_per_host=9)
+    refs = [ref("told-early", "Announced", 100, nb=T0 + sec(60)), ref("no-nb", "Announced", 90),
+            ref("ready", "Announced", 10, nb=T0 - sec(1))]
+    v = m.admit(refs, lim, T0)
+    assert v == {"ready": Admission(True, "Admitted", "")}  # the older ones hold nothing yet
+    v = m.admit(refs, lim, T0 + sec(60))
+    assert v["told-early"].admitted and not v["ready"].admitted
+    assert set(m.admit(refs, lim)) == {"told-early", "no-nb", "ready"}  # no clock: all queued
+
+
+def test_admit_slot_per_host_limits_do_not_block_other_hosts():
     lim = m.ConcurrencyLimits(max_parallel=10, max_outbound_per_host=1, max_inbound_per_host=1)
-    refs = [ref("a", "Announced", 100, src="h1"), ref("b", "Pending", 50, src="h1"),
-            ref("c", "Pending", 40, src="h2", dst="h9"), ref("d", "Pending", 30, src="h3", dst="h9"),
-            ref("e", "Pending", 20, src="h4")]
+    refs = [ref("a", "Scheduling", 100, src="h1"), ref("b", "Announced", 50, src="h1"),
+            ref("c", "Announced", 40, src="h2", dst="h9"), ref("d", "Announced", 30, src="h3", dst="h9"),
+            ref("e", "Announced", 20, src="h4")]
     v = m.admit(refs, lim)
-    assert not v["b"].admitted and "source host h1" in v["b"].message
+    assert not v["b"].admitted and v["b"].message == "source host h1 already sends 1 migrations (limit 1)"
     assert v["c"].admitted
-    assert not v["d"].admitted and "target host h9" in v["d"].message
+    assert not v["d"].admitted and v["d"].message == "target host h9 already receives 1 migrations (limit 1)"
     assert v["e"].admitted
 
 
@@ -790,22 +857,39 @@ def test_admit_droplet_busy():
     lim = m.ConcurrencyLimits()
     refs = [ref("a", "PreCopy", 100, droplet="web", src="h1"), ref("b", "Pending", 50, droplet="web", src="h1"),
             ref("c", "Pending", 80, droplet="db", src="h2"), ref("d", "Pending", 60, droplet="db", src="h2"),
-            ref("e", "Completed", 500, droplet="api", src="h3"), ref("f", "Pending", 10, droplet="api", src="h3")]
-    v = m.admit(refs, lim)
+            ref("e", "Completed", 500, droplet="api", src="h3"), ref("f", "Pending", 10, droplet="api", src="h3"),
+            ref("g", "Announced", 5, droplet="mail", src="h4"), ref("h", None, 900, droplet="mail", src="h4")]
+    v = m.admit(refs, lim, T0)
     assert v["b"] == Admission(False, "DropletBusy", "droplet web is being migrated by a; waiting for it to finish")
     assert v["c"].admitted
     assert v["d"].reason == "DropletBusy"
     assert v["f"].admitted
+    # announced (not yet holding a slot) still owns its droplet, even against an older one
+    assert v["h"] == Admission(False, "DropletBusy", "droplet mail is being migrated by g; waiting for it to finish")
+
+
+def test_admit_two_announced_of_one_droplet_never_both_get_a_slot():
+    lim = m.ConcurrencyLimits()
+    refs = [ref("x", "Announced", 50, droplet="web"), ref("y", "Announced", 40, droplet="web"),
+            ref("z", "Announced", 30, droplet="db"), ref("r", "Scheduling", 60, droplet="db")]
+    v = m.admit(refs, lim)
+    assert v["x"].admitted
+    assert v["y"].reason == "DropletBusy" and "by x" in v["y"].message
+    assert v["z"].reason == "DropletBusy" and "by r" in v["z"].message
 
 
 def test_admit_counts_in_flight_phases_only():
     lim = m.ConcurrencyLimits(max_parallel=1)
-    for phase in ("Completed", "Failed", "Cancelled", "Pending"):
-        v = m.admit([ref("a", phase, 100, src="q"), ref("b", "Pending", 50)], lim)
-        assert v["b"].admitted == (phase != "Pending"), phase
+    assert m.IN_FLIGHT_PHASES == {"Scheduling", "Preparing", "PreCopy", "CutOver"}
+    assert m.OWNING_PHASES == m.IN_FLIGHT_PHASES | {"Announced"}
+    for phase in ("Completed", "Failed", "Cancelled", "Pending", None, "Announced"):
+        v = m.admit([ref("a", phase, 100, src="q", nb=T0 + sec(1)), ref("b", "Announced", 50, nb=T0)], lim, T0)
+        assert v["b"].admitted, phase
     for phase in m.IN_FLIGHT_PHASES:
-        v = m.admit([ref("a", phase, 100, src="q"), ref("b", "Pending", 50)], lim)
-        assert not v["b"].admitted, phase
+        v = m.admit([ref("a", phase, 100, src="q"), ref("b", "Announced", 50, nb=T0)], lim, T0)
+        assert not v["b"].admitted and v["b"].reason == "ConcurrencyLimitReached", phase
+        v = m.admit([ref("a", phase, 100, src="q"), ref("b", "Pending", 50)], lim, T0)
+        assert v["b"].admitted, phase  # announcing needs no slot
 
 
 def test_reservation_used_by_placement_ignores_own_droplet():

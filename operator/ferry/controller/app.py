@@ -74,7 +74,16 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: lo
     if (port := _metrics_port(cfg)) > 0:
         metrics.serve(port)
         logger.info("metrics on :%d/metrics", port)
-    memo["ferry"] = Context(settings=cfg, kube=kube, world=World(), metrics=metrics, lock=asyncio.Lock(),
+    world = World()
+    # Load the whole world before any handler decides: after a restart, a migration must never
+    # be judged against a world that has not seen its droplet or its hosts yet.
+    namespace = os.environ.get("FERRY_OPERATOR_NAMESPACE") or cfg.namespace or None
+    for kind in ("Host", "Droplet", "LiveMigration"):
+        items = await asyncio.to_thread(kube.list, kind, None if kind == "Host" else namespace)
+        for body in items:
+            body.setdefault("kind", kind)
+            world.observe(kind, None, body)
+    memo["ferry"] = Context(settings=cfg, kube=kube, world=world, metrics=metrics, lock=asyncio.Lock(),
                             object_locks={})
     logger.info("ferry operator starting: %s", cfg)
 
@@ -102,6 +111,8 @@ def run(*, kubeconfig: str | None, namespace: str | None, standalone: bool, peer
         os.environ["KUBECONFIG"] = kubeconfig
     if metrics_port is not None:
         os.environ["FERRY_OPERATOR_METRICS_PORT_OVERRIDE"] = str(metrics_port)
+    if namespace:
+        os.environ["FERRY_OPERATOR_NAMESPACE"] = namespace
     Settings.from_env()  # fail fast, in one line, on bad settings
     # Importing the handler modules registers them with kopf.
     from ferry.controller import droplets, hosts, migrations  # noqa: F401

@@ -26,11 +26,29 @@ applies them:
 * After the flip (phase CutOver/PreCopy and the droplet's record names ``targetHost``) cancel
   is ignored, once, with a Warning Event ``CancelTooLate``; the migration ends Completed when
   the target reports Running (Received for a powered-off droplet).
-* Pending: ``DropletBusy`` / ``ConcurrencyLimitReached`` come from :func:`admit` (computed by
-  the shell over all migrations) and keep the migration Pending.
+* Pending: the only gate is one migration per droplet. :func:`admit` (computed by the shell
+  over all migrations) answers ``DropletBusy`` while another migration of the same droplet
+  is past Pending (:data:`OWNING_PHASES`) or is an older Pending one; the migration then
+  stays Pending. Announcing takes NO concurrency slot: every migration of a host
+  evacuation is announced at once, so each droplet gets its whole notice however long the
+  queue behind the concurrency limits is.
 * Announced: the maintenance annotation is set; ``notBefore = max(scheduledAt, announcedAt +
   notice)``; nothing moves before it. If the annotation disappears, it is re-announced and
-  the notice starts again.
+  the notice starts again. Once ``notBefore`` has passed the migration needs a concurrency
+  slot to go on (Announced -> Scheduling): :func:`admit` checks the cluster-wide limit, its
+  source host's outbound limit and, when the target is already known (``spec.targetHost``),
+  that host's inbound limit, oldest first, counting migrations in :data:`IN_FLIGHT_PHASES`
+  (Scheduling..CutOver). While no slot is free the migration STAYS IN PHASE ANNOUNCED with
+  reason ``ConcurrencyLimitReached`` (and the limit in ``message``).
+
+  Why Announced and not Pending (the issue's wording was "stays Pending"): the droplet has
+  already been told and its annotation stays up while it waits, so "Announced" is the true
+  state; Pending keeps meaning "not announced yet", i.e. only ``DropletBusy``. Clients that
+  want "queued for a slot" read ``phase == Announced and reason == ConcurrencyLimitReached``;
+  ``WaitingForNotice`` / ``WaitingForSchedule`` mean the notice (or ``scheduledAt``) is not
+  over yet. The slot is released when the migration leaves :data:`IN_FLIGHT_PHASES`
+  (terminal, or back to Announced when Scheduling finds the notice not over after all);
+  retries between attempts keep it (phase Scheduling).
 * Scheduling: the shell passes ``place()``'s result. An explicit ``targetHost`` that fails a
   filter -> Failed with the placement message. No host fits -> wait (reason
   ``NoHostAvailable``, looking again every ``poll_seconds``) up to ``no_host_timeout_seconds``,
@@ -105,6 +123,7 @@ __all__ = [
     "MigrationRef",
     "MigrationSpec",
     "MigrationStatus",
+    "OWNING_PHASES",
     "Observation",
     "ProgressMark",
     "RecomputeAllocations",
@@ -132,8 +151,11 @@ CANCELLED = "Cancelled"
 
 PHASES = (PENDING, ANNOUNCED, SCHEDULING, PREPARING, PRECOPY, CUTOVER, COMPLETED, FAILED, CANCELLED)
 TERMINAL_PHASES = frozenset({COMPLETED, FAILED, CANCELLED})
-#: Phases that hold a concurrency slot (admission happens in Pending).
-IN_FLIGHT_PHASES = frozenset({ANNOUNCED, SCHEDULING, PREPARING, PRECOPY, CUTOVER})
+#: Phases that hold a concurrency slot: it is taken on Announced -> Scheduling (see :func:`admit`).
+IN_FLIGHT_PHASES = frozenset({SCHEDULING, PREPARING, PRECOPY, CUTOVER})
+#: Phases in which a migration owns its droplet: another migration of the same droplet waits
+#: in Pending (``DropletBusy``) and is not announced.
+OWNING_PHASES = frozenset({ANNOUNCED}) | IN_FLIGHT_PHASES
 #: Phases in which ``status.targetHost`` (when set) is a capacity reservation on that host.
 RESERVING_PHASES = frozenset({SCHEDULING, PREPARING, PRECOPY, CUTOVER})
 _ATTEMPT_PHASES = frozenset({PREPARING, PRECOPY, CUTOVER})
@@ -551,8 +573,11 @@ class DropletObs:
 
 @dataclasses.dataclass(frozen=True)
 class Admission:
-    """Whether a Pending migration may start now. ``reason`` when not admitted:
-    ``DropletBusy`` or ``ConcurrencyLimitReached``; ``message`` says which limit."""
+    """A verdict of :func:`admit` for one migration. In Pending: may it be announced now
+    (else ``reason`` ``DropletBusy``). In Announced with the notice over: may it take a
+    concurrency slot and move to Scheduling now (else ``ConcurrencyLimitReached``, or
+    ``DropletBusy`` if another migration of its droplet is in flight); ``message`` says
+    which migration or limit."""
 
     admitted: bool
     reason: str = ""
@@ -567,11 +592,13 @@ class Observation:
     ``deleting`` is its deletionTimestamp being set; ``generation`` its metadata.generation.
     ``transfer``/``target`` are the agents' reports as found (any attempt: the machine ignores
     other attempts). ``target_host_ready`` is the readiness of ``status.targetHost`` (None if
-    unknown or unset). ``admission`` is required while Pending (see :func:`needs_admission`),
-    ``placement`` while Scheduling past any backoff (see :func:`needs_placement`): the result
-    of ``place()`` for the droplet with ``source_host`` = its host, ``target_host`` =
-    ``spec.targetHost``, ``inbound_limit`` = FERRY_MAX_INBOUND_PER_HOST, and the reservations
-    of the OTHER migrations in :data:`RESERVING_PHASES`.
+    unknown or unset). ``admission`` is required while Pending and in Announced once the
+    notice is over (see :func:`needs_admission`): this migration's verdict from
+    :func:`admit`. ``placement`` is required while Scheduling past any backoff (see
+    :func:`needs_placement`): the result of ``place()`` for the droplet with ``source_host``
+    = its host, ``target_host`` = ``spec.targetHost``, ``inbound_limit`` =
+    FERRY_MAX_INBOUND_PER_HOST, and the reservations of the OTHER migrations in
+    :data:`RESERVING_PHASES`.
     """
 
     name: str
@@ -731,9 +758,24 @@ class Decision:
 # --------------------------------------------------------------------------- helpers for the shell
 
 
-def needs_admission(obs: Observation) -> bool:
-    """True when ``decide`` will read ``obs.admission`` (the migration is Pending)."""
-    return obs.status.phase == PENDING
+def needs_admission(
+    obs: Observation, now: dt.datetime | None = None, cfg: MachineConfig | None = None
+) -> bool:
+    """True when ``decide`` may read ``obs.admission``: the migration is Pending (the
+    ``DropletBusy`` gate), or Announced with its notice over (the concurrency slot).
+
+    Without ``now`` every Announced migration counts (conservative: the shell may decide
+    with a slightly later clock than it observed with). With ``now`` (and the ``cfg`` that
+    ``decide`` gets) the answer is exact for ``decide(obs, now, cfg)``.
+    """
+    phase = obs.status.phase
+    if phase == PENDING:
+        return True
+    if phase != ANNOUNCED:
+        return False
+    if now is None:
+        return True
+    return _notice_over(obs, _utc(now), cfg or MachineConfig())
 
 
 def needs_placement(obs: Observation, now: dt.datetime) -> bool:
@@ -778,7 +820,8 @@ def merge_patch(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, Any
 class MigrationRef:
     """One LiveMigration as admission sees it. ``key``: ``namespace/name``; ``droplet``:
     ``namespace/name`` of its droplet; ``source_host``: ``status.sourceHost`` or the
-    droplet's current host; ``target_host``: ``status.targetHost`` or ``spec.targetHost``."""
+    droplet's current host; ``target_host``: ``status.targetHost`` or ``spec.targetHost``;
+    ``not_before``: ``status.notBefore`` (when an Announced migration's notice is over)."""
 
     key: str
     droplet: str
@@ -786,40 +829,74 @@ class MigrationRef:
     created_at: dt.datetime
     source_host: str | None = None
     target_host: str | None = None
+    not_before: dt.datetime | None = None
 
 
-def admit(migrations: Iterable[MigrationRef], limits: ConcurrencyLimits) -> dict[str, Admission]:
-    """Decide which new/Pending migrations may start now, oldest first.
+def admit(
+    migrations: Iterable[MigrationRef], limits: ConcurrencyLimits, now: dt.datetime | None = None
+) -> dict[str, Admission]:
+    """The two gates of a migration, oldest first (by ``created_at``, then ``key``). Pure.
 
-    A migration waits with ``DropletBusy`` while another migration of its droplet is in
-    flight (or is an older Pending one), and with ``ConcurrencyLimitReached`` when starting
-    it would exceed the cluster-wide limit, its source host's outbound limit or (when its
-    target is already known) its target's inbound limit. In-flight migrations are those in
-    :data:`IN_FLIGHT_PHASES`. A younger migration blocked only by a per-host limit does not
-    block others. Returns a verdict for every migration in phase None or Pending.
+    1. Announce (phase None or Pending): ``DropletBusy`` while another migration of the
+       same droplet is in :data:`OWNING_PHASES` or is an older Pending one; otherwise
+       admitted, whatever the concurrency limits say: announcing takes no slot.
+    2. Slot (phase Announced, queued: ``now`` is None, or ``not_before`` is set and
+       ``now >= not_before``): ``ConcurrencyLimitReached`` when moving it to Scheduling
+       would exceed the cluster-wide limit, its source host's outbound limit or (when its
+       target is already known) its target's inbound limit, counting the migrations in
+       :data:`IN_FLIGHT_PHASES` plus the older queued ones admitted in this call. A younger
+       migration blocked only by a per-host limit does not block others. ``DropletBusy``
+       if another migration of its droplet is in flight (or is an older Announced one);
+       that never happens when gate 1 did its job, it is checked anyway.
+
+    Returns a verdict for every migration in phase None or Pending and every queued
+    Announced one; Announced migrations whose notice is not over get none and hold nothing.
     """
     items = list(migrations)
-    active = [m for m in items if m.phase in IN_FLIGHT_PHASES]
+
+    def order(m: MigrationRef) -> tuple[dt.datetime, str]:
+        return (m.created_at, m.key)
+
+    def queued(m: MigrationRef) -> bool:
+        return m.phase == ANNOUNCED and (now is None or (m.not_before is not None and _utc(now) >= m.not_before))
+
+    active = sorted((m for m in items if m.phase in IN_FLIGHT_PHASES), key=order)
+    announced = sorted((m for m in items if m.phase == ANNOUNCED), key=order)
+    pending = sorted((m for m in items if m.phase in (None, PENDING)), key=order)
+    owner: dict[str, str] = {}
+    for m in (*active, *announced):
+        owner.setdefault(m.droplet, m.key)
+    verdicts: dict[str, Admission] = {}
+
+    # gate 1: one migration per droplet past Pending
+    for m in pending:
+        busy = owner.get(m.droplet)
+        if busy is not None and busy != m.key:
+            verdicts[m.key] = _busy(m, busy)
+            continue
+        owner[m.droplet] = m.key
+        verdicts[m.key] = Admission(True, "Admitted", "")
+
+    # gate 2: a concurrency slot for Announced -> Scheduling
     total = len(active)
     outbound: dict[str, int] = {}
     inbound: dict[str, int] = {}
-    owner: dict[str, str] = {}
-    for m in sorted(active, key=lambda m: (m.created_at, m.key)):
+    for m in active:
         if m.source_host:
             outbound[m.source_host] = outbound.get(m.source_host, 0) + 1
         if m.target_host:
             inbound[m.target_host] = inbound.get(m.target_host, 0) + 1
-        owner.setdefault(m.droplet, m.key)
-    verdicts: dict[str, Admission] = {}
-    pending = sorted((m for m in items if m.phase in (None, PENDING)), key=lambda m: (m.created_at, m.key))
-    for m in pending:
-        busy = owner.get(m.droplet)
-        if busy is not None and busy != m.key:
-            verdicts[m.key] = Admission(
-                False, "DropletBusy", f"droplet {m.droplet} is being migrated by {busy}; waiting for it to finish"
-            )
+    running = {m.droplet: m.key for m in reversed(active)}  # the oldest in flight per droplet
+    first_announced: dict[str, str] = {}
+    for m in announced:
+        first_announced.setdefault(m.droplet, m.key)
+    for m in announced:
+        if not queued(m):
             continue
-        owner[m.droplet] = m.key
+        busy = running.get(m.droplet) or first_announced[m.droplet]
+        if busy != m.key:
+            verdicts[m.key] = _busy(m, busy)
+            continue
         if total >= limits.max_parallel:
             verdicts[m.key] = Admission(
                 False,
@@ -850,6 +927,10 @@ def admit(migrations: Iterable[MigrationRef], limits: ConcurrencyLimits) -> dict
         if m.target_host:
             inbound[m.target_host] = inbound.get(m.target_host, 0) + 1
     return verdicts
+
+
+def _busy(m: MigrationRef, busy: str) -> Admission:
+    return Admission(False, "DropletBusy", f"droplet {m.droplet} is being migrated by {busy}; waiting for it to finish")
 
 
 # --------------------------------------------------------------------------- the machine
@@ -1194,8 +1275,12 @@ def _pending(b: _Builder) -> None:
     obs, cfg, now = b.obs, b.cfg, b.now
     if obs.admission is None:
         raise ValueError("decide needs obs.admission while Pending (see needs_admission)")
-    if not obs.admission.admitted:
-        b.wait(obs.admission.reason or "ConcurrencyLimitReached", obs.admission.message or "waiting for a slot", None)
+    if not obs.admission.admitted:  # DropletBusy: announcing takes no concurrency slot
+        b.wait(
+            obs.admission.reason or "DropletBusy",
+            obs.admission.message or "waiting for another migration of the droplet",
+            None,
+        )
         return
     since = obs.droplet.maintenance_since
     if since is None:
@@ -1225,6 +1310,13 @@ def _told_since(obs: Observation, st: MigrationStatus) -> dt.datetime | None:
     return max(st.announced_at, obs.droplet.maintenance_since)
 
 
+def _notice_over(obs: Observation, now: dt.datetime, cfg: MachineConfig) -> bool:
+    """``_announced`` gets past the notice (and so reads ``obs.admission``) exactly when
+    this is True; :func:`needs_admission` uses it too, so the two never disagree."""
+    since = _told_since(obs, obs.status)
+    return since is not None and now >= _not_before(obs.spec, since, cfg)
+
+
 def _announced(b: _Builder) -> None:
     obs, cfg, now, st = b.obs, b.cfg, b.now, b.st
     if obs.droplet.maintenance_since is None or st.announced_at is None:
@@ -1251,11 +1343,22 @@ def _announced(b: _Builder) -> None:
         )
         b.wait(waiting_for, f"data moves not before {_fmt(nb)}", _secs(nb - now))
         return
-    b.transition(SCHEDULING, "Scheduling", "notice period over; choosing a target host")
+    # Here _notice_over(obs, now, cfg) holds, so needs_admission(obs, now, cfg) said True.
+    adm = obs.admission
+    if adm is None:
+        raise ValueError("decide needs obs.admission in Announced once the notice is over (see needs_admission)")
+    if not adm.admitted:  # queued: told, notice over, waiting for a concurrency slot
+        reason = adm.reason or "ConcurrencyLimitReached"
+        what = "a concurrency slot" if reason == "ConcurrencyLimitReached" else "its droplet"
+        b.wait(reason, f"notice over at {_fmt(nb)}; waiting for {what}: {adm.message or 'none free'}", None)
+        return
+    b.transition(SCHEDULING, "Scheduling", "notice period over and a concurrency slot taken; choosing a target host")
 
 
 def _scheduling(b: _Builder) -> None:
     obs, cfg, now, st = b.obs, b.cfg, b.now, b.st
+    if st.target_host is not None:  # no reservation while no attempt runs
+        b.set(target_host=None)
     if st.next_attempt_at is not None and now < st.next_attempt_at:
         b.wait("RetryBackoff", st.message or f"next attempt at {_fmt(st.next_attempt_at)}", _secs(st.next_attempt_at - now))
         return
