@@ -168,6 +168,11 @@ async def _reconcile_once(cx: Context, key: Key, logger: logging.Logger) -> bool
         return True
     if c.FINALIZER not in m.meta.finalizers and not m.meta.deleting and not m.terminal:
         return True  # kopf adds the finalizer first; deciding meanwhile only races its patch
+    if (key[0], m.droplet) not in cx.world.droplets and not m.terminal:
+        # Not in the world yet (its watch event may simply come later): ask before calling it missing.
+        fresh = await cx.call(cx.kube.get_or_none, "Droplet", m.droplet, key[0])
+        if fresh is not None:
+            cx.world.observe("Droplet", "MODIFIED", fresh)
     body = _body_of(cx, key)
     async with cx.lock:  # admission, placement and the overlay decide together
         obs = observe(cx, key, body)
