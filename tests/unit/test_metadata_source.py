@@ -16,7 +16,7 @@ import pytest
 
 from ferry.metadata.cache import DropletCache
 from ferry.metadata.reflector import Reflector, SourceError, WatchExpired, apply_update
-from ferry.metadata.source import DropletSource
+from ferry.storage.droplet_source import DropletSource
 
 
 def obj(name, ip, rv, *, live=False, ns="ns1"):

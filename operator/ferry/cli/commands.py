@@ -10,16 +10,8 @@ COMMANDS: list[click.Command] = []
 def _add(module: str, *names: str) -> None:
     import importlib
 
-    try:
-        mod = importlib.import_module(module)
-    except ImportError as exc:  # a component not installed in this build: say so, do not crash
-        if exc.name and not exc.name.startswith("ferry"):
-            raise
-        return
-    for name in names:
-        cmd = getattr(mod, name, None)
-        if cmd is not None:
-            COMMANDS.append(cmd)
+    mod = importlib.import_module(module)
+    COMMANDS.extend(getattr(mod, name) for name in names)
 
 
 _add("ferry.cli.server", "operator", "metadata", "dev")

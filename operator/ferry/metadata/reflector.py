@@ -3,7 +3,7 @@
 Runs in its own thread (the API client blocks) and hands every update to `deliver`,
 which the server points at `loop.call_soon_threadsafe`, so the cache is only ever
 touched by the asyncio loop. The source is anything with `list()`, `watch()` and
-`close()` (see `ferry.metadata.source.DropletSource`; tests use a fake).
+`close()` (see `ferry.storage.droplet_source.DropletSource`; tests use a fake).
 
 Recovery:
 - the watch ends normally (server-side timeout): re-watch from the last resourceVersion;

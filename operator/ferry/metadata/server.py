@@ -452,7 +452,7 @@ def run(
 
     Watches the Droplets of `namespace` (all namespaces when None) through pykube and
     serves until SIGTERM/SIGINT."""
-    from ferry.metadata.source import DropletSource, make_api
+    from ferry.storage.droplet_source import DropletSource, make_api
 
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
