@@ -150,3 +150,16 @@ def ferry_process(kubeconfig: str, tmp_path: pathlib.Path) -> Iterator[Callable[
     for p in reversed(started):
         p.stop()
 
+
+
+# CI runs hypothesis derandomized (the same examples every run) with no per-example deadline:
+# a shared 2-core machine makes timings noisy; local runs keep exploring new examples.
+try:
+    from hypothesis import HealthCheck, settings as _hsettings
+
+    _hsettings.register_profile("ci", derandomize=True, deadline=None,
+                                suppress_health_check=[HealthCheck.too_slow])
+    if os.environ.get("CI"):
+        _hsettings.load_profile("ci")
+except ImportError:  # pragma: no cover - hypothesis is a test dependency
+    pass

@@ -85,7 +85,10 @@ def exchange(port: int, src: str, data: bytes, *, deadline: float = 8.0) -> byte
     `deadline`: otherwise the server hung.
     """
     # (llhttp reads a PRI request line as the start of an HTTP/2 preface and waits for the rest)
-    looks_complete = (b"\r\n\r\n" in data or b"\n\n" in data) and not data.startswith(b"PRI ")
+    # Blank lines before a request line are ignored by HTTP servers (RFC 9112 2.2): only a
+    # header block after some request line "looks complete".
+    body = data.lstrip(b"\r\n")
+    looks_complete = (b"\r\n\r\n" in body or b"\n\n" in body) and not body.startswith(b"PRI ")
     with socket.create_connection(("127.0.0.1", port), timeout=deadline, source_address=(src, 0)) as sock:
         try:
             sock.sendall(data)
