@@ -84,7 +84,7 @@ cmd_demo() {
   kubectl get livemigrations
   echo
   echo "Everything is still running. Try:"
-  echo "  eval \"\$(hack/cluster.sh env)\"; export PATH=${CACHE}/bin:${ROOT}/.venv/bin:\$PATH"
+  echo "  export KUBECONFIG=${KUBECONFIG} PATH=${CACHE}/bin:${ROOT}/.venv/bin:\$PATH"
   echo "  ferry status; ferry migrate web-1 --wait; ferry drain host-a --wait"
   echo "  curl --interface 127.0.0.11 http://127.0.0.1:8169/v1/maintenance_event"
   echo "Stop it all with: hack/local-up.sh down"
