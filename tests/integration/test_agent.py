@@ -18,7 +18,7 @@ import uuid
 import pytest
 from support import wait_until
 
-SimDriver = pytest.importorskip("ferry.drivers.sim").SimDriver
+from ferry.drivers.sim import SimDriver  # noqa: E402
 from ferry.drivers.base import VMKey  # noqa: E402
 
 ENV = {
