@@ -32,6 +32,7 @@ KVER="${FERRY_GUEST_KERNEL_VERSION:-}"
 KROOT=""  # where the kernel package's files are: "" (installed in /) or an extracted .deb
 if [ -z "$KVER" ]; then
     # newest installed kernel that has both a vmlinuz and its modules
+    # shellcheck disable=SC2012  # kernel release names never contain spaces
     for v in $(ls /lib/modules 2>/dev/null | sort -V -r); do
         if [ -r "/boot/vmlinuz-$v" ]; then KVER="$v"; break; fi
     done
@@ -75,6 +76,7 @@ if [ ! -f "$CACHE/.complete" ]; then
     add_module() { # $1: path relative to $MODDIR
         local rel="$1" dep name
         for seen in "${ORDER[@]:-}"; do [ "$seen" = "$rel" ] && return 0; done
+        # shellcheck disable=SC2013  # modules.dep lists space-separated paths without spaces
         for dep in $(grep -E "^$rel:" "$MODDIR/modules.dep" | cut -d: -f2-); do
             add_module "$dep"
         done

@@ -132,7 +132,7 @@ cmd_up() {
     return 0
   fi
   # A half-started or crashed previous cluster: clean it up first.
-  [ -d "${DIR}" ] && cmd_down >/dev/null 2>&1 || true
+  if [ -d "${DIR}" ]; then cmd_down >/dev/null 2>&1 || true; fi
   for b in etcd kube-apiserver kube-controller-manager kubectl; do
     [ -x "${BIN}/${b}" ] || "${HERE}/build-binaries.sh" >/dev/null || die "could not build the control-plane binaries"
   done
