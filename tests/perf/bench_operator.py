@@ -193,8 +193,7 @@ def run(args: argparse.Namespace, kubeconfig: str) -> None:
 
     counter = Counter()
     instrument(counter)
-    runner = KopfRunner(["run", "--standalone", "-n", ns, "-m", "ferry.controller.droplets",
-                         "-m", "ferry.controller.hosts", "-m", "ferry.controller.migrations"])
+    runner = KopfRunner(["run", "--standalone", "-n", ns, "-m", "ferry.controller.handlers"])
     results: dict[str, float] = {}
     with runner:
         sel = f"bench={ns}"

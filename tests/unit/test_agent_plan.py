@@ -5,9 +5,9 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
+from fakes import NOW, droplet, key, lm, stats, treport, ts, vm
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_agent_fakes import NOW, droplet, key, lm, stats, treport, ts, vm
 
 from ferry.agent import plan as p
 from ferry.drivers.base import MigrationState as M
@@ -391,7 +391,7 @@ def worlds(draw):
                                            "updatedAt": ts(draw(st.sampled_from([0.1, 3.0])))} if xs else None,
                                  mode=draw(st.sampled_from([None, "offline"]))))
         if draw(st.booleans()):
-            ours = [f"ns/{x.name}#{x.attempt}" for x in migrations if x.droplet == name]
+            ours = [f"ns/{x.name}#{x.status.attempt}" for x in migrations if x.droplet == name]
             mid = draw(st.sampled_from([None, f"ns/{name}-m0#1", f"ns/{name}-m1#2", *ours, *ours]))
             state = draw(st.sampled_from(list(V)))
             mstate = draw(st.sampled_from(list(M)))
@@ -420,25 +420,25 @@ def test_invariants(w, me):
             ref = p.parse_migration_id(a.migration_id)
             owner = m.get((ref[0], ref[1]), "unknown")
             assert owner != "unknown"
-            assert owner is None or owner.phase not in ("CutOver", "Completed") or owner.attempt != ref[2] \
-                or owner.source_host != me, (a, owner)
+            assert owner is None or owner.phase not in ("CutOver", "Completed") or owner.status.attempt != ref[2] \
+                or owner.status.source_host != me, (a, owner)
         if isinstance(a, p.ResumeVM):
             ref = p.parse_migration_id(a.migration_id)
             owner = m.get((ref[0], ref[1])) if ref else None
-            if owner is not None and owner.status_target_host == me and owner.attempt == ref[2]:
+            if owner is not None and owner.status.target_host == me and owner.status.attempt == ref[2]:
                 # never while the copy of that attempt may still be running; once the record
                 # names this host (asserted above) any other phase means the VM is adopted
                 assert owner.phase not in ("Preparing", "PreCopy"), (a, owner.phase)
         if isinstance(a, p.ReportTarget):
-            assert m[a.migration].status_target_host == me
+            assert m[a.migration].status.target_host == me
         if isinstance(a, p.ReportTransfer):
-            assert m[a.migration].source_host == me
+            assert m[a.migration].status.source_host == me
         if isinstance(a, (p.PrepareIncoming,)):
-            assert m[a.migration].status_target_host == me and m[a.migration].phase == "Preparing"
+            assert m[a.migration].status.target_host == me and m[a.migration].phase == "Preparing"
             assert record != me
         if isinstance(a, p.StartMigration):
             lmv = m[a.migration]
-            assert lmv.source_host == me and lmv.phase == "PreCopy" and record == me
+            assert lmv.status.source_host == me and lmv.phase == "PreCopy" and record == me
             assert lmv.target.attempt == lmv.attempt and lmv.target.state == "Listening"
     # at most one driver action of each kind per droplet and per cycle
     seen = [(type(a).__name__, a.key) for a in actions if isinstance(a, p.DRIVER_ACTIONS)]

@@ -7,32 +7,18 @@ import datetime as dt
 
 import pytest
 
+from ferry.api.models import Droplet
 from ferry.api.sizes import Resources
-from ferry.migration import machine as m
-from ferry.migration.machine import (
-    Admission,
-    Announce,
-    AttemptRecord,
-    ClearAnnouncement,
-    CreateSecret,
-    DeleteSecret,
-    DropletObs,
-    EmitEvent,
-    FlipRecord,
-    Limits,
-    MachineConfig,
-    MarkDropletCondition,
-    MigrationSpec,
-    MigrationStatus,
-    Observation,
-    ProgressMark,
-    RecomputeAllocations,
-    RecordLastMigration,
-    SetLabels,
-    TargetReport,
-    TransferReport,
-    decide,
-)
+from ferry.api.conditions import Condition
+from ferry.api.livemigration import AttemptRecord, Limits, MigrationSpec, MigrationStatus, ProgressMark
+from ferry.api.patch import merge_patch
+from ferry.api.phases import IN_FLIGHT, OWNING
+from ferry.api.reports import TargetReport, TransferReport
+from ferry.api.times import fmt_api
+from ferry.migration.actions import Announce, ClearAnnouncement, CreateSecret, DeleteSecret, EmitEvent, FlipRecord, MarkDropletCondition, RecomputeAllocations, RecordLastMigration, SetLabels
+from ferry.migration.admission import Admission, ConcurrencyLimits, MigrationRef, admit
+from ferry.migration.machine import Decision, decide, needs_admission, needs_placement
+from ferry.migration.observation import DropletObs, MachineConfig, Observation
 from ferry.placement import DropletRequest, HostInfo, Reservation, place
 
 UTC = dt.timezone.utc
@@ -68,7 +54,7 @@ def status(phase: str | None, **kw) -> MigrationStatus:
             effective_limits=Limits(None, 300, 3),
             effective_mode="live",
             phase_times={"Pending": ANNOUNCED_AT, "Announced": ANNOUNCED_AT},
-            conditions=(m.Condition("Announced", "True", "MaintenanceEventPublished", "", ANNOUNCED_AT),),
+            conditions=(Condition("Announced", "True", "MaintenanceEventPublished", "", ANNOUNCED_AT),),
         )
     if phase in ("Preparing", "PreCopy", "CutOver"):
         base.update(
@@ -97,11 +83,11 @@ def obs(phase: str | None = None, *, st: MigrationStatus | None = None, **kw) ->
     return Observation(**base)
 
 
-def events(d: m.Decision, on: str | None = None) -> list[EmitEvent]:
+def events(d: Decision, on: str | None = None) -> list[EmitEvent]:
     return [a for a in d.actions if isinstance(a, EmitEvent) and (on is None or a.on == on)]
 
 
-def non_events(d: m.Decision) -> list:
+def non_events(d: Decision) -> list:
     return [a for a in d.actions if not isinstance(a, EmitEvent)]
 
 
@@ -301,7 +287,7 @@ def test_announced_without_slot_stays_announced_and_queued():
     assert d.phase == "Announced"  # told, notice over, queued: not back to Pending
     assert d.new_status.reason == "ConcurrencyLimitReached"
     assert d.new_status.message == (
-        f"notice over at {m._fmt(ANNOUNCED_AT + sec(600))}; waiting for a concurrency slot: {adm.message}"
+        f"notice over at {fmt_api(ANNOUNCED_AT + sec(600))}; waiting for a concurrency slot: {adm.message}"
     )
     assert d.actions == ()  # the announcement stays up, nothing else happens
     assert d.requeue_after == CFG.poll_seconds
@@ -321,23 +307,23 @@ def test_announced_droplet_busy_waits_in_announced():
 def test_announced_needs_admission_only_once_the_notice_is_over():
     st = status("Announced", announced_at=T0 - sec(100), not_before=T0 + sec(500))
     o = obs("Announced", st=st, droplet=droplet(maintenance_since=T0 - sec(100)), admission=None)
-    assert not m.needs_admission(o, T0, CFG)
-    assert m.needs_admission(o)  # without a clock: conservative
+    assert not needs_admission(o, T0, CFG)
+    assert needs_admission(o)  # without a clock: conservative
     assert decide(o, T0).new_status.reason == "WaitingForNotice"  # does not read it
-    assert m.needs_admission(o, T0 + sec(500), CFG)
+    assert needs_admission(o, T0 + sec(500), CFG)
     with pytest.raises(ValueError, match="admission"):
         decide(o, T0 + sec(500))
     # a longer notice in the config: still waiting, and needs_admission agrees
     long = MachineConfig(notice_seconds=700)
-    assert not m.needs_admission(o, T0 + sec(500), long)
+    assert not needs_admission(o, T0 + sec(500), long)
     assert decide(o, T0 + sec(500), long).phase == "Announced"
     # the annotation vanished: re-announced, no admission read
     gone = dataclasses.replace(o, droplet=droplet(maintenance_since=None))
-    assert not m.needs_admission(gone, T0 + sec(9999), CFG)
+    assert not needs_admission(gone, T0 + sec(9999), CFG)
     assert decide(gone, T0 + sec(9999)).new_status.reason == "Reannounced"
     for phase in (None, "Scheduling", "Preparing", "PreCopy", "CutOver", "Completed"):
-        assert not m.needs_admission(obs(phase), T0), phase
-    assert m.needs_admission(obs("Pending"), T0)
+        assert not needs_admission(obs(phase), T0), phase
+    assert needs_admission(obs("Pending"), T0)
 
 
 def test_notice_is_exact_to_the_second():
@@ -387,7 +373,7 @@ def test_scheduling_chooses_target_and_reserves():
     ns = d.new_status
     assert (ns.target_host, ns.source_host, ns.attempt) == ("h2", "h1", 1)
     assert ns.attempts == (AttemptRecord(1, T0),)
-    assert m.reserved_target(ns) == "h2"
+    assert ns.reserved_target == "h2"
     assert ns.placement == p.to_status()
     assert ns.progress == 0 and ns.effective_mode == "live"
     assert non_events(d) == [SetLabels("web-1", "h1", "h2"), CreateSecret("lm-1-transfer")]
@@ -456,8 +442,8 @@ def test_scheduling_waits_for_backoff_without_placement():
     d = decide(obs("Scheduling", st=st), T0)  # no placement needed
     assert d.phase == "Scheduling" and d.new_status.reason == "RetryBackoff"
     assert d.requeue_after == pytest.approx(15)
-    assert not m.needs_placement(obs("Scheduling", st=st), T0)
-    assert m.needs_placement(obs("Scheduling", st=st), T0 + sec(15))
+    assert not needs_placement(obs("Scheduling", st=st), T0)
+    assert needs_placement(obs("Scheduling", st=st), T0 + sec(15))
 
 
 def test_retry_starts_next_attempt():
@@ -519,7 +505,7 @@ def test_attempt_failure_retries_with_backoff(kw, reason, phase):
     assert ns.attempts[-1].result == "Failed" and ns.attempts[-1].reason == reason
     assert ns.attempts[-1].end_time == T0
     assert ns.next_attempt_at == T0 + sec(20)
-    assert ns.target_host is None and m.reserved_target(ns) is None
+    assert ns.target_host is None and ns.reserved_target is None
     assert d.status["targetHost"] is None  # merge patch deletes the reservation
     assert d.requeue_after == 20
     assert [(e.type, e.reason) for e in events(d)] == [("Warning", "RetryBackoff")]
@@ -765,8 +751,8 @@ def test_status_round_trips_through_api_shape():
 def test_merge_patch():
     old = {"a": 1, "b": {"x": 1, "y": 2}, "c": [1], "d": 4}
     new = {"a": 1, "b": {"x": 1, "y": 3}, "c": [1, 2], "e": 5}
-    assert m.merge_patch(old, new) == {"b": {"y": 3}, "c": [1, 2], "d": None, "e": 5}
-    assert m.merge_patch(new, new) == {}
+    assert merge_patch(old, new) == {"b": {"y": 3}, "c": [1, 2], "d": None, "e": 5}
+    assert merge_patch(new, new) == {}
 
 
 def test_decision_patch_is_empty_when_nothing_changes():
@@ -794,35 +780,35 @@ def test_parsers():
         "spec": {"size": "s-2vcpu-4gb", "powerState": "off", "features": {"nestedVirtualization": True}},
         "status": {"host": "h1"},
     }
-    d = DropletObs.from_droplet(body, host_ready=True)
+    d = DropletObs.from_droplet(Droplet.from_body(body), host_ready=True)
     assert d == DropletObs(True, False, "h1", True, "off", True, 84.0, T0)
     assert DropletObs.from_droplet(None, host_ready=True) == DropletObs.missing()
     body["metadata"]["annotations"]["ferry.dev/maintenance-event"] = ""
-    assert DropletObs.from_droplet(body, host_ready=True).maintenance_since is None
+    assert DropletObs.from_droplet(Droplet.from_body(body), host_ready=True).maintenance_since is None
 
 
 # ---------------------------------------------------------------- admission
 
 
 def ref(key, phase, age, droplet=None, src="h1", dst=None, nb=None):
-    return m.MigrationRef(key, droplet or f"d-{key}", phase, T0 - sec(age), src, dst, nb)
+    return MigrationRef(key, droplet or f"d-{key}", phase, T0 - sec(age), src, dst, nb)
 
 
 def test_admit_announces_everything_whatever_the_limits():
-    lim = m.ConcurrencyLimits(max_parallel=1, max_outbound_per_host=1, max_inbound_per_host=1)
+    lim = ConcurrencyLimits(max_parallel=1, max_outbound_per_host=1, max_inbound_per_host=1)
     refs = [ref("busy", "PreCopy", 999, src="h1", dst="h9")] + [
         ref(f"p{i}", "Pending" if i % 2 else None, 100 - i, src="h1", dst="h9") for i in range(20)
     ]
-    v = m.admit(refs, lim, T0)
+    v = admit(refs, lim, T0)
     assert all(v[f"p{i}"] == Admission(True, "Admitted", "") for i in range(20))
     assert "busy" not in v
 
 
 def test_admit_slot_cluster_limit_oldest_first():
-    lim = m.ConcurrencyLimits(max_parallel=2, max_outbound_per_host=9, max_inbound_per_host=9)
+    lim = ConcurrencyLimits(max_parallel=2, max_outbound_per_host=9, max_inbound_per_host=9)
     refs = [ref("a", "PreCopy", 999, src="x"), ref("new", "Announced", 1, src="y"),
             ref("old", "Announced", 50, src="z"), ref("mid", "Announced", 10, src="w")]
-    v = m.admit(refs, lim)
+    v = admit(refs, lim)
     assert v["old"].admitted
     assert not v["mid"].admitted and v["mid"].reason == "ConcurrencyLimitReached"
     assert v["mid"].message == "2 migrations in flight cluster-wide (limit 2)"
@@ -831,22 +817,22 @@ def test_admit_slot_cluster_limit_oldest_first():
 
 
 def test_admit_slot_only_once_the_notice_is_over():
-    lim = m.ConcurrencyLimits(max_parallel=1, max_outbound_per_host=9, max_inbound_per_host=9)
+    lim = ConcurrencyLimits(max_parallel=1, max_outbound_per_host=9, max_inbound_per_host=9)
     refs = [ref("told-early", "Announced", 100, nb=T0 + sec(60)), ref("no-nb", "Announced", 90),
             ref("ready", "Announced", 10, nb=T0 - sec(1))]
-    v = m.admit(refs, lim, T0)
+    v = admit(refs, lim, T0)
     assert v == {"ready": Admission(True, "Admitted", "")}  # the older ones hold nothing yet
-    v = m.admit(refs, lim, T0 + sec(60))
+    v = admit(refs, lim, T0 + sec(60))
     assert v["told-early"].admitted and not v["ready"].admitted
-    assert set(m.admit(refs, lim)) == {"told-early", "no-nb", "ready"}  # no clock: all queued
+    assert set(admit(refs, lim)) == {"told-early", "no-nb", "ready"}  # no clock: all queued
 
 
 def test_admit_slot_per_host_limits_do_not_block_other_hosts():
-    lim = m.ConcurrencyLimits(max_parallel=10, max_outbound_per_host=1, max_inbound_per_host=1)
+    lim = ConcurrencyLimits(max_parallel=10, max_outbound_per_host=1, max_inbound_per_host=1)
     refs = [ref("a", "Scheduling", 100, src="h1"), ref("b", "Announced", 50, src="h1"),
             ref("c", "Announced", 40, src="h2", dst="h9"), ref("d", "Announced", 30, src="h3", dst="h9"),
             ref("e", "Announced", 20, src="h4")]
-    v = m.admit(refs, lim)
+    v = admit(refs, lim)
     assert not v["b"].admitted and v["b"].message == "source host h1 already sends 1 migrations (limit 1)"
     assert v["c"].admitted
     assert not v["d"].admitted and v["d"].message == "target host h9 already receives 1 migrations (limit 1)"
@@ -854,12 +840,12 @@ def test_admit_slot_per_host_limits_do_not_block_other_hosts():
 
 
 def test_admit_droplet_busy():
-    lim = m.ConcurrencyLimits()
+    lim = ConcurrencyLimits()
     refs = [ref("a", "PreCopy", 100, droplet="web", src="h1"), ref("b", "Pending", 50, droplet="web", src="h1"),
             ref("c", "Pending", 80, droplet="db", src="h2"), ref("d", "Pending", 60, droplet="db", src="h2"),
             ref("e", "Completed", 500, droplet="api", src="h3"), ref("f", "Pending", 10, droplet="api", src="h3"),
             ref("g", "Announced", 5, droplet="mail", src="h4"), ref("h", None, 900, droplet="mail", src="h4")]
-    v = m.admit(refs, lim, T0)
+    v = admit(refs, lim, T0)
     assert v["b"] == Admission(False, "DropletBusy", "droplet web is being migrated by a; waiting for it to finish")
     assert v["c"].admitted
     assert v["d"].reason == "DropletBusy"
@@ -869,26 +855,26 @@ def test_admit_droplet_busy():
 
 
 def test_admit_two_announced_of_one_droplet_never_both_get_a_slot():
-    lim = m.ConcurrencyLimits()
+    lim = ConcurrencyLimits()
     refs = [ref("x", "Announced", 50, droplet="web"), ref("y", "Announced", 40, droplet="web"),
             ref("z", "Announced", 30, droplet="db"), ref("r", "Scheduling", 60, droplet="db")]
-    v = m.admit(refs, lim)
+    v = admit(refs, lim)
     assert v["x"].admitted
     assert v["y"].reason == "DropletBusy" and "by x" in v["y"].message
     assert v["z"].reason == "DropletBusy" and "by r" in v["z"].message
 
 
 def test_admit_counts_in_flight_phases_only():
-    lim = m.ConcurrencyLimits(max_parallel=1)
-    assert m.IN_FLIGHT_PHASES == {"Scheduling", "Preparing", "PreCopy", "CutOver"}
-    assert m.OWNING_PHASES == m.IN_FLIGHT_PHASES | {"Announced"}
+    lim = ConcurrencyLimits(max_parallel=1)
+    assert IN_FLIGHT == {"Scheduling", "Preparing", "PreCopy", "CutOver"}
+    assert OWNING == IN_FLIGHT | {"Announced"}
     for phase in ("Completed", "Failed", "Cancelled", "Pending", None, "Announced"):
-        v = m.admit([ref("a", phase, 100, src="q", nb=T0 + sec(1)), ref("b", "Announced", 50, nb=T0)], lim, T0)
+        v = admit([ref("a", phase, 100, src="q", nb=T0 + sec(1)), ref("b", "Announced", 50, nb=T0)], lim, T0)
         assert v["b"].admitted, phase
-    for phase in m.IN_FLIGHT_PHASES:
-        v = m.admit([ref("a", phase, 100, src="q"), ref("b", "Announced", 50, nb=T0)], lim, T0)
+    for phase in IN_FLIGHT:
+        v = admit([ref("a", phase, 100, src="q"), ref("b", "Announced", 50, nb=T0)], lim, T0)
         assert not v["b"].admitted and v["b"].reason == "ConcurrencyLimitReached", phase
-        v = m.admit([ref("a", phase, 100, src="q"), ref("b", "Pending", 50)], lim, T0)
+        v = admit([ref("a", phase, 100, src="q"), ref("b", "Pending", 50)], lim, T0)
         assert v["b"].admitted, phase  # announcing needs no slot
 
 

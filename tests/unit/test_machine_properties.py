@@ -16,24 +16,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ferry.api.sizes import Resources
-from ferry.migration import machine as m
-from ferry.migration.machine import (
-    Admission,
-    Announce,
-    ClearAnnouncement,
-    CreateSecret,
-    DeleteSecret,
-    DropletObs,
-    EmitEvent,
-    FlipRecord,
-    MachineConfig,
-    MigrationSpec,
-    MigrationStatus,
-    Observation,
-    TargetReport,
-    TransferReport,
-    decide,
-)
+from ferry.api.livemigration import AttemptRecord, Limits, MigrationSpec, MigrationStatus, ProgressMark
+from ferry.api.phases import IN_FLIGHT, OWNING, Phase, TERMINAL
+from ferry.api.reports import TargetReport, TransferReport
+from ferry.migration.actions import Announce, ClearAnnouncement, CreateSecret, DeleteSecret, EmitEvent, FlipRecord, RecomputeAllocations, RecordLastMigration, SetLabels
+from ferry.migration.admission import Admission, ConcurrencyLimits, MigrationRef, admit
+from ferry.migration.machine import Decision, decide, needs_admission, needs_placement
+from ferry.migration.observation import DropletObs, MachineConfig, Observation
 from ferry.placement import DropletRequest, HostInfo, Reservation, place
 
 #: Multiply the example counts, e.g. FERRY_PROPERTY_SCALE=20 for a soak run.
@@ -112,10 +101,10 @@ class World:
             target_host_ready=self.ready.get(ms.target_host) if ms.target_host else None,
             secret_exists=self.secret,
         )
-        if m.needs_admission(o, self.now, CFG):
+        if needs_admission(o, self.now, CFG):
             refused = ("DropletBusy", "busy") if ms.phase == "Pending" else ("ConcurrencyLimitReached", "full")
             o = dataclasses.replace(o, admission=Admission(True, "Admitted") if self.admitted else Admission(False, *refused))
-        if m.needs_placement(o, self.now):
+        if needs_placement(o, self.now):
             hosts = [
                 HostInfo(h, "nyc3", Resources(8, 16384, 500), Resources(self.alloc[h], self.alloc[h] * 2048, 0),
                          ready=self.ready[h])
@@ -127,7 +116,7 @@ class World:
             )
         return o
 
-    def apply_actions(self, d: m.Decision) -> None:
+    def apply_actions(self, d: Decision) -> None:
         for a in d.actions:
             if isinstance(a, Announce):
                 if self.drop_exists:
@@ -146,7 +135,7 @@ class World:
                     self.drop_host = a.to_host
                     self.flipped = True
 
-    def apply(self, d: m.Decision, *, lose_status: bool = False) -> None:
+    def apply(self, d: Decision, *, lose_status: bool = False) -> None:
         self.apply_actions(d)
         if not lose_status:
             self.status = apply_merge_patch(self.status, d.status)
@@ -172,16 +161,16 @@ class World:
 
 
 DATA_PHASES = ("Preparing", "PreCopy", "CutOver")
-ONCE = (Announce, ClearAnnouncement, CreateSecret, DeleteSecret, FlipRecord, m.SetLabels,
-        m.RecordLastMigration, m.RecomputeAllocations)
+ONCE = (Announce, ClearAnnouncement, CreateSecret, DeleteSecret, FlipRecord, SetLabels,
+        RecordLastMigration, RecomputeAllocations)
 
 
-def check_decision(o: Observation, d: m.Decision, now: dt.datetime, w: World | None) -> None:
+def check_decision(o: Observation, d: Decision, now: dt.datetime, w: World | None) -> None:
     before = o.status.phase
     # deterministic
     assert decide(o, now, CFG) == d
     # terminal is terminal
-    if before in m.TERMINAL_PHASES:
+    if before in TERMINAL:
         assert d.phase == before and d.actions == () and d.status == {} and d.done
     # the flip only with equal, non-empty digests of the current attempt
     flips = [a for a in d.actions if isinstance(a, FlipRecord)]
@@ -195,13 +184,13 @@ def check_decision(o: Observation, d: m.Decision, now: dt.datetime, w: World | N
         assert o.droplet.host == o.status.source_host != o.status.target_host
     # gates: announce only when admitted (DropletBusy), take a slot only from Announced when admitted
     adm = o.admission
-    if before in (None, "Pending") and d.phase not in (None, "Pending") and d.phase not in m.TERMINAL_PHASES:
+    if before in (None, "Pending") and d.phase not in (None, "Pending") and d.phase not in TERMINAL:
         assert before == "Pending" and d.phase == "Announced" and adm is not None and adm.admitted
-    if d.phase in m.IN_FLIGHT_PHASES and before not in m.IN_FLIGHT_PHASES:
+    if d.phase in IN_FLIGHT and before not in IN_FLIGHT:
         # a migration never enters Scheduling (takes a slot) without an admitted slot
         assert before == "Announced" and d.phase == "Scheduling", (before, d.phase)
         assert adm is not None and adm.admitted
-        assert m.needs_admission(o, now, CFG)
+        assert needs_admission(o, now, CFG)
     if before == "Announced" and adm is not None and not adm.admitted:
         assert d.phase in ("Announced", "Failed", "Cancelled"), d.phase
         if d.phase == "Announced":  # still waiting: the announcement may be refreshed, nothing else
@@ -228,7 +217,7 @@ def check_decision(o: Observation, d: m.Decision, now: dt.datetime, w: World | N
         assert ns.attempt <= (ns.effective_limits.max_attempts if ns.effective_limits else CFG.max_attempts)
     # the reservation exists exactly while an attempt runs
     if d.phase in DATA_PHASES:
-        assert ns.target_host and m.reserved_target(ns) == ns.target_host
+        assert ns.target_host and ns.reserved_target == ns.target_host
     if d.phase == "Scheduling":
         assert ns.target_host is None
     # Events come after every real side effect
@@ -239,11 +228,11 @@ def check_decision(o: Observation, d: m.Decision, now: dt.datetime, w: World | N
     assert d.requeue_after is None if d.done else d.requeue_after is not None and d.requeue_after >= 0
 
 
-def non_events_of(d: m.Decision) -> list:
+def non_events_of(d: Decision) -> list:
     return [a for a in d.actions if not isinstance(a, EmitEvent)]
 
 
-def look(w: World, *, lose_status: bool = False) -> m.Decision:
+def look(w: World, *, lose_status: bool = False) -> Decision:
     o = w.observation()
     d = decide(o, w.now, CFG)
     check_decision(o, d, w.now, w)
@@ -305,7 +294,7 @@ SPECS = st.builds(
     target_host=st.sampled_from([None, None, "h2", "h1", "h9"]),
     scheduled_at=st.sampled_from([None, T0 + dt.timedelta(seconds=300), T0 + dt.timedelta(seconds=2000)]),
     mode=st.sampled_from(["live", "offline"]),
-    limits=st.builds(m.Limits, st.none(), st.none(), st.sampled_from([None, 1, 2, 3])),
+    limits=st.builds(Limits, st.none(), st.none(), st.sampled_from([None, 1, 2, 3])),
     cancel=st.just(False),  # cancel arrives as a step (or drawn separately below)
 )
 
@@ -359,7 +348,7 @@ def test_random_sequences_keep_invariants(spec, steps, strategy, nested):
         phase = w.status.get("phase")
         if terminal_at is not None:
             assert phase == terminal_at, "left a terminal phase"
-        if phase in m.TERMINAL_PHASES:
+        if phase in TERMINAL:
             terminal_at = phase
     for _ in range(3):
         look(w)
@@ -389,7 +378,7 @@ def test_guided_sequences_keep_invariants(spec, strategy, nested, disruptions, g
         if terminal_at is not None:
             assert phase == terminal_at, "left a terminal phase"
             break
-        if phase in m.TERMINAL_PHASES:
+        if phase in TERMINAL:
             terminal_at = phase
         w.agents(good[i % len(good)])
         w.now += dt.timedelta(seconds=d.requeue_after or 0)
@@ -500,7 +489,7 @@ OPT_WHEN = st.none() | WHEN
 
 @st.composite
 def observations(draw) -> tuple[Observation, dt.datetime]:
-    phase = draw(st.sampled_from([None, *m.PHASES]))
+    phase = draw(st.sampled_from([None, *list(Phase)]))
     attempt = draw(st.integers(0, 4))
     ms = MigrationStatus(
         phase=phase,
@@ -508,13 +497,13 @@ def observations(draw) -> tuple[Observation, dt.datetime]:
         source_host=draw(st.sampled_from([None, "h1", "h2"])),
         target_host=draw(st.sampled_from([None, "h2", "h3"])),
         attempt=attempt,
-        attempts=tuple(m.AttemptRecord(i, draw(WHEN)) for i in range(1, attempt + 1)),
+        attempts=tuple(AttemptRecord(i, draw(WHEN)) for i in range(1, attempt + 1)),
         next_attempt_at=draw(OPT_WHEN),
         announced_at=draw(OPT_WHEN),
         not_before=draw(OPT_WHEN),
-        effective_limits=draw(st.sampled_from([None, m.Limits(None, 300, 3), m.Limits(None, 300, 5)])),
-        progress_mark=draw(st.none() | st.builds(m.ProgressMark, st.integers(0, 4), st.sampled_from(["", "x"]), WHEN)),
-        phase_times=draw(st.dictionaries(st.sampled_from(m.PHASES), WHEN, max_size=3)),
+        effective_limits=draw(st.sampled_from([None, Limits(None, 300, 3), Limits(None, 300, 5)])),
+        progress_mark=draw(st.none() | st.builds(ProgressMark, st.integers(0, 4), st.sampled_from(["", "x"]), WHEN)),
+        phase_times=draw(st.dictionaries(st.sampled_from(list(Phase)), WHEN, max_size=3)),
     )
     drop = draw(
         st.none()
@@ -551,10 +540,10 @@ def observations(draw) -> tuple[Observation, dt.datetime]:
     now = draw(WHEN)
     # exactly when needs_admission(o, now, cfg) says so, or (as the shell does) whenever the
     # clock-less, conservative answer says so
-    if m.needs_admission(o, now, CFG) or (m.needs_admission(o) and draw(st.booleans())):
+    if needs_admission(o, now, CFG) or (needs_admission(o) and draw(st.booleans())):
         reason = draw(st.sampled_from(["ConcurrencyLimitReached", "DropletBusy", ""]))
         o = dataclasses.replace(o, admission=Admission(draw(st.booleans()), reason, "full"))
-    if m.needs_placement(o, now):
+    if needs_placement(o, now):
         hosts = [HostInfo(h, "nyc3", Resources(8, 16384, 500), ready=draw(st.booleans())) for h in HOSTS]
         req = DropletRequest("default/web", "nyc3", Resources(2, 4096, 80), source_host=o.droplet.host)
         o = dataclasses.replace(o, placement=place(req, hosts, [], target_host=o.spec.target_host))
@@ -574,17 +563,17 @@ def test_any_observation_keeps_invariants(case):
 
 # ---------------------------------------------------------------- admission over many migrations
 
-LIMITS = st.builds(m.ConcurrencyLimits, st.integers(1, 4), st.integers(1, 3), st.integers(1, 3))
+LIMITS = st.builds(ConcurrencyLimits, st.integers(1, 4), st.integers(1, 3), st.integers(1, 3))
 
 
 @st.composite
-def migration_refs(draw) -> list[m.MigrationRef]:
+def migration_refs(draw) -> list[MigrationRef]:
     out = []
     for i in range(draw(st.integers(0, 14))):
-        out.append(m.MigrationRef(
+        out.append(MigrationRef(
             key=f"lm{i}",
             droplet=draw(st.sampled_from(["d0", "d1", "d2", "d3", "d4", "d5"])),
-            phase=draw(st.sampled_from([None, *m.PHASES])),
+            phase=draw(st.sampled_from([None, *list(Phase)])),
             created_at=T0 + dt.timedelta(seconds=draw(st.integers(0, 5))),  # ties are broken by key
             source_host=draw(st.sampled_from([None, "h1", "h2"])),
             target_host=draw(st.sampled_from([None, None, "h3", "h4"])),
@@ -598,13 +587,13 @@ def migration_refs(draw) -> list[m.MigrationRef]:
 def test_admit_properties(refs, limits, clock):
     """Announcing never waits for a slot; slots go oldest first, only as far as every limit
     allows, and a queued migration is refused only by a limit that really binds."""
-    v = m.admit(refs, limits, clock)
+    v = admit(refs, limits, clock)
     order = sorted(refs, key=lambda r: (r.created_at, r.key))
     rank = {r.key: i for i, r in enumerate(order)}
     queued = [r for r in refs if r.phase == "Announced" and (clock is None or (r.not_before is not None and clock >= r.not_before))]
     assert set(v) == {r.key for r in refs if r.phase in (None, "Pending")} | {r.key for r in queued}
-    assert m.admit(list(reversed(refs)), limits, clock) == v  # the input order does not matter
-    owning = [r for r in refs if r.phase in m.OWNING_PHASES]
+    assert admit(list(reversed(refs)), limits, clock) == v  # the input order does not matter
+    owning = [r for r in refs if r.phase in OWNING]
     for r in refs:
         if r.phase not in (None, "Pending"):
             continue
@@ -613,7 +602,7 @@ def test_admit_properties(refs, limits, clock):
         assert v[r.key].admitted == (not blockers), (r, blockers)
         assert v[r.key].reason == ("Admitted" if not blockers else "DropletBusy")
     # the slots after this call, as the shell would apply them
-    in_flight = [r for r in refs if r.phase in m.IN_FLIGHT_PHASES]
+    in_flight = [r for r in refs if r.phase in IN_FLIGHT]
     granted = [r for r in queued if v[r.key].admitted]
     after = in_flight + granted
     assert len(granted) == 0 or len(after) <= limits.max_parallel
@@ -632,7 +621,7 @@ def test_admit_properties(refs, limits, clock):
             continue
         if verdict.reason == "DropletBusy":
             assert any(o.droplet == r.droplet and o.key != r.key and
-                       (o.phase in m.IN_FLIGHT_PHASES or (o.phase == "Announced" and rank[o.key] < rank[r.key]))
+                       (o.phase in IN_FLIGHT or (o.phase == "Announced" and rank[o.key] < rank[r.key]))
                        for o in refs)
             continue
         assert verdict.reason == "ConcurrencyLimitReached"
@@ -671,7 +660,7 @@ class Cluster:
     """Several migrations, each decided the way the shell does: admission over all of them,
     placement counting the others' reservations and inbound migrations."""
 
-    limits: m.ConcurrencyLimits
+    limits: ConcurrencyLimits
     droplets: dict[str, str]  # name -> host (the placement record)
     sources: tuple[str, ...]  # hosts in maintenance (not schedulable)
     targets: tuple[str, ...]
@@ -681,11 +670,11 @@ class Cluster:
     peak: dict = dataclasses.field(default_factory=lambda: {"cluster": 0, "out": 0, "in": 0})
     queued_looks: int = 0
 
-    def refs(self) -> list[m.MigrationRef]:
+    def refs(self) -> list[MigrationRef]:
         out = []
         for lm in self.lms:
             ms = lm.ms
-            out.append(m.MigrationRef(lm.key, lm.spec.droplet, ms.phase, lm.created_at,
+            out.append(MigrationRef(lm.key, lm.spec.droplet, ms.phase, lm.created_at,
                                       ms.source_host or self.droplets[lm.spec.droplet],
                                       ms.target_host or lm.spec.target_host, ms.not_before))
         return out
@@ -700,15 +689,15 @@ class Cluster:
             generation=1, transfer=lm.transfer, target=lm.target,
             target_host_ready=True if ms.target_host else None, secret_exists=lm.secret,
         )
-        if m.needs_admission(o, self.now, CFG):
-            verdict = m.admit(self.refs(), self.limits, self.now).get(lm.key)
+        if needs_admission(o, self.now, CFG):
+            verdict = admit(self.refs(), self.limits, self.now).get(lm.key)
             assert verdict is not None, (lm.key, ms.phase)
             o = dataclasses.replace(o, admission=verdict)
-        if m.needs_placement(o, self.now):
+        if needs_placement(o, self.now):
             others = [x for x in self.lms if x is not lm]
-            inbound = {h: sum(1 for x in others if m.reserved_target(x.ms) == h) for h in self.targets}
+            inbound = {h: sum(1 for x in others if x.ms.reserved_target == h) for h in self.targets}
             reservations = [Reservation(t, SIZE, x.spec.droplet) for x in others
-                            if (t := m.reserved_target(x.ms)) and self.droplets[x.spec.droplet] != t]
+                            if (t := x.ms.reserved_target) and self.droplets[x.spec.droplet] != t]
             hosts = [HostInfo(h, "nyc3", Resources(64, 131072, 5000),
                               _times(SIZE, sum(1 for d in self.droplets.values() if d == h)),
                               schedulable=h not in self.sources, in_maintenance=h in self.sources,
@@ -719,7 +708,7 @@ class Cluster:
                                                        inbound_limit=self.limits.max_inbound_per_host))
         return o
 
-    def look(self, lm: Lm) -> m.Decision:
+    def look(self, lm: Lm) -> Decision:
         o = self.observation(lm)
         d = decide(o, self.now, CFG)
         check_decision(o, d, self.now, None)
@@ -761,7 +750,7 @@ class Cluster:
 
     def check(self) -> None:
         """Invariant 6 (and 5, and one migration per droplet) over the whole cluster."""
-        flying = [x.ms for x in self.lms if x.ms.phase in m.IN_FLIGHT_PHASES]
+        flying = [x.ms for x in self.lms if x.ms.phase in IN_FLIGHT]
         out: dict[str, int] = {}
         inn: dict[str, int] = {}
         for ms in flying:
@@ -776,17 +765,17 @@ class Cluster:
         self.peak["in"] = max([self.peak["in"], *inn.values()])
         owners: dict[str, int] = {}
         for x in self.lms:
-            if x.ms.phase in m.OWNING_PHASES:
+            if x.ms.phase in OWNING:
                 owners[x.spec.droplet] = owners.get(x.spec.droplet, 0) + 1
         assert all(v == 1 for v in owners.values()), owners
         for h in self.targets:
             used = sum(1 for d in self.droplets.values() if d == h)
-            used += sum(1 for x in self.lms if m.reserved_target(x.ms) == h and self.droplets[x.spec.droplet] != h)
+            used += sum(1 for x in self.lms if x.ms.reserved_target == h and self.droplets[x.spec.droplet] != h)
             assert used * SIZE.cpu <= 64
 
     def run(self, rnd: Any, max_rounds: int = 400) -> None:
         for _ in range(max_rounds):
-            live = [x for x in self.lms if x.ms.phase not in m.TERMINAL_PHASES]
+            live = [x for x in self.lms if x.ms.phase not in TERMINAL]
             if not live:
                 return
             rnd.shuffle(live)
@@ -853,7 +842,7 @@ def test_evacuation_of_twenty_droplets_is_told_at_once():
     the first wave starts right after the notice, not 10 minutes per wave."""
     import random
 
-    limits = m.ConcurrencyLimits(5, 5, 5)
+    limits = ConcurrencyLimits(5, 5, 5)
     droplets = {f"d{i:02}": "src" for i in range(20)}
     lms = [Lm(f"lm-{d}", MigrationSpec(d), T0 + dt.timedelta(microseconds=i)) for i, d in enumerate(sorted(droplets))]
     c = Cluster(limits, droplets, ("src",), ("t0", "t1", "t2", "t3", "t4"), lms)

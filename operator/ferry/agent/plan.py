@@ -44,7 +44,10 @@ import datetime as dt
 from collections.abc import Iterable, Mapping
 from typing import Any, Union
 
-from ferry.api.models import Droplet, Migration
+from ferry.api.livemigration import LiveMigration
+from ferry.api.models import Droplet
+from ferry.api.phases import ATTEMPT, TRANSFER_FINAL, Phase, TargetState, TransferState
+from ferry.api.reports import ImageProgress, RoundReport, TargetReport, TransferReport
 from ferry.api.times import fmt
 from ferry.drivers.base import (
     MigrationOptions,
@@ -58,7 +61,6 @@ from ferry.drivers.base import (
 )
 
 MiB = 1024 * 1024
-ROUNDS_REPORTED = 20
 
 MigKey = tuple[str, str]  # (namespace, name) of a LiveMigration
 
@@ -66,23 +68,22 @@ MigKey = tuple[str, str]  # (namespace, name) of a LiveMigration
 SOURCE_BUSY = frozenset({MigrationState.COPYING, MigrationState.CONVERGING, MigrationState.PAUSED,
                          MigrationState.COMPLETED})
 #: phases in which the target of the current attempt keeps its incoming VM
-TARGET_KEEP_PHASES = ("Preparing", "PreCopy", "CutOver", "Completed")
+TARGET_KEEP_PHASES = frozenset({Phase.PREPARING, Phase.PRECOPY, Phase.CUTOVER, Phase.COMPLETED})
 #: phases in which the source must not resume on its own: the record may be moving
-SOURCE_HOLD_PHASES = ("PreCopy", "CutOver", "Completed")
+SOURCE_HOLD_PHASES = frozenset({Phase.PRECOPY, Phase.CUTOVER, Phase.COMPLETED})
 #: target report states that mean "prepared for this attempt"
-TARGET_PREPARED = ("Listening", "Received", "Running")
+TARGET_PREPARED = frozenset({TargetState.LISTENING, TargetState.RECEIVED, TargetState.RUNNING})
 
 TRANSFER_STATE = {
-    MigrationState.NONE: "Copying",
-    MigrationState.COPYING: "Copying",
-    MigrationState.CONVERGING: "Converging",
-    MigrationState.PAUSED: "Paused",
-    MigrationState.COMPLETED: "Completed",
-    MigrationState.RECEIVED: "Completed",
-    MigrationState.FAILED: "Failed",
-    MigrationState.ABORTED: "Aborted",
+    MigrationState.NONE: TransferState.COPYING,
+    MigrationState.COPYING: TransferState.COPYING,
+    MigrationState.CONVERGING: TransferState.CONVERGING,
+    MigrationState.PAUSED: TransferState.PAUSED,
+    MigrationState.COMPLETED: TransferState.COMPLETED,
+    MigrationState.RECEIVED: TransferState.COMPLETED,
+    MigrationState.FAILED: TransferState.FAILED,
+    MigrationState.ABORTED: TransferState.ABORTED,
 }
-TRANSFER_FINAL = ("Completed", "Failed", "Aborted")
 
 
 # --- inputs -------------------------------------------------------------------------------
@@ -267,11 +268,11 @@ def vm_spec(droplet: Droplet, *, power_on: bool | None = None) -> VMSpec:
     )
 
 
-def migration_options(lm: Migration, default_downtime_ms: int) -> MigrationOptions:
-    limits = lm.status.get("effectiveLimits") or {}
-    downtime = limits.get("downtimeMs") or lm.downtime_ms or default_downtime_ms
-    bandwidth = limits.get("bandwidthMiBps") or lm.bandwidth_mibps
-    mode = lm.status.get("effectiveMode") or lm.mode
+def migration_options(lm: LiveMigration, default_downtime_ms: int) -> MigrationOptions:
+    limits = lm.status.effective_limits or lm.spec.limits
+    downtime = limits.downtime_ms or lm.spec.limits.downtime_ms or default_downtime_ms
+    bandwidth = limits.bandwidth_mibps or lm.spec.limits.bandwidth_mibps
+    mode = lm.status.effective_mode or lm.spec.mode
     return MigrationOptions(downtime_budget_ms=int(downtime),
                             bandwidth_bps=int(bandwidth) * MiB if bandwidth else None,
                             offline=mode == "offline")
@@ -288,76 +289,78 @@ def progress_percent(stats: MigrationStats) -> int:
     return max(0, min(99, sent * 100 // (sent + remaining)))
 
 
+def transfer_report(stats: MigrationStats, attempt: int, now: dt.datetime) -> TransferReport:
+    """``status.transfer`` from the source's stats."""
+    return TransferReport(
+        attempt=attempt,
+        state=TRANSFER_STATE.get(stats.state, TransferState.COPYING),
+        round=stats.round,
+        disk=ImageProgress(stats.disk.total, stats.disk.sent, stats.disk.remaining),
+        memory=ImageProgress(stats.memory.total, stats.memory.sent, stats.memory.remaining),
+        bytes_total=stats.bytes_total,
+        bytes_sent=stats.bytes_sent,
+        dirty_remaining=stats.dirty_remaining,
+        dirty_rate_bps=stats.dirty_rate_bps,
+        bandwidth_bps=stats.bandwidth_bps,
+        throttle_percent=stats.throttle_percent,
+        throttled_ms=stats.throttled_ms,
+        max_throttle_percent=stats.max_throttle_percent,
+        expected_downtime_ms=stats.expected_downtime_ms,
+        eta_seconds=stats.eta_seconds,
+        progress=progress_percent(stats),
+        rounds=tuple(RoundReport(r.round, r.bytes, r.dirty_bytes, r.ms) for r in stats.rounds),
+        downtime_ms=stats.downtime_ms,
+        digest=stats.digest,
+        error=stats.error,
+        updated_at=now,
+    )
+
+
 def transfer_status(stats: MigrationStats, attempt: int, now: dt.datetime) -> dict[str, Any]:
-    """``status.transfer`` from the source's stats (None values clear stale fields)."""
-    return {
-        "attempt": attempt,
-        "state": TRANSFER_STATE.get(stats.state, "Copying"),
-        "round": stats.round,
-        "disk": {"total": stats.disk.total, "sent": stats.disk.sent, "remaining": stats.disk.remaining},
-        "memory": {"total": stats.memory.total, "sent": stats.memory.sent, "remaining": stats.memory.remaining},
-        "bytesTotal": stats.bytes_total,
-        "bytesSent": stats.bytes_sent,
-        "dirtyRemaining": stats.dirty_remaining,
-        "dirtyRateBps": stats.dirty_rate_bps,
-        "bandwidthBps": stats.bandwidth_bps,
-        "throttlePercent": stats.throttle_percent,
-        "throttledMs": stats.throttled_ms,
-        "maxThrottlePercent": stats.max_throttle_percent,
-        "expectedDowntimeMs": stats.expected_downtime_ms,
-        "etaSeconds": None if stats.eta_seconds is None else round(float(stats.eta_seconds), 3),
-        "progress": progress_percent(stats),
-        "rounds": [{"round": r.round, "bytes": r.bytes, "dirtyBytes": r.dirty_bytes, "ms": r.ms}
-                   for r in stats.rounds[-ROUNDS_REPORTED:]],
-        "downtimeMs": stats.downtime_ms,
-        "digest": stats.digest,
-        "error": stats.error,
-        "updatedAt": fmt(now, fraction=True),
-    }
+    """The merge patch of ``status.transfer`` (None values clear stale fields)."""
+    return transfer_report(stats, attempt, now).to_patch()
 
 
 def transfer_failed(attempt: int, error: str, now: dt.datetime) -> dict[str, Any]:
-    return {"attempt": attempt, "state": "Failed", "error": error, "digest": None, "progress": 0,
-            "updatedAt": fmt(now, fraction=True)}
+    return TransferReport.failure_patch(attempt, error, now)
 
 
-def target_status(attempt: int, state: str, now: dt.datetime, *, address: str | None = None,
+def target_status(attempt: int, state: TargetState, now: dt.datetime, *, address: str | None = None,
                   digest: str | None = None, error: str | None = None) -> dict[str, Any]:
-    return {"attempt": attempt, "state": state, "address": address, "digest": digest, "error": error,
-            "updatedAt": fmt(now, fraction=True)}
+    return TargetReport(attempt, state, address, digest, error, now).to_patch()
 
 
 def _comparable(d: Mapping[str, Any] | None) -> dict[str, Any]:
-    return {k: v for k, v in (d or {}).items() if v is not None and k != "updatedAt"}
+    return {k: v for k, v in (d or {}).items() if v is not None and v != [] and k != "updatedAt"}
 
 
-def transfer_due(lm: Migration, new: Mapping[str, Any], now: dt.datetime, interval: float) -> bool:
+def transfer_due(lm: LiveMigration, new: Mapping[str, Any], now: dt.datetime, interval: float) -> bool:
     """Whether ``new`` should be written now: at once on a new attempt or state, otherwise
     when something changed and the last report is ``interval`` seconds old."""
     old = lm.transfer
     if old.attempt != new["attempt"] or old.state != new["state"]:
         return True
-    if _comparable(old.raw) == _comparable(new):
+    if _comparable(old.to_patch()) == _comparable(new):
         return False
     if new["state"] in TRANSFER_FINAL:
         return True  # e.g. the digest or downtime arrives with the final state: never wait
-    return old.updated is None or (now - old.updated).total_seconds() >= interval
+    return old.updated_at is None or (now - old.updated_at).total_seconds() >= interval
 
 
-def _same_target(lm: Migration, attempt: int, state: str) -> bool:
+def _same_target(lm: LiveMigration, attempt: int, state: str) -> bool:
     return lm.target.attempt == attempt and lm.target.state == state
 
 
 # --- the decision -------------------------------------------------------------------------
 
 def plan(host: HostContext, droplets: Mapping[VMKey, Droplet | None],
-         migrations: Mapping[MigKey, Migration | None], vms: Mapping[VMKey, VMObs],
+         migrations: Mapping[MigKey, LiveMigration | None], vms: Mapping[VMKey, VMObs],
          now: dt.datetime) -> list[Action]:
     """Everything this host should do now, in execution order (grouped by droplet)."""
     me = host.name
-    by_droplet: dict[VMKey, list[Migration]] = {}
+    by_droplet: dict[VMKey, list[LiveMigration]] = {}
     for lm in migrations.values():
-        if lm is not None and me in (lm.source_host, lm.status_target_host):
+        if lm is not None and me in (lm.status.source_host, lm.status.target_host):
             by_droplet.setdefault(VMKey(lm.namespace, lm.droplet), []).append(lm)
     keys: set[VMKey] = set(vms) | set(by_droplet)
     keys |= {k for k, d in droplets.items() if d is not None and d.host == me}
@@ -369,8 +372,8 @@ def plan(host: HostContext, droplets: Mapping[VMKey, Droplet | None],
 
 
 def _plan_droplet(host: HostContext, key: VMKey, droplets: Mapping[VMKey, Droplet | None],
-                  migrations: Mapping[MigKey, Migration | None], vm: VMObs | None,
-                  lms: list[Migration], now: dt.datetime) -> list[Action]:
+                  migrations: Mapping[MigKey, LiveMigration | None], vm: VMObs | None,
+                  lms: list[LiveMigration], now: dt.datetime) -> list[Action]:
     me = host.name
     known = key in droplets
     d = droplets.get(key)
@@ -388,8 +391,8 @@ def _plan_droplet(host: HostContext, key: VMKey, droplets: Mapping[VMKey, Drople
         owner_key = (ref[0], ref[1]) if ref else None
         owner = migrations.get(owner_key) if owner_key else None
         owner_known = owner_key is None or owner_key in migrations
-        current = (owner is not None and ref is not None and owner.status_target_host == me
-                   and owner.attempt == ref[2] and owner.phase in TARGET_KEEP_PHASES)
+        current = (owner is not None and ref is not None and owner.status.target_host == me
+                   and owner.status.attempt == ref[2] and owner.phase in TARGET_KEEP_PHASES)
         if current or not owner_known:
             pass  # the target logic below handles the current attempt; unknown: wait
         elif owned:
@@ -408,7 +411,7 @@ def _plan_droplet(host: HostContext, key: VMKey, droplets: Mapping[VMKey, Drople
     # 2. Target role.
     serving: str | None = None
     for lm in lms:
-        if lm.status_target_host != me or lm.attempt < 1:
+        if lm.status.target_host != me or lm.status.attempt < 1:
             continue
         acts, took = _target(host, key, lm, d, known, owned, elsewhere, vm, destroyed, now)
         if serving is not None and any(isinstance(a, DRIVER_ACTIONS) for a in acts):
@@ -424,7 +427,7 @@ def _plan_droplet(host: HostContext, key: VMKey, droplets: Mapping[VMKey, Drople
     source_mid = vm.source_busy_mid if vm is not None else None
     handled: set[str] = set()
     for lm in lms:
-        if lm.source_host != me or lm.attempt < 1:
+        if lm.status.source_host != me or lm.status.attempt < 1:
             continue
         acts, mids = _source(host, key, lm, owned, vm, source_mid, now)
         out.extend(acts)
@@ -444,7 +447,7 @@ def _plan_droplet(host: HostContext, key: VMKey, droplets: Mapping[VMKey, Drople
     return out
 
 
-def _orphaned(me: str, mid: str, migrations: Mapping[MigKey, Migration | None]) -> bool:
+def _orphaned(me: str, mid: str, migrations: Mapping[MigKey, LiveMigration | None]) -> bool:
     """The source-side migration ``mid`` belongs to no migration of this host any more."""
     ref = parse_migration_id(mid)
     if ref is None:
@@ -452,19 +455,19 @@ def _orphaned(me: str, mid: str, migrations: Mapping[MigKey, Migration | None]) 
     if (ref[0], ref[1]) not in migrations:
         return False  # unknown: wait
     owner = migrations[(ref[0], ref[1])]
-    return owner is None or (owner.source_host != me and owner.phase not in SOURCE_HOLD_PHASES)
+    return owner is None or (owner.status.source_host != me and owner.phase not in SOURCE_HOLD_PHASES)
 
 
-def _power(key: VMKey, d: Droplet, vm: VMObs | None, lms: list[Migration], me: str) -> list[Action]:
+def _power(key: VMKey, d: Droplet, vm: VMObs | None, lms: list[LiveMigration], me: str) -> list[Action]:
     if vm is None or vm.state == VMState.STOPPED:
         if not d.power_on and vm is not None:
             return []
         if vm is None:
-            expecting = [lm for lm in lms if lm.status_target_host == me and lm.phase in ("PreCopy", "CutOver")]
+            expecting = [lm for lm in lms if lm.status.target_host == me and lm.phase in (Phase.PRECOPY, Phase.CUTOVER)]
             if expecting:
                 return [Warn(key, f"the droplet's record names this host but the incoming VM of "
                                   f"{expecting[0].namespace}/{expecting[0].name} is missing; not starting an empty one")]
-            if any(lm.source_host == me and lm.phase in ("PreCopy", "CutOver") for lm in lms):
+            if any(lm.status.source_host == me and lm.phase in (Phase.PRECOPY, Phase.CUTOVER) for lm in lms):
                 return []  # no VM to send: the migration fails first (reported), an empty VM would hide that
         if not d.power_on:  # define it (images, no guest): a powered-off droplet has a disk too
             return [StartVM(vm_spec(d), "placed on this host, powered off")]
@@ -476,83 +479,83 @@ def _power(key: VMKey, d: Droplet, vm: VMObs | None, lms: list[Migration], me: s
     return []
 
 
-def _target(host: HostContext, key: VMKey, lm: Migration, d: Droplet | None, known: bool, owned: bool,
+def _target(host: HostContext, key: VMKey, lm: LiveMigration, d: Droplet | None, known: bool, owned: bool,
             elsewhere: bool, vm: VMObs | None, destroyed: bool, now: dt.datetime) -> tuple[list[Action], bool]:
     """Actions of the target role for ``lm``; the bool says whether it decided about the VM."""
-    me, n = host.name, lm.attempt
+    me, n = host.name, lm.status.attempt
     ref = (lm.namespace, lm.name)
     mid = migration_id(lm.namespace, lm.name, n)
     rep = lm.target
     has_vm = vm is not None and vm.migration_id == mid and not destroyed
     out: list[Action] = []
 
-    if lm.phase == "Preparing":
+    if lm.phase == Phase.PREPARING:
         if has_vm and vm is not None and vm.state == VMState.INCOMING and rep.attempt == n and rep.state in TARGET_PREPARED:
             return out, True
-        if rep.attempt == n and rep.state == "Failed":
+        if rep.attempt == n and rep.state == TargetState.FAILED:
             return out, has_vm  # reported; the operator fails the attempt
         if not known or d is None:
             return out, False  # need the droplet's size; a deleted droplet fails the migration upstream
         if owned:
-            if not _same_target(lm, n, "Failed"):
+            if not _same_target(lm, n, TargetState.FAILED):
                 out.append(ReportTarget(key, ref, target_status(
-                    n, "Failed", now, error=f"droplet {key} already runs on target host {me}")))
+                    n, TargetState.FAILED, now, error=f"droplet {key} already runs on target host {me}")))
             return out, False
         if vm is not None and vm.state != VMState.INCOMING and not destroyed and elsewhere:
             out.append(DestroyVM(key, f"a stale copy is in the way of incoming {mid}"))
         out.append(PrepareIncoming(vm_spec(d), ref, n))
         return out, True
 
-    if lm.phase in ("PreCopy", "CutOver", "Completed"):
+    if lm.phase in SOURCE_HOLD_PHASES:
         if not has_vm:
-            if lm.phase != "Completed" and rep.attempt == n and rep.state in ("Preparing", "Listening", "Received"):
+            if lm.phase != Phase.COMPLETED and rep.attempt == n and rep.state in (TargetState.PREPARING, TargetState.LISTENING, TargetState.RECEIVED):
                 out.append(ReportTarget(key, ref, target_status(
-                    n, "Failed", now, address=rep.address, error=f"the incoming VM of {mid} is gone from host {me}")))
+                    n, TargetState.FAILED, now, address=rep.address, error=f"the incoming VM of {mid} is gone from host {me}")))
             return out, False
         assert vm is not None
         st = vm.migration_state
         stats = vm.stats
         if vm.state == VMState.INCOMING:
             if st == MigrationState.RECEIVED:
-                if owned and lm.phase in ("CutOver", "Completed"):
+                if owned and lm.phase in (Phase.CUTOVER, Phase.COMPLETED):
                     out.append(ResumeVM(key, mid, f"the record names {me}"))
                     if d is not None and not d.power_on:
                         out.append(StopVM(key, "powerState off (offline migration)"))
                     out.append(ReportTarget(key, ref, target_status(
-                        n, "Running", now, address=rep.address if rep.attempt == n else None,
+                        n, TargetState.RUNNING, now, address=rep.address if rep.attempt == n else None,
                         digest=stats.digest if stats else None)))
-                elif not (rep.attempt == n and rep.state in ("Received", "Running")):
+                elif not (rep.attempt == n and rep.state in (TargetState.RECEIVED, TargetState.RUNNING)):
                     out.append(ReportTarget(key, ref, target_status(
-                        n, "Received", now, address=rep.address if rep.attempt == n else None,
+                        n, TargetState.RECEIVED, now, address=rep.address if rep.attempt == n else None,
                         digest=stats.digest if stats else None)))
             elif st in (MigrationState.FAILED, MigrationState.ABORTED):
-                if not _same_target(lm, n, "Failed"):
+                if not _same_target(lm, n, TargetState.FAILED):
                     error = (stats.error if stats else None) or f"incoming migration {st.value.lower()}"
                     out.append(ReportTarget(key, ref, target_status(
-                        n, "Failed", now, address=rep.address if rep.attempt == n else None, error=error)))
+                        n, TargetState.FAILED, now, address=rep.address if rep.attempt == n else None, error=error)))
             return out, True
         # resumed already (Running, or Stopped when powered off): power management applies again
-        if owned and not _same_target(lm, n, "Running"):
+        if owned and not _same_target(lm, n, TargetState.RUNNING):
             out.append(ReportTarget(key, ref, target_status(
-                n, "Running", now, address=rep.address if rep.attempt == n else None,
+                n, TargetState.RUNNING, now, address=rep.address if rep.attempt == n else None,
                 digest=(stats.digest if stats else None) or rep.digest)))
         return out, False
 
     # Pending/Announced/Scheduling (a later attempt is being set up), Failed, Cancelled:
     # the incoming VM (if any) was torn down in step 1; say so once.
     m = rep.attempt
-    if m >= 1 and rep.state not in ("Cleaned", "Running") and not owned:
+    if m >= 1 and rep.state not in (TargetState.CLEANED, TargetState.RUNNING) and not owned:
         still_there = vm is not None and vm.migration_id == migration_id(lm.namespace, lm.name, m) and not destroyed
         if not still_there:
-            out.append(ReportTarget(key, ref, target_status(m, "Cleaned", now, address=rep.address,
+            out.append(ReportTarget(key, ref, target_status(m, TargetState.CLEANED, now, address=rep.address,
                                                             error=rep.error)))
     return out, False
 
 
-def _source(host: HostContext, key: VMKey, lm: Migration, owned: bool, vm: VMObs | None,
+def _source(host: HostContext, key: VMKey, lm: LiveMigration, owned: bool, vm: VMObs | None,
             source_mid: str | None, now: dt.datetime) -> tuple[list[Action], set[str]]:
     """Actions of the source role for ``lm``; the set holds the migration ids it decided about."""
-    n = lm.attempt
+    n = lm.status.attempt
     ref = (lm.namespace, lm.name)
     mid = migration_id(lm.namespace, lm.name, n)
     stats = vm.stats if vm is not None else None
@@ -565,34 +568,34 @@ def _source(host: HostContext, key: VMKey, lm: Migration, owned: bool, vm: VMObs
     if not owned:
         return out, handled  # the record moved (or is unknown): nothing to send, nothing to resume
 
-    if lm.phase == "PreCopy":
+    if lm.phase == Phase.PRECOPY:
         if stats is not None and stats.migration_id == mid:
             out.extend(_report_transfer(host, key, lm, stats, n, now))
             return out, handled
-        if lm.transfer.attempt == n and lm.transfer.state in ("Failed", "Aborted"):
+        if lm.transfer.attempt == n and lm.transfer.failed:
             return out, handled  # reported; the operator retries with a new attempt
         if vm is None or vm.state == VMState.INCOMING:
-            if not (lm.transfer.attempt == n and lm.transfer.state == "Failed"):
+            if not (lm.transfer.attempt == n and lm.transfer.state == TransferState.FAILED):
                 out.append(ReportTransfer(key, ref, transfer_failed(
                     n, f"droplet {key} has no VM on source host {host.name}", now)))
             return out, handled
         target = lm.target
-        if target.attempt == n and target.state == "Listening" and target.address:
+        if target.attempt == n and target.state == TargetState.LISTENING and target.address:
             if source_mid is not None and source_mid != mid:
                 out.append(CancelMigration(key, source_mid, f"{mid} replaces it"))
                 handled.add(source_mid)
             out.append(StartMigration(key, ref, n, target.address, migration_options(lm, host.downtime_budget_ms)))
         return out, handled
 
-    if lm.phase == "CutOver":
+    if lm.phase == Phase.CUTOVER:
         if stats is not None and stats.migration_id == mid:
             out.extend(_report_transfer(host, key, lm, stats, n, now))
         return out, handled
 
     # Any other phase: this attempt is over or not started. Resume the source if it is still
     # held for an attempt of this migration (never in Completed: the record may be moving).
-    if source_mid is not None and ours and lm.phase != "Completed":
-        why = f"migration {lm.phase}" if lm.phase in ("Failed", "Cancelled") else f"attempt {n} replaces it"
+    if source_mid is not None and ours and lm.phase != Phase.COMPLETED:
+        why = f"migration {lm.phase}" if lm.phase in (Phase.FAILED, Phase.CANCELLED) else f"attempt {n} replaces it"
         out.append(CancelMigration(key, source_mid, why))
     if stats is not None and ours and stats_ref is not None and (stats_ref[2] == n or lm.transfer.attempt == stats_ref[2]):
         if source_mid is None:  # once the cancel took effect, say how it ended
@@ -600,7 +603,7 @@ def _source(host: HostContext, key: VMKey, lm: Migration, owned: bool, vm: VMObs
     return out, handled
 
 
-def _report_transfer(host: HostContext, key: VMKey, lm: Migration, stats: MigrationStats, attempt: int,
+def _report_transfer(host: HostContext, key: VMKey, lm: LiveMigration, stats: MigrationStats, attempt: int,
                      now: dt.datetime) -> list[Action]:
     new = transfer_status(stats, attempt, now)
     if transfer_due(lm, new, now, host.report_interval_seconds):
@@ -622,11 +625,11 @@ def agent_status(host: HostContext, driver: str, version: str, vms: Iterable[VMI
     }
 
 
-def busy(vms: Mapping[VMKey, VMObs], migrations: Mapping[MigKey, Migration | None], me: str) -> bool:
+def busy(vms: Mapping[VMKey, VMObs], migrations: Mapping[MigKey, LiveMigration | None], me: str) -> bool:
     """Whether a migration is in flight here (the loop then polls the driver often)."""
     for lm in migrations.values():
-        if lm is not None and lm.phase in ("Preparing", "PreCopy", "CutOver") and me in (lm.source_host,
-                                                                                         lm.status_target_host):
+        if lm is not None and lm.phase in ATTEMPT and me in (lm.status.source_host,
+                                                                                         lm.status.target_host):
             return True
     for vm in vms.values():
         if vm.source_busy_mid is not None:

@@ -21,7 +21,3 @@ TRANSFER_SECRET_KEY = "key"
 
 def transfer_secret_name(migration: str) -> str:
     return f"{migration}-transfer"
-
-
-ACTIVE_PHASES = ("Scheduling", "Preparing", "PreCopy", "CutOver")
-TERMINAL_PHASES = ("Completed", "Failed", "Cancelled")

@@ -1,8 +1,9 @@
-"""Typed views of the three kinds, parsed once at the boundary.
+"""Typed views of Host and Droplet, parsed once at the boundary (LiveMigration:
+``ferry.api.livemigration``).
 
-Handlers and agents never dig through raw dicts: they call ``Host.from_body`` /
-``Droplet.from_body`` / ``Migration.from_body`` and work with these frozen views. A spec
-that cannot be parsed raises ``InvalidSpec`` with a message naming the field.
+Handlers, agents, the CLI and the metadata endpoint never dig through raw dicts: they call
+``Host.from_body`` / ``Droplet.from_body`` and work with these frozen views. A spec that
+cannot be parsed raises ``InvalidSpec`` with a message naming the field.
 """
 
 from __future__ import annotations
@@ -13,12 +14,10 @@ from collections.abc import Mapping
 from typing import Any
 
 from ferry.api import constants as c
+from ferry.api.conditions import Condition, find, parse_conditions
+from ferry.api.meta import InvalidSpec, Meta
 from ferry.api.sizes import Resources, resources_for
-from ferry.api.times import parse
-
-
-class InvalidSpec(ValueError):
-    """A resource's spec cannot be used; the message names the field."""
+from ferry.api.times import EPOCH, parse, parse_any
 
 
 ZERO = Resources(0, 0, 0)
@@ -29,31 +28,6 @@ def _resources(d: Any, where: str) -> Resources:
         return Resources.from_dict(d, what=where)
     except ValueError as exc:
         raise InvalidSpec(str(exc)) from None
-
-
-@dataclasses.dataclass(frozen=True)
-class Meta:
-    name: str
-    namespace: str | None
-    uid: str
-    resource_version: str
-    generation: int
-    labels: Mapping[str, str]
-    annotations: Mapping[str, str]
-    created: dt.datetime | None
-    deleting: bool
-    finalizers: tuple[str, ...] = ()
-
-    @classmethod
-    def from_body(cls, body: Mapping[str, Any]) -> Meta:
-        m = body.get("metadata", {})
-        return cls(
-            name=m.get("name", ""), namespace=m.get("namespace"), uid=m.get("uid", ""),
-            resource_version=m.get("resourceVersion", ""), generation=int(m.get("generation") or 0),
-            labels=dict(m.get("labels") or {}), annotations=dict(m.get("annotations") or {}),
-            created=parse(m.get("creationTimestamp")), deleting=bool(m.get("deletionTimestamp")),
-            finalizers=tuple(m.get("finalizers") or ()),
-        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,6 +104,14 @@ class Droplet:
     host: str | None  # the placement record (status.host)
     phase: str | None
     status: Mapping[str, Any]
+    conditions: tuple[Condition, ...] = ()
+
+    def condition(self, type_: str) -> Condition | None:
+        return find(self.conditions, type_)
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return (self.namespace, self.name)
 
     @property
     def name(self) -> str:
@@ -142,6 +124,20 @@ class Droplet:
     @property
     def announced(self) -> bool:
         return self.meta.annotations.get(c.MAINTENANCE_ANNOTATION) == c.MAINTENANCE_EVENT
+
+    @property
+    def maintenance_since(self) -> dt.datetime | None:
+        """Since when the droplet has been told (its ``-since`` annotation; the epoch when
+        that is missing or malformed), None when no maintenance event is announced."""
+        if not self.announced:
+            return None
+        return parse_any(self.meta.annotations.get(c.MAINTENANCE_SINCE_ANNOTATION)) or EPOCH
+
+    @property
+    def maintenance_not_before(self) -> dt.datetime | None:
+        if not self.announced:
+            return None
+        return parse_any(self.meta.annotations.get(c.MAINTENANCE_NOT_BEFORE_ANNOTATION))
 
     @classmethod
     def from_body(cls, body: Mapping[str, Any]) -> Droplet:
@@ -165,110 +161,5 @@ class Droplet:
             host=status.get("host") or None,
             phase=status.get("phase"),
             status=status,
-        )
-
-
-@dataclasses.dataclass(frozen=True)
-class TransferReport:
-    """status.transfer, written by the source agent."""
-
-    attempt: int
-    state: str | None
-    digest: str | None
-    error: str | None
-    progress: int
-    bytes_sent: int
-    bytes_total: int
-    downtime_ms: int | None
-    updated: dt.datetime | None
-    raw: Mapping[str, Any]
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any] | None) -> TransferReport:
-        d = d or {}
-        return cls(int(d.get("attempt") or 0), d.get("state"), d.get("digest"), d.get("error"),
-                   int(d.get("progress") or 0), int(d.get("bytesSent") or 0), int(d.get("bytesTotal") or 0),
-                   d.get("downtimeMs"), parse(d.get("updatedAt")), d)
-
-
-@dataclasses.dataclass(frozen=True)
-class TargetReport:
-    """status.target, written by the target agent."""
-
-    attempt: int
-    state: str | None
-    address: str | None
-    digest: str | None
-    error: str | None
-    updated: dt.datetime | None
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any] | None) -> TargetReport:
-        d = d or {}
-        return cls(int(d.get("attempt") or 0), d.get("state"), d.get("address"), d.get("digest"),
-                   d.get("error"), parse(d.get("updatedAt")))
-
-
-@dataclasses.dataclass(frozen=True)
-class Migration:
-    meta: Meta
-    droplet: str
-    target_host: str | None
-    scheduled_at: dt.datetime | None
-    mode: str
-    bandwidth_mibps: int | None
-    max_attempts: int | None
-    downtime_ms: int | None
-    cancel: bool
-    raw_spec: Mapping[str, Any]
-    # status
-    phase: str | None
-    attempt: int
-    source_host: str | None
-    status_target_host: str | None
-    transfer: TransferReport
-    target: TargetReport
-    status: Mapping[str, Any]
-
-    @property
-    def name(self) -> str:
-        return self.meta.name
-
-    @property
-    def namespace(self) -> str:
-        return self.meta.namespace or ""
-
-    @property
-    def active(self) -> bool:
-        return self.phase in c.ACTIVE_PHASES
-
-    @property
-    def terminal(self) -> bool:
-        return self.phase in c.TERMINAL_PHASES
-
-    @classmethod
-    def from_body(cls, body: Mapping[str, Any]) -> Migration:
-        spec = body.get("spec") or {}
-        status = body.get("status") or {}
-        limits = spec.get("limits") or {}
-        if not spec.get("droplet"):
-            raise InvalidSpec("spec.droplet: required")
-        return cls(
-            meta=Meta.from_body(body),
-            droplet=spec["droplet"],
-            target_host=spec.get("targetHost") or None,
-            scheduled_at=parse(spec.get("scheduledAt")),
-            mode=spec.get("mode", "live"),
-            bandwidth_mibps=limits.get("bandwidthMiBps"),
-            max_attempts=limits.get("maxAttempts"),
-            downtime_ms=limits.get("downtimeMs"),
-            cancel=bool(spec.get("cancel")),
-            raw_spec=spec,
-            phase=status.get("phase"),
-            attempt=int(status.get("attempt") or 0),
-            source_host=status.get("sourceHost"),
-            status_target_host=status.get("targetHost"),
-            transfer=TransferReport.from_dict(status.get("transfer")),
-            target=TargetReport.from_dict(status.get("target")),
-            status=status,
+            conditions=parse_conditions(status.get("conditions")),
         )

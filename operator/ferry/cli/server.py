@@ -24,7 +24,7 @@ REPO = pathlib.Path(__file__).resolve().parents[3]
 def operator(ctx: click.Context, standalone: bool, peering_name: str, liveness: str | None, priority: int,
              metrics_port: int | None) -> None:
     """Run the ferry operator (reconciles Hosts, Droplets and LiveMigrations)."""
-    from ferry.controller.app import run
+    from ferry.controller.main import run
 
     run(kubeconfig=ctx.obj["kubeconfig"], namespace=ctx.obj["namespace"], standalone=standalone,
         peering_name=peering_name, liveness=liveness, metrics_port=metrics_port, priority=priority)

@@ -1,37 +1,29 @@
-"""Host handlers: readiness from heartbeats, allocation, cordon and evacuation."""
+"""Host reconciler: readiness from heartbeats, allocation, cordon and evacuation
+(the decisions are ``ferry.hosts.status``)."""
 
 from __future__ import annotations
 
 import logging
-from typing import Any
 
-import kopf
-
-from ferry.api import constants as c
+from ferry.api.phases import HostPhase
 from ferry.api.sizes import Resources
 from ferry.api.times import now
-from ferry.controller.app import RESOURCES, Context, ctx
+from ferry.controller import effects
+from ferry.controller.app import Context
 from ferry.hosts.status import evacuation_plan, host_status, status_changed
 from ferry.storage import Conflict
 
 log = logging.getLogger("ferry.operator")
-HOST = RESOURCES["Host"]
 
 
-@kopf.on.event(*HOST)
-async def host_event(type: str | None, body: kopf.Body, memo: kopf.Memo, logger: logging.Logger, **_: Any) -> None:
-    cx = ctx(memo)
-    before = cx.world.hosts.get(body.metadata.name)
-    cx.world.observe("Host", type, dict(body))
-    after = cx.world.hosts.get(body.metadata.name)
+async def on_event(cx: Context, event_type: str | None, body: dict, logger: logging.Logger) -> None:
+    name = body["metadata"]["name"]
+    before = cx.world.hosts.get(name)
+    cx.world.observe("Host", event_type, body)
+    after = cx.world.hosts.get(name)
     # React at once to spec changes (maintenance on/off); heartbeats are handled by the timer.
     if after is not None and (before is None or before.meta.generation != after.meta.generation):
-        await reconcile_host(cx, body.metadata.name, logger)
-
-
-@kopf.timer(*HOST, interval=2.0, initial_delay=3.0)
-async def host_timer(body: kopf.Body, memo: kopf.Memo, logger: logging.Logger, **_: Any) -> None:
-    await reconcile_host(ctx(memo), body.metadata.name, logger)
+        await reconcile_host(cx, name, logger)
 
 
 async def reconcile_host(cx: Context, name: str, logger: logging.Logger) -> None:
@@ -41,8 +33,7 @@ async def reconcile_host(cx: Context, name: str, logger: logging.Logger) -> None
         if host is None:
             return
         t = now()
-        zero = Resources(0, 0, 0)
-        allocated = world.allocated().get(name, zero)
+        allocated = world.allocated().get(name, Resources(0, 0, 0))
         for r in world.reservations():
             if r.host == name:
                 allocated = allocated + r.resources
@@ -52,18 +43,18 @@ async def reconcile_host(cx: Context, name: str, logger: logging.Logger) -> None
         if status_changed(host.status, desired):
             if host.status.get("phase") != desired["phase"]:
                 log.info("host %s: %s -> %s", name, host.status.get("phase"), desired["phase"])
-                await cx.call(cx.kube.event, {"kind": "Host", "apiVersion": c.API_VERSION,
-                                              "metadata": {"name": name, "namespace": None, "uid": host.meta.uid}},
-                              "Warning" if desired["phase"] == "NotReady" else "Normal",
-                              f"Host{desired['phase']}", desired["conditions"][0]["message"]
-                              if desired["phase"] == "NotReady" else f"host is {desired['phase']}")
+                not_ready = desired["phase"] == HostPhase.NOT_READY
+                await effects.post_event(cx, effects.ref("Host", name, None, host.meta.uid),
+                                         "Warning" if not_ready else "Normal", f"Host{desired['phase']}",
+                                         desired["conditions"][0]["message"] if not_ready
+                                         else f"host is {desired['phase']}")
             new = await cx.call(cx.kube.patch_status, "Host", name, desired)
             world.observe("Host", "MODIFIED", new)
         for body in evacuation_plan(host, droplets, migrations, t):
             try:
                 await cx.call(cx.kube.create, "LiveMigration", body, body["metadata"]["namespace"])
                 log.info("evacuating %s/%s off %s: created %s", body["metadata"]["namespace"],
-                            body["spec"]["droplet"], name, body["metadata"]["name"])
+                         body["spec"]["droplet"], name, body["metadata"]["name"])
             except Conflict:
                 pass
         cx.metrics.hosts_ready.set(sum(1 for h in world.hosts.values()

@@ -9,7 +9,10 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from ferry.api import constants as c
-from ferry.api.models import Droplet, Host, Migration
+from ferry.api.livemigration import LiveMigration
+from ferry.api.models import Droplet, Host
+from ferry.api.conditions import parse_conditions, set_condition
+from ferry.api.phases import HostPhase, Phase
 from ferry.api.sizes import Resources
 from ferry.api.times import fmt
 
@@ -31,18 +34,18 @@ def evacuation_name(host: str, droplet: str) -> str:
     return f"{base}-{digest}"
 
 
-def evacuation_of(host: Host, droplets: Iterable[Droplet], migrations: Iterable[Migration]) -> Evacuation:
+def evacuation_of(host: Host, droplets: Iterable[Droplet], migrations: Iterable[LiveMigration]) -> Evacuation:
     left = sum(1 for d in droplets if d.host == host.name)
     evac = [m for m in migrations if m.meta.labels.get(c.EVACUATION_LABEL) == host.name]
     return Evacuation(
         droplets_left=left,
         running=sum(1 for m in evac if not m.terminal),
-        failed=sum(1 for m in evac if m.phase == "Failed"),
-        completed=sum(1 for m in evac if m.phase == "Completed"),
+        failed=sum(1 for m in evac if m.phase == Phase.FAILED),
+        completed=sum(1 for m in evac if m.phase == Phase.COMPLETED),
     )
 
 
-def evacuation_plan(host: Host, droplets: Iterable[Droplet], migrations: Iterable[Migration],
+def evacuation_plan(host: Host, droplets: Iterable[Droplet], migrations: Iterable[LiveMigration],
                     now: dt.datetime) -> list[dict[str, Any]]:
     """LiveMigration bodies to create so every droplet on a host in maintenance gets one.
 
@@ -72,14 +75,7 @@ def evacuation_plan(host: Host, droplets: Iterable[Droplet], migrations: Iterabl
     return out
 
 
-def _cond(type_: str, ok: bool, reason: str, message: str, previous: Mapping[str, Any] | None,
-          now: dt.datetime) -> dict[str, Any]:
-    status = "True" if ok else "False"
-    since = previous.get("lastTransitionTime") if previous and previous.get("status") == status else fmt(now)
-    return {"type": type_, "status": status, "reason": reason, "message": message, "lastTransitionTime": since}
-
-
-def host_status(host: Host, droplets: Iterable[Droplet], migrations: Iterable[Migration],
+def host_status(host: Host, droplets: Iterable[Droplet], migrations: Iterable[LiveMigration],
                 allocated: Resources, now: dt.datetime, heartbeat_timeout: float) -> dict[str, Any]:
     """The operator-owned part of Host.status (everything but status.agent)."""
     droplets = list(droplets)
@@ -87,14 +83,13 @@ def host_status(host: Host, droplets: Iterable[Droplet], migrations: Iterable[Mi
     ready = host.ready(now, heartbeat_timeout)
     ev = evacuation_of(host, droplets, migrations)
     if not ready:
-        phase = "NotReady"
+        phase = HostPhase.NOT_READY
     elif host.in_maintenance:
-        phase = "Evacuated" if ev.droplets_left == 0 and ev.running == 0 else "Draining"
+        phase = HostPhase.EVACUATED if ev.droplets_left == 0 and ev.running == 0 else HostPhase.DRAINING
     elif not host.schedulable:
-        phase = "Cordoned"
+        phase = HostPhase.CORDONED
     else:
-        phase = "Ready"
-    prev = {cnd.get("type"): cnd for cnd in host.status.get("conditions") or []}
+        phase = HostPhase.READY
     hb = host.agent.heartbeat
     if hb is None:
         ready_msg = "no heartbeat from the host's agent yet"
@@ -102,23 +97,22 @@ def host_status(host: Host, droplets: Iterable[Droplet], migrations: Iterable[Mi
         age = (now - hb).total_seconds()
         ready_msg = f"last agent heartbeat {age:.0f}s ago (timeout {heartbeat_timeout:.0f}s)"
     schedulable = host.schedulable and not host.in_maintenance and ready
-    conditions = [
-        _cond("Ready", ready, "AgentHeartbeat" if ready else "AgentHeartbeatStale", ready_msg, prev.get("Ready"), now),
-        _cond("Schedulable", schedulable,
+    conds = parse_conditions(host.status.get("conditions"))
+    conds = set_condition(conds, "Ready", ready, "AgentHeartbeat" if ready else "AgentHeartbeatStale", ready_msg, now)
+    conds = set_condition(conds, "Schedulable", schedulable,
               "Schedulable" if schedulable else ("Maintenance" if host.in_maintenance else
                                                  ("Cordoned" if not host.schedulable else "NotReady")),
               "accepts new droplets and incoming migrations" if schedulable else
               (f"in maintenance: {host.maintenance_reason}" if host.in_maintenance else
-               "cordoned (spec.schedulable is false)" if not host.schedulable else "host is not ready"),
-              prev.get("Schedulable"), now),
-    ]
+               "cordoned (spec.schedulable is false)" if not host.schedulable else "host is not ready"), now)
     if host.in_maintenance:
         done = ev.droplets_left == 0 and ev.running == 0
-        conditions.append(_cond(
-            "Evacuated", done, "Evacuated" if done else "Draining",
+        conds = set_condition(
+            conds, "Evacuated", done, "Evacuated" if done else "Draining",
             "no droplet is left on this host" if done else
-            f"{ev.droplets_left} droplet(s) left, {ev.running} migration(s) running, {ev.failed} failed",
-            prev.get("Evacuated"), now))
+            f"{ev.droplets_left} droplet(s) left, {ev.running} migration(s) running, {ev.failed} failed", now)
+    else:
+        conds = tuple(cnd for cnd in conds if cnd.type != "Evacuated")
     cap = host.capacity
     return {
         "phase": phase,
@@ -130,7 +124,7 @@ def host_status(host: Host, droplets: Iterable[Droplet], migrations: Iterable[Mi
         "evacuation": {"dropletsLeft": ev.droplets_left, "migrationsRunning": ev.running,
                        "migrationsFailed": ev.failed, "migrationsCompleted": ev.completed}
         if host.in_maintenance else None,
-        "conditions": conditions,
+        "conditions": [cnd.to_dict() for cnd in conds],
     }
 
 

@@ -1,0 +1,267 @@
+"""``LiveMigration``: its spec, the operator-owned status, and the whole object as one view.
+
+``MigrationStatus.to_dict``/``from_dict`` convert to and from the API shape (camelCase,
+RFC 3339 times) and round-trip exactly; the operator writes the difference between two
+of them as one merge patch (:func:`ferry.api.patch.merge_patch`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+from collections.abc import Mapping
+from typing import Any
+
+from ferry.api.conditions import Condition, find, parse_conditions
+from ferry.api.meta import InvalidSpec, Meta
+from ferry.api.phases import IN_FLIGHT, TERMINAL, Phase
+from ferry.api.reports import NO_TARGET, NO_TRANSFER, TargetReport, TransferReport, as_int, as_map
+from ferry.api.times import EPOCH, fmt_api, parse_any
+
+
+def parse_phase(v: Any) -> Phase | None:
+    if v is None or v == "":
+        return None
+    try:
+        return Phase(v)
+    except ValueError:
+        raise InvalidSpec(f"status.phase: unknown phase {v!r}") from None
+
+
+@dataclasses.dataclass(frozen=True)
+class Limits:
+    """``spec.limits`` (unset fields None) or, resolved, ``status.effectiveLimits``."""
+
+    bandwidth_mibps: int | None = None
+    downtime_ms: int | None = None
+    max_attempts: int | None = None
+
+    def to_dict(self) -> dict[str, int]:
+        out = {"bandwidthMiBps": self.bandwidth_mibps, "downtimeMs": self.downtime_ms,
+               "maxAttempts": self.max_attempts}
+        return {k: v for k, v in out.items() if v is not None}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any] | None) -> Limits:
+        m = as_map(d)
+        return cls(as_int(m.get("bandwidthMiBps")), as_int(m.get("downtimeMs")), as_int(m.get("maxAttempts")))
+
+
+@dataclasses.dataclass(frozen=True)
+class MigrationSpec:
+    """``LiveMigration.spec``. ``mode`` is ``live`` or ``offline``."""
+
+    droplet: str
+    target_host: str | None = None
+    scheduled_at: dt.datetime | None = None
+    mode: str = "live"
+    limits: Limits = Limits()
+    cancel: bool = False
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any] | None) -> MigrationSpec:
+        d = as_map(d)
+        if not d.get("droplet") or not isinstance(d.get("droplet"), str):
+            raise InvalidSpec("spec.droplet: required")
+        try:
+            scheduled = parse_any(d.get("scheduledAt"))
+        except ValueError as exc:
+            raise InvalidSpec(f"spec.scheduledAt: {exc}") from None
+        return cls(
+            droplet=d["droplet"],
+            target_host=d.get("targetHost") or None,
+            scheduled_at=scheduled,
+            mode=d.get("mode") or "live",
+            limits=Limits.from_dict(d.get("limits")),
+            cancel=bool(d.get("cancel", False)),
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class AttemptRecord:
+    """One entry of ``status.attempts``. ``result``: Succeeded | Failed | Cancelled (None
+    while running)."""
+
+    number: int
+    start_time: dt.datetime
+    end_time: dt.datetime | None = None
+    result: str | None = None
+    reason: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"number": self.number, "startTime": fmt_api(self.start_time),
+                               "endTime": fmt_api(self.end_time), "result": self.result, "reason": self.reason}
+        return {k: v for k, v in out.items() if v is not None}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> AttemptRecord:
+        return cls(int(d["number"]), parse_any(d.get("startTime")) or EPOCH, parse_any(d.get("endTime")),
+                   d.get("result"), d.get("reason"))
+
+
+@dataclasses.dataclass(frozen=True)
+class ProgressMark:
+    """When the current attempt last made progress: ``fingerprint`` of (transfer state,
+    round, bytesSent, target state) as last seen, and the time it last changed."""
+
+    attempt: int
+    fingerprint: str
+    at: dt.datetime
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"attempt": self.attempt, "fingerprint": self.fingerprint, "at": fmt_api(self.at)}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any] | None) -> ProgressMark | None:
+        at = parse_any((d or {}).get("at"))
+        if at is None:
+            return None
+        return cls(int(d.get("attempt", 0)), str(d.get("fingerprint", "")), at)  # type: ignore[union-attr]
+
+
+@dataclasses.dataclass(frozen=True)
+class MigrationStatus:
+    """The operator-owned part of ``LiveMigration.status`` (not ``transfer``/``target``).
+
+    ``phase`` None means the migration was never reconciled. ``placement`` is the dict of
+    ``PlacementResult.to_status()``.
+    """
+
+    phase: Phase | None = None
+    reason: str | None = None
+    message: str | None = None
+    failure_reason: str | None = None
+    observed_generation: int | None = None
+    source_host: str | None = None
+    target_host: str | None = None
+    attempt: int = 0
+    attempts: tuple[AttemptRecord, ...] = ()
+    next_attempt_at: dt.datetime | None = None
+    announced_at: dt.datetime | None = None
+    not_before: dt.datetime | None = None
+    effective_mode: str | None = None
+    effective_limits: Limits | None = None
+    placement: Mapping[str, Any] | None = None
+    phase_times: Mapping[str, dt.datetime] = dataclasses.field(default_factory=dict)
+    progress: int | None = None
+    downtime_ms: int | None = None
+    progress_mark: ProgressMark | None = None
+    conditions: tuple[Condition, ...] = ()
+
+    def condition(self, type_: str) -> Condition | None:
+        return find(self.conditions, type_)
+
+    @property
+    def reserved_target(self) -> str | None:
+        """The host on which this migration holds a capacity reservation, if any."""
+        return self.target_host if self.phase in IN_FLIGHT and self.target_host else None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The API shape, without keys whose value is None (or an empty collection)."""
+        out: dict[str, Any] = {
+            "phase": self.phase,
+            "reason": self.reason,
+            "message": self.message,
+            "failureReason": self.failure_reason,
+            "observedGeneration": self.observed_generation,
+            "sourceHost": self.source_host,
+            "targetHost": self.target_host,
+            "attempt": self.attempt or None,
+            "attempts": [a.to_dict() for a in self.attempts] or None,
+            "nextAttemptAt": fmt_api(self.next_attempt_at),
+            "announcedAt": fmt_api(self.announced_at),
+            "notBefore": fmt_api(self.not_before),
+            "effectiveMode": self.effective_mode,
+            "effectiveLimits": self.effective_limits.to_dict() if self.effective_limits else None,
+            "placement": dict(self.placement) if self.placement is not None else None,
+            "phaseTimes": {k: fmt_api(v) for k, v in self.phase_times.items()} or None,
+            "progress": self.progress,
+            "progressText": f"{self.progress}%" if self.progress is not None else None,
+            "downtimeMs": self.downtime_ms,
+            "downtimeText": f"{self.downtime_ms}ms" if self.downtime_ms is not None else None,
+            "progressMark": self.progress_mark.to_dict() if self.progress_mark else None,
+            "conditions": [c.to_dict() for c in self.conditions] or None,
+        }
+        return {k: v for k, v in out.items() if v is not None}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any] | None) -> MigrationStatus:
+        """Parse ``LiveMigration.status`` (the agents' keys are parsed by ``ferry.api.reports``)."""
+        d = as_map(d)
+        limits = d.get("effectiveLimits")
+        return cls(
+            phase=parse_phase(d.get("phase")),
+            reason=d.get("reason"),
+            message=d.get("message"),
+            failure_reason=d.get("failureReason"),
+            observed_generation=d.get("observedGeneration"),
+            source_host=d.get("sourceHost"),
+            target_host=d.get("targetHost"),
+            attempt=as_int(d.get("attempt")) or 0,
+            attempts=tuple(AttemptRecord.from_dict(a) for a in d.get("attempts") or ()),
+            next_attempt_at=parse_any(d.get("nextAttemptAt")),
+            announced_at=parse_any(d.get("announcedAt")),
+            not_before=parse_any(d.get("notBefore")),
+            effective_mode=d.get("effectiveMode"),
+            effective_limits=Limits.from_dict(limits) if limits is not None else None,
+            placement=d.get("placement"),
+            phase_times={k: t for k, v in as_map(d.get("phaseTimes")).items() if (t := parse_any(v))},
+            progress=as_int(d.get("progress")),
+            downtime_ms=as_int(d.get("downtimeMs")),
+            progress_mark=ProgressMark.from_dict(d.get("progressMark")),
+            conditions=parse_conditions(d.get("conditions")),
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class LiveMigration:
+    """A whole LiveMigration, parsed once at the boundary.
+
+    ``transfer``/``target`` are the agents' reports as found (any attempt; ``NO_TRANSFER`` /
+    ``NO_TARGET``, attempt 0, when nothing was reported).
+    """
+
+    meta: Meta
+    spec: MigrationSpec
+    status: MigrationStatus
+    transfer: TransferReport = NO_TRANSFER
+    target: TargetReport = NO_TARGET
+
+    @property
+    def name(self) -> str:
+        return self.meta.name
+
+    @property
+    def namespace(self) -> str:
+        return self.meta.namespace or ""
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return (self.namespace, self.name)
+
+    @property
+    def droplet(self) -> str:
+        return self.spec.droplet
+
+    @property
+    def phase(self) -> Phase | None:
+        return self.status.phase
+
+    @property
+    def in_flight(self) -> bool:
+        return self.status.phase in IN_FLIGHT
+
+    @property
+    def terminal(self) -> bool:
+        return self.status.phase in TERMINAL
+
+    @classmethod
+    def from_body(cls, body: Mapping[str, Any]) -> LiveMigration:
+        status = as_map(body.get("status"))
+        return cls(
+            meta=Meta.from_body(body),
+            spec=MigrationSpec.from_dict(body.get("spec")),
+            status=MigrationStatus.from_dict(status),
+            transfer=TransferReport.from_dict(status.get("transfer")) or NO_TRANSFER,
+            target=TargetReport.from_dict(status.get("target")) or NO_TARGET,
+        )

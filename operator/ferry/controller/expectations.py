@@ -1,0 +1,113 @@
+"""Decisions this operator made that its watch has not shown back yet (client-go's
+"expectations").
+
+One active operator owns all writes, so remembering its own decisions until they come back
+makes back-to-back decisions safe: two migrations scheduled within one watch round trip
+never both take the last free capacity of a host (invariant 5), admission never exceeds
+the concurrency limits, and a droplet placed a moment ago is not placed twice. Each
+expectation ends when the watch shows the decision, when the write that carried it failed
+(``forget_migration``), or when its object is deleted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from ferry.api.livemigration import LiveMigration
+from ferry.api.models import Droplet
+from ferry.api.phases import QUEUED, Phase
+from ferry.api.sizes import Resources
+from ferry.placement import Reservation
+
+Key = tuple[str, str]  # (namespace, name)
+
+
+@dataclasses.dataclass(frozen=True)
+class ExpectedReservation:
+    """A target host chosen for a migration, not yet seen in its status."""
+
+    host: str
+    droplet: Key
+    resources: Resources
+
+
+class Expectations:
+    def __init__(self) -> None:
+        self._reservations: dict[Key, ExpectedReservation] = {}
+        self._placements: dict[Key, tuple[str, Resources]] = {}  # new droplets placed
+        self._admitted: set[Key] = set()  # Announced -> Scheduling (took a concurrency slot)
+        self._announcing: set[Key] = set()  # Pending -> Announced (owns its droplet)
+        self._secrets_deleted: set[Key] = set()  # transfer Secrets deleted
+
+    # --- what this operator just decided --------------------------------------------------
+    def announced(self, key: Key) -> None:
+        self._announcing.add(key)
+
+    def admitted(self, key: Key) -> None:
+        self._admitted.add(key)
+
+    def reserved(self, key: Key, host: str, droplet: Key, resources: Resources) -> None:
+        self._reservations[key] = ExpectedReservation(host, droplet, resources)
+
+    def placed(self, key: Key, host: str, resources: Resources) -> None:
+        self._placements[key] = (host, resources)
+
+    def secret_created(self, key: Key) -> None:
+        self._secrets_deleted.discard(key)
+
+    def secret_deleted(self, key: Key) -> None:
+        self._secrets_deleted.add(key)
+
+    def forget_migration(self, key: Key) -> None:
+        """The write that carried a decision failed: it never happened."""
+        self._reservations.pop(key, None)
+        self._admitted.discard(key)
+        self._announcing.discard(key)
+
+    def forget_placement(self, key: Key) -> None:
+        self._placements.pop(key, None)
+
+    # --- what the watch shows back -------------------------------------------------------
+    def saw_migration(self, key: Key, m: LiveMigration | None) -> None:
+        """``m`` as the watch now shows it (None: deleted)."""
+        if m is None:
+            self.forget_migration(key)
+            self._secrets_deleted.discard(key)
+            return
+        r = self._reservations.get(key)
+        if r is not None and (m.terminal or m.status.target_host == r.host):
+            del self._reservations[key]
+        if m.phase not in (None, *QUEUED):
+            self._admitted.discard(key)
+        if m.phase not in (None, Phase.PENDING):
+            self._announcing.discard(key)
+
+    def saw_droplet(self, key: Key, d: Droplet | None) -> None:
+        if d is None or d.host:
+            self._placements.pop(key, None)
+
+    # --- what the decisions read ---------------------------------------------------------
+    def phase_of(self, m: LiveMigration) -> Phase | None:
+        """``m``'s phase as this operator knows it, its own decisions included."""
+        if m.key in self._admitted and m.phase in (None, *QUEUED):
+            return Phase.SCHEDULING
+        if m.key in self._announcing and m.phase in (None, Phase.PENDING):
+            return Phase.ANNOUNCED
+        return m.phase
+
+    def placement(self, key: Key) -> str | None:
+        p = self._placements.get(key)
+        return p[0] if p else None
+
+    def is_placing(self, key: Key) -> bool:
+        return key in self._placements
+
+    def reservations(self, exclude: Key | None = None) -> dict[Key, ExpectedReservation]:
+        return {k: r for k, r in self._reservations.items() if k != exclude}
+
+    def has_secret_been_deleted(self, key: Key) -> bool:
+        return key in self._secrets_deleted
+
+    def as_reservations(self, exclude: Key | None = None) -> list[Reservation]:
+        return [Reservation(r.host, r.resources, f"{r.droplet[0]}/{r.droplet[1]}")
+                for r in self.reservations(exclude).values()]

@@ -1,0 +1,75 @@
+"""Every kopf handler of the operator, each a one-line delegation.
+
+Watch events feed the world first; a one-second (migrations), two-second (hosts) and
+five-second (droplets) timer catches drift. Each reconciler reads the world, calls a pure
+decision and writes the result (``migrations``, ``droplets``, ``hosts``).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import kopf
+
+from ferry.api.phases import TERMINAL
+from ferry.controller import app, droplets, hosts, migrations
+from ferry.controller.app import RESOURCES, ctx
+
+HOST, DROPLET, LM = RESOURCES["Host"], RESOURCES["Droplet"], RESOURCES["LiveMigration"]
+
+
+def _not_terminal(status: dict, **_: Any) -> bool:
+    return (status or {}).get("phase") not in TERMINAL
+
+
+@kopf.on.startup()
+async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: logging.Logger, **_: Any) -> None:
+    await app.start(settings, memo, logger)
+
+
+@kopf.on.login()
+def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
+    return kopf.login_via_pykube(**kwargs)
+
+
+@kopf.on.probe(id="world")
+def probe_world(memo: kopf.Memo, **_: Any) -> dict[str, int]:
+    return app.world_summary(ctx(memo))
+
+
+@kopf.on.event(*LM)
+async def migration_event(type: str | None, body: kopf.Body, memo: kopf.Memo, logger: logging.Logger,
+                          **_: Any) -> None:
+    await migrations.on_event(ctx(memo), type, dict(body), logger)
+
+
+@kopf.timer(*LM, interval=1.0, initial_delay=1.0, when=_not_terminal)
+async def migration_timer(body: kopf.Body, memo: kopf.Memo, logger: logging.Logger, **_: Any) -> None:
+    await migrations.reconcile(ctx(memo), (body.metadata.namespace, body.metadata.name), logger)
+
+
+@kopf.on.delete(*LM)
+async def migration_deleted(body: kopf.Body, memo: kopf.Memo, logger: logging.Logger, **_: Any) -> None:
+    await migrations.on_delete(ctx(memo), dict(body), logger)
+
+
+@kopf.on.event(*DROPLET)
+async def droplet_event(type: str | None, body: kopf.Body, memo: kopf.Memo, logger: logging.Logger,
+                        **_: Any) -> None:
+    await droplets.on_event(ctx(memo), type, dict(body), logger)
+
+
+@kopf.timer(*DROPLET, interval=5.0, initial_delay=2.0)
+async def droplet_timer(body: kopf.Body, memo: kopf.Memo, logger: logging.Logger, **_: Any) -> None:
+    await droplets.reconcile_droplet(ctx(memo), (body.metadata.namespace, body.metadata.name), logger)
+
+
+@kopf.on.event(*HOST)
+async def host_event(type: str | None, body: kopf.Body, memo: kopf.Memo, logger: logging.Logger, **_: Any) -> None:
+    await hosts.on_event(ctx(memo), type, dict(body), logger)
+
+
+@kopf.timer(*HOST, interval=2.0, initial_delay=3.0)
+async def host_timer(body: kopf.Body, memo: kopf.Memo, logger: logging.Logger, **_: Any) -> None:
+    await hosts.reconcile_host(ctx(memo), body.metadata.name, logger)
