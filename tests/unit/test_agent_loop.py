@@ -9,7 +9,7 @@ import logging
 import threading
 
 import pytest
-from test_agent_fakes import NS, FakeDriver, FakeKube, Network, droplet_body, lm_body
+from fakes import NS, FakeDriver, FakeKube, Network, droplet_body, lm_body
 
 from ferry.agent.loop import Agent
 from ferry.agent.watch import Reflector, Table

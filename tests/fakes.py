@@ -1,5 +1,5 @@
-"""Builders and fakes shared by the agent's unit tests (no tests here): API bodies, VM observations,
-an in-memory Kube and driver."""
+"""Builders and fakes shared by tests (no tests here; import as ``from fakes import ...``): API
+bodies, VM observations, an in-memory Kube and driver."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ import threading
 from typing import Any
 
 from ferry.agent.plan import VMObs
-from ferry.api.models import Droplet, Migration
+from ferry.api.livemigration import LiveMigration
+from ferry.api.models import Droplet
 from ferry.drivers.base import (
     DriverError,
     MigrationOptions,
@@ -68,8 +69,8 @@ def lm_body(name: str = "move", droplet: str = "web", *, phase: str = "PreCopy",
             "spec": {"droplet": droplet}, "status": status}
 
 
-def lm(name: str = "move", droplet: str = "web", **kw: Any) -> Migration:
-    return Migration.from_body(lm_body(name, droplet, **kw))
+def lm(name: str = "move", droplet: str = "web", **kw: Any) -> LiveMigration:
+    return LiveMigration.from_body(lm_body(name, droplet, **kw))
 
 
 def treport(attempt: int, state: str, address: str | None = "127.0.0.1:4000", digest: str | None = None,
