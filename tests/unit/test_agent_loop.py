@@ -66,10 +66,10 @@ def make_agent(host: str, kube: FakeKube, clock: Clock, net: Network, driver: Fa
 
 def sync(agent: Agent, kube: FakeKube) -> None:
     """What the watches would show: the objects whose labels name this host."""
-    agent.droplets.replace(kube.list("Droplet", selector=f"ferry.dev/host={agent.host}"))
-    agent.lm_source.replace(kube.list("LiveMigration", selector=f"ferry.dev/source-host={agent.host}"))
-    agent.lm_target.replace(kube.list("LiveMigration", selector=f"ferry.dev/target-host={agent.host}"))
-    agent._fetched.clear()
+    agent.observer.droplets.replace(kube.list("Droplet", selector=f"ferry.dev/host={agent.host}"))
+    agent.observer.lm_source.replace(kube.list("LiveMigration", selector=f"ferry.dev/source-host={agent.host}"))
+    agent.observer.lm_target.replace(kube.list("LiveMigration", selector=f"ferry.dev/target-host={agent.host}"))
+    agent.observer.forget_all()
 
 
 def step(kube: FakeKube, clock: Clock, *agents: Agent, seconds: float = 0.3) -> None:
@@ -318,7 +318,7 @@ def test_stale_view_never_destroys_a_vm_whose_record_names_this_host(kube, clock
     # the watch shows the droplet moved away, but the API (the truth) still names host a
     stale = droplet_body("web", "c")
     stale["metadata"]["resourceVersion"] = "999999"
-    a.droplets.replace([stale])
+    a.observer.droplets.replace([stale])
     a.cycle()
     assert a.driver.vms[KEY].state == VMState.RUNNING
     assert ("destroy", "ns/web") not in a.driver.calls
@@ -328,9 +328,9 @@ def test_api_errors_do_not_destroy(kube, clock, net):
     a = make_agent("a", kube, clock, net)
     placed(kube)
     step(kube, clock, a)
-    a.droplets.replace([])  # the droplet left the watch ...
+    a.observer.droplets.replace([])  # the droplet left the watch ...
     kube.fail_gets = True  # ... and the API cannot be asked
-    a._fetched.clear()
+    a.observer.forget_all()
     a.cycle()
     assert KEY in a.driver.vms
 
