@@ -1,12 +1,20 @@
 """Builders and fakes shared by tests (no tests here; import as ``from fakes import ...``): API
-bodies, VM observations, an in-memory Kube and driver."""
+bodies, VM observations, an in-memory Kube and driver, a scripted list/watch source and a
+fake API server that speaks list/watch over HTTP."""
 
 from __future__ import annotations
 
 import copy
 import datetime as dt
+import json
 import threading
+from collections import deque
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
+from urllib.parse import parse_qs, urlparse
+
+import pykube
 
 from ferry.agent.plan import VMObs
 from ferry.api.livemigration import LiveMigration
@@ -23,7 +31,7 @@ from ferry.drivers.base import (
     VMSpec,
     VMState,
 )
-from ferry.storage import NotFound
+from ferry.storage import Kube, NotFound, StorageError
 
 NOW = dt.datetime(2030, 1, 1, 12, 0, 0, tzinfo=dt.timezone.utc)
 NS = "ns"
@@ -102,7 +110,7 @@ def key(name: str = "web", ns: str = NS) -> VMKey:
     return VMKey(ns, name)
 
 
-# --- fakes for the loop --------------------------------------------------------------------
+# --- an in-memory API ---------------------------------------------------------------------
 
 def merge_patch(target: Any, patch: Any) -> Any:
     if not isinstance(patch, dict):
@@ -147,7 +155,6 @@ class FakeKube:
     def get(self, kind: str, name: str, namespace: str | None = None) -> dict:
         self.gets.append((kind, namespace or "", name))
         if self.fail_gets:
-            from ferry.storage import StorageError
             raise StorageError("connection refused")
         try:
             return copy.deepcopy(self.objects[(kind, namespace or "", name)])
@@ -175,6 +182,10 @@ class FakeKube:
     def list(self, kind: str, namespace: str | None = None, selector: str | None = None) -> list[dict]:
         return self.list_with_version(kind, namespace, selector)[0]
 
+    def list_watch(self, kind: str, namespace: str | None = None, selector: str | None = None) -> FakeSource:
+        """A source that lists the objects as they are now, then watches nothing."""
+        return FakeSource(lists=[self.list_with_version(kind, namespace, selector)], watches=[])
+
     def patch_status(self, kind: str, name: str, status: dict, namespace: str | None = None,
                      resource_version: str | None = None) -> dict:
         with self.lock:
@@ -197,6 +208,133 @@ class FakeKube:
     def event(self, obj: dict, type_: str, reason: str, message: str, component: str = "x") -> None:
         self.events.append((type_, reason, message))
 
+
+# --- a scripted list/watch source (what storage.watch.Reflector runs on) ---------------------
+
+class FakeSource:
+    """Plays a script: each ``list()``/``watch()`` call takes the next entry: a value (a list's
+    (items, resourceVersion); a watch's events), or an exception to raise; an exception among
+    a watch's events is raised there. When the script is over, both block until ``close()``
+    (and ``idle`` is set)."""
+
+    def __init__(self, lists: list[Any], watches: list[Any]):
+        self.lists = deque(lists)
+        self.watches = deque(watches)
+        self.list_calls = 0
+        self.watch_calls: list[str] = []
+        self.closed = threading.Event()
+        self.idle = threading.Event()
+
+    def list(self) -> tuple[list[dict], str]:
+        self.list_calls += 1
+        if not self.lists:
+            self.idle.set()
+            self.closed.wait(10)
+            raise StorageError("closed")
+        step = self.lists.popleft()
+        if isinstance(step, Exception):
+            raise step
+        return step
+
+    def watch(self, resource_version: str, timeout_seconds: int) -> Iterator[tuple[str, dict]]:
+        self.watch_calls.append(resource_version)
+        if not self.watches:
+            self.idle.set()
+            self.closed.wait(10)
+            return
+        step = self.watches.popleft()
+        if isinstance(step, Exception):
+            raise step
+        for event in step:
+            if isinstance(event, Exception):
+                raise event
+            yield event
+
+    def close(self) -> None:
+        self.closed.set()
+
+
+# --- a fake API server over HTTP (what storage.ListWatch talks to) ---------------------------
+
+class FakeAPI:
+    """An HTTP server on loopback that speaks the Kubernetes list/watch protocol (pagination,
+    chunked watch streams, error statuses) from a script. Scripted responses. `lists` and `watches` are queues of handlers' outputs:
+    a list page is (status, body); a watch is (status, [event dicts], hold_open)."""
+
+    def __init__(self):
+        self.requests: list[tuple[str, dict]] = []
+        self.lists: list = []
+        self.watches: list = []
+        self.release = threading.Event()
+        api = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):
+                pass
+
+            def do_GET(self):
+                url = urlparse(self.path)
+                query = {k: v[0] for k, v in parse_qs(url.query).items()}
+                api.requests.append((url.path, query))
+                if query.get("watch") == "true":
+                    status, events, hold = api.watches.pop(0) if api.watches else (200, [], True)
+                    self.send_response(status)
+                    self.send_header("Content-Type", "application/json")
+                    if status != 200:
+                        body = json.dumps({"kind": "Status", "code": status, "message": "nope"}).encode()
+                        self.send_header("Content-Length", str(len(body)))
+                        self.end_headers()
+                        self.wfile.write(body)
+                        return
+                    # Like kube-apiserver: chunked transfer, one event per chunk.
+                    self.send_header("Transfer-Encoding", "chunked")
+                    self.end_headers()
+                    try:
+                        for event in events:
+                            data = json.dumps(event).encode() + b"\n"
+                            self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+                            self.wfile.flush()
+                        if hold:
+                            api.release.wait(20)
+                        self.wfile.write(b"0\r\n\r\n")
+                    except OSError:
+                        pass
+                    self.close_connection = True
+                    return
+                status, body = api.lists.pop(0)
+                data = json.dumps(body).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+
+    def api(self) -> pykube.HTTPClient:
+        return pykube.HTTPClient(pykube.KubeConfig.from_url(self.url))
+
+    def kube(self) -> Kube:
+        return Kube(self.api())
+
+    def stop(self):
+        self.release.set()
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def page(items: list[dict], rv: str, token: str | None = None) -> tuple[int, dict]:
+    """One scripted list page for ``FakeAPI.lists``."""
+    return (200, {"kind": "DropletList", "metadata": {"resourceVersion": rv, **({"continue": token} if token else {})},
+                  "items": items})
+
+
+# --- in-memory drivers ------------------------------------------------------------------------
 
 class Network:
     """Where fake drivers of several hosts meet: listening incoming VMs by address."""

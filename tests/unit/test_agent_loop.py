@@ -1,4 +1,4 @@
-"""The agent's shell (observe -> plan -> execute, heartbeat, watch tables) over an in-memory API
+"""The agent's shell (observe -> plan -> execute, heartbeat) over an in-memory API
 and in-memory drivers: whole migrations between two agents with the operator's part played by
 hand, failures of driver calls, restarts, and the record-is-the-lock guard at execution time."""
 
@@ -10,12 +10,11 @@ import threading
 
 import pytest
 from fakes import NS, FakeDriver, FakeKube, Network, droplet_body, lm_body
+from support import wait_until
 
 from ferry.agent.loop import Agent
-from ferry.agent.watch import Reflector, Table
 from ferry.drivers.base import MigrationState, VMKey, VMState
 from ferry.settings import Settings
-from ferry.storage import Conflict, StorageError
 
 KEY = VMKey(NS, "web")
 SECRET = b"k" * 32
@@ -385,72 +384,22 @@ def test_finished_migrations_cost_no_reads(kube, clock, net):
     assert kube.gets == [] and a.driver.calls == []
 
 
-# --- the watch tables ---------------------------------------------------------------------
-
-def obj(name: str, rv: str, **labels) -> dict:
-    return {"kind": "Droplet", "metadata": {"name": name, "namespace": NS, "resourceVersion": rv, "labels": labels}}
-
-
-def test_table_never_goes_back():
-    t = Table()
-    t.replace([obj("x", "10")])
-    t.apply("MODIFIED", obj("x", "9"))
-    assert t.snapshot()[(NS, "x")]["metadata"]["resourceVersion"] == "10"
-    t.update_if_present(obj("x", "12"))
-    t.update_if_present(obj("y", "12"))  # not in this stream: ignored
-    assert set(t.snapshot()) == {(NS, "x")} and t.snapshot()[(NS, "x")]["metadata"]["resourceVersion"] == "12"
-    t.apply("DELETED", obj("x", "13"))
-    assert t.snapshot() == {}
-
-
-class ScriptedKube:
-    """list/watch answers from a script; the last watch blocks until stopped."""
-
-    def __init__(self, stop: threading.Event):
-        self.stop = stop
-        self.lists = 0
-        self.watches = 0
-
-    def list_with_version(self, kind, namespace=None, selector=None):
-        self.lists += 1
-        if self.lists == 1:
-            return [obj("a", "1"), obj("b", "2")], "2"
-        return [obj("c", "20")], "20"
-
-    def watch(self, kind, namespace=None, selector=None, resource_version=None, timeout_seconds=60):
-        self.watches += 1
-        if self.watches == 1:
-            assert resource_version == "2"
-            yield "MODIFIED", obj("a", "3")
-            yield "DELETED", obj("b", "4")
-            yield "BOOKMARK", {"metadata": {"resourceVersion": "5"}}
-            return
-        if self.watches == 2:
-            assert resource_version == "5"
-            raise StorageError("connection reset")
-        if self.watches == 3:
-            raise Conflict("410 Gone")
-        self.stop.wait(10)
-        return
-        yield
-
-
-def test_reflector_recovers_and_relists():
+def test_run_watches_acts_and_heartbeats(kube, net):
+    """The whole loop in real time: watch threads fill the tables, the cycle starts the VM."""
+    placed(kube)
+    drv = FakeDriver("a", net)
+    agent = Agent("a", drv, kube, Settings(heartbeat_seconds=0.2))
     stop = threading.Event()
-    kube = ScriptedKube(stop)
-    table = Table()
-    seen: list = []
-    r = Reflector(lambda: kube, "Droplet", "ferry.dev/host=a", table, lambda k, key: seen.append(key), stop,
-                  backoff_cap=0.05)
-    thread = r.start()
-    assert r.synced.wait(5)
-    deadline = threading.Event()
-    for _ in range(100):
-        if kube.lists >= 2 and kube.watches >= 4:
-            break
-        deadline.wait(0.05)
-    stop.set()
-    thread.join(5)
-    assert kube.lists == 2 and kube.watches >= 4
-    assert set(table.snapshot()) == {(NS, "c")}  # the relist replaced everything (a, b gone)
-    assert (NS, "a") in seen and (NS, "b") in seen and (NS, "c") in seen
+    thread = threading.Thread(target=agent.run, args=(stop,), daemon=True)
+    thread.start()
+    try:
+        wait_until(lambda: (v := drv.vms.get(KEY)) is not None and v.state == VMState.RUNNING, 10, interval=0.02,
+                   what="the droplet to run")
+        wait_until(lambda: kube.obj("Host", "a").get("status", {}).get("agent", {}).get("vms"), 10, interval=0.02,
+                   what="a heartbeat naming the VM")
+        assert agent.observer.synced() and len(agent.observer.reflectors) == 3
+    finally:
+        stop.set()
+        agent.wake.put(None)
+        thread.join(5)
+    assert not thread.is_alive()

@@ -2,7 +2,7 @@
 
 ``Executor.execute`` runs one droplet's actions in order; after a failure the rest of that
 droplet's actions wait for the next cycle, and a failed driver call is retried on the
-``retry_delay`` schedule (per droplet and kind of call, per migration attempt where there
+``ACTION_BACKOFF`` schedule (per droplet and kind of call, per migration attempt where there
 is one). Destroy, stop, start, resume and cancel re-read the droplet first and refuse
 unless the placement record still says what the plan assumed (the record is the lock). A
 failed driver call becomes a report (status.target / status.transfer Failed with the
@@ -23,17 +23,15 @@ from ferry.api.models import Droplet
 from ferry.api.phases import TargetState
 from ferry.drivers.base import Driver, DriverError, VMInfo, VMKey, VMState
 from ferry.settings import Settings
-from ferry.storage import Kube, NotFound, StorageError
+from ferry.storage import Backoff, Kube, NotFound, StorageError
 
 log = logging.getLogger("ferry.agent")
 
 WARN_REPEAT_SECONDS = 300.0
 HOST_MISSING_REPEAT_SECONDS = 60.0
-BACKOFF_CAP_SECONDS = 300.0  # a failing driver call is retried after 2, 4, 8 ... s, at most this
-
-
-def retry_delay(failures: int) -> float:
-    return min(BACKOFF_CAP_SECONDS, 2.0 ** failures)
+# A failing driver call is retried after 2, 4, 8 ... s, at most 300 s. Exact: the retries of
+# one host's calls do not herd with anyone's.
+ACTION_BACKOFF = Backoff(base=2.0, cap=300.0)
 
 
 class Warnings:
@@ -107,7 +105,7 @@ class Executor:
                 failed.add(action.key)
                 if isinstance(action, p.DRIVER_ACTIONS):
                     n = (retry[1] if retry else 0) + 1
-                    self._retry[retry_key] = (self.clock() + retry_delay(n), n)
+                    self._retry[retry_key] = (self.clock() + ACTION_BACKOFF.delay(n), n)
         return driver_called
 
     # --- the record is the lock ---------------------------------------------------------

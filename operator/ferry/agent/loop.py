@@ -26,8 +26,8 @@ from ferry.agent.observe import Observer
 from ferry.api.times import now as utcnow
 from ferry.drivers.base import Driver
 from ferry.settings import Settings
-from ferry.agent.watch import Key
 from ferry.storage import Kube
+from ferry.storage.watch import Key
 
 log = logging.getLogger("ferry.agent")
 

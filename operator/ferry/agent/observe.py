@@ -1,7 +1,7 @@
 """What the agent sees: three watch tables, the driver's VMs and a few GETs, as one ``Snapshot``
 for the pure ``plan()``.
 
-The tables are kept by ``ferry.agent.watch.Reflector`` threads: the droplets labelled
+The tables are kept by ``ferry.storage.watch.Reflector`` threads: the droplets labelled
 with this host, and the LiveMigrations naming it as source or as target. ``observe()``
 adds ``driver.list_vms()``, ``query_migration`` of the VMs a migration may involve, and
 direct GETs (cached ``FETCH_TTL_SECONDS``) of objects a VM or migration refers to that no
@@ -23,12 +23,14 @@ from ferry.api.livemigration import LiveMigration
 from ferry.api.meta import InvalidSpec
 from ferry.api.models import Droplet
 from ferry.drivers.base import Driver, DriverError, MigrationState, MigrationStats, VMKey, VMState
-from ferry.agent.watch import Key, Reflector, Table, newer
-from ferry.storage import Kube, StorageError
+from ferry.storage import Backoff, Kube, StorageError
+from ferry.storage.watch import Key, Reflector, Table, Update, newer
 
 log = logging.getLogger("ferry.agent")
 
 FETCH_TTL_SECONDS = 2.0
+WATCH_TIMEOUT_SECONDS = 60
+WATCH_BACKOFF = Backoff(base=0.5, cap=15.0, jitter=0.5)
 
 
 @dataclasses.dataclass
@@ -64,7 +66,14 @@ class Observer:
         streams = [("Droplet", c.HOST_LABEL, self.droplets), ("LiveMigration", c.SOURCE_HOST_LABEL, self.lm_source),
                    ("LiveMigration", c.TARGET_HOST_LABEL, self.lm_target)]
         for kind, label, table in streams:
-            r = Reflector(connect, kind, f"{label}={self.host}", table, notify, stop, namespace=namespace)
+            selector = f"{label}={self.host}"
+
+            def deliver(update: Update, kind: str = kind, table: Table = table) -> None:
+                for key in table.apply_update(update):
+                    notify(kind, key)
+
+            r = Reflector(connect().list_watch(kind, namespace, selector), deliver, name=f"{kind} {selector}",
+                          stop=stop, watch_timeout_seconds=WATCH_TIMEOUT_SECONDS, backoff=WATCH_BACKOFF, log=log)
             self.reflectors.append(r)
             r.start()
 

@@ -8,7 +8,9 @@
 The asking droplet is the request's SOURCE address (the TCP peer; headers such as
 X-Forwarded-For are never read), matched against Droplet.spec.ip. An address that is
 no droplet's gets the same 404 as an unknown path. Answers come from the watch-backed
-`DropletCache`; no API request is made per HTTP request.
+`DropletCache`; no API request is made per HTTP request. The cache is kept current by
+`ferry.storage.watch.Reflector` in its own thread, which hands every update to the event
+loop (`loop.call_soon_threadsafe`): the cache is only ever touched by the loop.
 
 Long-poll: without `last_etag`, or with the current ETag, the request waits until the
 answer of THIS representation changes (or timeout_sec passes: then the unchanged value);
@@ -25,13 +27,14 @@ import logging
 import os
 import signal
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Callable, Iterable, Mapping
 
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
-from ferry.metadata.cache import Answer, DropletCache, normalize_ip
-from ferry.metadata.reflector import DeliveryClosed, Reflector, Update, apply_update
+from ferry.metadata.cache import Answer, DropletCache, DropletRecord, normalize_ip, record_from_object
+from ferry.storage import Backoff, Kube
+from ferry.storage.watch import Changed, DeliveryClosed, Listed, Reflector, Source, Update
 
 log = logging.getLogger("ferry.metadata")
 
@@ -270,6 +273,69 @@ def make_app(cache: DropletCache, **endpoint_options) -> web.Application:
     return app
 
 
+# ---- from the reflector to the cache --------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Replace:
+    """A list, parsed (in the watch thread): the cache's whole new content."""
+
+    records: tuple[DropletRecord, ...]
+    resource_version: str
+
+
+@dataclass(frozen=True)
+class Event:
+    """One watch event, parsed."""
+
+    type: str  # ADDED | MODIFIED | DELETED
+    record: DropletRecord
+    resource_version: str | None
+
+
+def parse_update(update: Update) -> Replace | Event | None:
+    """The cache change of one reflector update; None for a malformed droplet (logged, skipped)."""
+    if isinstance(update, Listed):
+        return Replace(_parse_items(update.items), update.resource_version)
+    assert isinstance(update, Changed)
+    try:
+        return Event(update.type, record_from_object(update.object), update.resource_version)
+    except (ValueError, AttributeError, TypeError) as exc:
+        log.warning("ignoring malformed droplet in watch: %s", exc)
+        return None
+
+
+def _parse_items(items: Iterable[Mapping]) -> tuple[DropletRecord, ...]:
+    records = []
+    for obj in items:
+        try:
+            records.append(record_from_object(obj))
+        except (ValueError, AttributeError, TypeError) as exc:
+            log.warning("ignoring malformed droplet in list: %s", exc)
+    return tuple(records)
+
+
+def apply_update(cache: DropletCache, update: Replace | Event) -> set[str]:
+    """Apply one parsed update to the cache (on the cache's owner thread); the changed addresses."""
+    if isinstance(update, Replace):
+        return cache.replace(update.records, update.resource_version)
+    return cache.apply(update.type, update.record, update.resource_version)
+
+
+def droplet_reflector(source: Source, deliver: Callable[[Replace | Event], None], *,
+                      watch_timeout_seconds: int = 300, **options) -> Reflector:
+    """The reflector of the droplets: parses each update in its thread, then `deliver`s it."""
+
+    def parsed(update: Update) -> None:
+        change = parse_update(update)
+        if change is not None:
+            deliver(change)
+
+    options.setdefault("backoff", Backoff(base=0.5, cap=30.0, jitter=0.5))
+    return Reflector(source, parsed, name="droplets", watch_timeout_seconds=watch_timeout_seconds, log=log,
+                     progress_level=logging.INFO, **options)
+
+
 # ---- running it ------------------------------------------------------------------------
 
 
@@ -385,7 +451,7 @@ class MetadataServer:
 
 async def serve(
     listen: str,
-    source,
+    source: Source,
     *,
     watch_timeout_seconds: int = 300,
     stop: asyncio.Event | None = None,
@@ -393,21 +459,21 @@ async def serve(
 ) -> None:
     """Serve until `stop` is set (or SIGTERM/SIGINT when run from the main thread).
 
-    `source` is a DropletSource (or anything with list/watch/close). `started`, if
-    given, receives the MetadataServer once it listens."""
+    `source` lists and watches the Droplets (a `ferry.storage.ListWatch`, or anything with
+    list/watch/close). `started`, if given, receives the MetadataServer once it listens."""
     host, port = parse_listen(listen)
     loop = asyncio.get_running_loop()
     stop = stop or asyncio.Event()
     cache = DropletCache()
     server = MetadataServer(cache, host, port)
 
-    def apply(update: Update) -> None:
+    def apply(update: Replace | Event) -> None:
         was_synced = cache.synced
         apply_update(cache, update)
         if cache.synced and not was_synced:
             log.info("cache synced: %d droplets; ready", len(cache))
 
-    def deliver(update: Update) -> None:
+    def deliver(update: Replace | Event) -> None:
         if loop.is_closed() or stop.is_set():
             raise DeliveryClosed()
         try:
@@ -415,7 +481,7 @@ async def serve(
         except RuntimeError as exc:  # loop closed between the check and the call
             raise DeliveryClosed() from exc
 
-    reflector = Reflector(source, deliver, watch_timeout_seconds=watch_timeout_seconds)
+    reflector = droplet_reflector(source, deliver, watch_timeout_seconds=watch_timeout_seconds)
     installed = []
     for sig in (signal.SIGTERM, signal.SIGINT):
         try:
@@ -452,8 +518,6 @@ def run(
 
     Watches the Droplets of `namespace` (all namespaces when None) through pykube and
     serves until SIGTERM/SIGINT."""
-    from ferry.storage.droplet_source import DropletSource, make_api
-
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if log.getEffectiveLevel() > logging.INFO:
@@ -461,5 +525,5 @@ def run(
         # even when the CLI's default level is WARNING (-v still lowers it to DEBUG).
         log.setLevel(logging.INFO)
     parse_listen(listen)  # fail before touching the API
-    source = DropletSource(make_api(kubeconfig, context=context), namespace)
+    source = Kube.connect(kubeconfig, context=context).list_watch("Droplet", namespace)
     asyncio.run(serve(listen, source, watch_timeout_seconds=watch_timeout_seconds))

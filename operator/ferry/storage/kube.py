@@ -1,4 +1,5 @@
-"""A small typed facade over pykube-ng for the three ferry kinds, Secrets and Events."""
+"""A small typed facade over pykube-ng for the three ferry kinds, Secrets and Events, and
+``ListWatch``, the list/watch transport of one kind that ``storage.watch.Reflector`` runs on."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import json
 import logging
 import os
 import socket
+import threading
 import uuid
 from collections.abc import Iterator, Mapping
 from typing import Any
@@ -42,6 +44,10 @@ class Forbidden(StorageError):
     pass
 
 
+class Gone(StorageError):
+    """HTTP 410: the resourceVersion asked for is too old (compacted); only a new list can go on."""
+
+
 def _raise(resp: requests.Response, what: str) -> None:
     if resp.ok:
         return
@@ -49,7 +55,7 @@ def _raise(resp: requests.Response, what: str) -> None:
         message = resp.json().get("message", resp.text)
     except ValueError:
         message = resp.text
-    cls = {404: NotFound, 409: Conflict, 403: Forbidden}.get(resp.status_code, StorageError)
+    cls = {404: NotFound, 409: Conflict, 403: Forbidden, 410: Gone}.get(resp.status_code, StorageError)
     raise cls(f"{what}: {message} (HTTP {resp.status_code})")
 
 
@@ -71,8 +77,11 @@ class Kube:
         self.requests = 0  # counted for the operator-overhead benchmark
 
     @classmethod
-    def connect(cls, kubeconfig: str | None = None, timeout: float = 30) -> Kube:
-        return cls(pykube.HTTPClient(load_config(kubeconfig), timeout=timeout))
+    def connect(cls, kubeconfig: str | None = None, timeout: float = 30, *, context: str | None = None) -> Kube:
+        config = load_config(kubeconfig)
+        if context:
+            config.set_current_context(context)
+        return cls(pykube.HTTPClient(config, timeout=timeout))
 
     # --- plumbing -----------------------------------------------------------------------
     def _url(self, kind: str, namespace: str | None = None, name: str | None = None, sub: str | None = None) -> str:
@@ -123,30 +132,10 @@ class Kube:
         body = self._get(self._url(kind, namespace), f"list {kind}", params)
         return body.get("items") or [], body.get("metadata", {}).get("resourceVersion", "")
 
-    def watch(self, kind: str, namespace: str | None = None, selector: str | None = None,
-              resource_version: str | None = None, timeout_seconds: int = 60) -> Iterator[tuple[str, dict[str, Any]]]:
-        """Yield (type, object) from a watch; returns when the server ends it. Raises on 410 Gone."""
-        params: dict[str, Any] = {"watch": "true", "timeoutSeconds": timeout_seconds, "allowWatchBookmarks": "true"}
-        if selector:
-            params["labelSelector"] = selector
-        if resource_version:
-            params["resourceVersion"] = resource_version
-        self.requests += 1
-        try:
-            resp = self.api.session.get(self.api.url + self._url(kind, namespace), params=params, stream=True,
-                                        timeout=(10, timeout_seconds + 10))
-        except requests.RequestException as exc:
-            raise StorageError(f"watch {kind}: {exc}") from None
-        _raise(resp, f"watch {kind}")
-        with resp:
-            for line in resp.iter_lines():
-                if not line:
-                    continue
-                event = json.loads(line)
-                if event.get("type") == "ERROR":
-                    code = event.get("object", {}).get("code")
-                    raise (Conflict if code == 410 else StorageError)(f"watch {kind}: {event['object'].get('message')}")
-                yield event["type"], event["object"]
+    def list_watch(self, kind: str, namespace: str | None = None, selector: str | None = None,
+                   **options: Any) -> ListWatch:
+        """The list/watch transport of ``kind`` (all namespaces when ``namespace`` is None)."""
+        return ListWatch(self.api, self._url(kind, namespace), kind, selector, **options)
 
     def create(self, kind: str, body: Mapping[str, Any], namespace: str | None = None) -> dict[str, Any]:
         name = body.get("metadata", {}).get("name")
@@ -223,6 +212,111 @@ class Kube:
                        data=json.dumps(body), headers={"Content-Type": "application/json"})
         except StorageError as exc:
             log.warning("could not post event %s on %s: %s", reason, meta.get("name"), exc)
+
+
+class ListWatch:
+    """List and watch one kind (one namespace or all, one label selector or none): plain
+    dicts out, ``Gone`` for 410 and ``StorageError`` for any other failure, as an HTTP status
+    or as an ERROR event in the stream alike. Decisions (resume, relist, back off) belong to
+    ``storage.watch.Reflector``."""
+
+    def __init__(self, api: pykube.HTTPClient, url: str, kind: str, selector: str | None = None, *,
+                 page_size: int = 500, connect_timeout: float = 10.0, request_timeout: float = 60.0):
+        self.api = api
+        self.url = url
+        self.kind = kind
+        self.selector = selector
+        self.page_size = page_size
+        self.connect_timeout = connect_timeout
+        self.request_timeout = request_timeout
+        self._lock = threading.Lock()
+        self._response: requests.Response | None = None
+        self._closed = False
+
+    def _get(self, params: dict[str, Any], **kw: Any) -> requests.Response:
+        if self.selector:
+            params = {**params, "labelSelector": self.selector}
+        try:
+            return self.api.session.get(self.api.url + self.url, params=params, **kw)
+        except requests.RequestException as exc:
+            raise StorageError(f"{'watch' if params.get('watch') else 'list'} {self.kind}: "
+                               f"{exc.__class__.__name__}: {exc}") from None
+
+    def list(self) -> tuple[list[dict[str, Any]], str]:
+        """All objects (page by page) and the list's resourceVersion."""
+        items: list[dict[str, Any]] = []
+        params: dict[str, Any] = {"limit": self.page_size}
+        while True:
+            response = self._get(params, timeout=(self.connect_timeout, self.request_timeout))
+            _raise(response, f"list {self.kind}")
+            body = response.json()
+            items.extend(body.get("items") or [])
+            meta = body.get("metadata") or {}
+            token = meta.get("continue")
+            if not token:
+                return items, str(meta.get("resourceVersion") or "")
+            params = {"limit": self.page_size, "continue": token}
+
+    def watch(self, resource_version: str, timeout_seconds: int) -> Iterator[tuple[str, dict[str, Any]]]:
+        """(type, object) after ``resource_version`` until the server ends the watch (after
+        ``timeout_seconds``) or ``close()`` is called; BOOKMARK events included."""
+        params = {"watch": "true", "resourceVersion": resource_version, "allowWatchBookmarks": "true",
+                  "timeoutSeconds": str(int(timeout_seconds))}
+        what = f"watch {self.kind}"
+        response = self._get(params, stream=True, timeout=(self.connect_timeout, timeout_seconds + 30))
+        with self._lock:
+            if self._closed:
+                response.close()
+                return
+            self._response = response
+        try:
+            _raise(response, what)
+            for line in response.iter_lines():
+                if not line:
+                    continue
+                try:
+                    event = json.loads(line)
+                except ValueError as exc:
+                    raise StorageError(f"{what}: undecodable line: {exc}") from None
+                if not isinstance(event, dict):
+                    raise StorageError(f"{what}: not an event: {str(event)[:200]}")
+                if event.get("kind") == "Status":  # a bare Status instead of an event
+                    event = {"type": "ERROR", "object": event}
+                obj = event.get("object") if isinstance(event.get("object"), dict) else {}
+                if event.get("type") == "ERROR":
+                    code = obj.get("code")
+                    message = f"{what}: {obj.get('message') or str(obj)[:200]} (code {code})"
+                    raise (Gone if code == 410 else StorageError)(message)
+                yield str(event.get("type", "")), obj
+        except (requests.exceptions.ChunkedEncodingError, requests.exceptions.ConnectionError, AttributeError) as exc:
+            # close() from another thread surfaces as one of these.
+            with self._lock:
+                if self._closed:
+                    return
+            raise StorageError(f"{what}: {exc.__class__.__name__}: {exc}") from None
+        finally:
+            with self._lock:
+                self._response = None
+            response.close()
+
+    def close(self) -> None:
+        """Interrupt the running watch (from any thread) and refuse new ones."""
+        with self._lock:
+            self._closed = True
+            response = self._response
+        if response is None:
+            return
+        try:
+            # close() alone does not wake a thread blocked in recv(); shutdown() does.
+            sock = getattr(getattr(response.raw, "connection", None), "sock", None)
+            if sock is not None:
+                sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        try:
+            response.close()
+        except Exception:  # noqa: BLE001 - best effort
+            log.debug("closing the watch response failed", exc_info=True)
 
 
 def _qual(namespace: str | None, name: str | None) -> str:
