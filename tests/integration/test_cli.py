@@ -189,7 +189,7 @@ def test_status_and_explain_render_hand_written_status(kubeconfig, kubectl, name
     create_migration(kubectl, namespace, "m1")
     patch_status(kubectl, "livemigration", "m1", {
         "phase": "PreCopy", "attempt": 1, "sourceHost": a, "targetHost": b, "placement": placement,
-        "transfer": {"attempt": 1, "round": 3, "bytesSent": 3 << 29, "bytesTotal": 1 << 30, "progress": 64,
+        "transfer": {"attempt": 1, "state": "Copying", "round": 3, "bytesSent": 3 << 29, "bytesTotal": 1 << 30, "progress": 64,
                      "throttlePercent": 20}}, namespace)
 
     r = ferry(kubeconfig, "-n", namespace, "status")
@@ -274,7 +274,7 @@ def test_migrate_wait_exit_code_follows_the_final_phase(kubeconfig, kubectl, nam
                    30, what="the migration to exist")
         patch_status(kubectl, "livemigration", "m", {
             "phase": "PreCopy", "attempt": 1, "sourceHost": a, "targetHost": b,
-            "transfer": {"attempt": 1, "round": 2, "bytesSent": 1 << 29, "bytesTotal": 1 << 30, "progress": 50,
+            "transfer": {"attempt": 1, "state": "Copying", "round": 2, "bytesSent": 1 << 29, "bytesTotal": 1 << 30, "progress": 50,
                          "throttlePercent": 10}}, namespace)
         with pytest.raises(subprocess.TimeoutExpired):
             proc.wait(timeout=2)  # not terminal: it keeps following
@@ -305,7 +305,7 @@ def test_watch_on_a_terminal_draws_a_live_bar(kubeconfig, kubectl, namespace, ho
     create_migration(kubectl, namespace, "m")
     patch_status(kubectl, "livemigration", "m", {
         "phase": "PreCopy", "attempt": 1, "sourceHost": a, "targetHost": b,
-        "transfer": {"attempt": 1, "round": 4, "bytesSent": 3 << 28, "bytesTotal": 1 << 30, "progress": 75,
+        "transfer": {"attempt": 1, "state": "Copying", "round": 4, "bytesSent": 3 << 28, "bytesTotal": 1 << 30, "progress": 75,
                      "throttlePercent": 35, "etaSeconds": 12}}, namespace)
     env = {**os.environ, "KUBECONFIG": kubeconfig, "COLUMNS": "200", "TERM": "xterm"}
     leader, follower = pty.openpty()

@@ -97,7 +97,7 @@ def test_summary_of_a_completed_migration():
     body = lm("Completed", status={
         "attempt": 1, "sourceHost": "host-a", "targetHost": "host-b", "downtimeMs": 87,
         "phaseTimes": {"Completed": "2030-01-02T03:05:07Z"},
-        "transfer": {"attempt": 1, "round": 4, "bytesSent": 1536 * 2**20, "bytesTotal": 2**30}})
+        "transfer": {"attempt": 1, "state": "Completed", "round": 4, "bytesSent": 1536 * 2**20, "bytesTotal": 2**30}})
     lines = pg.migration_summary(pg.migration_view(body), T0 + dt.timedelta(hours=1))
     assert lines[0] == "migration team/web-1-abc Completed: droplet web-1 host-a -> host-b"
     assert lines[1] == "  duration 1m02s, attempts 1, rounds 4, sent 1.5 GiB of 1.0 GiB, downtime 87 ms"

@@ -15,17 +15,16 @@ from typing import Any
 from ferry.api.conditions import Condition, find, parse_conditions
 from ferry.api.meta import InvalidSpec, Meta
 from ferry.api.phases import IN_FLIGHT, TERMINAL, Phase
-from ferry.api.reports import NO_TARGET, NO_TRANSFER, TargetReport, TransferReport, as_int, as_map
+from ferry.api.reports import NO_TARGET, NO_TRANSFER, TargetReport, TransferReport, as_int, as_map, as_str
 from ferry.api.times import EPOCH, fmt_api, parse_any
 
 
 def parse_phase(v: Any) -> Phase | None:
-    if v is None or v == "":
-        return None
+    """The CRD admits only known phases; anything else (an older or buggy writer) reads as none."""
     try:
         return Phase(v)
     except ValueError:
-        raise InvalidSpec(f"status.phase: unknown phase {v!r}") from None
+        return None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,9 +93,13 @@ class AttemptRecord:
         return {k: v for k, v in out.items() if v is not None}
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> AttemptRecord:
-        return cls(int(d["number"]), parse_any(d.get("startTime")) or EPOCH, parse_any(d.get("endTime")),
-                   d.get("result"), d.get("reason"))
+    def from_dict(cls, d: Any) -> AttemptRecord | None:
+        m = as_map(d)
+        number = as_int(m.get("number"))
+        if number is None:
+            return None
+        return cls(number, parse_any(m.get("startTime")) or EPOCH, parse_any(m.get("endTime")),
+                   as_str(m.get("result")), as_str(m.get("reason")))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,11 +115,12 @@ class ProgressMark:
         return {"attempt": self.attempt, "fingerprint": self.fingerprint, "at": fmt_api(self.at)}
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any] | None) -> ProgressMark | None:
-        at = parse_any((d or {}).get("at"))
+    def from_dict(cls, d: Any) -> ProgressMark | None:
+        m = as_map(d)
+        at = parse_any(m.get("at"))
         if at is None:
             return None
-        return cls(int(d.get("attempt", 0)), str(d.get("fingerprint", "")), at)  # type: ignore[union-attr]
+        return cls(as_int(m.get("attempt")) or 0, str(m.get("fingerprint", "")), at)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -186,30 +190,34 @@ class MigrationStatus:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any] | None) -> MigrationStatus:
-        """Parse ``LiveMigration.status`` (the agents' keys are parsed by ``ferry.api.reports``)."""
+        """Parse ``LiveMigration.status`` (the agents' keys are parsed by ``ferry.api.reports``).
+        Lenient: a field of the wrong type (an older or buggy writer) reads as absent."""
         d = as_map(d)
         limits = d.get("effectiveLimits")
+        attempts = d.get("attempts")
+        placement = d.get("placement")
         return cls(
             phase=parse_phase(d.get("phase")),
-            reason=d.get("reason"),
-            message=d.get("message"),
-            failure_reason=d.get("failureReason"),
-            observed_generation=d.get("observedGeneration"),
-            source_host=d.get("sourceHost"),
-            target_host=d.get("targetHost"),
+            reason=as_str(d.get("reason")),
+            message=as_str(d.get("message")),
+            failure_reason=as_str(d.get("failureReason")),
+            observed_generation=as_int(d.get("observedGeneration")),
+            source_host=as_str(d.get("sourceHost")),
+            target_host=as_str(d.get("targetHost")),
             attempt=as_int(d.get("attempt")) or 0,
-            attempts=tuple(AttemptRecord.from_dict(a) for a in d.get("attempts") or ()),
+            attempts=tuple(a for x in attempts if (a := AttemptRecord.from_dict(x)))
+            if isinstance(attempts, list) else (),
             next_attempt_at=parse_any(d.get("nextAttemptAt")),
             announced_at=parse_any(d.get("announcedAt")),
             not_before=parse_any(d.get("notBefore")),
-            effective_mode=d.get("effectiveMode"),
-            effective_limits=Limits.from_dict(limits) if limits is not None else None,
-            placement=d.get("placement"),
+            effective_mode=as_str(d.get("effectiveMode")),
+            effective_limits=Limits.from_dict(limits) if isinstance(limits, Mapping) else None,
+            placement=placement if isinstance(placement, Mapping) else None,
             phase_times={k: t for k, v in as_map(d.get("phaseTimes")).items() if (t := parse_any(v))},
             progress=as_int(d.get("progress")),
             downtime_ms=as_int(d.get("downtimeMs")),
             progress_mark=ProgressMark.from_dict(d.get("progressMark")),
-            conditions=parse_conditions(d.get("conditions")),
+            conditions=parse_conditions(d.get("conditions") if isinstance(d.get("conditions"), list) else None),
         )
 
 
@@ -256,11 +264,21 @@ class LiveMigration:
         return self.status.phase in TERMINAL
 
     @classmethod
-    def from_body(cls, body: Mapping[str, Any]) -> LiveMigration:
+    def from_body(cls, body: Mapping[str, Any], *, lenient: bool = False) -> LiveMigration:
+        """Raises InvalidSpec on an unusable spec; ``lenient`` (for display) reads it as far
+        as it goes instead."""
         status = as_map(body.get("status"))
+        try:
+            spec = MigrationSpec.from_dict(body.get("spec"))
+        except InvalidSpec:
+            if not lenient:
+                raise
+            raw = as_map(body.get("spec"))
+            spec = MigrationSpec(droplet=as_str(raw.get("droplet")) or "", target_host=as_str(raw.get("targetHost")),
+                                 limits=Limits.from_dict(raw.get("limits")), cancel=raw.get("cancel") is True)
         return cls(
             meta=Meta.from_body(body),
-            spec=MigrationSpec.from_dict(body.get("spec")),
+            spec=spec,
             status=MigrationStatus.from_dict(status),
             transfer=TransferReport.from_dict(status.get("transfer")) or NO_TRANSFER,
             target=TargetReport.from_dict(status.get("target")) or NO_TARGET,

@@ -7,7 +7,7 @@ import datetime as dt
 from collections.abc import Mapping
 from typing import Any
 
-from ferry.api.times import parse
+from ferry.api.times import parse_any
 
 
 class InvalidSpec(ValueError):
@@ -34,6 +34,6 @@ class Meta:
             name=m.get("name", ""), namespace=m.get("namespace"), uid=m.get("uid", ""),
             resource_version=m.get("resourceVersion", ""), generation=int(m.get("generation") or 0),
             labels=dict(m.get("labels") or {}), annotations=dict(m.get("annotations") or {}),
-            created=parse(m.get("creationTimestamp")), deleting=bool(m.get("deletionTimestamp")),
+            created=parse_any(m.get("creationTimestamp")), deleting=bool(m.get("deletionTimestamp")),
             finalizers=tuple(m.get("finalizers") or ()),
         )

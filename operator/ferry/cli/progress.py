@@ -19,7 +19,9 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TextIO
 
-from ferry.api import constants as c
+from ferry.api.livemigration import LiveMigration
+from ferry.api.phases import TERMINAL, TRANSFER, Phase
+from ferry.api.reports import NO_TRANSFER
 from ferry.api.times import parse
 
 # --- small formatters ---------------------------------------------------------------------
@@ -92,8 +94,7 @@ def _time(value: Any) -> dt.datetime | None:
 
 # --- LiveMigration ------------------------------------------------------------------------
 
-TRANSFER_PHASES = ("PreCopy", "CutOver")
-EXIT_CODES = {"Completed": 0, "Failed": 1, "Cancelled": 2}
+EXIT_CODES = {Phase.COMPLETED: 0, Phase.FAILED: 1, Phase.CANCELLED: 2}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -132,58 +133,47 @@ class MigrationView:
 
     @property
     def terminal(self) -> bool:
-        return self.phase in c.TERMINAL_PHASES
+        return self.phase in TERMINAL
 
 
 def migration_view(body: Mapping[str, Any]) -> MigrationView:
-    meta = _map(body.get("metadata"))
-    spec = _map(body.get("spec"))
-    status = _map(body.get("status"))
-    transfer = _map(status.get("transfer"))
-    limits = _map(status.get("effectiveLimits")) or _map(spec.get("limits"))
-    phase = _str(status.get("phase"))
-    attempt = _int(status.get("attempt"))
+    lm = LiveMigration.from_body(body, lenient=True)
+    st = lm.status
+    phase = st.phase
     # A transfer report of another attempt describes old work: ignore its numbers.
-    t_attempt = _int(transfer.get("attempt"))
-    if t_attempt is not None and attempt is not None and t_attempt != attempt:
-        transfer = {}
-    progress = _int(status.get("progress"))
-    t_progress = _int(transfer.get("progress"))
-    if t_progress is not None and (progress is None or phase in TRANSFER_PHASES):
-        progress = t_progress if progress is None else max(progress, t_progress)
-    if phase == "Completed":
+    tr = lm.transfer if lm.transfer.attempt == st.attempt or not st.attempt else NO_TRANSFER
+    progress = st.progress
+    if tr.progress is not None and (progress is None or phase in TRANSFER):
+        progress = tr.progress if progress is None else max(progress, tr.progress)
+    if phase == Phase.COMPLETED:
         progress = 100
-    rounds_list = transfer.get("rounds")
-    eta = transfer.get("etaSeconds")
-    phase_times = _map(status.get("phaseTimes"))
+    limits = st.effective_limits or lm.spec.limits
     return MigrationView(
-        namespace=_str(meta.get("namespace")) or "",
-        name=_str(meta.get("name")) or "",
-        droplet=_str(spec.get("droplet")) or "",
+        namespace=lm.namespace,
+        name=lm.name if isinstance(lm.name, str) else "",
+        droplet=lm.spec.droplet,
         phase=phase,
-        reason=_str(status.get("reason")),
-        message=_str(status.get("message")),
-        failure_reason=_str(status.get("failureReason")),
-        cancel_requested=spec.get("cancel") is True,
-        attempt=attempt,
-        max_attempts=_int(limits.get("maxAttempts")),
-        source=_str(status.get("sourceHost")),
-        target=_str(status.get("targetHost")) or _str(spec.get("targetHost")),
-        transfer_state=_str(transfer.get("state")),
-        round=_int(transfer.get("round")),
-        rounds=len(rounds_list) if isinstance(rounds_list, list) and rounds_list else _int(transfer.get("round")),
-        bytes_sent=_int(transfer.get("bytesSent")),
-        bytes_total=_int(transfer.get("bytesTotal")),
+        reason=st.reason,
+        message=st.message,
+        failure_reason=st.failure_reason,
+        cancel_requested=lm.spec.cancel,
+        attempt=st.attempt or None,
+        max_attempts=limits.max_attempts,
+        source=st.source_host,
+        target=st.target_host or lm.spec.target_host,
+        transfer_state=tr.state,
+        round=tr.round if tr.state else None,
+        rounds=(len(tr.rounds) or tr.round) if tr.state else None,
+        bytes_sent=tr.bytes_sent if tr.state else None,
+        bytes_total=tr.bytes_total if tr.state else None,
         progress=None if progress is None else max(0, min(100, progress)),
-        throttle_percent=_int(transfer.get("throttlePercent")),
-        eta_seconds=float(eta) if isinstance(eta, (int, float)) and not isinstance(eta, bool)
-        and math.isfinite(eta) else None,
-        downtime_ms=_int(status.get("downtimeMs")) if status.get("downtimeMs") is not None
-        else _int(transfer.get("downtimeMs")),
-        created=_time(meta.get("creationTimestamp")),
-        finished=_time(phase_times.get(phase)) if phase in c.TERMINAL_PHASES else None,
-        next_attempt_at=_time(status.get("nextAttemptAt")),
-        not_before=_time(status.get("notBefore")),
+        throttle_percent=tr.throttle_percent,
+        eta_seconds=tr.eta_seconds,
+        downtime_ms=st.downtime_ms if st.downtime_ms is not None else tr.downtime_ms,
+        created=lm.meta.created,
+        finished=st.phase_times.get(phase) if phase in TERMINAL else None,
+        next_attempt_at=st.next_attempt_at,
+        not_before=st.not_before,
     )
 
 
@@ -204,12 +194,12 @@ def migration_detail(view: MigrationView) -> str:
     if view.source or view.target:
         parts.append(f"{view.source or '?'} -> {view.target or '?'}")
     if view.terminal:
-        if view.phase == "Failed":
+        if view.phase == Phase.FAILED:
             parts.append(view.failure_reason or view.message or view.reason or "unknown reason")
-        elif view.phase == "Cancelled" and view.reason:
+        elif view.phase == Phase.CANCELLED and view.reason:
             parts.append(view.reason)
         return " · ".join(parts)
-    if view.phase in TRANSFER_PHASES or view.bytes_sent:
+    if view.phase in TRANSFER or view.bytes_sent:
         if view.round:
             parts.append(f"round {view.round}")
         if view.bytes_total or view.bytes_sent:
@@ -222,7 +212,7 @@ def migration_detail(view: MigrationView) -> str:
             parts.append(view.transfer_state.lower())
     if view.phase is None:
         parts.append("waiting for the operator to pick it up")
-    elif view.phase not in TRANSFER_PHASES:
+    elif view.phase not in TRANSFER:
         if view.reason:
             parts.append(view.reason)
         if view.phase == "Announced" and view.not_before:
@@ -244,7 +234,7 @@ def migration_summary(view: MigrationView, now: dt.datetime) -> list[str]:
     """The final lines after following a migration (works for a non-terminal one too)."""
     src, dst = view.source or "?", view.target or "?"
     head = f"migration {view.key} {view.phase or 'New'}: droplet {view.droplet or '?'} {src} -> {dst}"
-    if view.phase in ("Failed", "Cancelled") and view.source:
+    if view.phase in (Phase.FAILED, Phase.CANCELLED) and view.source:
         head += f" (the droplet stays on {view.source})"
     end = view.finished or (now if not view.terminal else None)
     facts = []
@@ -261,9 +251,9 @@ def migration_summary(view: MigrationView, now: dt.datetime) -> list[str]:
     lines = [head]
     if facts:
         lines.append("  " + ", ".join(facts))
-    if view.phase == "Failed":
+    if view.phase == Phase.FAILED:
         lines.append(f"  reason: {view.failure_reason or view.message or view.reason or 'unknown'}")
-    elif view.phase == "Cancelled" and (view.message or view.reason):
+    elif view.phase == Phase.CANCELLED and (view.message or view.reason):
         lines.append(f"  {view.message or view.reason}")
     return lines
 
@@ -330,7 +320,7 @@ def drain_summary(view: EvacuationView, migrations: Sequence[Mapping[str, Any]],
     lines = [evacuation_line(view)]
     for body in migrations:
         m = migration_view(body)
-        if m.phase == "Failed":
+        if m.phase == Phase.FAILED:
             lines.append(f"  {m.key} (droplet {m.droplet}) failed: "
                          f"{m.failure_reason or m.message or m.reason or 'unknown'}")
     if view.phase == "Evacuated":
