@@ -24,6 +24,8 @@ from datetime import datetime
 from typing import Callable, Iterable, Mapping
 
 from ferry.api import constants as c
+from ferry.api.models import Droplet
+from ferry.api.times import fmt
 
 # Annotation names (docs/architecture.md, "Names").
 ANNOTATION_EVENT = c.MAINTENANCE_ANNOTATION
@@ -128,22 +130,19 @@ def state_from_annotations(annotations: Mapping[str, object] | None) -> Maintena
 
 
 def record_from_object(obj: Mapping) -> DropletRecord:
-    """Parse a Droplet body (as the API returns it) into a record.
+    """A Droplet body (as the API returns it) -> its record, parsed by ``ferry.api``.
 
-    Raises ValueError when the body has no namespace/name (it cannot be keyed).
+    Raises ValueError when the droplet cannot be parsed or has no namespace/name.
     """
-    meta = obj.get("metadata") or {}
-    namespace, name = meta.get("namespace"), meta.get("name")
-    if not isinstance(namespace, str) or not isinstance(name, str) or not name:
+    d = Droplet.from_body(obj)
+    if not isinstance(d.namespace, str) or not isinstance(d.name, str) or not d.namespace or not d.name:
         raise ValueError("droplet without metadata.namespace/name")
-    spec = obj.get("spec") or {}
-    created = meta.get("creationTimestamp")
     return DropletRecord(
-        namespace=namespace,
-        name=name,
-        ip=normalize_ip(spec.get("ip") if isinstance(spec, Mapping) else None),
-        state=state_from_annotations(meta.get("annotations")),
-        created=created if isinstance(created, str) else "",
+        namespace=d.namespace,
+        name=d.name,
+        ip=normalize_ip(d.ip),
+        state=state_from_annotations(d.meta.annotations),
+        created=fmt(d.meta.created) or "",
     )
 
 
