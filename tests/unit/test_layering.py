@@ -1,27 +1,39 @@
-"""Only ferry.storage talks to the Kubernetes API client (pykube), and the pure deciders
-import neither kopf nor pykube (STYLE: handlers -> services -> storage)."""
+"""The layering contracts in pyproject.toml ([tool.importlinter]) hold: import-linter reads
+every module of ferry and checks the layers, that only storage imports the API client, that
+only the controller imports kopf, and that the deciders stay pure."""
 
 import pathlib
 import re
+import subprocess
+import sys
+import tomllib
 
-PKG = pathlib.Path(__file__).resolve().parents[2] / "operator" / "ferry"
-PURE = ["placement", "migration/machine.py", "transfer/policy.py", "hosts/status.py", "agent/plan.py", "api"]
-
-
-def _imports(path: pathlib.Path) -> set[str]:
-    return set(re.findall(r"^\s*(?:from|import)\s+([a-zA-Z_][\w.]*)", path.read_text(), re.M))
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
-def test_only_storage_imports_pykube():
-    offenders = [str(p.relative_to(PKG)) for p in PKG.rglob("*.py")
-                 if "storage" not in p.parts and any(m.split(".")[0] == "pykube" for m in _imports(p))]
-    assert not offenders, offenders
+def _contracts() -> list[dict]:
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["importlinter"]["contracts"]
 
 
-def test_pure_modules_import_no_client_and_no_kopf():
-    for rel in PURE:
-        target = PKG / rel
-        for p in ([target] if target.is_file() else target.rglob("*.py")):
-            bad = {m for m in _imports(p) if m.split(".")[0] in ("kopf", "pykube", "requests", "aiohttp")
-                   or m.startswith("ferry.storage")}
-            assert not bad, (str(p.relative_to(PKG)), bad)
+def _lint(config: pathlib.Path) -> subprocess.CompletedProcess:
+    lint = pathlib.Path(sys.executable).with_name("lint-imports")
+    return subprocess.run([str(lint), "--config", str(config), "--no-cache"], cwd=ROOT, capture_output=True,
+                          text=True, env={"PYTHONPATH": str(ROOT / "operator"), "PATH": "/usr/bin:/bin"})
+
+
+def test_every_contract_is_kept():
+    out = _lint(ROOT / "pyproject.toml")
+    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-2000:]
+    # Every contract was checked (a renamed package is an error, not a silent pass).
+    assert re.search(rf"Contracts: {len(_contracts())} kept, 0 broken", out.stdout), out.stdout[-2000:]
+
+
+def test_a_broken_layer_is_reported(tmp_path):
+    """The same checker fails on the first upward import: here, api importing storage."""
+    layers = next(c for c in _contracts() if c["type"] == "layers")["layers"]
+    config = tmp_path / "inverted.toml"
+    inverted = list(reversed(layers))  # api above everything: every real import now points upward
+    config.write_text('[tool.importlinter]\nroot_package = "ferry"\n\n[[tool.importlinter.contracts]]\n'
+                      'name = "inverted"\ntype = "layers"\nlayers = [' + ", ".join(f'"{x}"' for x in inverted) + "]\n")
+    out = _lint(config)
+    assert out.returncode != 0 and "BROKEN" in out.stdout, out.stdout[-2000:]

@@ -7,9 +7,8 @@ not need to be here: the data channel is authenticated (HMAC challenge-response 
 ``ferry.transfer.auth``, the secret never crosses the wire), so the per-block hash
 guards against corruption and bugs (a torn read, a wrong offset, a flipped bit in a
 buffer), not against an adversary forging frames. A 128-bit hash makes an undetected
-accidental mismatch astronomically unlikely. When ``xxhash`` is missing the block hash
-is BLAKE3 cut to 16 bytes (or SHA-256 cut to 16 bytes); ``HASH_NAME`` travels in the
-INFO frame so both ends must agree.
+accidental mismatch astronomically unlikely. ``HASH_NAME`` travels in the INFO frame so
+both ends must agree.
 
 An image's root is SHA-256 over the hash name, its geometry and the block hashes in
 order (``16 * blocks`` bytes: 256 KiB per GiB of image, well under a millisecond); a
@@ -26,33 +25,13 @@ import hashlib
 import os
 import struct
 
+import xxhash
+
 HASH_SIZE = 16
 DIGEST_PREFIX = "sha256:"
 
-try:
-    import xxhash as _xxhash
-except ImportError:  # pragma: no cover - xxhash is a dependency; keep working without it
-    _xxhash = None
-
-if _xxhash is not None:
-    HASH_NAME = "xxh3-128"
-    block_hash = _xxhash.xxh3_128_digest  # (bytes-like) -> 16 bytes
-else:  # pragma: no cover
-    try:
-        from blake3 import blake3 as _blake3
-    except ImportError:
-        _blake3 = None
-    if _blake3 is not None:
-        HASH_NAME = "blake3-128"
-
-        def block_hash(data) -> bytes:
-            return _blake3(data).digest(length=HASH_SIZE)
-
-    else:
-        HASH_NAME = "sha256-128"
-
-        def block_hash(data) -> bytes:
-            return hashlib.sha256(data).digest()[:HASH_SIZE]
+HASH_NAME = "xxh3-128"
+block_hash = xxhash.xxh3_128_digest  # (bytes-like) -> 16 bytes
 
 
 def block_hashes(view, block_size: int) -> bytes:
