@@ -8,6 +8,7 @@ import signal
 import threading
 from typing import Any
 
+from ferry import logs
 from ferry.agent.loop import Agent
 from ferry.drivers.base import Driver
 from ferry.settings import Settings
@@ -33,9 +34,7 @@ def make_driver(name: str, data_dir: str, settings: Settings, environ: dict[str,
 
 def run(host: str, data_dir: str, driver: str, address: str, kubeconfig: str | None, settings: Settings) -> int:
     """Run the agent of ``host``; returns 0 after SIGTERM/SIGINT."""
-    logging.getLogger("ferry").setLevel(min(logging.getLogger("ferry").getEffectiveLevel(), logging.INFO))
-    if not logging.getLogger().handlers:
-        logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logs.for_server()
     os.makedirs(data_dir, exist_ok=True)
     drv = make_driver(driver, data_dir, settings)
     kube = Kube.connect(kubeconfig)

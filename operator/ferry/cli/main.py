@@ -13,7 +13,7 @@ import sys
 
 import click
 
-from ferry import __version__
+from ferry import __version__, logs
 
 
 class FerryGroup(click.Group):
@@ -38,8 +38,7 @@ class FerryGroup(click.Group):
 @click.pass_context
 def cli(ctx: click.Context, kubeconfig: str | None, namespace: str | None, verbose: int) -> None:
     """ferry live-migrates droplets (virtual machines) between hosts."""
-    level = logging.WARNING - 10 * verbose
-    logging.basicConfig(level=max(level, logging.DEBUG), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logs.configure(logging.WARNING - 10 * verbose)
     ctx.obj = {"kubeconfig": kubeconfig, "namespace": namespace}
 
 

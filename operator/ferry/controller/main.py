@@ -7,6 +7,7 @@ import os
 
 import kopf
 
+from ferry import logs
 from ferry.settings import Settings
 
 
@@ -21,6 +22,7 @@ def run(*, kubeconfig: str | None, namespace: str | None, standalone: bool, peer
     root = logging.getLogger()
     root.handlers[:] = [h for h in root.handlers if type(h).__name__ == "_KopfStreamHandler"]
     logging.getLogger("kopf").setLevel(logging.WARNING)  # per-handler "succeeded" lines are noise
+    logs.for_server()
     kopf.run(
         standalone=standalone,
         peering_name=None if standalone else peering_name,

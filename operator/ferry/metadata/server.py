@@ -32,6 +32,7 @@ from typing import Callable, Iterable, Mapping
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
+from ferry import logs
 from ferry.metadata.cache import Answer, DropletCache, DropletRecord, normalize_ip, record_from_object
 from ferry.storage import Backoff, Kube
 from ferry.storage.watch import Changed, DeliveryClosed, Listed, Reflector, Source, Update
@@ -518,12 +519,7 @@ def run(
 
     Watches the Droplets of `namespace` (all namespaces when None) through pykube and
     serves until SIGTERM/SIGINT."""
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if log.getEffectiveLevel() > logging.INFO:
-        # A server says where it listens, when it is ready and when its watch restarts,
-        # even when the CLI's default level is WARNING (-v still lowers it to DEBUG).
-        log.setLevel(logging.INFO)
+    logs.for_server()
     parse_listen(listen)  # fail before touching the API
     source = Kube.connect(kubeconfig, context=context).list_watch("Droplet", namespace)
     asyncio.run(serve(listen, source, watch_timeout_seconds=watch_timeout_seconds))
