@@ -31,7 +31,7 @@ from ferry.drivers.base import (
     VMSpec,
     VMState,
 )
-from ferry.storage import Kube, NotFound, StorageError
+from ferry.storage import Conflict, Kube, NotFound, StorageError
 
 NOW = dt.datetime(2030, 1, 1, 12, 0, 0, tzinfo=dt.timezone.utc)
 NS = "ns"
@@ -125,7 +125,8 @@ def merge_patch(target: Any, patch: Any) -> Any:
 
 
 class FakeKube:
-    """Enough of ferry.storage.Kube for the agent: objects in memory, merge patches, secrets."""
+    """Enough of ferry.storage.Kube for the agent and the operator's shell: objects in memory,
+    merge patches guarded by resourceVersion (Conflict), secrets, Events."""
 
     def __init__(self) -> None:
         self.objects: dict[tuple[str, str, str], dict] = {}
@@ -188,16 +189,38 @@ class FakeKube:
 
     def patch_status(self, kind: str, name: str, status: dict, namespace: str | None = None,
                      resource_version: str | None = None) -> dict:
+        return self._patch(kind, name, namespace, {"status": status}, resource_version)
+
+    def patch(self, kind: str, name: str, patch: dict, namespace: str | None = None,
+              resource_version: str | None = None) -> dict:
+        return self._patch(kind, name, namespace, patch, resource_version)
+
+    def _patch(self, kind: str, name: str, namespace: str | None, patch: dict, resource_version: str | None) -> dict:
         with self.lock:
             k = (kind, namespace or "", name)
             if k not in self.objects:
                 raise NotFound(f"{kind} {name} not found")
-            self.patches.append((kind, namespace or "", name, copy.deepcopy(status)))
             body = self.objects[k]
-            body["status"] = merge_patch(body.get("status") or {}, status)
+            if resource_version and body["metadata"]["resourceVersion"] != resource_version:
+                raise Conflict(f"{kind} {name}: resourceVersion {resource_version} is stale")
+            self.patches.append((kind, namespace or "", name, copy.deepcopy(patch.get("status", patch))))
+            self.objects[k] = body = merge_patch(body, patch)
             self.rv += 1
             body["metadata"]["resourceVersion"] = str(self.rv)
             return copy.deepcopy(body)
+
+    def create(self, kind: str, body: dict, namespace: str | None = None) -> dict:
+        m = body["metadata"]
+        if (kind, namespace or m.get("namespace") or "", m["name"]) in self.objects:
+            raise Conflict(f"{kind} {m['name']} already exists")
+        return self.put({**body, "kind": kind, "metadata": {**m, "namespace": namespace or m.get("namespace")}})
+
+    def create_secret(self, namespace: str, name: str, data: dict, owner: dict | None = None,
+                      labels: dict | None = None) -> None:
+        self.secrets.setdefault((namespace, name), data["key"])
+
+    def delete_secret(self, namespace: str, name: str) -> None:
+        self.secrets.pop((namespace, name), None)
 
     def read_secret_key(self, namespace: str, name: str, key: str = "key") -> bytes:
         try:

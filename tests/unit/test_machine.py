@@ -899,3 +899,14 @@ def test_pure_modules_import_no_kopf_pykube_or_network():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert out == "", out
+
+
+@pytest.mark.parametrize("owned_by_other, cleared", [(False, True), (True, False), (None, False)])
+def test_cancel_withdraws_an_announcement_whose_status_write_was_lost(owned_by_other, cleared):
+    """Announce went out, the status write that recorded it met a conflict, then a cancel:
+    the announcement is withdrawn only when no other migration can own it."""
+    o = obs("Pending", spec=spec(cancel=True), droplet_owned_by_other=owned_by_other)
+    assert o.status.announced_at is None and o.droplet.maintenance_since is not None
+    d = decide(o, T0, CFG)
+    assert d.phase == "Cancelled"
+    assert (ClearAnnouncement("web-1") in d.actions) == cleared

@@ -16,7 +16,7 @@ import kopf
 
 from ferry.api import constants as c
 from ferry.api.livemigration import LiveMigration
-from ferry.api.phases import QUEUED, TERMINAL, Phase
+from ferry.api.phases import OWNING, QUEUED, TERMINAL, Phase
 from ferry.api.times import now
 from ferry.controller import effects
 from ferry.controller.app import Context
@@ -83,6 +83,8 @@ def observe(cx: Context, m: LiveMigration) -> Observation:
         transfer=m.transfer, target=m.target,
         target_host_ready=bool(target and target.ready(t, timeout)) if m.status.target_host else None,
         secret_exists=m.status.attempt >= 1 and not world.expect.has_secret_been_deleted(m.key),
+        droplet_owned_by_other=any(o.key != m.key and world.expect.phase_of(o) in OWNING
+                                   for o in world.migrations_of((m.namespace, m.droplet))),
     )
     # Pending: may it be announced (one migration per droplet); Announced with the notice over:
     # may it take a concurrency slot. Asked without a clock (every Announced one), because

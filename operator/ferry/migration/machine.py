@@ -265,7 +265,8 @@ def _close_attempt(b: _Builder, result: str, reason: str) -> None:
 def _cleanup(b: _Builder) -> None:
     """Side effects of every terminal transition: the announcement and the Secret."""
     obs = b.obs
-    if obs.status.announced_at is not None and obs.droplet.exists and obs.droplet.maintenance_since is not None:
+    ours = obs.status.announced_at is not None or obs.droplet_owned_by_other is False
+    if ours and obs.droplet.exists and obs.droplet.maintenance_since is not None:
         b.actions.append(ClearAnnouncement(obs.spec.droplet))
     if obs.secret_exists:
         b.actions.append(DeleteSecret(transfer_secret_name(obs.name)))

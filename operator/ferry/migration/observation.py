@@ -92,7 +92,9 @@ class Observation:
     :func:`needs_placement`): the result of ``place()`` for the droplet with ``source_host``
     = its host, ``target_host`` = ``spec.targetHost``, ``inbound_limit`` =
     FERRY_MAX_INBOUND_PER_HOST, and the reservations of the OTHER migrations in
-    :data:`ferry.api.phases.IN_FLIGHT`.
+    :data:`ferry.api.phases.IN_FLIGHT`. ``droplet_owned_by_other``: another migration of
+    the droplet is past Pending (None: not known); when False, an announcement on the droplet
+    can only be this migration's, even if the status write that recorded it was lost.
     """
 
     name: str
@@ -108,6 +110,7 @@ class Observation:
     admission: Admission | None = None
     placement: PlacementResult | None = None
     secret_exists: bool = False
+    droplet_owned_by_other: bool | None = None
 
     @property
     def record_at_target(self) -> bool:

@@ -1,0 +1,140 @@
+"""The operator's shell (ferry.controller) over a fake storage: the reconcilers read the
+world, call the pure machine and write through storage in the right order. No API server,
+no kopf: the handlers are one-line delegations to these functions."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import logging
+
+import pytest
+from fakes import FakeKube
+
+from ferry.api.livemigration import LiveMigration
+from ferry.api.sizes import Resources
+from ferry.controller import migrations
+from ferry.controller.app import Context
+from ferry.controller.expectations import Expectations
+from ferry.controller.metrics import Metrics
+from ferry.controller.world import World
+from ferry.settings import Settings
+
+NS = "team"
+LOG = logging.getLogger("test")
+
+
+def now_text() -> str:
+    return dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def host(name: str) -> dict:
+    return {"kind": "Host", "apiVersion": "ferry.dev/v1alpha1", "metadata": {"name": name, "uid": "u-" + name},
+            "spec": {"datacenter": "nyc3", "capacity": {"cpu": 8, "memoryMiB": 16384, "diskGiB": 500}},
+            "status": {"agent": {"address": "127.0.0.1", "heartbeatTime": now_text()}}}
+
+
+@pytest.fixture
+def stack():
+    kube = FakeKube()
+    for h in ("h1", "h2"):
+        kube.put(host(h))
+    kube.put({"kind": "Droplet", "apiVersion": "ferry.dev/v1alpha1",
+              "metadata": {"name": "web", "namespace": NS, "uid": "u-web", "labels": {"ferry.dev/host": "h1"}},
+              "spec": {"size": "s-1vcpu-1gb", "datacenter": "nyc3"}, "status": {"host": "h1", "phase": "Placed"}})
+    kube.put({"kind": "LiveMigration", "apiVersion": "ferry.dev/v1alpha1",
+              "metadata": {"name": "move", "namespace": NS, "uid": "u-move", "finalizers": ["ferry.dev/migration"],
+                           "creationTimestamp": "2030-01-01T00:00:00Z"},
+              "spec": {"droplet": "web"}})
+    world = World()
+    for (kind, _, _), body in kube.objects.items():
+        world.observe(kind, None, body)
+    cx = Context(settings=Settings(notice_seconds=0, metrics_port=0), kube=kube, world=world, metrics=Metrics(),
+                 lock=asyncio.Lock(), object_locks={})
+    return kube, cx
+
+
+def reconcile(cx: Context) -> LiveMigration:
+    asyncio.run(migrations.reconcile(cx, (NS, "move"), LOG))
+    return cx.world.migrations[(NS, "move")]
+
+
+def agent_reports(kube: FakeKube, cx: Context, status: dict) -> None:
+    """An agent's status patch, seen by the operator's watch."""
+    cx.world.observe("LiveMigration", "MODIFIED", kube.patch_status("LiveMigration", "move", status, NS))
+
+
+def test_a_migration_through_the_shell(stack):
+    kube, cx = stack
+    assert reconcile(cx).phase == "Pending"
+    m = reconcile(cx)
+    assert m.phase == "Announced"
+    assert kube.obj("Droplet", "web", NS)["metadata"]["annotations"]["ferry.dev/maintenance-event"] == "live_migrate"
+    assert reconcile(cx).phase == "Scheduling"
+    m = reconcile(cx)
+    assert m.phase == "Preparing" and m.status.target_host == "h2" and m.status.attempt == 1
+    assert kube.obj("LiveMigration", "move", NS)["metadata"]["labels"]["ferry.dev/target-host"] == "h2"
+    assert (NS, "move-transfer") in kube.secrets
+
+    agent_reports(kube, cx, {"target": {"attempt": 1, "state": "Listening", "address": "127.0.0.1:7000"}})
+    assert reconcile(cx).phase == "PreCopy"
+    agent_reports(kube, cx, {"transfer": {"attempt": 1, "state": "Completed", "digest": "sha256:ab", "downtimeMs": 9},
+                             "target": {"attempt": 1, "state": "Received", "digest": "sha256:ab",
+                                        "address": "127.0.0.1:7000"}})
+    assert reconcile(cx).phase == "CutOver"
+    d = kube.obj("Droplet", "web", NS)
+    assert d["status"]["host"] == "h2" and d["metadata"]["labels"]["ferry.dev/host"] == "h2"  # the record moved
+
+    agent_reports(kube, cx, {"target": {"attempt": 1, "state": "Running", "digest": "sha256:ab"}})
+    m = reconcile(cx)
+    assert m.phase == "Completed" and m.status.downtime_ms == 9
+    assert "ferry.dev/maintenance-event" not in (kube.obj("Droplet", "web", NS)["metadata"].get("annotations") or {})
+    assert (NS, "move-transfer") not in kube.secrets
+    assert kube.obj("Droplet", "web", NS)["status"]["lastMigration"]["toHost"] == "h2"
+    reasons = [r for _, r, _ in kube.events]
+    assert reasons.count("LiveMigrated") == 1 and reasons.count("Completed") == 1
+    phases_written = [p.get("phase") for k, _, n, p in kube.patches if k == "LiveMigration" and "phase" in p]
+    assert phases_written == ["Pending", "Announced", "Scheduling", "Preparing", "PreCopy", "CutOver", "Completed"]
+
+
+def test_a_decision_on_a_stale_view_is_dropped_and_made_again(stack):
+    kube, cx = stack
+    reconcile(cx)  # Pending
+    # Someone else (a user setting spec.cancel) writes the migration; the world has not seen it.
+    kube.patch("LiveMigration", "move", {"spec": {"cancel": True}}, NS)
+    m = reconcile(cx)
+    assert m.phase == "Cancelled"  # decided again on the fresh read, not Announced on the stale one
+    # The announcement went out before the status write met the conflict; the cancel withdraws
+    # it even though no status ever recorded it (no other migration owns the droplet).
+    annotations = kube.obj("Droplet", "web", NS)["metadata"].get("annotations") or {}
+    assert "ferry.dev/maintenance-event" not in annotations
+    reasons = [r for _, r, _ in kube.events]
+    assert "Announced" not in reasons and reasons.count("Cancelled") == 1
+
+
+def test_expectations_hold_a_decision_until_the_watch_shows_it():
+    ex = Expectations()
+    body = {"metadata": {"name": "m", "namespace": "n"}, "spec": {"droplet": "d"}, "status": {"phase": "Announced"}}
+    m = LiveMigration.from_body(body)
+    ex.admitted(m.key)
+    assert ex.phase_of(m) == "Scheduling"  # took its slot, not seen back yet
+    ex.reserved(m.key, "h2", ("n", "d"), Resources(1, 1024, 25))
+    assert [r.host for r in ex.as_reservations()] == ["h2"]
+    ex.saw_migration(m.key, LiveMigration.from_body({**body, "status": {"phase": "Preparing", "targetHost": "h2"}}))
+    assert ex.phase_of(m) == "Announced" and ex.as_reservations() == []
+    ex.secret_deleted(m.key)
+    assert ex.has_secret_been_deleted(m.key)
+    ex.saw_migration(m.key, None)  # deleted: nothing about it is kept
+    assert not ex.has_secret_been_deleted(m.key)
+
+
+def test_the_world_never_goes_back_in_time():
+    w = World()
+    new = {"metadata": {"name": "m", "namespace": "n", "resourceVersion": "20"}, "spec": {"droplet": "d"},
+           "status": {"phase": "PreCopy"}}
+    old = {**new, "metadata": {**new["metadata"], "resourceVersion": "7"}, "status": {"phase": "Pending"}}
+    w.observe("LiveMigration", "MODIFIED", new)
+    w.observe("LiveMigration", "MODIFIED", old)  # a late event from a loaded queue
+    assert w.migrations[("n", "m")].phase == "PreCopy"
+    w.observe("LiveMigration", "MODIFIED", {**new, "spec": {}})  # invalid spec: set aside with the reason
+    assert ("n", "m") not in w.migrations and "spec.droplet" in w.invalid[("LiveMigration", ("n", "m"))]
