@@ -39,7 +39,8 @@ from ferry.drivers.sim import SimDriver
 from ferry.drivers.sim.image import DISK_BLOCK_SIZE, MEMORY_PAGE_SIZE, Image, image_sizes
 from ferry.drivers.sim.layout import DISK_FILE, MEMORY_FILE
 from ferry.transfer.digest import HASH_NAME
-from ferry.transfer.precopy import COMPLETED, SourceEngine
+from ferry.transfer.session import COMPLETED
+from ferry.transfer.source import SourceEngine
 
 MiB = 1 << 20
 KEY = VMKey("bench", "vm")

@@ -8,7 +8,7 @@ import pytest
 from ferry.drivers.sim.image import DISK_BLOCK_SIZE, MEMORY_PAGE_SIZE, Image, image_sizes
 from ferry.drivers.sim.workload import DISK, MEMORY, Guest, content, read_log, replay
 from ferry.transfer.bitmap import runs
-from ferry.transfer.precopy import data_block_ranges
+from ferry.transfer.source import data_block_ranges
 
 
 def wait_for(cond, timeout=10.0, what="condition"):

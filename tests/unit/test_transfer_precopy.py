@@ -8,8 +8,10 @@ import pytest
 from ferry.drivers.sim.image import DISK_BLOCK_SIZE as BS
 from ferry.drivers.sim.image import MEMORY_PAGE_SIZE as PS
 from ferry.drivers.sim.image import Image
-from ferry.transfer import precopy
+from ferry.transfer import session, source
 from ferry.transfer.digest import combine, image_root
+from ferry.transfer.source import SourceEngine
+from ferry.transfer.target import TargetEngine
 
 
 class FakeGuest:
@@ -42,14 +44,14 @@ def pair(tmp_path):
 
 
 def run(src, dst, before_round=None, secret=b"k" * 32, target_secret=None, **kw):
-    tgt = precopy.TargetEngine(disk=dst[0], memory=dst[1], secret=target_secret or secret, migration_id="m")
+    tgt = TargetEngine(disk=dst[0], memory=dst[1], secret=target_secret or secret, migration_id="m")
     host, port = tgt.listen("127.0.0.1")
     tgt.start()
     guest = FakeGuest()
-    eng = precopy.SourceEngine(disk=src[0], memory=src[1], guest=guest, target=f"{host}:{port}", secret=secret,
-                               migration_id="m", before_round=before_round, **kw)
+    eng = SourceEngine(disk=src[0], memory=src[1], guest=guest, target=f"{host}:{port}", secret=secret,
+                       migration_id="m", before_round=before_round, **kw)
     eng.run()
-    if eng.state != precopy.COMPLETED:
+    if eng.state != session.COMPLETED:
         tgt.cancel("test over")
     tgt.join(10)
     return eng, tgt, guest
@@ -65,7 +67,7 @@ def test_full_copy_skips_holes_and_zero_blocks(pair):
     src[0].write(7 * BS, bytes(BS))  # allocated but zero: not sent
     src[1].write(5 * PS, b"m" * PS)
     eng, tgt, guest = run(src, dst)
-    assert eng.state == precopy.COMPLETED and tgt.state == precopy.RECEIVED
+    assert eng.state == session.COMPLETED and tgt.state == session.RECEIVED
     assert eng.stats()["disk"]["sent"] == BS and eng.stats()["memory"]["sent"] == PS
     assert contents(dst[0]) == contents(src[0]) and contents(dst[1]) == contents(src[1])
     expected = combine(image_root(src[0].fd, src[0].size, BS), image_root(src[1].fd, src[1].size, PS))
@@ -86,7 +88,7 @@ def test_later_rounds_send_rewritten_and_zeroed_blocks(pair):
             src[1].write(63 * PS, b"q" * PS)
 
     eng, tgt, _ = run(src, dst, before_round=change)
-    assert eng.state == precopy.COMPLETED, eng.error
+    assert eng.state == session.COMPLETED, eng.error
     assert eng.round == 2
     assert eng.rounds[-1]["bytes"] == BS + PS  # the zeroed block costs no data bytes
     assert contents(dst[0]) == contents(src[0]) and contents(dst[1]) == contents(src[1])
@@ -97,7 +99,7 @@ def test_blocks_dirtied_again_are_sent_once_by_the_next_round(pair, monkeypatch)
     src, dst = pair
     for b in range(32):
         src[0].write(b * BS, b"x" * BS)
-    orig = precopy.data_block_ranges
+    orig = source.data_block_ranges
 
     def ranges_then_write(fd, size, bs):
         # the guest rewrites blocks 10..19 after round 1 began, before they are read
@@ -107,9 +109,9 @@ def test_blocks_dirtied_again_are_sent_once_by_the_next_round(pair, monkeypatch)
                 src[0].write(b * BS, b"y" * BS)
         return r
 
-    monkeypatch.setattr(precopy, "data_block_ranges", ranges_then_write)
+    monkeypatch.setattr(source, "data_block_ranges", ranges_then_write)
     eng, tgt, _ = run(src, dst)
-    assert eng.state == precopy.COMPLETED, eng.error
+    assert eng.state == session.COMPLETED, eng.error
     assert eng.rounds[0]["bytes"] == 22 * BS  # round 1 skipped the 10 re-dirtied blocks
     assert eng.stats()["disk"]["sent"] == 32 * BS  # every block exactly once
     assert contents(dst[0]) == contents(src[0])
@@ -117,16 +119,16 @@ def test_blocks_dirtied_again_are_sent_once_by_the_next_round(pair, monkeypatch)
 
 def test_wrong_secret_fails_source_and_target_keeps_listening(pair):
     src, dst = pair
-    tgt = precopy.TargetEngine(disk=dst[0], memory=dst[1], secret=b"t" * 32, migration_id="m")
+    tgt = TargetEngine(disk=dst[0], memory=dst[1], secret=b"t" * 32, migration_id="m")
     host, port = tgt.listen("127.0.0.1")
     tgt.start()
-    eng = precopy.SourceEngine(disk=src[0], memory=src[1], guest=FakeGuest(), target=f"{host}:{port}",
-                               secret=b"x" * 32, migration_id="m")
+    eng = SourceEngine(disk=src[0], memory=src[1], guest=FakeGuest(), target=f"{host}:{port}",
+                       secret=b"x" * 32, migration_id="m")
     eng.run()
-    assert eng.state == precopy.FAILED and "authentication" in eng.error
-    assert tgt.state == precopy.NONE and tgt.auth_failures == 1
+    assert eng.state == session.FAILED and "authentication" in eng.error
+    assert tgt.state == session.NONE and tgt.auth_failures == 1
     tgt.cancel()
-    assert tgt.state == precopy.FAILED
+    assert tgt.state == session.FAILED
 
 
 def test_bandwidth_limit_is_honoured(pair):
@@ -138,7 +140,7 @@ def test_bandwidth_limit_is_honoured(pair):
     t0 = time.monotonic()
     eng, _, _ = run(src, dst, bandwidth_bps=8 << 20)
     elapsed = time.monotonic() - t0
-    assert eng.state == precopy.COMPLETED
+    assert eng.state == session.COMPLETED
     assert elapsed >= 0.2  # 2 MiB at 8 MiB/s, less the initial burst
     assert eng.stats()["bandwidth_bps"] <= 8 << 20
 
@@ -147,16 +149,16 @@ def test_cancel_resumes_the_guest(pair):
     src, dst = pair
     for b in range(32):
         src[0].write(b * BS, b"c" * BS)
-    tgt = precopy.TargetEngine(disk=dst[0], memory=dst[1], secret=b"k" * 32, migration_id="m")
+    tgt = TargetEngine(disk=dst[0], memory=dst[1], secret=b"k" * 32, migration_id="m")
     host, port = tgt.listen("127.0.0.1")
     tgt.start()
     guest = FakeGuest()
-    eng = precopy.SourceEngine(disk=src[0], memory=src[1], guest=guest, target=f"{host}:{port}", secret=b"k" * 32,
-                               migration_id="m", bandwidth_bps=256 << 10, offline=True)
+    eng = SourceEngine(disk=src[0], memory=src[1], guest=guest, target=f"{host}:{port}", secret=b"k" * 32,
+                       migration_id="m", bandwidth_bps=256 << 10, offline=True)
     eng.start()
     threading.Timer(0.2, eng.cancel).start()
     assert eng.join(10)
-    assert eng.state == precopy.ABORTED
+    assert eng.state == session.ABORTED
     assert guest.calls == ["pause", "resume"]  # offline paused it; the abort resumed it
     tgt.join(10)
-    assert tgt.state in (precopy.FAILED, precopy.ABORTED)
+    assert tgt.state in (session.FAILED, session.ABORTED)

@@ -6,5 +6,7 @@
 - ``digest``: per-block hashes and image digests
 - ``ratelimit``: token bucket
 - ``policy``: PURE convergence/throttle decision
-- ``precopy``: the source and target engines
+- ``session``: what both ends share (states, errors, extent size)
+- ``source``: the sending engine (pre-copy rounds, pause, verification)
+- ``target``: the receiving engine (checks and writes every block, answers the verdict)
 """

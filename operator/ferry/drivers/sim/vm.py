@@ -33,6 +33,7 @@ import socketserver
 import sys
 import threading
 
+from ferry import logs
 from ferry.drivers.sim.layout import (
     DISK_FILE,
     GUEST_FILE,
@@ -46,8 +47,10 @@ from ferry.drivers.sim.layout import (
 )
 from ferry.drivers.sim.image import DISK_BLOCK_SIZE, MEMORY_PAGE_SIZE, Image
 from ferry.drivers.sim.workload import Guest, last_logged_seq
-from ferry.transfer import precopy
+from ferry.transfer import session
 from ferry.transfer.digest import combine, image_root
+from ferry.transfer.source import SourceEngine
+from ferry.transfer.target import TargetEngine
 
 log = logging.getLogger("ferry.sim.vm")
 
@@ -116,8 +119,8 @@ class VM:
             seq=seq,
             log_path=self.path(WRITE_LOG) if self.spec.get("write_log") else None,
         )
-        self.source: precopy.SourceEngine | None = None
-        self.target: precopy.TargetEngine | None = None
+        self.source: SourceEngine | None = None
+        self.target: TargetEngine | None = None
         self.power = "inmigrate" if incoming else "stopped"
         self._lock = threading.RLock()
         self._corrupt_frame: int | None = None
@@ -136,9 +139,9 @@ class VM:
             return "inmigrate"
         src = self.source
         if src is not None:
-            if src.state == precopy.PAUSED:
+            if src.state == session.PAUSED:
                 return "finish-migrate"
-            if src.state == precopy.COMPLETED:
+            if src.state == session.COMPLETED:
                 return "postmigrate"
         return self.power
 
@@ -196,7 +199,7 @@ class VM:
     def cmd_cont(self) -> dict:
         if self.power == "inmigrate":
             tgt = self.target
-            if tgt is None or tgt.state != precopy.RECEIVED:
+            if tgt is None or tgt.state != session.RECEIVED:
                 raise CommandError("incoming migration not received and verified yet", "MigrationNotReceived")
             state = tgt.guest_state or {}
             self.guest.seq = int(state.get("seq", self.guest.seq))
@@ -210,7 +213,7 @@ class VM:
             log.info("resumed after incoming migration %s (seq %d)", tgt.migration_id, self.guest.seq)
             return {}
         src = self.source
-        if src is not None and src.state not in (precopy.FAILED, precopy.ABORTED):
+        if src is not None and src.state not in (session.FAILED, session.ABORTED):
             raise CommandError(f"migration {src.migration_id} is {src.state}; cancel it first", "MigrationActive")
         self.power = "running"
         self.guest.run()
@@ -242,7 +245,7 @@ class VM:
             if self.source.migration_id == id:
                 return {}  # idempotent
             raise CommandError(f"migration {self.source.migration_id} in progress", "MigrationActive")
-        if self.source is not None and self.source.state == precopy.COMPLETED:
+        if self.source is not None and self.source.state == session.COMPLETED:
             raise CommandError("a completed migration is waiting for cut-over; cancel it first", "MigrationActive")
         if self.power == "stopped" and not offline:
             raise CommandError("the VM is stopped: use an offline migration", "InvalidState")
@@ -250,7 +253,7 @@ class VM:
             key = bytes.fromhex(secret)
         except ValueError:
             raise CommandError("secret must be hex", "InvalidParameter") from None
-        eng = precopy.SourceEngine(
+        eng = SourceEngine(
             disk=self.disk,
             memory=self.memory,
             guest=_EngineGuest(self),
@@ -269,14 +272,14 @@ class VM:
         log.info("migration %s to %s started (offline=%s, budget %s ms, limit %s B/s)", id, uri, offline, downtime_ms, bandwidth_bps)
         return {}
 
-    def _source_finished(self, eng: precopy.SourceEngine) -> None:
+    def _source_finished(self, eng: SourceEngine) -> None:
         self._persist_migration(eng.stats())
         self._persist_guest()
 
     def cmd_migrate_incoming(self, listen: str, secret: str, id: str) -> dict:
         if self.power != "inmigrate":
             raise CommandError("not an incoming VM", "InvalidState")
-        if self.target is not None and self.target.state not in precopy.TERMINAL:
+        if self.target is not None and self.target.state not in session.TERMINAL:
             if self.target.migration_id == id:
                 host, port = self.target.address
                 return {"uri": f"{host}:{port}"}
@@ -289,7 +292,7 @@ class VM:
             key = bytes.fromhex(secret)
         except ValueError:
             raise CommandError("secret must be hex", "InvalidParameter") from None
-        eng = precopy.TargetEngine(
+        eng = TargetEngine(
             disk=self.disk, memory=self.memory, secret=key, migration_id=id,
             on_finish=lambda e: self._persist_migration(e.stats()),
         )
@@ -310,12 +313,12 @@ class VM:
             with open(self.path(MIGRATION_FILE)) as f:
                 return json.load(f)
         except (OSError, ValueError):
-            return {"state": precopy.NONE}
+            return {"state": session.NONE}
 
     def cmd_migrate_cancel(self) -> dict:
         src, tgt = self.source, self.target
         if src is not None:
-            if src.state == precopy.COMPLETED:
+            if src.state == session.COMPLETED:
                 src.abort_completed()
                 self._persist_migration(src.stats())
             elif not src.finished:
@@ -329,7 +332,7 @@ class VM:
         if tgt is not None:
             tgt.cancel("cancelled")
             return tgt.stats()
-        return {"state": precopy.NONE}
+        return {"state": session.NONE}
 
     def cmd_query_digest(self) -> dict:
         disk_root = image_root(self.disk.fd, self.disk.size, self.disk.block_size)
@@ -396,8 +399,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--incoming", action="store_true", help="wait for an incoming migration (fresh images)")
     parser.add_argument("--stopped", action="store_true", help="do not start the guest")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logs.configure(logging.INFO)
     vm_dir = os.path.abspath(args.dir)
     lock_fd = os.open(os.path.join(vm_dir, LOCK_FILE), os.O_RDWR | os.O_CREAT, 0o600)
     try:
