@@ -1,4 +1,4 @@
-"""Pure parts of the user commands: --at parsing, request bodies, status tables, explain."""
+"""The text of the user commands: status tables and explain (``ferry.cli.render``)."""
 
 from __future__ import annotations
 
@@ -8,68 +8,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ferry.cli import user
+from ferry.cli import render
+from ferry.cli.progress import migration_view
 
 NOW = dt.datetime(2030, 1, 2, 3, 4, 5, tzinfo=dt.timezone.utc)
-UTC = dt.timezone.utc
 
 
-# --- --at -------------------------------------------------------------------------------------------
-
-@pytest.mark.parametrize("text, expected", [
-    ("+10m", NOW + dt.timedelta(minutes=10)),
-    ("+30s", NOW + dt.timedelta(seconds=30)),
-    ("+1h30m", NOW + dt.timedelta(minutes=90)),
-    ("+2d", NOW + dt.timedelta(days=2)),
-    ("10M", NOW + dt.timedelta(minutes=10)),
-    ("now", NOW),
-    ("2030-05-06T07:08:09Z", dt.datetime(2030, 5, 6, 7, 8, 9, tzinfo=UTC)),
-    ("2030-05-06t07:08:09z", dt.datetime(2030, 5, 6, 7, 8, 9, tzinfo=UTC)),
-    ("2030-05-06T09:08:09+02:00", dt.datetime(2030, 5, 6, 7, 8, 9, tzinfo=UTC)),
-    ("2030-05-06T07:08:09.5Z", dt.datetime(2030, 5, 6, 7, 8, 9, 500000, tzinfo=UTC)),
-])
-def test_parse_when_accepts(text, expected):
-    assert user.parse_when(text, NOW) == expected
-
-
-@pytest.mark.parametrize("text", ["", "tomorrow", "10", "+10x", "+", "-10m", "2030-05-06", "12:00", "+10m garbage",
-                                  "2030-13-01T00:00:00Z"])
-def test_parse_when_rejects_with_a_hint(text):
-    with pytest.raises(ValueError, match="RFC 3339"):
-        user.parse_when(text, NOW)
-
-
-# --- request bodies ---------------------------------------------------------------------------------
-
-def test_minimal_migration_request():
-    body = user.migration_request("web-1")
-    assert body == {
-        "apiVersion": "ferry.dev/v1alpha1", "kind": "LiveMigration",
-        "metadata": {"generateName": "web-1-", "labels": {"ferry.dev/droplet": "web-1"}},
-        "spec": {"droplet": "web-1", "mode": "live"},
-    }
-
-
-def test_full_migration_request():
-    body = user.migration_request("web-1", name="move-it", target="host-b", at=NOW, bandwidth_mibps=50,
-                                  downtime_ms=150, max_attempts=2, offline=True)
-    assert body["metadata"]["name"] == "move-it" and "generateName" not in body["metadata"]
-    assert body["spec"] == {"droplet": "web-1", "mode": "offline", "targetHost": "host-b",
-                            "scheduledAt": "2030-01-02T03:04:05Z",
-                            "limits": {"bandwidthMiBps": 50, "downtimeMs": 150, "maxAttempts": 2}}
-
-
-def test_droplet_name_too_long_for_a_label_gets_no_label():
-    name = "d" * 64
-    assert "labels" not in user.migration_request(name)["metadata"]
-    assert user.migration_request("d" * 63)["metadata"]["labels"] == {"ferry.dev/droplet": "d" * 63}
-
-
-def test_drain_and_uncordon_patches():
-    assert user.drain_patch("kernel", None) == {"spec": {"maintenance": {"reason": "kernel", "start": None}}}
-    assert user.drain_patch("kernel", NOW)["spec"]["maintenance"]["start"] == "2030-01-02T03:04:05Z"
-    assert user.UNCORDON_PATCH == {"spec": {"maintenance": None, "schedulable": True}}
-
+# --- connection errors ------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("text, why", [
     ("get Droplet a/b: ConnectionError: HTTPSConnectionPool(...): [Errno 111] Connection refused", "connection refused"),
@@ -78,18 +23,18 @@ def test_drain_and_uncordon_patches():
     ("get Host x: ConnectionError: Name or service not known", "host name not resolvable"),
 ])
 def test_connection_messages(text, why):
-    msg = user.connection_message(text, "https://k:6443")
+    msg = render.connection_message(text, "https://k:6443")
     assert msg == f"cannot reach the Kubernetes API server at https://k:6443 ({why}); check --kubeconfig or KUBECONFIG"
 
 
 def test_other_errors_are_not_connection_errors():
-    assert user.connection_message("get Droplet a/b: forbidden (HTTP 403)", "https://k") is None
+    assert render.connection_message("get Droplet a/b: forbidden (HTTP 403)", "https://k") is None
 
 
 # --- tables -----------------------------------------------------------------------------------------
 
 def test_table_aligns_columns_and_marks_empty_cells():
-    lines = user.table(["A", "LONGER"], [["xxxx", None], ["y", ""], ["z", 3]])
+    lines = render.table(["A", "LONGER"], [["xxxx", None], ["y", ""], ["z", 3]])
     assert lines == ["A     LONGER", "xxxx  -", "y     -", "z     3"]
 
 
@@ -115,7 +60,7 @@ def migration(name, phase, *, ns="team", droplet_="web-1", created="2030-01-02T0
 
 
 def test_hosts_table():
-    lines = user.hosts_table([host("host-b", maintenance="kernel upgrade", phase="Draining"),
+    lines = render.hosts_table([host("host-b", maintenance="kernel upgrade", phase="Draining"),
                               host("host-a"), {"metadata": {"name": "host-c"}, "spec": {}}], NOW)
     assert lines[0].split() == ["NAME", "DATACENTER", "PHASE", "DROPLETS", "CPU", "MEMORY", "DISK", "HEARTBEAT",
                                 "MAINTENANCE"]
@@ -125,11 +70,11 @@ def test_hosts_table():
 
 
 def test_cordoned_host_shows_it():
-    assert "Ready,unschedulable" in user.hosts_table([host("h", schedulable=False)], NOW)[1]
+    assert "Ready,unschedulable" in render.hosts_table([host("h", schedulable=False)], NOW)[1]
 
 
 def test_droplets_by_host_lists_every_host_and_the_unplaced():
-    lines = user.droplets_by_host(
+    lines = render.droplets_by_host(
         [droplet("web-2", "host-a"), droplet("web-1", "host-a"), droplet("db", "host-x", phase="HostLost"),
          droplet("new", None, phase="Unschedulable")] + [droplet(f"n{i}", "host-c") for i in range(10)],
         [host("host-a"), host("host-b"), host("host-c")], qualify=False, limit=8)
@@ -145,11 +90,11 @@ def test_droplets_by_host_lists_every_host_and_the_unplaced():
 def test_migrations_table_shows_only_those_in_flight():
     ms = [
         migration("m-old", "PreCopy", sourceHost="host-a", targetHost="host-b", progress=40, created="2030-01-02T02:04:05Z",
-                  transfer={"round": 3, "throttlePercent": 25, "progress": 42}),
+                  transfer={"attempt": 1, "state": "Converging", "round": 3, "throttlePercent": 25, "progress": 42}),
         migration("m-new", "Pending", reason="ConcurrencyLimitReached"),
         migration("m-done", "Completed"), migration("m-bad", "Failed"), migration("m-bad2", "Failed"),
     ]
-    lines = user.migrations_table(ms, NOW, qualify=False)
+    lines = render.migrations_table([migration_view(m) for m in ms], NOW, qualify=False)
     assert lines[0].split()[:5] == ["NAME", "DROPLET", "PHASE", "SOURCE", "->"]
     assert lines[1].split() == ["m-old", "web-1", "PreCopy", "host-a", "->", "host-b", "42%", "3", "25%", "-", "1h00m"]
     assert lines[2].split() == ["m-new", "web-1", "Pending", "?", "->", "?", "-", "-", "-", "ConcurrencyLimitReached",
@@ -159,12 +104,12 @@ def test_migrations_table_shows_only_those_in_flight():
 
 
 def test_migrations_table_when_nothing_runs():
-    assert user.migrations_table([], NOW, qualify=True) == ["no migrations in flight"]
+    assert render.migrations_table([], NOW, qualify=True) == ["no migrations in flight"]
 
 
 def test_status_lines_with_all_namespaces_qualifies_names():
-    lines = user.status_lines([host("host-a")], [droplet("web-1", "host-a", ns="a"), droplet("web-1", "host-a", ns="b")],
-                              [migration("m", "Announced", ns="b")], NOW, None)
+    lines = render.status_lines([host("host-a")], [droplet("web-1", "host-a", ns="a"), droplet("web-1", "host-a", ns="b")],
+                              [migration_view(migration("m", "Announced", ns="b"))], NOW, None)
     text = "\n".join(lines)
     assert "DROPLETS (all namespaces)" in text and "a/web-1, b/web-1" in text
     assert lines[lines.index("MIGRATIONS IN FLIGHT (all namespaces)") + 1].split()[0] == "NAMESPACE"
@@ -172,7 +117,7 @@ def test_status_lines_with_all_namespaces_qualifies_names():
 
 
 def test_status_lines_of_an_empty_cluster():
-    lines = user.status_lines([], [], [], NOW, "team")
+    lines = render.status_lines([], [], [], NOW, "team")
     assert lines == ["HOSTS", "no hosts", "", "DROPLETS (namespace team)", "no droplets", "",
                      "MIGRATIONS IN FLIGHT (namespace team)", "no migrations in flight"]
 
@@ -188,7 +133,7 @@ PLACEMENT = {
 
 
 def test_placement_lines():
-    lines = user.placement_lines(PLACEMENT)
+    lines = render.placement_lines(PLACEMENT)
     assert lines[0] == "  strategy spread, 9 host(s) considered, 3 feasible, chosen host-b"
     assert lines[1].split() == ["HOST", "SCORE", "CPU", "MEMORY", "DISK", "PENALTY"]
     assert lines[2].split() == ["host-b", "*", "71.3", "75.0", "68.8", "70.0", "0.0"]
@@ -200,11 +145,11 @@ def test_placement_lines():
 
 def test_placement_lines_top_and_nothing_feasible():
     many = dict(PLACEMENT, candidates=[dict(PLACEMENT["candidates"][1], host=f"h{i}") for i in range(7)])
-    lines = user.placement_lines(many, top=5)
+    lines = render.placement_lines(many, top=5)
     assert "  ... 2 more candidate(s)" in lines
     none = {"chosen": None, "strategy": "pack", "considered": 3, "candidates": [], "rejected": {"cpu": 3},
             "message": "no host fits"}
-    lines = user.placement_lines(none)
+    lines = render.placement_lines(none)
     assert lines[0] == "  strategy pack, 3 host(s) considered, 0 feasible, no host chosen"
     assert "  no candidates" in lines and "  rejected: 3 insufficient cpu (cpu)" in lines
 
@@ -212,18 +157,8 @@ def test_placement_lines_top_and_nothing_feasible():
 @pytest.mark.parametrize("placement", [None, {}, "garbage", {"chosen": "x"}, {"candidates": [None, 3, {}]},
                                        {"rejected": {"cpu": "two"}, "considered": "many"}])
 def test_placement_lines_survive_missing_fields(placement):
-    lines = user.placement_lines(placement)
+    lines = render.placement_lines(placement)
     assert lines and all(isinstance(line, str) for line in lines)
-
-
-def test_pick_migration_prefers_the_active_one_then_the_newest():
-    old_active = migration("a", "PreCopy", created="2030-01-01T00:00:00Z")
-    newer_done = migration("b", "Failed", created="2030-01-02T00:00:00Z")
-    newest_done = migration("c", "Completed", created="2030-01-02T01:00:00Z")
-    other = migration("d", "PreCopy", droplet_="other", created="2030-01-03T00:00:00Z")
-    assert user.pick_migration([newer_done, old_active, other], "web-1") is old_active
-    assert user.pick_migration([newer_done, newest_done, other], "web-1") is newest_done
-    assert user.pick_migration([other], "web-1") is None
 
 
 def test_explain_lines():
@@ -235,7 +170,7 @@ def test_explain_lines():
                                           "completedAt": "2030-01-01T00:00:00Z"}})
     m = migration("m1", "Failed", sourceHost="host-a", targetHost="host-b", failureReason="target lost",
                   placement=PLACEMENT)
-    text = "\n".join(user.explain_lines(d, m, NOW))
+    text = "\n".join(render.explain_lines(d, migration_view(m), m["status"]["placement"], NOW))
     assert text.startswith("droplet team/web-1: Placed on host-a, size s-1vcpu-1gb, datacenter nyc3\n")
     assert "  Placed: placed on host-a" in text
     assert "  condition OfflineMigrationNeeded: 3 attempts failed" in text
@@ -246,7 +181,7 @@ def test_explain_lines():
 
 def test_explain_lines_of_a_fresh_droplet():
     d = {"metadata": {"name": "new", "namespace": "team"}, "spec": {"resources": {"cpu": 2}}}
-    lines = user.explain_lines(d, None, NOW)
+    lines = render.explain_lines(d, None, None, NOW)
     assert lines[0] == "droplet team/new: no phase yet (no host), size cpu 2, datacenter ?"
     assert "  no placement recorded (is the operator running?)" in lines
     assert lines[-1] == "no LiveMigration for this droplet in its namespace"
@@ -266,6 +201,7 @@ objs = st.dictionaries(fields, junk | st.dictionaries(fields, junk, max_size=5),
 def test_render_anything_without_raising(spec, status, mstatus):
     body = {"metadata": {"name": "x", "namespace": "n"}, "spec": spec, "status": status}
     m = {"metadata": {"name": "m", "namespace": "n"}, "spec": {"droplet": "x"}, "status": mstatus}
-    assert user.explain_lines(body, m, NOW)
-    assert user.status_lines([body], [body], [m], NOW, None)
-    assert user.status_lines([body], [body], [m], NOW, "n")
+    view = migration_view(m)
+    assert render.explain_lines(body, view, mstatus.get("placement"), NOW)
+    assert render.status_lines([body], [body], [view], NOW, None)
+    assert render.status_lines([body], [body], [view], NOW, "n")

@@ -1,9 +1,9 @@
 """The user's commands: migrate, watch, cancel, drain, uncordon, status, explain.
 
-Pure functions first (request builders, time parsing, tables: plain dicts in, text lines
-out), then the click commands, thin shells that read through ``ferry.storage.Kube``, call
-them and print. Errors are one line ``ferry: error: ...`` (raised as ``CliError``, which the
-group in main.py prints) and exit code 1, never a traceback.
+Pure functions first (``--at`` parsing, request bodies, which migration to explain), then
+the click commands: thin shells that read through ``ferry.storage.Kube`` and print the text
+of ``ferry.cli.render``. Errors are one line ``ferry: error: ...`` (raised as ``CliError``,
+which the group in main.py prints) and exit code 1, never a traceback.
 """
 
 from __future__ import annotations
@@ -12,14 +12,16 @@ import datetime as dt
 import functools
 import re
 import sys
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import click
 
 from ferry.api import constants as c
+from ferry.api.phases import TERMINAL
 from ferry.api.times import fmt, now as utcnow, parse
 from ferry.cli import progress as pg
+from ferry.cli import render
 from ferry.storage import Conflict, Kube, NotFound, StorageError
 
 
@@ -27,7 +29,7 @@ class CliError(StorageError):
     """A user-facing error; main.py's group prints ``ferry: error: <message>`` and exits 1."""
 
 
-# --- pure: requests -------------------------------------------------------------------------
+# --- pure: requests and lookups ------------------------------------------------------------
 
 _REL = re.compile(r"^\+?\s*((?:\d+\s*[smhd]\s*)+)$", re.IGNORECASE)
 _REL_PART = re.compile(r"(\d+)\s*([smhd])", re.IGNORECASE)
@@ -84,273 +86,31 @@ def drain_patch(reason: str, start: dt.datetime | None) -> dict[str, Any]:
 UNCORDON_PATCH: dict[str, Any] = {"spec": {"maintenance": None, "schedulable": True}}
 
 
-def connection_message(text: str, server: str) -> str | None:
-    """A short line for an unreachable API server, from a StorageError's text; else None."""
-    if not any(k in text for k in ("ConnectionError", "ConnectTimeout", "ReadTimeout", "Max retries",
-                                    "SSLError", "Timeout")):
-        return None
-    low = text.lower()
-    if "refused" in low:
-        why = "connection refused"
-    elif "timed out" in low or "timeout" in low:
-        why = "timed out"
-    elif "name or service not known" in low or "nodename nor servname" in low or "resolution" in low:
-        why = "host name not resolvable"
-    elif "ssl" in low or "certificate" in low:
-        why = "TLS error"
-    else:
-        why = "connection failed"
-    return f"cannot reach the Kubernetes API server at {server} ({why}); check --kubeconfig or KUBECONFIG"
-
-
-# --- pure: tables ---------------------------------------------------------------------------
-
-
-def table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> list[str]:
-    """Left-aligned columns separated by two spaces (like kubectl); no trailing blanks."""
-    cells = [[str(h) for h in headers]] + [["-" if v is None or v == "" else str(v) for v in r] for r in rows]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
-    return ["  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip() for row in cells]
-
-
-def _m(value: Any) -> Mapping[str, Any]:
+def _map(value: Any) -> Mapping[str, Any]:
     return value if isinstance(value, Mapping) else {}
 
 
-def _s(value: Any) -> str | None:
-    return value if isinstance(value, str) and value else None
-
-
-def _l(value: Any) -> list[Any]:
-    return value if isinstance(value, list) else []
-
-
-def _num(value: Any) -> float | None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return None
-    return value
-
-
-def _g(value: float | None) -> str:
-    if value is None:
-        return "?"
-    return f"{value:.0f}" if float(value).is_integer() else f"{value:.1f}"
-
-
-def _used(alloc: Any, cap: Any, scale: float = 1.0, unit: str = "") -> str:
-    a, k = _num(alloc), _num(cap)
-    if a is None and k is None:
-        return "-"
-    a = None if a is None else a / scale
-    k = None if k is None else k / scale
-    return f"{_g(a if a is not None else 0)}/{_g(k)}{unit}"
-
-
-def _name(body: Mapping[str, Any], qualify: bool) -> str:
-    meta = _m(body.get("metadata"))
-    return f"{meta.get('namespace')}/{meta.get('name')}" if qualify else str(meta.get("name") or "")
-
-
-def _age(t: dt.datetime | None, now: dt.datetime) -> str:
-    return "-" if t is None else pg.human_duration(max(0.0, (now - t).total_seconds()))
-
-
-def _parse_time(value: Any) -> dt.datetime | None:
-    try:
-        return parse(value) if isinstance(value, str) else None
-    except ValueError:
-        return None
-
-
-def hosts_table(hosts: Sequence[Mapping[str, Any]], now: dt.datetime) -> list[str]:
-    rows = []
-    for h in sorted(hosts, key=lambda b: str(_m(b.get("metadata")).get("name"))):
-        spec, status = _m(h.get("spec")), _m(h.get("status"))
-        cap, alloc, agent = _m(spec.get("capacity")), _m(status.get("allocated")), _m(status.get("agent"))
-        hb = _parse_time(agent.get("heartbeatTime"))
-        maint = _m(spec.get("maintenance"))
-        phase = _s(status.get("phase")) or "-"
-        if spec.get("schedulable") is False and phase not in ("Cordoned",):
-            phase += ",unschedulable"
-        rows.append([
-            _name(h, False), spec.get("datacenter"), phase,
-            status.get("droplets") if isinstance(status.get("droplets"), int) else "-",
-            _used(alloc.get("cpu"), cap.get("cpu")),
-            _used(alloc.get("memoryMiB"), cap.get("memoryMiB"), 1024, "Gi"),
-            _used(alloc.get("diskGiB"), cap.get("diskGiB"), 1, "Gi"),
-            f"{_age(hb, now)} ago" if hb else "never",
-            (_s(maint.get("reason")) or "maintenance")[:40] if spec.get("maintenance") else "-",
-        ])
-    return table(["NAME", "DATACENTER", "PHASE", "DROPLETS", "CPU", "MEMORY", "DISK", "HEARTBEAT", "MAINTENANCE"],
-                 rows)
-
-
-def droplets_by_host(droplets: Sequence[Mapping[str, Any]], hosts: Sequence[Mapping[str, Any]],
-                     qualify: bool, limit: int = 8) -> list[str]:
-    """One row per host (every known host, then unknown ones, then unplaced droplets)."""
-    groups: dict[str, list[str]] = {str(_m(h.get("metadata")).get("name")): [] for h in hosts}
-    unplaced: list[str] = []
-    for d in sorted(droplets, key=lambda b: _name(b, True)):
-        status = _m(d.get("status"))
-        label = _name(d, qualify)
-        phase = _s(status.get("phase"))
-        if phase and phase != "Placed":
-            label += f" ({phase})"
-        host = _s(status.get("host"))
-        (groups.setdefault(str(host), []) if host else unplaced).append(label)
-    rows = []
-    for host in sorted(groups):
-        names = groups[host]
-        shown = ", ".join(names[:limit]) + (f", +{len(names) - limit} more" if len(names) > limit else "")
-        rows.append([host, len(names), shown])
-    if unplaced:
-        shown = ", ".join(unplaced[:limit]) + (f", +{len(unplaced) - limit} more" if len(unplaced) > limit else "")
-        rows.append(["(no host)", len(unplaced), shown])
-    return table(["HOST", "COUNT", "DROPLETS"], rows)
-
-
-def migrations_table(migrations: Sequence[Mapping[str, Any]], now: dt.datetime, qualify: bool) -> list[str]:
-    """The migrations in flight (not terminal), oldest first, and a count of finished ones."""
-    views = [pg.migration_view(b) for b in migrations]
-    active = sorted((v for v in views if not v.terminal),
-                    key=lambda v: (v.created or dt.datetime.max.replace(tzinfo=dt.timezone.utc), v.key))
-    lines: list[str] = []
-    if active:
-        rows = []
-        for v in active:
-            row = [v.namespace] if qualify else []
-            row += [v.name, v.droplet, (v.phase or "New") + (" (cancelling)" if v.cancel_requested else ""),
-                    f"{v.source or '?'} -> {v.target or '?'}",
-                    f"{v.progress}%" if v.progress is not None and v.phase in pg.TRANSFER_PHASES else "-",
-                    v.round if v.round else "-",
-                    f"{v.throttle_percent}%" if v.throttle_percent is not None and v.phase in pg.TRANSFER_PHASES
-                    else "-",
-                    v.reason or "-", _age(v.created, now)]
-            rows.append(row)
-        headers = (["NAMESPACE"] if qualify else []) + ["NAME", "DROPLET", "PHASE", "SOURCE -> TARGET", "PROGRESS",
-                                                         "ROUND", "THROTTLE", "REASON", "AGE"]
-        lines += table(headers, rows)
-    else:
-        lines.append("no migrations in flight")
-    done = {p: sum(1 for v in views if v.phase == p) for p in c.TERMINAL_PHASES}
-    if any(done.values()):
-        lines.append("finished: " + ", ".join(f"{n} {p}" for p, n in done.items() if n))
-    return lines
-
-
-def status_lines(hosts: Sequence[Mapping[str, Any]], droplets: Sequence[Mapping[str, Any]],
-                 migrations: Sequence[Mapping[str, Any]], now: dt.datetime, namespace: str | None) -> list[str]:
-    """`ferry status`: hosts, droplets per host, migrations in flight. ``namespace`` None = all."""
-    where = "all namespaces" if namespace is None else f"namespace {namespace}"
-    out = ["HOSTS"]
-    out += hosts_table(hosts, now) if hosts else ["no hosts"]
-    out += ["", f"DROPLETS ({where})"]
-    out += droplets_by_host(droplets, hosts, namespace is None) if droplets or hosts else ["no droplets"]
-    out += ["", f"MIGRATIONS IN FLIGHT ({where})"]
-    out += migrations_table(migrations, now, namespace is None)
-    return out
-
-
-# --- pure: explain --------------------------------------------------------------------------
-
-
-def _phrase(filter_name: str) -> str:
-    try:
-        from ferry.placement.model import FILTER_PHRASES
-    except ImportError:  # pragma: no cover - placement always ships with the CLI
-        return filter_name
-    return FILTER_PHRASES.get(filter_name, filter_name)
-
-
-def _score(value: Any) -> str:
-    n = _num(value)
-    return "-" if n is None else f"{n:.1f}"
-
-
-def placement_lines(placement: Any, top: int = 5) -> list[str]:
-    """A placement explanation (status.placement), indented by two; any field may be missing."""
-    p = _m(placement)
-    if not p:
-        return ["  no placement recorded (is the operator running?)"]
-    chosen = _s(p.get("chosen"))
-    candidates = [x for x in _l(p.get("candidates")) if isinstance(x, Mapping)]
-    rejected = {str(k): v for k, v in _m(p.get("rejected")).items() if isinstance(v, int) and v > 0}
-    considered = p.get("considered") if isinstance(p.get("considered"), int) else None
-    head = [f"strategy {p.get('strategy') or '?'}"]
-    if considered is not None:
-        head.append(f"{considered} host(s) considered")
-        head.append(f"{considered - sum(rejected.values())} feasible")
-    head.append(f"chosen {chosen}" if chosen else "no host chosen")
-    lines = ["  " + ", ".join(head)]
-    if candidates:
-        rows = []
-        for cand in candidates[:top]:
-            host = str(cand.get("host") or "?")
-            rows.append([host + (" *" if host == chosen else ""), _score(cand.get("score")), _score(cand.get("cpu")),
-                         _score(cand.get("memory")), _score(cand.get("disk")), _score(cand.get("penalty"))])
-        lines += ["  " + line for line in table(["HOST", "SCORE", "CPU", "MEMORY", "DISK", "PENALTY"], rows)]
-        more = len(candidates) - top
-        if more > 0:
-            lines.append(f"  ... {more} more candidate(s)")
-    else:
-        lines.append("  no candidates")
-    if rejected:
-        lines.append("  rejected: " + ", ".join(f"{n} {_phrase(k)} ({k})" for k, n in rejected.items()))
-    elif considered is not None:
-        lines.append("  rejected: none")
-    if _s(p.get("message")):
-        lines.append(f"  {p['message']}")
-    return lines
+def _key(body: Mapping[str, Any]) -> str:
+    meta = _map(body.get("metadata"))
+    return f"{meta.get('namespace')}/{meta.get('name')}"
 
 
 def pick_migration(migrations: Sequence[Mapping[str, Any]], droplet: str) -> Mapping[str, Any] | None:
     """The droplet's active migration if any, else its most recent one."""
-    mine = [b for b in migrations if _m(b.get("spec")).get("droplet") == droplet]
+    mine = [b for b in migrations if _map(b.get("spec")).get("droplet") == droplet]
     if not mine:
         return None
 
     def created(b: Mapping[str, Any]) -> tuple[dt.datetime, str]:
-        t = _parse_time(_m(b.get("metadata")).get("creationTimestamp"))
-        return (t or dt.datetime.min.replace(tzinfo=dt.timezone.utc), _name(b, False))
+        stamp = _map(b.get("metadata")).get("creationTimestamp")
+        try:
+            t = parse(stamp) if isinstance(stamp, str) else None
+        except ValueError:
+            t = None
+        return (t or dt.datetime.min.replace(tzinfo=dt.timezone.utc), str(_map(b.get("metadata")).get("name") or ""))
 
-    active = [b for b in mine if _m(b.get("status")).get("phase") not in c.TERMINAL_PHASES]
+    active = [b for b in mine if _map(b.get("status")).get("phase") not in TERMINAL]
     return max(active or mine, key=created)
-
-
-def explain_lines(droplet: Mapping[str, Any], migration: Mapping[str, Any] | None, now: dt.datetime) -> list[str]:
-    meta, spec, status = _m(droplet.get("metadata")), _m(droplet.get("spec")), _m(droplet.get("status"))
-    key = f"{meta.get('namespace')}/{meta.get('name')}"
-    size = _s(spec.get("size")) or ", ".join(f"{k} {v}" for k, v in _m(spec.get("resources")).items()) or "?"
-    host = _s(status.get("host"))
-    lines = [f"droplet {key}: {_s(status.get('phase')) or 'no phase yet'}"
-             + (f" on {host}" if host else " (no host)")
-             + f", size {size}, datacenter {_s(spec.get('datacenter')) or '?'}"]
-    reason, message = _s(status.get("reason")), _s(status.get("message"))
-    if reason or message:
-        lines.append(f"  {reason or ''}{': ' if reason and message else ''}{message or ''}")
-    for cond in _l(status.get("conditions")):
-        if isinstance(cond, Mapping) and cond.get("status") == "True" and cond.get("type") != "Placed":
-            lines.append(f"  condition {cond.get('type')}: {cond.get('message') or cond.get('reason') or ''}")
-    last = _m(status.get("lastMigration"))
-    if last:
-        lines.append(f"  last migration {last.get('name') or '?'}: {last.get('fromHost') or '?'} -> "
-                     f"{last.get('toHost') or '?'} at {last.get('completedAt') or '?'}")
-    lines += ["", "placement of the droplet (status.placement):"]
-    lines += placement_lines(status.get("placement"))
-    lines.append("")
-    if migration is None:
-        lines.append("no LiveMigration for this droplet in its namespace")
-        return lines
-    v = pg.migration_view(migration)
-    age = f", created {_age(v.created, now)} ago" if v.created else ""
-    lines.append(f"migration {v.key}: {v.phase or 'New'}, {v.source or '?'} -> {v.target or '?'}{age}")
-    if v.phase == "Failed":
-        lines.append(f"  reason: {v.failure_reason or v.message or v.reason or 'unknown'}")
-    elif v.reason or v.message:
-        lines.append(f"  {v.reason or ''}{': ' if v.reason and v.message else ''}{v.message or ''}")
-    lines.append("target choice (status.placement):")
-    lines += placement_lines(_m(migration.get("status")).get("placement"))
-    return lines
 
 
 # --- I/O shell ------------------------------------------------------------------------------
@@ -409,7 +169,7 @@ def _one_line_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
             if any(m in text for m in NO_CRDS):
                 raise CliError(f"the ferry.dev API is not served by {server}: install ferry's CRDs "
                                "(kubectl apply -f crds/) or check the kubeconfig's cluster") from None
-            raise CliError(connection_message(text, server) or text) from None
+            raise CliError(render.connection_message(text, server) or text) from None
 
     return wrapper
 
@@ -503,7 +263,7 @@ def migrate(droplet: str, target: str | None, at: str | None, bandwidth: int | N
     d = s.get("Droplet", droplet)
     if target:
         s.get("Host", target)
-        if _m(d.get("status")).get("host") == target:
+        if _map(d.get("status")).get("host") == target:
             raise CliError(f"droplet {s.namespace}/{droplet} already runs on {target}")
     body = migration_request(droplet, name=name, target=target, at=when, bandwidth_mibps=bandwidth,
                              downtime_ms=downtime, max_attempts=max_attempts, offline=offline)
@@ -584,7 +344,7 @@ def _follow_drain(s: Session, host: str) -> int:
     def fetch() -> tuple[dict[str, Any], list[dict[str, Any]]]:
         h = s.kube.get("Host", host)
         migrations = s.kube.list("LiveMigration", None, selector=selector)
-        return h, sorted(migrations, key=lambda b: _name(b, True))
+        return h, sorted(migrations, key=_key)
 
     def done(value: tuple[dict[str, Any], list[dict[str, Any]]]) -> int | None:
         return pg.drain_exit_code(pg.evacuation_view(value[0]))
@@ -619,7 +379,7 @@ def uncordon(host: str) -> None:
     """End HOST's maintenance and make it schedulable again."""
     s = _connect()
     before = s.get("Host", host)
-    spec = _m(before.get("spec"))
+    spec = _map(before.get("spec"))
     try:
         s.kube.patch("Host", host, UNCORDON_PATCH)
     except NotFound:
@@ -640,7 +400,8 @@ def status(all_namespaces: bool) -> None:
     hosts = s.kube.list("Host")
     droplets = s.kube.list("Droplet", ns)
     migrations = s.kube.list("LiveMigration", ns)
-    for line in status_lines(hosts, droplets, migrations, utcnow(), ns):
+    views = [pg.migration_view(b) for b in migrations]
+    for line in render.status_lines(hosts, droplets, views, utcnow(), ns):
         click.echo(line)
 
 
@@ -652,5 +413,8 @@ def explain(droplet: str) -> None:
     s = _connect()
     body = s.get("Droplet", droplet)
     migrations = s.kube.list("LiveMigration", s.namespace)
-    for line in explain_lines(body, pick_migration(migrations, droplet), utcnow()):
+    migration = pick_migration(migrations, droplet)
+    view = pg.migration_view(migration) if migration is not None else None
+    placement = _map(migration.get("status")).get("placement") if migration is not None else None
+    for line in render.explain_lines(body, view, placement, utcnow()):
         click.echo(line)
