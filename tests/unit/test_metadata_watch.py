@@ -25,7 +25,7 @@ def obj(name, ip, rv, *, live=False, ns="default"):
         "metadata": {"name": name, "namespace": ns, "resourceVersion": str(rv),
                      "creationTimestamp": "2030-01-01T00:00:00Z",
                      "annotations": {EVENT: "live_migrate"} if live else {}},
-        "spec": {"ip": ip},
+        "spec": {"size": "s-1vcpu-1gb", "datacenter": "nyc3", "ip": ip},
     }
 
 

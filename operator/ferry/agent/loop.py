@@ -27,7 +27,7 @@ from ferry.api.times import now as utcnow
 from ferry.drivers.base import Driver
 from ferry.settings import Settings
 from ferry.storage import Kube
-from ferry.storage.watch import Key
+from ferry.api.meta import ObjectKey
 
 log = logging.getLogger("ferry.agent")
 
@@ -45,7 +45,7 @@ class Agent:
         self.namespace = settings.namespace or None
         self.now = now
         self.clock = clock
-        self.wake: queue.Queue[tuple[str, Key] | None] = queue.Queue()
+        self.wake: queue.Queue[tuple[str, ObjectKey] | None] = queue.Queue()
         warn = Warnings(host, kube, clock)
         self.observer = Observer(host, driver, kube, warn=warn, clock=clock)
         self.executor = Executor(self.ctx, driver, kube, self.observer, warn, wake=lambda: self.wake.put(None),

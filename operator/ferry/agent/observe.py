@@ -24,7 +24,8 @@ from ferry.api.meta import InvalidSpec
 from ferry.api.models import Droplet
 from ferry.drivers.base import Driver, DriverError, MigrationState, MigrationStats, VMKey, VMState
 from ferry.storage import Backoff, Kube, StorageError
-from ferry.storage.watch import Key, Reflector, Table, Update, newer
+from ferry.api.meta import ObjectKey
+from ferry.storage.watch import Reflector, Table, Update, newer
 
 log = logging.getLogger("ferry.agent")
 
@@ -55,12 +56,12 @@ class Observer:
         self.lm_source = Table()  # label ferry.dev/source-host=<me>
         self.lm_target = Table()  # label ferry.dev/target-host=<me>
         self.reflectors: list[Reflector] = []
-        self._fetched: dict[tuple[str, Key], tuple[float, dict[str, Any] | None]] = {}
+        self._fetched: dict[tuple[str, ObjectKey], tuple[float, dict[str, Any] | None]] = {}
         self._settled: dict[VMKey, tuple[VMState, str | None, MigrationStats]] = {}
 
     # --- the watches --------------------------------------------------------------------
     def start_watches(self, connect: Callable[[], Kube], namespace: str | None, stop: threading.Event,
-                      notify: Callable[[str, Key], None]) -> None:
+                      notify: Callable[[str, ObjectKey], None]) -> None:
         """One reflector thread per table, each on its own connection; ``notify(kind, key)``
         after every change."""
         streams = [("Droplet", c.HOST_LABEL, self.droplets), ("LiveMigration", c.SOURCE_HOST_LABEL, self.lm_source),
@@ -80,7 +81,7 @@ class Observer:
     def synced(self) -> bool:
         return all(r.synced.is_set() for r in self.reflectors)
 
-    def migrations_table(self) -> dict[Key, dict[str, Any]]:
+    def migrations_table(self) -> dict[ObjectKey, dict[str, Any]]:
         merged = self.lm_source.snapshot()
         for key, body in self.lm_target.snapshot().items():
             if key not in merged or newer(body, merged[key]):
@@ -95,7 +96,7 @@ class Observer:
         self.forget("LiveMigration", (meta.get("namespace") or "", meta.get("name") or ""))
 
     # --- direct reads -------------------------------------------------------------------
-    def fetch(self, kind: str, key: Key) -> tuple[bool, dict[str, Any] | None]:
+    def fetch(self, kind: str, key: ObjectKey) -> tuple[bool, dict[str, Any] | None]:
         """(known, body) of one object by GET, cached for FETCH_TTL_SECONDS."""
         hit = self._fetched.get((kind, key))
         if hit is not None and self.clock() - hit[0] < FETCH_TTL_SECONDS:
@@ -108,10 +109,10 @@ class Observer:
         self.remember(kind, key, body)
         return True, body
 
-    def remember(self, kind: str, key: Key, body: dict[str, Any] | None) -> None:
+    def remember(self, kind: str, key: ObjectKey, body: dict[str, Any] | None) -> None:
         self._fetched[(kind, key)] = (self.clock(), body)
 
-    def forget(self, kind: str, key: Key) -> None:
+    def forget(self, kind: str, key: ObjectKey) -> None:
         self._fetched.pop((kind, key), None)
 
     def forget_all(self) -> None:

@@ -10,6 +10,10 @@ from typing import Any
 from ferry.api.times import parse_any
 
 
+#: How every ferry component keys an object: (namespace, or "" for a cluster-scoped one; name).
+ObjectKey = tuple[str, str]
+
+
 class InvalidSpec(ValueError):
     """A resource cannot be used as it is; the message names the field."""
 

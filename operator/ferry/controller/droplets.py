@@ -9,7 +9,7 @@ from ferry.api import constants as c
 from ferry.api.times import now
 from ferry.controller import effects
 from ferry.controller.app import Context
-from ferry.controller.expectations import Key
+from ferry.api.meta import ObjectKey
 from ferry.droplets.status import droplet_state, placement_status, state_changed
 from ferry.placement import DropletRequest, place
 from ferry.storage import Conflict, NotFound
@@ -24,12 +24,12 @@ async def on_event(cx: Context, event_type: str | None, body: dict, logger: logg
         await reconcile_droplet(cx, (meta.get("namespace") or "", meta["name"]), logger)
 
 
-async def reconcile_droplet(cx: Context, key: Key, logger: logging.Logger) -> None:
+async def reconcile_droplet(cx: Context, key: ObjectKey, logger: logging.Logger) -> None:
     async with cx.object_lock(("Droplet", key)):
         await _reconcile(cx, key, logger)
 
 
-async def _reconcile(cx: Context, key: Key, logger: logging.Logger) -> None:
+async def _reconcile(cx: Context, key: ObjectKey, logger: logging.Logger) -> None:
     world = cx.world
     d = world.droplets.get(key)
     invalid = world.invalid.get(("Droplet", key))

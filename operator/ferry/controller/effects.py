@@ -13,7 +13,7 @@ from ferry.api.livemigration import LiveMigration
 from ferry.api.phases import DropletPhase
 from ferry.api.times import fmt, now
 from ferry.controller.app import Context
-from ferry.controller.expectations import Key
+from ferry.api.meta import ObjectKey
 from ferry.migration import actions as a
 from ferry.storage import Conflict, NotFound, StorageError
 from ferry.storage.kube import owner_reference
@@ -33,7 +33,7 @@ async def post_event(cx: Context, obj: dict[str, Any], type_: str, reason: str, 
     await cx.call(cx.kube.event, obj, type_, reason, message)
 
 
-async def set_host_label(cx: Context, key: Key, host: str) -> None:
+async def set_host_label(cx: Context, key: ObjectKey, host: str) -> None:
     new = await cx.call(cx.kube.patch, "Droplet", key[1], {"metadata": {"labels": {c.HOST_LABEL: host}}}, key[0])
     cx.world.observe("Droplet", "MODIFIED", new)
 

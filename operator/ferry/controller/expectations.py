@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import dataclasses
 
+from ferry.api.meta import ObjectKey
 from ferry.api.livemigration import LiveMigration
 from ferry.api.models import Droplet
 from ferry.api.phases import QUEUED, Phase
 from ferry.api.sizes import Resources
 from ferry.placement import Reservation
 
-Key = tuple[str, str]  # (namespace, name)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,48 +27,48 @@ class ExpectedReservation:
     """A target host chosen for a migration, not yet seen in its status."""
 
     host: str
-    droplet: Key
+    droplet: ObjectKey
     resources: Resources
 
 
 class Expectations:
     def __init__(self) -> None:
-        self._reservations: dict[Key, ExpectedReservation] = {}
-        self._placements: dict[Key, tuple[str, Resources]] = {}  # new droplets placed
-        self._admitted: set[Key] = set()  # Announced -> Scheduling (took a concurrency slot)
-        self._announcing: set[Key] = set()  # Pending -> Announced (owns its droplet)
-        self._secrets_deleted: set[Key] = set()  # transfer Secrets deleted
+        self._reservations: dict[ObjectKey, ExpectedReservation] = {}
+        self._placements: dict[ObjectKey, tuple[str, Resources]] = {}  # new droplets placed
+        self._admitted: set[ObjectKey] = set()  # Announced -> Scheduling (took a concurrency slot)
+        self._announcing: set[ObjectKey] = set()  # Pending -> Announced (owns its droplet)
+        self._secrets_deleted: set[ObjectKey] = set()  # transfer Secrets deleted
 
     # --- what this operator just decided --------------------------------------------------
-    def announced(self, key: Key) -> None:
+    def announced(self, key: ObjectKey) -> None:
         self._announcing.add(key)
 
-    def admitted(self, key: Key) -> None:
+    def admitted(self, key: ObjectKey) -> None:
         self._admitted.add(key)
 
-    def reserved(self, key: Key, host: str, droplet: Key, resources: Resources) -> None:
+    def reserved(self, key: ObjectKey, host: str, droplet: ObjectKey, resources: Resources) -> None:
         self._reservations[key] = ExpectedReservation(host, droplet, resources)
 
-    def placed(self, key: Key, host: str, resources: Resources) -> None:
+    def placed(self, key: ObjectKey, host: str, resources: Resources) -> None:
         self._placements[key] = (host, resources)
 
-    def secret_created(self, key: Key) -> None:
+    def secret_created(self, key: ObjectKey) -> None:
         self._secrets_deleted.discard(key)
 
-    def secret_deleted(self, key: Key) -> None:
+    def secret_deleted(self, key: ObjectKey) -> None:
         self._secrets_deleted.add(key)
 
-    def forget_migration(self, key: Key) -> None:
+    def forget_migration(self, key: ObjectKey) -> None:
         """The write that carried a decision failed: it never happened."""
         self._reservations.pop(key, None)
         self._admitted.discard(key)
         self._announcing.discard(key)
 
-    def forget_placement(self, key: Key) -> None:
+    def forget_placement(self, key: ObjectKey) -> None:
         self._placements.pop(key, None)
 
     # --- what the watch shows back -------------------------------------------------------
-    def saw_migration(self, key: Key, m: LiveMigration | None) -> None:
+    def saw_migration(self, key: ObjectKey, m: LiveMigration | None) -> None:
         """``m`` as the watch now shows it (None: deleted)."""
         if m is None:
             self.forget_migration(key)
@@ -82,7 +82,7 @@ class Expectations:
         if m.phase not in (None, Phase.PENDING):
             self._announcing.discard(key)
 
-    def saw_droplet(self, key: Key, d: Droplet | None) -> None:
+    def saw_droplet(self, key: ObjectKey, d: Droplet | None) -> None:
         if d is None or d.host:
             self._placements.pop(key, None)
 
@@ -95,19 +95,19 @@ class Expectations:
             return Phase.ANNOUNCED
         return m.phase
 
-    def placement(self, key: Key) -> str | None:
+    def placement(self, key: ObjectKey) -> str | None:
         p = self._placements.get(key)
         return p[0] if p else None
 
-    def is_placing(self, key: Key) -> bool:
+    def is_placing(self, key: ObjectKey) -> bool:
         return key in self._placements
 
-    def reservations(self, exclude: Key | None = None) -> dict[Key, ExpectedReservation]:
+    def reservations(self, exclude: ObjectKey | None = None) -> dict[ObjectKey, ExpectedReservation]:
         return {k: r for k, r in self._reservations.items() if k != exclude}
 
-    def has_secret_been_deleted(self, key: Key) -> bool:
+    def has_secret_been_deleted(self, key: ObjectKey) -> bool:
         return key in self._secrets_deleted
 
-    def as_reservations(self, exclude: Key | None = None) -> list[Reservation]:
+    def as_reservations(self, exclude: ObjectKey | None = None) -> list[Reservation]:
         return [Reservation(r.host, r.resources, f"{r.droplet[0]}/{r.droplet[1]}")
                 for r in self.reservations(exclude).values()]

@@ -21,7 +21,7 @@ from ferry.api.times import now
 from ferry.controller import effects
 from ferry.controller.app import Context
 from ferry.controller.droplets import reconcile_droplet
-from ferry.controller.expectations import Key
+from ferry.api.meta import ObjectKey
 from ferry.migration.actions import EmitEvent
 from ferry.migration.admission import Admission, ConcurrencyLimits, MigrationRef, admit
 from ferry.migration.machine import Decision, decide, needs_admission, needs_placement
@@ -118,7 +118,7 @@ def _admission_refs(cx: Context, t) -> list[MigrationRef]:
     return refs
 
 
-async def reconcile(cx: Context, key: Key, logger: logging.Logger) -> None:
+async def reconcile(cx: Context, key: ObjectKey, logger: logging.Logger) -> None:
     async with cx.object_lock(("LiveMigration", key)):
         for _ in range(3):  # a decision made on a stale view is retried on a fresh read
             if await _reconcile_once(cx, key, logger):
@@ -131,7 +131,7 @@ async def reconcile(cx: Context, key: Key, logger: logging.Logger) -> None:
             cx.world.observe("LiveMigration", "MODIFIED", fresh)
 
 
-async def _reconcile_once(cx: Context, key: Key, logger: logging.Logger) -> bool:
+async def _reconcile_once(cx: Context, key: ObjectKey, logger: logging.Logger) -> bool:
     """One look. False when the status write met a newer version (decide again)."""
     m = cx.world.migrations.get(key)
     if m is None:

@@ -14,10 +14,10 @@ import datetime as dt
 from collections.abc import Iterable
 
 from ferry.api.livemigration import LiveMigration
-from ferry.api.meta import InvalidSpec
 from ferry.api.models import Droplet, Host
 from ferry.api.sizes import Resources
-from ferry.controller.expectations import Expectations, Key
+from ferry.api.meta import InvalidSpec, ObjectKey
+from ferry.controller.expectations import Expectations
 from ferry.placement import HostInfo, Reservation
 
 PARSERS = {"Host": Host.from_body, "Droplet": Droplet.from_body, "LiveMigration": LiveMigration.from_body}
@@ -27,15 +27,15 @@ ZERO = Resources(0, 0, 0)
 class World:
     def __init__(self) -> None:
         self.hosts: dict[str, Host] = {}
-        self.droplets: dict[Key, Droplet] = {}
-        self.migrations: dict[Key, LiveMigration] = {}
-        self.invalid: dict[tuple[str, Key], str] = {}
+        self.droplets: dict[ObjectKey, Droplet] = {}
+        self.migrations: dict[ObjectKey, LiveMigration] = {}
+        self.invalid: dict[tuple[str, ObjectKey], str] = {}
         self.expect = Expectations()
 
     # --- watch events and own writes ------------------------------------------------------
     def observe(self, kind: str, event_type: str | None, body: dict) -> None:
         meta = body.get("metadata", {})
-        key: Key = (meta.get("namespace") or "", meta.get("name", ""))
+        key: ObjectKey = (meta.get("namespace") or "", meta.get("name", ""))
         table: dict = {"Host": self.hosts, "Droplet": self.droplets, "LiveMigration": self.migrations}[kind]
         k = key[1] if kind == "Host" else key
         if event_type == "DELETED":
@@ -55,14 +55,14 @@ class World:
         table[k] = parsed
         self._saw(kind, key, parsed)
 
-    def _saw(self, kind: str, key: Key, parsed) -> None:
+    def _saw(self, kind: str, key: ObjectKey, parsed) -> None:
         if kind == "LiveMigration":
             self.expect.saw_migration(key, parsed)
         elif kind == "Droplet":
             self.expect.saw_droplet(key, parsed)
 
     # --- derived views --------------------------------------------------------------------
-    def droplet_host(self, key: Key) -> str | None:
+    def droplet_host(self, key: ObjectKey) -> str | None:
         d = self.droplets.get(key)
         if d is None:
             return None
@@ -71,7 +71,7 @@ class World:
     def in_flight(self) -> list[LiveMigration]:
         return [m for m in self.migrations.values() if m.in_flight]
 
-    def reservations(self, exclude: Key | None = None) -> list[Reservation]:
+    def reservations(self, exclude: ObjectKey | None = None) -> list[Reservation]:
         """Capacity held on target hosts by migrations in flight (status.targetHost in an
         in-flight phase), including targets chosen but not seen back yet."""
         expected = self.expect.reservations(exclude)
@@ -123,7 +123,7 @@ class World:
             for h in self.hosts.values()
         ]
 
-    def migrations_of(self, droplet: Key) -> Iterable[LiveMigration]:
+    def migrations_of(self, droplet: ObjectKey) -> Iterable[LiveMigration]:
         ns, name = droplet
         return (m for m in self.migrations.values() if m.namespace == ns and m.droplet == name)
 

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Callable, Iterable, Mapping
 
+from ferry.api.meta import ObjectKey
 from ferry.api import constants as c
 from ferry.api.models import Droplet
 from ferry.api.times import fmt
@@ -36,7 +37,6 @@ ANNOTATION_NOT_BEFORE = c.MAINTENANCE_NOT_BEFORE_ANNOTATION
 # (`live_migrate`); anything else (empty, junk) reads as "no event".
 _EVENT_TOKEN = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
 
-Key = tuple[str, str]  # (namespace, name)
 
 
 @dataclass(frozen=True)
@@ -73,7 +73,7 @@ class DropletRecord:
     created: str = ""  # metadata.creationTimestamp (RFC 3339, sorts as text)
 
     @property
-    def key(self) -> Key:
+    def key(self) -> ObjectKey:
         return (self.namespace, self.name)
 
     @property
@@ -86,7 +86,7 @@ class DropletRecord:
 class Answer:
     """The current answer for one address, with the revisions the ETags come from."""
 
-    key: Key  # which droplet answers (never shown to clients)
+    key: ObjectKey  # which droplet answers (never shown to clients)
     state: MaintenanceState
     text_rev: int  # last change of the plain-text body
     json_rev: int  # last change of any field of the JSON body
@@ -150,8 +150,8 @@ def record_from_object(obj: Mapping) -> DropletRecord:
 class DropletCache:
     """ip -> answer, keyed also by namespace/name. Not thread-safe: one owner thread."""
 
-    _records: dict[Key, DropletRecord] = field(default_factory=dict)
-    _claims: dict[str, set[Key]] = field(default_factory=dict)  # ip -> droplets claiming it
+    _records: dict[ObjectKey, DropletRecord] = field(default_factory=dict)
+    _claims: dict[str, set[ObjectKey]] = field(default_factory=dict)  # ip -> droplets claiming it
     _answers: dict[str, Answer] = field(default_factory=dict)
     _revision: int = 0
     synced: bool = False  # the first full list has been applied
@@ -172,7 +172,7 @@ class DropletCache:
     def record(self, namespace: str, name: str) -> DropletRecord | None:
         return self._records.get((namespace, name))
 
-    def conflicts(self) -> dict[str, list[Key]]:
+    def conflicts(self) -> dict[str, list[ObjectKey]]:
         """Addresses claimed by more than one droplet (claim order, winner first)."""
         out = {}
         for ip, keys in self._claims.items():
@@ -215,7 +215,7 @@ class DropletCache:
         Droplets missing from the list were deleted while the watch was down; answers
         that did not change keep their revisions (their long-polls stay asleep).
         """
-        fresh: dict[Key, DropletRecord] = {}
+        fresh: dict[ObjectKey, DropletRecord] = {}
         for record in records:
             fresh[record.key] = record
         touched: set[str] = set()
@@ -228,7 +228,7 @@ class DropletCache:
         self.synced = True
         return self._notify(self._refresh(touched))
 
-    def _remove(self, key: Key) -> set[str]:
+    def _remove(self, key: ObjectKey) -> set[str]:
         old = self._records.pop(key, None)
         if old is None or old.ip is None:
             return set()

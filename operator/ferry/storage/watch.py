@@ -25,10 +25,10 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from ferry.api.meta import ObjectKey
 from ferry.storage.backoff import Backoff
 from ferry.storage.kube import Gone
 
-Key = tuple[str, str]  # (namespace or "", name)
 
 EVENT_TYPES = ("ADDED", "MODIFIED", "DELETED")
 
@@ -90,7 +90,7 @@ def newer(a: Mapping[str, Any], b: Mapping[str, Any] | None) -> bool:
     return b is None or newer_version(resource_version(a), resource_version(b))
 
 
-def key_of(body: Mapping[str, Any]) -> Key:
+def key_of(body: Mapping[str, Any]) -> ObjectKey:
     meta = body.get("metadata") or {}
     return (meta.get("namespace") or "", meta.get("name") or "")
 
@@ -229,22 +229,22 @@ class Table:
     back to an older version."""
 
     def __init__(self) -> None:
-        self._items: dict[Key, dict[str, Any]] = {}
+        self._items: dict[ObjectKey, dict[str, Any]] = {}
         self._lock = threading.Lock()
 
-    def apply_update(self, update: Update) -> set[Key]:
+    def apply_update(self, update: Update) -> set[ObjectKey]:
         """Apply one reflector update; returns the keys it may have changed."""
         if isinstance(update, Listed):
             return self.replace(update.items)
         return {self.apply(update.type, update.object)}
 
-    def replace(self, bodies: Iterable[dict[str, Any]]) -> set[Key]:
+    def replace(self, bodies: Iterable[dict[str, Any]]) -> set[ObjectKey]:
         with self._lock:
             old = self._items
             self._items = {key_of(b): b for b in bodies}
             return set(old) | set(self._items)
 
-    def apply(self, event_type: str, body: dict[str, Any]) -> Key:
+    def apply(self, event_type: str, body: dict[str, Any]) -> ObjectKey:
         key = key_of(body)
         with self._lock:
             if event_type == "DELETED":
@@ -260,7 +260,7 @@ class Table:
             if key in self._items and newer(body, self._items[key]):
                 self._items[key] = body
 
-    def snapshot(self) -> dict[Key, dict[str, Any]]:
+    def snapshot(self) -> dict[ObjectKey, dict[str, Any]]:
         with self._lock:
             return dict(self._items)
 
