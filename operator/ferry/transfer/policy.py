@@ -1,6 +1,6 @@
 """PURE convergence and throttle policy of pre-copy (no I/O, no clock).
 
-After each round the sender asks ``decide()``: with what is dirty now, the measured
+After each round the sender asks ``after_round()``: with what is dirty now, the measured
 bandwidth and the downtime budget, should the guest be paused for the final copy, should
 its writes be throttled harder, or is the attempt hopeless?
 
@@ -20,7 +20,7 @@ import dataclasses
 import enum
 
 
-class Action(str, enum.Enum):
+class RoundStep(str, enum.Enum):
     CONTINUE = "continue"
     PAUSE = "pause"
     FAIL = "fail"
@@ -58,8 +58,8 @@ class PolicyInput:
 
 
 @dataclasses.dataclass(frozen=True)
-class Decision:
-    action: Action
+class RoundDecision:
+    action: RoundStep
     disk_throttle_percent: int
     memory_throttle_percent: int
     expected_downtime_ms: float
@@ -67,7 +67,7 @@ class Decision:
 
     @property
     def pause(self) -> bool:
-        return self.action is Action.PAUSE
+        return self.action is RoundStep.PAUSE
 
 
 def expected_downtime_ms(dirty_bytes: int, bandwidth_bps: float, overhead_ms: float) -> float:
@@ -90,16 +90,16 @@ def _next_throttle(current: int, initial: int, step: int, cap: int) -> int:
     return min(cap, initial if current <= 0 else current + step)
 
 
-def decide(cfg: PolicyConfig, inp: PolicyInput) -> Decision:
+def after_round(cfg: PolicyConfig, inp: PolicyInput) -> RoundDecision:
     disk, mem = inp.disk, inp.memory
     dirty = disk.dirty_bytes + mem.dirty_bytes
     expected = expected_downtime_ms(dirty, inp.bandwidth_bps, cfg.verify_overhead_ms)
     dt, mt = disk.throttle_percent, mem.throttle_percent
 
     if expected <= cfg.downtime_budget_ms:
-        return Decision(Action.PAUSE, dt, mt, expected, f"{dirty} dirty bytes fit the {cfg.downtime_budget_ms} ms budget")
+        return RoundDecision(RoundStep.PAUSE, dt, mt, expected, f"{dirty} dirty bytes fit the {cfg.downtime_budget_ms} ms budget")
     if inp.round >= cfg.max_rounds:
-        return Decision(Action.FAIL, dt, mt, expected, f"did not converge in {inp.round} rounds")
+        return RoundDecision(RoundStep.FAIL, dt, mt, expected, f"did not converge in {inp.round} rounds")
 
     budget_bytes = max(0.0, (cfg.downtime_budget_ms - cfg.verify_overhead_ms) / 1000.0 * inp.bandwidth_bps)
     few = dirty <= cfg.few_remaining_factor * budget_bytes
@@ -118,4 +118,4 @@ def decide(cfg: PolicyConfig, inp: PolicyInput) -> Decision:
         mt = _next_throttle(mt, cfg.memory_throttle_initial, cfg.memory_throttle_step, cfg.throttle_max)
         reasons.append(f"memory throttle {mt}%")
     why = "few blocks remain" if endgame else "dirty set not shrinking" if reasons else "dirty set shrinking"
-    return Decision(Action.CONTINUE, dt, mt, expected, why + (": " + ", ".join(reasons) if reasons else ""))
+    return RoundDecision(RoundStep.CONTINUE, dt, mt, expected, why + (": " + ", ".join(reasons) if reasons else ""))

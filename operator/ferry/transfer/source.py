@@ -6,7 +6,7 @@ Per attempt::
               (holes skipped via SEEK_DATA/SEEK_HOLE, all-zero blocks skipped)
     round N   take the dirty bitmaps, send what the guest dirtied meanwhile
               (contiguous blocks coalesced into extents of up to 1 MiB)
-    after each round ask ``policy.decide``: pause / throttle harder / give up
+    after each round ask ``policy.after_round``: pause / throttle harder / give up
     final     pause the guest, take the bitmaps, send the rest, then DONE with the
               digests of what was sent; the target compares them with the digests of
               what it holds and answers VERDICT. Downtime = pause -> verdict received.
@@ -30,7 +30,7 @@ from ferry.transfer import auth, framing
 from ferry.transfer.bitmap import DirtyBitmap, extents, popcount, split_extents
 from ferry.transfer.digest import HASH_NAME, BlockHashes, block_hashes, combine, zero_hash
 from ferry.transfer.framing import HASH_SIZE, Kind
-from ferry.transfer.policy import Action, KindSample, PolicyConfig, PolicyInput, decide, expected_downtime_ms
+from ferry.transfer.policy import RoundStep, KindSample, PolicyConfig, PolicyInput, after_round, expected_downtime_ms
 from ferry.transfer.ratelimit import TokenBucket
 from ferry.transfer.session import (
     ABORTED,
@@ -331,7 +331,7 @@ class SourceEngine:
             self._check()
             dirty = {"disk": self.disk.dirty.count() * self.disk.block_size,
                      "memory": self.memory.dirty.count() * self.memory.block_size}
-            decision = decide(
+            decision = after_round(
                 self.policy,
                 PolicyInput(
                     round=self.round,
@@ -341,9 +341,9 @@ class SourceEngine:
                 ),
             )
             self.expected_downtime_ms = decision.expected_downtime_ms
-            if decision.action is Action.PAUSE:
+            if decision.action is RoundStep.PAUSE:
                 break
-            if decision.action is Action.FAIL:
+            if decision.action is RoundStep.FAIL:
                 raise MigrationFailed(decision.reason)
             if (decision.disk_throttle_percent, decision.memory_throttle_percent) != (self.disk_throttle, self.memory_throttle):
                 log.info("round %d: %s", self.round, decision.reason)
