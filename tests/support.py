@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import pathlib
 import time
 from collections.abc import Callable
@@ -25,6 +26,25 @@ def wait_until(predicate: Callable[[], Any], timeout: float = 30.0, interval: fl
             detail = f": {last_exc}" if last_exc else ""
             pytest.fail(f"timed out after {timeout}s waiting for {what or predicate}{detail}")
         time.sleep(interval)
+
+
+async def wait_until_async(predicate: Callable[[], Any], timeout: float = 30.0, interval: float = 0.01,
+                           what: str = "") -> Any:
+    """``wait_until`` inside an event loop: polls ``predicate`` without blocking the loop (often:
+    its predicates read in-process state)."""
+    deadline = time.monotonic() + timeout
+    last_exc: BaseException | None = None
+    while True:
+        try:
+            value = predicate()
+            if value:
+                return value
+        except AssertionError as exc:  # let predicates assert for a better last message
+            last_exc = exc
+        if time.monotonic() >= deadline:
+            detail = f": {last_exc}" if last_exc else ""
+            pytest.fail(f"timed out after {timeout}s waiting for {what or predicate}{detail}")
+        await asyncio.sleep(interval)
 
 
 def kubeconfig_for_token(admin_kubeconfig: str, token: str, path: pathlib.Path) -> str:

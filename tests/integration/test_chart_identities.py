@@ -16,12 +16,12 @@ import pathlib
 import re
 import shutil
 import tempfile
-import time
 import uuid
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from support import wait_until
 
 from ferry.drivers.sim.driver import SimDriver
 from rbac import ChartIdentities
@@ -31,17 +31,6 @@ pytestmark = pytest.mark.integration
 # An RBAC refusal names the verb the user "cannot" do; the admission policy "denied request";
 # a dead token is 401. (Other 403s, e.g. Events in a namespace being deleted, are not ours.)
 DENIALS = re.compile(r"cannot (get|list|watch|create|update|patch|delete)|denied request|Unauthorized|HTTP 401")
-
-
-def wait_for(predicate: Any, timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.2)
 
 
 def get(kubectl: Any, kind: str, name: str, namespace: str | None = None) -> dict[str, Any]:
@@ -84,8 +73,8 @@ def test_identities_suffice(kubectl: Any, namespace: str, chart: ChartIdentities
             processes.append(ferry_process("agent", "--host", host, "--data-dir", str(data / host[-2:]), "--driver", "sim",
                                            "--address", "127.0.0.1", env=env, kubeconfig_path=str(ident.kubeconfig)))
         for host in hosts:
-            wait_for(lambda: get(kubectl, "host", host).get("status", {}).get("agent", {}).get("heartbeatTime"), 60,
-                     f"the agent's heartbeat on Host {host}")
+            wait_until(lambda: get(kubectl, "host", host).get("status", {}).get("agent", {}).get("heartbeatTime"), 60,
+                       what=f"the agent's heartbeat on Host {host}")
 
         operator = chart.identity("operator")
         processes.append(ferry_process("operator", "--peering", "--peering-name", chart.peering_name(), env=env,
@@ -100,8 +89,8 @@ def test_identities_suffice(kubectl: Any, namespace: str, chart: ChartIdentities
             "apiVersion": "ferry.dev/v1alpha1", "kind": "Droplet", "metadata": {"name": "web"},
             "spec": {"size": "s-1vcpu-1gb", "datacenter": "nyc3", "ip": "127.0.0.91",
                      "hostSelector": {"matchLabels": {"ferry.dev/test-release": chart.release}}}}))
-        source = wait_for(lambda: get(kubectl, "droplet", "web", namespace).get("status", {}).get("host"), 60,
-                          "the operator to place the droplet")
+        source = wait_until(lambda: get(kubectl, "droplet", "web", namespace).get("status", {}).get("host"), 60,
+                            what="the operator to place the droplet")
         assert source in hosts
         target = next(h for h in hosts if h != source)
 
@@ -109,7 +98,7 @@ def test_identities_suffice(kubectl: Any, namespace: str, chart: ChartIdentities
             vms = get(kubectl, "host", host).get("status", {}).get("agent", {}).get("vms") or []
             return next((v.get("state") for v in vms if v.get("name") == "web"), None)
 
-        wait_for(lambda: vm_state(source) == "Running", 60, f"the VM running on {source}")
+        wait_until(lambda: vm_state(source) == "Running", 60, what=f"the VM running on {source}")
 
         # A live migration: both agents report into the LiveMigration status (policy-checked),
         # the target reads the transfer Secret the operator created, the operator moves the record.
@@ -133,17 +122,22 @@ def test_identities_suffice(kubectl: Any, namespace: str, chart: ChartIdentities
             return get(kubectl, "livemigration", "move", namespace).get("status", {}).get("phase", "")
 
         saw_announcement = False
-        deadline = time.monotonic() + 120
-        while phase() not in ("Completed", "Failed", "Cancelled"):
+
+        def ended() -> bool:
+            """The migration ended; until then, ask the metadata endpoint at every poll."""
+            nonlocal saw_announcement
+            if phase() in ("Completed", "Failed", "Cancelled"):
+                return True
             saw_announcement = saw_announcement or announced()
-            assert time.monotonic() < deadline, f"migration stuck in {phase()!r}"
-            time.sleep(0.2)
+            return False
+
+        wait_until(ended, 120, what="the migration to end")
         lm = get(kubectl, "livemigration", "move", namespace)
         assert lm["status"]["phase"] == "Completed", lm["status"]
         assert lm["status"]["transfer"]["state"] == "Completed"      # written by the source agent
         assert lm["status"]["target"]["state"] in ("Received", "Running")  # written by the target agent
         assert get(kubectl, "droplet", "web", namespace)["status"]["host"] == target
-        wait_for(lambda: vm_state(target) == "Running", 60, f"the VM running on {target}")
+        wait_until(lambda: vm_state(target) == "Running", 60, what=f"the VM running on {target}")
         assert saw_announcement, "the metadata endpoint never announced the migration"
 
         for p in processes:

@@ -8,13 +8,13 @@ from __future__ import annotations
 import json
 import pathlib
 import subprocess
-import time
 import uuid
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 import yaml
+from support import wait_until
 
 from rbac import CHART, render_chart, to_yaml
 
@@ -22,17 +22,6 @@ pytestmark = pytest.mark.integration
 
 CLUSTER_SCOPED = {"ClusterRole", "ClusterRoleBinding", "ClusterKopfPeering",
                   "ValidatingAdmissionPolicy", "ValidatingAdmissionPolicyBinding"}
-
-
-def wait_for(predicate: Any, timeout: float = 30.0, what: str = "") -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.25)
 
 
 @pytest.fixture
@@ -127,14 +116,14 @@ def test_install_creates_every_object_and_uninstall_removes_them_but_keeps_the_c
                                   "-o", "json").stdout)["items"]
         return pods if len(pods) == 2 else []
 
-    pods = wait_for(operator_pods, 60, "the operator's two pods")
+    pods = wait_until(operator_pods, 60, what="the operator's two pods")
     for pod in pods:
         assert pod["spec"]["serviceAccountName"] == operator
         [c] = pod["spec"]["containers"]
         assert c["securityContext"]["runAsNonRoot"] is True
 
     helm("uninstall", release, "-n", namespace, "--timeout", "120s")
-    wait_for(lambda: not [d for d in docs if exists(kubectl, d)], 60, "every chart object to be deleted")
+    wait_until(lambda: not [d for d in docs if exists(kubectl, d)], 60, what="every chart object to be deleted")
     for crd in ("hosts.ferry.dev", "droplets.ferry.dev", "livemigrations.ferry.dev", "clusterkopfpeerings.kopf.dev"):
         kubectl("get", "crd", crd)   # Helm never deletes crds/
 

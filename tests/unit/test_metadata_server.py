@@ -12,6 +12,7 @@ import time
 
 import aiohttp
 import pytest
+from support import wait_until_async
 
 from ferry.metadata.cache import DropletCache, DropletRecord, MaintenanceState
 from ferry.metadata.server import MetadataServer, parse_listen, parse_query, BadQuery, Query
@@ -189,7 +190,7 @@ def test_long_poll_wakes_within_a_second_with_new_value_and_etag():
         assert body == ""
         etag = headers["ETag"]
         poll = asyncio.create_task(client.get(B, "/v1/maintenance_event?wait_for_change=true&timeout_sec=20"))
-        await wait_for(lambda: server.endpoint.waiting == 1)
+        await wait_until_async(lambda: server.endpoint.waiting == 1)
         assert not poll.done()
         changed_at = time.monotonic()
         cache.apply("MODIFIED", rec("b", B, LIVE))
@@ -203,7 +204,7 @@ def test_long_poll_is_not_woken_by_other_droplets_or_by_no_op_changes():
     @serving(world())
     async def _(server, client, cache):
         poll = asyncio.create_task(client.get(B, "/v1/maintenance_event?wait_for_change=true&timeout_sec=1"))
-        await wait_for(lambda: server.endpoint.waiting == 1)
+        await wait_until_async(lambda: server.endpoint.waiting == 1)
         cache.apply("MODIFIED", rec("c", C, LIVE))  # another droplet
         cache.apply("MODIFIED", rec("b", B))  # same answer
         started = time.monotonic()
@@ -243,7 +244,7 @@ def test_last_etag_resume_never_misses_a_change():
         assert body == "live_migrate"
         # With the current ETag, it waits for the next change.
         poll = asyncio.create_task(client.get(B, f"/v1/maintenance_event?wait_for_change=true&last_etag={new}&timeout_sec=20"))
-        await wait_for(lambda: server.endpoint.waiting == 1)
+        await wait_until_async(lambda: server.endpoint.waiting == 1)
         cache.apply("MODIFIED", rec("b", B))
         status, body, headers = await poll
         assert (status, body) == (200, "") and headers["ETag"] not in (old, new)
@@ -264,7 +265,7 @@ def test_json_long_poll_wakes_on_since_change_but_plain_does_not():
     async def _(server, client, cache):
         j = asyncio.create_task(client.get(A, "/v1/maintenance_event.json?wait_for_change=true&timeout_sec=20"))
         t = asyncio.create_task(client.get(A, "/v1/maintenance_event?wait_for_change=true&timeout_sec=1"))
-        await wait_for(lambda: server.endpoint.waiting == 2)
+        await wait_until_async(lambda: server.endpoint.waiting == 2)
         renewed = MaintenanceState("live_migrate", "2030-02-01T00:00:00Z", "2030-02-01T00:10:00Z")
         cache.apply("MODIFIED", rec("a", A, renewed))
         status, body, _ = await j
@@ -278,7 +279,7 @@ def test_long_poll_of_a_deleted_droplet_gets_404():
     @serving(world())
     async def _(server, client, cache):
         poll = asyncio.create_task(client.get(C, "/v1/maintenance_event?wait_for_change=true&timeout_sec=20"))
-        await wait_for(lambda: server.endpoint.waiting == 1)
+        await wait_until_async(lambda: server.endpoint.waiting == 1)
         cache.apply("DELETED", rec("c", C))
         status, body, headers = await poll
         assert status == 404 and "ETag" not in headers
@@ -289,7 +290,7 @@ def test_many_waiters_one_change_wakes_them_all():
     async def _(server, client, cache):
         polls = [asyncio.create_task(client.get(B, "/v1/maintenance_event?wait_for_change=true&timeout_sec=20"))
                  for _ in range(20)]
-        await wait_for(lambda: server.endpoint.waiting == 20)
+        await wait_until_async(lambda: server.endpoint.waiting == 20)
         cache.apply("MODIFIED", rec("b", B, LIVE))
         results = await asyncio.gather(*polls)
         assert {(s, b) for s, b, _ in results} == {(200, "live_migrate")}
@@ -300,13 +301,13 @@ def test_waiters_per_address_are_capped_with_429():
     async def _(server, client, cache):
         polls = [asyncio.create_task(client.get(B, "/v1/maintenance_event?wait_for_change=true&timeout_sec=20"))
                  for _ in range(3)]
-        await wait_for(lambda: server.endpoint.waiting == 3)
+        await wait_until_async(lambda: server.endpoint.waiting == 3)
         status, _, _ = await client.get(B, "/v1/maintenance_event?wait_for_change=true&timeout_sec=20")
         assert status == 429
         # another droplet is not affected, nor a plain GET
         assert (await client.get(B, "/v1/maintenance_event"))[0] == 200
         other = asyncio.create_task(client.get(C, "/v1/maintenance_event?wait_for_change=true&timeout_sec=20"))
-        await wait_for(lambda: server.endpoint.waiting == 4)
+        await wait_until_async(lambda: server.endpoint.waiting == 4)
         cache.apply("MODIFIED", rec("b", B, LIVE))
         cache.apply("MODIFIED", rec("c", C, LIVE))
         await asyncio.gather(*polls, other)
@@ -316,9 +317,9 @@ def test_client_that_leaves_stops_waiting():
     @serving(world())
     async def _(server, client, cache):
         poll = asyncio.create_task(client.get(B, "/v1/maintenance_event?wait_for_change=true&timeout_sec=60"))
-        await wait_for(lambda: server.endpoint.waiting == 1)
+        await wait_until_async(lambda: server.endpoint.waiting == 1)
         poll.cancel()
-        await wait_for(lambda: server.endpoint.waiting == 0, timeout=5)
+        await wait_until_async(lambda: server.endpoint.waiting == 0, timeout=5)
 
 
 def test_shutdown_answers_waiting_long_polls_instead_of_hanging():
@@ -329,7 +330,7 @@ def test_shutdown_answers_waiting_long_polls_instead_of_hanging():
         client = Client(server.port)
         try:
             poll = asyncio.create_task(client.get(B, "/v1/maintenance_event?wait_for_change=true&timeout_sec=600"))
-            await wait_for(lambda: server.endpoint.waiting == 1)
+            await wait_until_async(lambda: server.endpoint.waiting == 1)
             started = time.monotonic()
             await server.stop()
             status, body, _ = await asyncio.wait_for(poll, 10)
@@ -360,14 +361,6 @@ def test_parse_listen():
     for bad in ("8169", ":80", "127.0.0.1:", "127.0.0.1:x", "127.0.0.1:70000"):
         with pytest.raises(ValueError):
             parse_listen(bad)
-
-
-async def wait_for(predicate, timeout: float = 5.0):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {predicate}")
-        await asyncio.sleep(0.01)
 
 
 def _ipv6_loopback() -> bool:

@@ -5,25 +5,15 @@ import os
 import socket
 import subprocess
 import sys
-import time
 
 import pytest
+from support import wait_until
 
 from ferry.drivers.base import Driver, DriverError, VMKey, VMSpec, VMState, Workload
 from ferry.drivers.sim import SimDriver
 
 SCALE = 1 / 512  # 1 GiB disk -> 2 MiB, 1024 MiB memory -> 2 MiB
 KEY = VMKey("team-a", "web-1")
-
-
-def wait_for(cond, timeout=10.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        v = cond()
-        if v:
-            return v
-        time.sleep(0.02)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def spec(key=KEY, rate=1024, pattern="uniform", power_on=True):
@@ -66,7 +56,7 @@ def test_start_creates_a_vm_process_with_its_files(driver):
     # its own process, its own session
     assert info.pid != os.getpid() and os.getsid(info.pid) == info.pid
     # the guest writes
-    wait_for(lambda: driver.status(KEY)["seq"] > 10, what="guest writes")
+    wait_until(lambda: driver.status(KEY)["seq"] > 10, what="guest writes")
     assert os.path.getsize(os.path.join(d, "writes.log")) > 0
     # idempotent
     assert driver.start(spec()).pid == info.pid
@@ -108,11 +98,11 @@ def test_reattach_after_agent_restart(driver, tmp_path):
     db = vms[VMKey("team-a", "db")]
     assert db.state is VMState.RUNNING and db.pid == pid
     seq = fresh.status(db.key)["seq"]
-    wait_for(lambda: fresh.status(db.key)["seq"] > seq, what="guest still writing")
+    wait_until(lambda: fresh.status(db.key)["seq"] > seq, what="guest still writing")
     fresh.destroy(db.key)
     assert not os.path.exists(fresh.vm_dir(db.key))
-    wait_for(lambda: not os.path.exists(f"/proc/{pid}") or open(f"/proc/{pid}/stat").read().split(") ")[1][0] in "ZX",
-             what="VM process gone")
+    wait_until(lambda: not os.path.exists(f"/proc/{pid}") or open(f"/proc/{pid}/stat").read().split(") ")[1][0] in "ZX",
+               what="VM process gone")
 
 
 def test_a_dead_pid_or_foreign_process_is_not_attached(driver):
@@ -128,7 +118,7 @@ def test_a_dead_pid_or_foreign_process_is_not_attached(driver):
 
 def test_stop_keeps_images_and_start_continues(driver):
     info = driver.start(spec(rate=2048))
-    wait_for(lambda: driver.status(KEY)["seq"] > 20)
+    wait_until(lambda: driver.status(KEY)["seq"] > 20)
     driver.stop(KEY)
     assert driver.list_vms() == [type(info)(key=KEY, state=VMState.STOPPED)]
     d = driver.vm_dir(KEY)
@@ -153,7 +143,7 @@ def test_destroy_removes_everything(driver):
     assert not os.path.exists(driver.vm_dir(KEY))
     assert driver.list_vms() == []
     driver.destroy(KEY)  # idempotent
-    wait_for(lambda: not os.path.exists(f"/proc/{info.pid}") or "Z" in open(f"/proc/{info.pid}/stat").read().split(") ")[1][:1])
+    wait_until(lambda: not os.path.exists(f"/proc/{info.pid}") or "Z" in open(f"/proc/{info.pid}/stat").read().split(") ")[1][:1])
 
 
 def test_incoming_vm_cannot_be_started_or_resumed_early(driver, tmp_path):
@@ -168,7 +158,7 @@ def test_incoming_vm_cannot_be_started_or_resumed_early(driver, tmp_path):
     assert driver.prepare_incoming(spec(), "127.0.0.1", os.urandom(32), "lm-7") == addr
     # the process dies: its partial images must never be started as the droplet
     os.kill(driver.list_vms()[0].pid, 9)
-    wait_for(lambda: driver.list_vms()[0].pid is None, what="incoming VM gone")
+    wait_until(lambda: driver.list_vms()[0].pid is None, what="incoming VM gone")
     assert driver.list_vms()[0].state is VMState.INCOMING
     with pytest.raises(DriverError, match="incoming"):
         driver.start(spec())
@@ -201,7 +191,7 @@ def test_never_two_vm_processes_for_one_vm(driver):
 
 def test_prepare_incoming_never_overwrites_a_stopped_vm(driver):
     driver.start(spec(rate=4096))
-    wait_for(lambda: driver.status(KEY)["seq"] > 5)
+    wait_until(lambda: driver.status(KEY)["seq"] > 5)
     driver.stop(KEY)
     before = open(os.path.join(driver.vm_dir(KEY), "disk.img"), "rb").read()
     with pytest.raises(DriverError, match="not overwriting"):

@@ -4,20 +4,12 @@ import os
 import time
 
 import pytest
+from support import wait_until
 
 from ferry.drivers.sim.image import DISK_BLOCK_SIZE, MEMORY_PAGE_SIZE, Image, image_sizes
 from ferry.drivers.sim.workload import DISK, MEMORY, Guest, content, read_log, replay
 from ferry.transfer.bitmap import runs
 from ferry.transfer.source import data_block_ranges
-
-
-def wait_for(cond, timeout=10.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return
-        time.sleep(0.01)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 @pytest.fixture
@@ -79,10 +71,10 @@ def test_guest_writes_mark_dirty_and_log_replays(pattern, images, tmp_path):
     log = str(tmp_path / "writes.log")
     g = Guest(disk, mem, pattern=pattern, rate_kibps=8192, log_path=log, seed=1)
     g.run()
-    wait_for(lambda: g.seq >= 300, what="300 writes")
+    wait_until(lambda: g.seq >= 300, what="300 writes")
     assert g.pause() is True
     n = g.seq
-    time.sleep(0.05)
+    time.sleep(0.05)  # a window in which the running guest would write (8 MiB/s): none may appear
     assert g.seq == n, "no write after pause() returned"
     recs = list(read_log(log))
     assert len(recs) == n and [r[0] for r in recs] == list(range(1, n + 1))
@@ -109,7 +101,7 @@ def test_replay_detects_a_tampered_log(images, tmp_path):
     log = tmp_path / "writes.log"
     g = Guest(disk, mem, rate_kibps=4096, log_path=str(log))
     g.run()
-    wait_for(lambda: g.seq >= 5)
+    wait_until(lambda: g.seq >= 5)
     g.shutdown()
     raw = bytearray(log.read_bytes())
     raw[0] ^= 0xFF  # change the seq of the first record: content no longer matches its crc
@@ -140,7 +132,7 @@ def test_zero_rate_writes_nothing_and_bad_workload_rejected(images):
     disk, mem = images
     g = Guest(disk, mem, rate_kibps=0)
     g.run()
-    time.sleep(0.1)
+    time.sleep(0.1)  # a window in which a writing guest would write: none may appear
     assert g.seq == 0
     with pytest.raises(ValueError):
         g.set_workload("random-walk", 1)

@@ -6,9 +6,9 @@ the migration code computed.
 """
 
 import os
-import time
 
 import pytest
+from support import wait_until
 
 from ferry.drivers.base import MigrationOptions, MigrationState, VMKey, VMSpec, VMState, Workload
 from ferry.drivers.sim import SimDriver
@@ -20,22 +20,12 @@ MiB = 1 << 20
 TERMINAL = {MigrationState.COMPLETED, MigrationState.FAILED, MigrationState.ABORTED}
 
 
-def wait_for(cond, timeout=20.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        v = cond()
-        if v:
-            return v
-        time.sleep(0.02)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 def wait_terminal(driver, key, timeout=30.0):
     def done():
         s = driver.query_migration(key)
         return s if s.state in TERMINAL else None
 
-    return wait_for(done, timeout, "migration to end")
+    return wait_until(done, timeout, what="migration to end")
 
 
 def spec(pattern="uniform", rate=2048, disk_gib=1, memory_mib=1024):
@@ -67,12 +57,12 @@ def images(driver):
 
 def start_with_data(src, s, min_writes=100):
     src.start(s)
-    wait_for(lambda: src.status(KEY)["seq"] >= min_writes, what="guest data")
+    wait_until(lambda: src.status(KEY)["seq"] >= min_writes, what="guest data")
 
 
 def assert_source_intact(src, tmp_path):
     """The source runs again and holds exactly what its guest wrote."""
-    wait_for(lambda: src.status(KEY)["status"] == "running", what="source running")
+    wait_until(lambda: src.status(KEY)["status"] == "running", what="source running")
     st = src.status(KEY)
     assert st["throttle"] == {"disk": 0, "memory": 0}, "throttle lifted"
     src.pause(KEY)
@@ -117,7 +107,7 @@ def test_live_migration_loses_no_acknowledged_write(hosts, tmp_path, pattern):
     assert src.digest(KEY) == dst.digest(KEY) == st.digest
     # cut-over: the target runs and continues the guest's sequence
     dst.resume(KEY)
-    wait_for(lambda: dst.status(KEY)["seq"] > n, what="target guest writing")
+    wait_until(lambda: dst.status(KEY)["seq"] > n, what="target guest writing")
     assert dst.list_vms()[0].state is VMState.RUNNING
 
 

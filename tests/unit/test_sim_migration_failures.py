@@ -7,6 +7,7 @@ import os
 import signal
 
 import pytest
+from support import wait_until
 
 from ferry.drivers.base import MigrationOptions, MigrationState, VMState
 from test_sim_migration import (  # noqa: F401 - fixtures and helpers
@@ -18,7 +19,6 @@ from test_sim_migration import (  # noqa: F401 - fixtures and helpers
     replay_source,
     spec,
     start_with_data,
-    wait_for,
     wait_terminal,
 )
 
@@ -30,7 +30,7 @@ def test_killing_the_target_mid_copy_leaves_the_source_running_and_intact(hosts,
     secret = os.urandom(32)
     addr = dst.prepare_incoming(s, "127.0.0.1", secret, "lm-kill")
     src.start_migration(KEY, addr, secret, "lm-kill", MigrationOptions(downtime_budget_ms=50, bandwidth_bps=256 << 10))
-    wait_for(lambda: src.query_migration(KEY).bytes_sent > 64 << 10, what="copy under way")
+    wait_until(lambda: src.query_migration(KEY).bytes_sent > 64 << 10, what="copy under way")
     os.kill(dst.list_vms()[0].pid, signal.SIGKILL)
     st = wait_terminal(src, KEY)
     assert st.state is MigrationState.FAILED
@@ -53,7 +53,7 @@ def test_corrupt_frame_fails_the_attempt_never_the_data(hosts, tmp_path):
     st = wait_terminal(src, KEY)
     assert st.state is MigrationState.FAILED
     assert "checksum mismatch" in st.error and st.error.startswith("target:")
-    t = wait_for(lambda: (x := dst.query_migration(KEY)).state is MigrationState.FAILED and x, what="target failed")
+    t = wait_until(lambda: (x := dst.query_migration(KEY)).state is MigrationState.FAILED and x, what="target failed")
     assert "checksum mismatch" in t.error and t.digest is None
     assert dst.list_vms()[0].state is VMState.INCOMING  # never runs
     with pytest.raises(Exception, match="not received"):
@@ -89,13 +89,13 @@ def test_cancel_aborts_and_resumes_the_source(hosts, tmp_path):
     secret = os.urandom(32)
     addr = dst.prepare_incoming(s, "127.0.0.1", secret, "lm-cancel")
     src.start_migration(KEY, addr, secret, "lm-cancel", MigrationOptions(bandwidth_bps=256 << 10))
-    wait_for(lambda: src.query_migration(KEY).bytes_sent > 0, what="copy under way")
+    wait_until(lambda: src.query_migration(KEY).bytes_sent > 0, what="copy under way")
     src.cancel_migration(KEY)
     st = src.query_migration(KEY)
     assert st.state is MigrationState.ABORTED and st.error == "cancelled"
     # the target learns it by an ABORT frame or by the closed connection
-    t = wait_for(lambda: (x := dst.query_migration(KEY)).state in (MigrationState.FAILED, MigrationState.ABORTED) and x,
-                 what="target noticed")
+    t = wait_until(lambda: (x := dst.query_migration(KEY)).state in (MigrationState.FAILED, MigrationState.ABORTED) and x,
+                   what="target noticed")
     assert t.error and t.digest is None
     assert_source_intact(src, tmp_path)
 
@@ -159,10 +159,10 @@ def test_killing_the_source_mid_copy_fails_the_target_which_never_runs(hosts):
     secret = os.urandom(32)
     addr = dst.prepare_incoming(s, "127.0.0.1", secret, "lm-srcdie")
     src.start_migration(KEY, addr, secret, "lm-srcdie", MigrationOptions(bandwidth_bps=256 << 10))
-    wait_for(lambda: src.query_migration(KEY).bytes_sent > 64 << 10, what="copy under way")
+    wait_until(lambda: src.query_migration(KEY).bytes_sent > 64 << 10, what="copy under way")
     seq_before = src.status(KEY)["seq"]
     os.kill(src.list_vms()[0].pid, signal.SIGKILL)
-    t = wait_for(lambda: (x := dst.query_migration(KEY)).state is MigrationState.FAILED and x, what="target failed")
+    t = wait_until(lambda: (x := dst.query_migration(KEY)).state is MigrationState.FAILED and x, what="target failed")
     assert "closed" in t.error or "Connection" in t.error
     assert dst.list_vms()[0].state is VMState.INCOMING
     with pytest.raises(Exception, match="not received"):
