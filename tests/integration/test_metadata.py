@@ -16,6 +16,7 @@ import hashlib
 import http.client
 import json
 import re
+import socket
 import threading
 import time
 from dataclasses import dataclass
@@ -75,6 +76,61 @@ class MetadataEndpoint:
             return reply if reply.status == 200 and reply.body == body else None
 
         return wait_until(matches, timeout, interval=0.05, what=f"{path} from {source} to answer {body!r}")
+
+
+def tcp_queues(local: tuple[str, int], remote: tuple[str, int]) -> tuple[int, int] | None:
+    """(send, receive) queue of the IPv4 socket ``local`` connected to ``remote``, from
+    /proc/net/tcp (send: bytes not acknowledged by the peer; receive: bytes its process has
+    not read); None if there is no such socket."""
+
+    def hex_address(ip: str, port: int) -> str:
+        return f"{int.from_bytes(socket.inet_aton(ip), 'little'):08X}:{port:04X}"
+
+    want = (hex_address(*local), hex_address(*remote))
+    with open("/proc/net/tcp") as f:
+        for line in f.readlines()[1:]:
+            fields = line.split()
+            if (fields[1], fields[2]) == want:
+                tx, rx = fields[4].split(":")
+                return int(tx, 16), int(rx, 16)
+    return None
+
+
+class LongPoll:
+    """One request in a thread, from a connection opened first so that its address is known."""
+
+    def __init__(self, endpoint: MetadataEndpoint, source: str, path: str, timeout: float = 30.0):
+        self.port = endpoint.port
+        self.conn = http.client.HTTPConnection("127.0.0.1", endpoint.port, timeout=timeout,
+                                               source_address=(source, 0))
+        self.conn.connect()
+        self.client: tuple[str, int] = self.conn.sock.getsockname()[:2]
+        self.sent = threading.Event()
+        self.reply: Reply | None = None
+        self.answered_at: float | None = None
+        self.thread = threading.Thread(target=self._run, args=(path,), daemon=True)
+        self.thread.start()
+
+    def _run(self, path: str) -> None:
+        try:
+            self.conn.request("GET", path, headers={"Host": "169.254.169.254"})
+            self.sent.set()
+            resp = self.conn.getresponse()
+            self.reply = Reply(resp.status, resp.read().decode(), {k.lower(): v for k, v in resp.getheaders()})
+            self.answered_at = time.monotonic()
+        finally:
+            self.conn.close()
+
+    def wait_until_read_by_server(self) -> None:
+        """The server's process has read the whole request: it is handled before any later change."""
+        server = ("127.0.0.1", self.port)
+
+        def read() -> bool:
+            # sent, acknowledged by the server's kernel, and taken off the server's socket
+            return (self.sent.is_set() and tcp_queues(self.client, server) == (0, 0)
+                    and tcp_queues(server, self.client) == (0, 0))
+
+        wait_until(read, 10, interval=0.02, what=f"the server to read the request from {self.client}")
 
 
 def droplet_manifest(name: str, ip: str) -> str:
@@ -138,42 +194,32 @@ def test_long_poll_wakes_within_a_second_of_the_change(kubectl, namespace, ferry
     first = endpoint.get("127.0.0.53")
     assert first.body == ""
 
-    result: dict[str, Any] = {}
-
-    def poll() -> None:
-        result["reply"] = endpoint.get("127.0.0.53", f"{PATH}?wait_for_change=true&timeout_sec=60"
-                                                    f"&last_etag={first.headers['etag']}")
-        result["at"] = time.monotonic()
-
-    waiter = threading.Thread(target=poll, daemon=True)
-    waiter.start()
-    time.sleep(0.5)  # let the request reach the server; it must be waiting, not answered
-    assert waiter.is_alive(), "the long-poll answered without a change"
+    poll = LongPoll(endpoint, "127.0.0.53", f"{PATH}?wait_for_change=true&timeout_sec=60"
+                                            f"&last_etag={first.headers['etag']}")
+    # Read by the server before the change: only a request that waited can answer with the change.
+    poll.wait_until_read_by_server()
+    assert poll.reply is None, f"the long-poll answered without a change: {poll.reply}"
     before = time.monotonic()
     announce(kubectl, namespace, "db-1")
     committed = time.monotonic()
-    waiter.join(10)
-    assert not waiter.is_alive(), "the long-poll did not wake"
-    reply = result["reply"]
-    assert (reply.status, reply.body) == (200, "live_migrate")
+    poll.thread.join(10)
+    assert not poll.thread.is_alive(), "the long-poll did not wake"
+    reply = poll.reply
+    assert reply is not None and (reply.status, reply.body) == (200, "live_migrate")
     assert reply.headers["etag"] != first.headers["etag"]
     # The change is committed before kubectl returns; the answer follows within a second.
-    assert result["at"] - committed < 1.0, f"woke {result['at'] - committed:.3f}s after kubectl returned"
-    print(f"long-poll woke {result['at'] - before:.3f}s after kubectl started, "
-          f"{result['at'] - committed:.3f}s after it returned")
+    assert poll.answered_at - committed < 1.0, f"woke {poll.answered_at - committed:.3f}s after kubectl returned"
+    print(f"long-poll woke {poll.answered_at - before:.3f}s after kubectl started, "
+          f"{poll.answered_at - committed:.3f}s after it returned")
 
     # Resuming with the ETag just seen waits for the next change (the clearing).
-    def poll_again() -> None:
-        result["again"] = endpoint.get("127.0.0.53", f"{PATH}?wait_for_change=true&timeout_sec=60"
-                                                    f"&last_etag={reply.headers['etag']}")
-
-    waiter = threading.Thread(target=poll_again, daemon=True)
-    waiter.start()
-    time.sleep(0.3)
-    assert waiter.is_alive()
+    again = LongPoll(endpoint, "127.0.0.53", f"{PATH}?wait_for_change=true&timeout_sec=60"
+                                             f"&last_etag={reply.headers['etag']}")
+    again.wait_until_read_by_server()
+    assert again.reply is None, f"the long-poll answered without a change: {again.reply}"
     clear(kubectl, namespace, "db-1")
-    waiter.join(10)
-    assert result["again"].body == ""
+    again.thread.join(10)
+    assert again.reply is not None and again.reply.body == ""
 
 
 def test_cache_follows_ip_changes_and_deletions(kubectl, namespace, ferry_process):
