@@ -320,7 +320,7 @@ class ChartIdentities:
                 if time.monotonic() > deadline:
                     raise TimeoutError(f"admission policy {names} not enforced after {timeout}s "
                                        f"(last answer {code}: {rsp.get('message')})")
-                time.sleep(0.2)
+                time.sleep(0.2)  # paces the poll (not support.wait_until: this module also runs outside pytest)
         finally:
             path.unlink(missing_ok=True)
             self.kubectl("delete", "livemigration", canary, "-n", self.namespace, "--ignore-not-found",

@@ -78,7 +78,7 @@ def wait_terminal(driver: SimDriver, key: VMKey, timeout: float):
         st = driver.execute(key, "query-migrate")
         if st.get("state") in {s.value for s in TERMINAL}:
             return st
-        time.sleep(0.02)
+        time.sleep(0.02)  # paces the poll (a script too, so not support.wait_until; 20 ms keeps timings fine)
     raise TimeoutError("migration did not end")
 
 
@@ -254,7 +254,7 @@ def start_rsync_daemon(root: str) -> tuple[subprocess.Popen, int, str]:
             socket.create_connection(("127.0.0.1", port), timeout=1).close()
             return proc, port, module
         except OSError:
-            time.sleep(0.05)
+            time.sleep(0.05)  # paces the poll (a script too, so not support.wait_until)
     proc.kill()
     raise RuntimeError("rsync daemon did not start")
 
@@ -354,7 +354,7 @@ def bench_convergence(root: str, disk_mib: int, memory_mib: int, link_mibps: int
                 image = os.path.getsize(disk_path) + os.path.getsize(mem_path)
                 st0 = hosts.src.status(KEY)
                 t0 = time.monotonic()
-                time.sleep(1.0)  # measure what the guest really writes
+                time.sleep(1.0)  # a 1 s window to measure the rate the guest really writes
                 st1 = hosts.src.status(KEY)
                 guest_mibps = (st1["bytes_written"] - st0["bytes_written"]) / (time.monotonic() - t0) / MiB
                 st = hosts.migrate(spec, f"conv-{pct}", MigrationOptions(downtime_budget_ms=budget_ms, bandwidth_bps=link_mibps * MiB))

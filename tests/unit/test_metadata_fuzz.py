@@ -11,12 +11,12 @@ import logging
 import re
 import socket
 import threading
-import time
 from urllib.parse import quote
 
 import pytest
 from hypothesis import HealthCheck, assume, event, given, settings
 from hypothesis import strategies as st
+from support import wait_until
 
 from ferry.metadata.cache import DropletCache, DropletRecord, MaintenanceState
 from ferry.metadata.server import MetadataServer
@@ -303,18 +303,16 @@ def test_one_address_cannot_hold_all_the_connections(server):
         for _ in range(64):
             held.append(socket.create_connection(("127.0.0.1", port), source_address=(HOG, 0)))
             held[-1].sendall(b"GET /v1/mai")  # slowloris: never finishes
-        deadline = time.monotonic() + 5
-        while server.server.connections.get(HOG, 0) < 64 and time.monotonic() < deadline:
-            time.sleep(0.01)
+        wait_until(lambda: server.server.connections.get(HOG, 0) >= 64, 5, interval=0.01,
+                   what="the server to count the 64 held connections")
         refused = exchange(port, HOG, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
         assert refused.startswith(b"HTTP/1.1 429")
         still_answers(server)  # the droplets are not starved
     finally:
         for s in held:
             s.close()
-    deadline = time.monotonic() + 5
-    while server.server.connections.get(HOG, 0) and time.monotonic() < deadline:
-        time.sleep(0.01)
+    wait_until(lambda: not server.server.connections.get(HOG, 0), 5, interval=0.01,
+               what="the server to drop the closed connections")
     assert exchange(port, HOG, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n").startswith(b"HTTP/1.1 200")
 
 

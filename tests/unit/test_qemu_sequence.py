@@ -13,6 +13,7 @@ import time
 from typing import Any
 
 import pytest
+from support import wait_until
 
 from ferry.drivers.base import MigrationOptions, MigrationState
 from ferry.drivers.qemu.config import QemuConfig, VMLayout
@@ -56,7 +57,7 @@ class FakeQEMU:
             for e in self.events(since):
                 if match(e):
                     return e
-            time.sleep(0.01)
+            time.sleep(0.01)  # paces the fake's own wait_event (the QMP client's interface), not a test wait
         return None
 
     def _emit(self, name: str, data: dict) -> None:
@@ -218,9 +219,7 @@ def test_cancel_during_the_mirror(tmp_path: pathlib.Path) -> None:
     q = FakeQEMU(hold_mirror=True)
     m = make(tmp_path, q)
     m.start()
-    deadline = time.monotonic() + 5
-    while q.job_polls < 2 and time.monotonic() < deadline:
-        time.sleep(0.01)
+    wait_until(lambda: q.job_polls >= 2, 5, interval=0.01, what="the mirror job polled twice")
     m.cancel(wait=10)
     stats = m.snapshot()
     assert stats.state == MigrationState.ABORTED and stats.error is None
