@@ -439,7 +439,7 @@ def test_invariants(w, me):
         if isinstance(a, p.StartMigration):
             lmv = m[a.migration]
             assert lmv.status.source_host == me and lmv.phase == "PreCopy" and record == me
-            assert lmv.target.attempt == lmv.attempt and lmv.target.state == "Listening"
+            assert lmv.target.attempt == lmv.status.attempt and lmv.target.state == "Listening"
     # at most one driver action of each kind per droplet and per cycle
     seen = [(type(a).__name__, a.key) for a in actions if isinstance(a, p.DRIVER_ACTIONS)]
     assert len(seen) == len(set(seen)), seen

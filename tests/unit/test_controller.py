@@ -13,7 +13,7 @@ from fakes import FakeKube
 
 from ferry.api.livemigration import LiveMigration
 from ferry.api.sizes import Resources
-from ferry.controller import migrations
+from ferry.controller import migration_reconciler as migrations
 from ferry.controller.app import Context
 from ferry.controller.expectations import Expectations
 from ferry.controller.metrics import Metrics

@@ -22,7 +22,7 @@ from ferry.drivers.qemu.config import (
     safe_id,
 )
 from ferry.drivers.qemu.driver import vm_state
-from ferry.drivers.qemu.migration import disk_digest, mirror_buf_size
+from ferry.drivers.qemu.sequence import disk_digest, mirror_buf_size
 
 SPEC = VMSpec(key=VMKey("ns", "web-1"), cpu=2, memory_mib=4096, disk_gib=80)
 

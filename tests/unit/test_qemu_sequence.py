@@ -17,7 +17,7 @@ from support import wait_until
 
 from ferry.drivers.base import MigrationOptions, MigrationState
 from ferry.drivers.qemu.config import QemuConfig, VMLayout
-from ferry.drivers.qemu.migration import SourceMigration, TargetMigration, object_ids
+from ferry.drivers.qemu.sequence import SourceMigration, TargetMigration, object_ids
 from ferry.drivers.qemu.qmp import QMPError, QMPEvent
 
 MIB = 1 << 20

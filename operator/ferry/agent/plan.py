@@ -4,7 +4,7 @@
 LiveMigrations that concern this host (typed views from ``ferry.api.models``), the VMs the
 driver reports (``VMObs``: ``VMInfo`` plus the driver's ``MigrationStats``) and the time --
 and returns the list of ``Action``s that move the host towards what the API asks for.
-It performs no I/O; ``ferry.agent.loop`` executes the actions. Every action is idempotent,
+It performs no I/O; ``ferry.agent.execute`` carries the actions out. Every action is idempotent,
 and the function is a function of observations only, so an agent that crashed and
 restarted rebuilds everything from ``driver.list_vms()`` + ``query_migration`` + the API.
 

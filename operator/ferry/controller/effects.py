@@ -39,7 +39,8 @@ async def set_host_label(cx: Context, key: ObjectKey, host: str) -> None:
 
 
 async def apply(cx: Context, m: LiveMigration, action: a.Action, logger: logging.Logger) -> str | None:
-    """Carry out one action; returns the migration's new resourceVersion if it wrote the migration."""
+    """Carry out one action; returns the migration's new resourceVersion if it wrote the migration.
+    (``RecomputeAllocations`` is the host reconciler's job: the migration reconciler calls it.)"""
     ns, kube, key = m.namespace, cx.kube, m.key
     if isinstance(action, a.Announce):
         new = await cx.call(kube.patch, "Droplet", action.droplet, {"metadata": {"annotations": {
@@ -88,11 +89,6 @@ async def apply(cx: Context, m: LiveMigration, action: a.Action, logger: logging
             cx.world.observe("Droplet", "MODIFIED", new)
         except NotFound:
             pass
-    elif isinstance(action, a.RecomputeAllocations):
-        from ferry.controller.hosts import reconcile_host  # hosts -> effects: import at use
-
-        for h in action.hosts:
-            await reconcile_host(cx, h, logger)
     else:  # pragma: no cover - the machine's Action union is closed
         raise TypeError(f"unknown action {action!r}")
     return None

@@ -2,7 +2,7 @@
 
 Watch events feed the world first; a one-second (migrations), two-second (hosts) and
 five-second (droplets) timer catches drift. Each reconciler reads the world, calls a pure
-decision and writes the result (``migrations``, ``droplets``, ``hosts``).
+decision and writes the result (``*_reconciler``).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from typing import Any
 import kopf
 
 from ferry.api.phases import TERMINAL
-from ferry.controller import app, droplets, hosts, migrations
+from ferry.controller import app, droplet_reconciler, host_reconciler, migration_reconciler
 from ferry.controller.app import RESOURCES, ctx
 
 HOST, DROPLET, LM = RESOURCES["Host"], RESOURCES["Droplet"], RESOURCES["LiveMigration"]
@@ -41,35 +41,35 @@ def probe_world(memo: kopf.Memo, **_: Any) -> dict[str, int]:
 @kopf.on.event(*LM)
 async def migration_event(type: str | None, body: kopf.Body, memo: kopf.Memo, logger: logging.Logger,
                           **_: Any) -> None:
-    await migrations.on_event(ctx(memo), type, dict(body), logger)
+    await migration_reconciler.on_event(ctx(memo), type, dict(body), logger)
 
 
 @kopf.timer(*LM, interval=1.0, initial_delay=1.0, when=_not_terminal)
 async def migration_timer(body: kopf.Body, memo: kopf.Memo, logger: logging.Logger, **_: Any) -> None:
-    await migrations.reconcile(ctx(memo), (body.metadata.namespace, body.metadata.name), logger)
+    await migration_reconciler.reconcile(ctx(memo), (body.metadata.namespace, body.metadata.name), logger)
 
 
 @kopf.on.delete(*LM)
 async def migration_deleted(body: kopf.Body, memo: kopf.Memo, logger: logging.Logger, **_: Any) -> None:
-    await migrations.on_delete(ctx(memo), dict(body), logger)
+    await migration_reconciler.on_delete(ctx(memo), dict(body), logger)
 
 
 @kopf.on.event(*DROPLET)
 async def droplet_event(type: str | None, body: kopf.Body, memo: kopf.Memo, logger: logging.Logger,
                         **_: Any) -> None:
-    await droplets.on_event(ctx(memo), type, dict(body), logger)
+    await droplet_reconciler.on_event(ctx(memo), type, dict(body), logger)
 
 
 @kopf.timer(*DROPLET, interval=5.0, initial_delay=2.0)
 async def droplet_timer(body: kopf.Body, memo: kopf.Memo, logger: logging.Logger, **_: Any) -> None:
-    await droplets.reconcile_droplet(ctx(memo), (body.metadata.namespace, body.metadata.name), logger)
+    await droplet_reconciler.reconcile_droplet(ctx(memo), (body.metadata.namespace, body.metadata.name), logger)
 
 
 @kopf.on.event(*HOST)
 async def host_event(type: str | None, body: kopf.Body, memo: kopf.Memo, logger: logging.Logger, **_: Any) -> None:
-    await hosts.on_event(ctx(memo), type, dict(body), logger)
+    await host_reconciler.on_event(ctx(memo), type, dict(body), logger)
 
 
 @kopf.timer(*HOST, interval=2.0, initial_delay=3.0)
 async def host_timer(body: kopf.Body, memo: kopf.Memo, logger: logging.Logger, **_: Any) -> None:
-    await hosts.reconcile_host(ctx(memo), body.metadata.name, logger)
+    await host_reconciler.reconcile_host(ctx(memo), body.metadata.name, logger)

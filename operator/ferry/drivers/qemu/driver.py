@@ -47,7 +47,7 @@ from .config import (
     parse_address,
     safe_id,
 )
-from .migration import (
+from .sequence import (
     FINAL_STATES,
     EXPORT_NAME,
     SourceMigration,

@@ -20,9 +20,10 @@ from ferry.api.phases import OWNING, QUEUED, TERMINAL, Phase
 from ferry.api.times import now
 from ferry.controller import effects
 from ferry.controller.app import Context
-from ferry.controller.droplets import reconcile_droplet
+from ferry.controller.droplet_reconciler import reconcile_droplet
+from ferry.controller.host_reconciler import reconcile_host
 from ferry.api.meta import ObjectKey
-from ferry.migration.actions import EmitEvent
+from ferry.migration.actions import EmitEvent, RecomputeAllocations
 from ferry.migration.admission import Admission, ConcurrencyLimits, MigrationRef, admit
 from ferry.migration.machine import Decision, decide, needs_admission, needs_placement
 from ferry.migration.observation import DropletObs, MachineConfig, Observation
@@ -157,6 +158,10 @@ async def _reconcile_once(cx: Context, key: ObjectKey, logger: logging.Logger) -
     rv = m.meta.resource_version
     try:
         for action in effects_:
+            if isinstance(action, RecomputeAllocations):
+                for h in action.hosts:
+                    await reconcile_host(cx, h, logger)
+                continue
             new_rv = await effects.apply(cx, m, action, logger)
             if new_rv:  # our own write to this LiveMigration (labels): guard the status with it
                 rv = new_rv
