@@ -198,9 +198,9 @@ def script(kube: FakeKube, name: str, statuses: list[dict], ns: str = "team") ->
 PROGRESS = [
     {"phase": "Pending"}, {"phase": "Pending"}, {"phase": "Announced", "reason": "WaitingForNotice"},
     {"phase": "Scheduling", "sourceHost": "host-a", "targetHost": "host-b", "attempt": 1},
-    {"phase": "PreCopy", "transfer": {"attempt": 1, "round": 1, "bytesSent": 2**29, "bytesTotal": 2**30,
+    {"phase": "PreCopy", "transfer": {"attempt": 1, "state": "Copying", "round": 1, "bytesSent": 2**29, "bytesTotal": 2**30,
                                       "progress": 50}},
-    {"phase": "PreCopy", "transfer": {"attempt": 1, "round": 2, "bytesSent": 2**30, "bytesTotal": 2**30,
+    {"phase": "PreCopy", "transfer": {"attempt": 1, "state": "Copying", "round": 2, "bytesSent": 2**30, "bytesTotal": 2**30,
                                       "progress": 90, "throttlePercent": 30}},
     {"phase": "PreCopy"},  # an unchanged state: no new line
 ]
