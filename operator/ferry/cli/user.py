@@ -18,7 +18,7 @@ from typing import Any
 import click
 
 from ferry.api import constants as c
-from ferry.api.phases import TERMINAL
+from ferry.api.livemigration import LiveMigration
 from ferry.api.times import fmt, now as utcnow, parse
 from ferry.cli import progress as pg
 from ferry.cli import render
@@ -97,20 +97,13 @@ def _key(body: Mapping[str, Any]) -> str:
 
 def pick_migration(migrations: Sequence[Mapping[str, Any]], droplet: str) -> Mapping[str, Any] | None:
     """The droplet's active migration if any, else its most recent one."""
-    mine = [b for b in migrations if _map(b.get("spec")).get("droplet") == droplet]
+    mine = [(b, LiveMigration.from_body(b, lenient=True)) for b in migrations]
+    mine = [(b, lm) for b, lm in mine if lm.droplet == droplet]
     if not mine:
         return None
-
-    def created(b: Mapping[str, Any]) -> tuple[dt.datetime, str]:
-        stamp = _map(b.get("metadata")).get("creationTimestamp")
-        try:
-            t = parse(stamp) if isinstance(stamp, str) else None
-        except ValueError:
-            t = None
-        return (t or dt.datetime.min.replace(tzinfo=dt.timezone.utc), str(_map(b.get("metadata")).get("name") or ""))
-
-    active = [b for b in mine if _map(b.get("status")).get("phase") not in TERMINAL]
-    return max(active or mine, key=created)
+    oldest = dt.datetime.min.replace(tzinfo=dt.timezone.utc)
+    active = [x for x in mine if not x[1].terminal]
+    return max(active or mine, key=lambda x: (x[1].meta.created or oldest, x[1].name))[0]
 
 
 # --- I/O shell ------------------------------------------------------------------------------
@@ -415,6 +408,6 @@ def explain(droplet: str) -> None:
     migrations = s.kube.list("LiveMigration", s.namespace)
     migration = pick_migration(migrations, droplet)
     view = pg.migration_view(migration) if migration is not None else None
-    placement = _map(migration.get("status")).get("placement") if migration is not None else None
+    placement = LiveMigration.from_body(migration, lenient=True).status.placement if migration is not None else None
     for line in render.explain_lines(body, view, placement, utcnow()):
         click.echo(line)

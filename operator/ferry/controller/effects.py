@@ -10,6 +10,7 @@ from typing import Any
 from ferry.api import constants as c
 from ferry.api.conditions import parse_conditions, set_condition
 from ferry.api.livemigration import LiveMigration
+from ferry.api.models import Droplet
 from ferry.api.phases import DropletPhase
 from ferry.api.times import fmt, now
 from ferry.controller.app import Context
@@ -104,7 +105,7 @@ async def flip_record(cx: Context, ns: str, action: a.FlipRecord) -> None:
     dies between the two writes.
     """
     body = await cx.call(cx.kube.get, "Droplet", action.droplet, ns)
-    current = (body.get("status") or {}).get("host")
+    current = Droplet.from_body(body).host
     if current != action.to_host:
         if current != action.from_host:
             raise StorageError(f"record of droplet {ns}/{action.droplet} names {current}, not {action.from_host}")

@@ -12,6 +12,7 @@ from typing import Any
 
 import kopf
 
+from ferry.api.livemigration import MigrationStatus
 from ferry.api.phases import TERMINAL
 from ferry.controller import app, droplet_reconciler, host_reconciler, migration_reconciler
 from ferry.controller.app import RESOURCES, ctx
@@ -20,7 +21,7 @@ HOST, DROPLET, LM = RESOURCES["Host"], RESOURCES["Droplet"], RESOURCES["LiveMigr
 
 
 def _not_terminal(status: dict, **_: Any) -> bool:
-    return (status or {}).get("phase") not in TERMINAL
+    return MigrationStatus.from_dict(status).phase not in TERMINAL
 
 
 @kopf.on.startup()

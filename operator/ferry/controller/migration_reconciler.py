@@ -37,8 +37,10 @@ async def on_event(cx: Context, event_type: str | None, body: dict, logger: logg
     cx.world.observe("LiveMigration", event_type, body)
     _update_gauges(cx)
     meta = body["metadata"]
-    if event_type != "DELETED" and (body.get("status") or {}).get("phase") not in TERMINAL:
-        await reconcile(cx, (meta.get("namespace") or "", meta["name"]), logger)
+    key = (meta.get("namespace") or "", meta["name"])
+    m = cx.world.migrations.get(key)
+    if event_type != "DELETED" and (m is None or not m.terminal):  # None: invalid spec, logged by reconcile
+        await reconcile(cx, key, logger)
 
 
 async def on_delete(cx: Context, body: dict, logger: logging.Logger) -> None:
