@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from ferry.api.conditions import Condition, find, parse_conditions
-from ferry.api.meta import InvalidSpec, Meta
+from ferry.api.meta import InvalidSpec, Meta, Named
 from ferry.api.phases import IN_FLIGHT, TERMINAL, Phase
 from ferry.api.reports import NO_TARGET, NO_TRANSFER, TargetReport, TransferReport, as_int, as_map, as_str
 from ferry.api.times import EPOCH, fmt_api, parse_any
@@ -222,7 +222,7 @@ class MigrationStatus:
 
 
 @dataclasses.dataclass(frozen=True)
-class LiveMigration:
+class LiveMigration(Named):
     """A whole LiveMigration, parsed once at the boundary.
 
     ``transfer``/``target`` are the agents' reports as found (any attempt; ``NO_TRANSFER`` /
@@ -234,18 +234,6 @@ class LiveMigration:
     status: MigrationStatus
     transfer: TransferReport = NO_TRANSFER
     target: TargetReport = NO_TARGET
-
-    @property
-    def name(self) -> str:
-        return self.meta.name
-
-    @property
-    def namespace(self) -> str:
-        return self.meta.namespace or ""
-
-    @property
-    def key(self) -> tuple[str, str]:
-        return (self.namespace, self.name)
 
     @property
     def droplet(self) -> str:

@@ -41,3 +41,21 @@ class Meta:
             created=parse_any(m.get("creationTimestamp")), deleting=bool(m.get("deletionTimestamp")),
             finalizers=tuple(m.get("finalizers") or ()),
         )
+
+
+class Named:
+    """``name``, ``namespace`` and ``key`` of a parsed object (every view has a ``meta``)."""
+
+    meta: Meta
+
+    @property
+    def name(self) -> str:
+        return self.meta.name
+
+    @property
+    def namespace(self) -> str:
+        return self.meta.namespace or ""
+
+    @property
+    def key(self) -> ObjectKey:
+        return (self.namespace, self.name)

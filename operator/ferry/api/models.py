@@ -15,7 +15,7 @@ from typing import Any
 
 from ferry.api import constants as c
 from ferry.api.conditions import Condition, find, parse_conditions
-from ferry.api.meta import InvalidSpec, Meta
+from ferry.api.meta import InvalidSpec, Meta, Named
 from ferry.api.sizes import Resources, resources_for
 from ferry.api.times import EPOCH, parse, parse_any
 
@@ -39,7 +39,7 @@ class AgentReport:
 
 
 @dataclasses.dataclass(frozen=True)
-class Host:
+class Host(Named):
     meta: Meta
     datacenter: str
     capacity: Resources
@@ -48,10 +48,6 @@ class Host:
     maintenance_start: dt.datetime | None
     agent: AgentReport
     status: Mapping[str, Any]
-
-    @property
-    def name(self) -> str:
-        return self.meta.name
 
     @property
     def in_maintenance(self) -> bool:
@@ -91,7 +87,7 @@ class Workload:
 
 
 @dataclasses.dataclass(frozen=True)
-class Droplet:
+class Droplet(Named):
     meta: Meta
     size: str | None
     resources: Resources
@@ -108,18 +104,6 @@ class Droplet:
 
     def condition(self, type_: str) -> Condition | None:
         return find(self.conditions, type_)
-
-    @property
-    def key(self) -> tuple[str, str]:
-        return (self.namespace, self.name)
-
-    @property
-    def name(self) -> str:
-        return self.meta.name
-
-    @property
-    def namespace(self) -> str:
-        return self.meta.namespace or ""
 
     @property
     def announced(self) -> bool:

@@ -26,8 +26,10 @@ def run(*, kubeconfig: str | None, namespace: str | None, standalone: bool, peer
     kopf.run(
         standalone=standalone,
         peering_name=None if standalone else peering_name,
-        clusterwide=not settings.namespace,
-        namespaces=[settings.namespace] if settings.namespace else (),
+        # kopf's scope is `-n` only: FERRY_NAMESPACE narrows what the operator loads and decides
+        # about, while Hosts (cluster-scoped) and the peering stay cluster-wide.
+        clusterwide=not namespace,
+        namespaces=[namespace] if namespace else (),
         liveness_endpoint=liveness,
         priority=priority,
         memo=kopf.Memo(settings=settings),
