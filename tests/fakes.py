@@ -7,9 +7,11 @@ from __future__ import annotations
 import copy
 import datetime as dt
 import json
+import itertools
 import threading
+import types
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, urlparse
@@ -125,18 +127,37 @@ def merge_patch(target: Any, patch: Any) -> Any:
 
 
 class FakeKube:
-    """Enough of ferry.storage.Kube for the agent and the operator's shell: objects in memory,
-    merge patches guarded by resourceVersion (Conflict), secrets, Events."""
+    """Enough of ferry.storage.Kube for the agent, the operator's shell and the CLI: objects in
+    memory, merge patches guarded by resourceVersion (Conflict), metadata.generation bumped on
+    spec changes, generateName, secrets, Events. ``on_get(kind, name, n)`` runs before the
+    n-th get made while a hook is set (a test's way to move the world between two reads)."""
 
-    def __init__(self) -> None:
+    def __init__(self, namespace: str = NS) -> None:
+        self.api = types.SimpleNamespace(config=types.SimpleNamespace(namespace=namespace), url="https://fake:6443")
         self.objects: dict[tuple[str, str, str], dict] = {}
         self.secrets: dict[tuple[str, str], bytes] = {}
         self.patches: list[tuple[str, str, str, dict]] = []
+        self.created: list[dict] = []
         self.events: list[tuple[str, str, str]] = []
         self.rv = 100
         self.lock = threading.Lock()
         self.fail_gets = False
         self.gets: list[tuple[str, str, str]] = []
+        self.on_get: Callable[[str, str, int], None] | None = None
+        self.hooked_gets = itertools.count(1)  # gets made while a hook is set
+        self.names = itertools.count(1)
+
+    def add(self, kind: str, body: dict) -> dict:
+        """Store ``body`` as the API would have it (generation 1, a creation time)."""
+        meta = body.setdefault("metadata", {})
+        meta.setdefault("generation", 1)
+        meta.setdefault("creationTimestamp", "2030-01-02T03:04:05Z")
+        return self.put({**body, "kind": kind})
+
+    def set_status(self, kind: str, name: str, namespace: str | None, status: dict) -> None:
+        """Another writer (an agent, the operator) changed the status."""
+        body = self.objects[(kind, namespace or "", name)]
+        body["status"] = merge_patch(body.get("status") or {}, status)
 
     def put(self, body: dict) -> dict:
         with self.lock:
@@ -155,6 +176,8 @@ class FakeKube:
 
     def get(self, kind: str, name: str, namespace: str | None = None) -> dict:
         self.gets.append((kind, namespace or "", name))
+        if self.on_get:
+            self.on_get(kind, name, next(self.hooked_gets))
         if self.fail_gets:
             raise StorageError("connection refused")
         try:
@@ -204,16 +227,24 @@ class FakeKube:
             if resource_version and body["metadata"]["resourceVersion"] != resource_version:
                 raise Conflict(f"{kind} {name}: resourceVersion {resource_version} is stale")
             self.patches.append((kind, namespace or "", name, copy.deepcopy(patch.get("status", patch))))
+            spec = copy.deepcopy(body.get("spec"))
             self.objects[k] = body = merge_patch(body, patch)
+            if body.get("spec") != spec:
+                body["metadata"]["generation"] = body["metadata"].get("generation", 1) + 1
             self.rv += 1
             body["metadata"]["resourceVersion"] = str(self.rv)
             return copy.deepcopy(body)
 
     def create(self, kind: str, body: dict, namespace: str | None = None) -> dict:
+        body = copy.deepcopy(dict(body))
         m = body["metadata"]
-        if (kind, namespace or m.get("namespace") or "", m["name"]) in self.objects:
-            raise Conflict(f"{kind} {m['name']} already exists")
-        return self.put({**body, "kind": kind, "metadata": {**m, "namespace": namespace or m.get("namespace")}})
+        if "name" not in m:
+            m["name"] = m.pop("generateName") + f"x{next(self.names):04d}"
+        m["namespace"] = namespace or m.get("namespace")
+        if (kind, m["namespace"] or "", m["name"]) in self.objects:
+            raise Conflict(f"create {kind} {m['namespace']}/{m['name']}: already exists (HTTP 409)")
+        self.created.append(copy.deepcopy(body))
+        return self.add(kind, body)
 
     def create_secret(self, namespace: str, name: str, data: dict, owner: dict | None = None,
                       labels: dict | None = None) -> None:

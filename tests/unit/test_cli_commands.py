@@ -6,102 +6,23 @@ The same paths run against a real API server in tests/integration/test_cli.py.
 
 from __future__ import annotations
 
-import copy
 import datetime as dt
 import itertools
-import types
-from collections.abc import Callable
 
 import pytest
 from click.testing import CliRunner
+from fakes import FakeKube
 
 from ferry.cli import main as cli_main
 from ferry.cli import user
-from ferry.storage import Conflict, NotFound, StorageError
+from ferry.storage import NotFound, StorageError
 
 cli_main._register()
 
 
-def merge(target: dict, patch: dict) -> dict:
-    for k, v in patch.items():
-        if v is None:
-            target.pop(k, None)
-        elif isinstance(v, dict) and isinstance(target.get(k), dict):
-            merge(target[k], v)
-        else:
-            target[k] = copy.deepcopy(v)
-    return target
-
-
-class FakeKube:
-    """Enough of ferry.storage.Kube: get/list/create/patch with generation and NotFound/Conflict."""
-
-    def __init__(self, namespace: str = "team"):
-        self.api = types.SimpleNamespace(config=types.SimpleNamespace(namespace=namespace), url="https://fake:6443")
-        self.objects: dict[tuple[str, str | None, str], dict] = {}
-        self.patches: list[tuple[str, str, dict]] = []
-        self.created: list[dict] = []
-        self.on_get: Callable[[str, str, int], None] | None = None  # hook(kind, name, n-th get)
-        self.gets = itertools.count(1)
-        self.names = itertools.count(1)
-
-    def add(self, kind: str, body: dict) -> dict:
-        meta = body.setdefault("metadata", {})
-        meta.setdefault("generation", 1)
-        meta.setdefault("creationTimestamp", "2030-01-02T03:04:05Z")
-        ns = None if kind == "Host" else meta.get("namespace")
-        self.objects[(kind, ns, meta["name"])] = body
-        return body
-
-    def get(self, kind, name, namespace=None):
-        if self.on_get:
-            self.on_get(kind, name, next(self.gets))
-        try:
-            return copy.deepcopy(self.objects[(kind, namespace, name)])
-        except KeyError:
-            raise NotFound(f"get {kind} {namespace}/{name}: not found (HTTP 404)") from None
-
-    def list(self, kind, namespace=None, selector=None):
-        out = []
-        for (k, ns, _), body in sorted(self.objects.items(), key=lambda kv: str(kv[0])):
-            if k != kind or (namespace is not None and ns != namespace):
-                continue
-            if selector:
-                key, value = selector.split("=")
-                if body["metadata"].get("labels", {}).get(key) != value:
-                    continue
-            out.append(copy.deepcopy(body))
-        return out
-
-    def create(self, kind, body, namespace=None):
-        body = copy.deepcopy(dict(body))
-        meta = body["metadata"]
-        if "name" not in meta:
-            meta["name"] = meta.pop("generateName") + f"x{next(self.names):04d}"
-        meta["namespace"] = namespace
-        if (kind, namespace, meta["name"]) in self.objects:
-            raise Conflict(f"create {kind} {namespace}/{meta['name']}: already exists (HTTP 409)")
-        self.created.append(copy.deepcopy(body))
-        return copy.deepcopy(self.add(kind, body))
-
-    def patch(self, kind, name, patch, namespace=None, resource_version=None):
-        self.patches.append((kind, name, copy.deepcopy(dict(patch))))
-        body = self.objects.get((kind, namespace, name))
-        if body is None:
-            raise NotFound(f"patch {kind} {name}: not found (HTTP 404)")
-        before = copy.deepcopy(body.get("spec"))
-        merge(body, copy.deepcopy(dict(patch)))
-        if body.get("spec") != before:
-            body["metadata"]["generation"] += 1
-        return copy.deepcopy(body)
-
-    def set_status(self, kind, name, namespace, status):
-        merge(self.objects[(kind, namespace, name)].setdefault("status", {}), status)
-
-
 @pytest.fixture
 def kube(monkeypatch):
-    fake = FakeKube()
+    fake = FakeKube("team")
     monkeypatch.setattr(user.Kube, "connect", classmethod(lambda cls, kubeconfig=None, timeout=30: fake))
     monkeypatch.setattr(user, "POLL_INTERVAL", 0)
     fake.add("Droplet", {"metadata": {"name": "web-1", "namespace": "team"},
@@ -252,7 +173,7 @@ def test_ctrl_c_leaves_the_migration_running_and_says_so(kube):
     r = run("watch", "m")
     assert r.exit_code == 130
     assert "migration team/m keeps running" in r.stderr and "ferry cancel m" in r.stderr
-    assert not any(p[2].get("spec", {}).get("cancel") for p in kube.patches)
+    assert not any(p[3].get("spec", {}).get("cancel") for p in kube.patches)
 
 
 def test_watch_rides_out_an_api_hiccup(kube):
@@ -289,7 +210,7 @@ def test_cancel_sets_the_flag(kube):
     kube.set_status("LiveMigration", "m", "team", {"phase": "PreCopy", "sourceHost": "host-a"})
     r = run("cancel", "m")
     assert r.exit_code == 0, r.output
-    assert kube.patches == [("LiveMigration", "m", {"spec": {"cancel": True}})]
+    assert kube.patches == [("LiveMigration", "team", "m", {"spec": {"cancel": True}})]
     assert r.stdout == "migration team/m: cancellation requested (phase PreCopy); droplet web-1 stays on host-a\n"
     r = run("cancel", "m")
     assert r.exit_code == 0 and "already requested" in r.stdout
@@ -318,17 +239,17 @@ def test_cancel_unknown(kube):
 def test_drain_sets_maintenance_and_uncordon_clears_it(kube):
     r = run("drain", "host-a", "--reason", "kernel upgrade", "--at", "2030-05-06T07:08:09Z")
     assert r.exit_code == 0, r.output
-    assert kube.objects[("Host", None, "host-a")]["spec"]["maintenance"] == {
+    assert kube.objects[("Host", "", "host-a")]["spec"]["maintenance"] == {
         "reason": "kernel upgrade", "start": "2030-05-06T07:08:09Z"}
     assert "maintenance set (kernel upgrade)" in r.stdout
     r = run("drain", "host-a")  # again without --at: starts now, the old start is cleared
-    assert kube.objects[("Host", None, "host-a")]["spec"]["maintenance"] == {"reason": "maintenance"}
-    kube.objects[("Host", None, "host-a")]["spec"]["schedulable"] = False
+    assert kube.objects[("Host", "", "host-a")]["spec"]["maintenance"] == {"reason": "maintenance"}
+    kube.objects[("Host", "", "host-a")]["spec"]["schedulable"] = False
     r = run("uncordon", "host-a")
     assert r.exit_code == 0 and r.stdout == "host host-a: maintenance cleared, schedulable\n"
-    spec = kube.objects[("Host", None, "host-a")]["spec"]
+    spec = kube.objects[("Host", "", "host-a")]["spec"]
     assert "maintenance" not in spec and spec["schedulable"] is True
-    assert kube.patches[-1] == ("Host", "host-a", {"spec": {"maintenance": None, "schedulable": True}})
+    assert kube.patches[-1] == ("Host", "", "host-a", {"spec": {"maintenance": None, "schedulable": True}})
 
 
 def test_drain_and_uncordon_unknown_host(kube):
@@ -345,7 +266,7 @@ def drain_script(kube: FakeKube, steps: list[tuple[dict, dict]]) -> None:
     def hook(kind, name, n):
         if kind == "Host" and name == "host-a" and pending:
             hstatus, migrations = pending.pop(0)
-            host = kube.objects[("Host", None, "host-a")]
+            host = kube.objects[("Host", "", "host-a")]
             host["status"] = {"observedGeneration": host["metadata"]["generation"], **hstatus}
             for mname, mstatus in migrations.items():
                 key = ("LiveMigration", "team", mname)
@@ -364,7 +285,7 @@ def ev(left, running=0, failed=0, completed=0):
 
 
 def test_drain_wait_until_evacuated(kube):
-    kube.objects[("Host", None, "host-a")]["status"] = {"phase": "Evacuated", "observedGeneration": 1}  # stale
+    kube.objects[("Host", "", "host-a")]["status"] = {"phase": "Evacuated", "observedGeneration": 1}  # stale
     drain_script(kube, [
         ({"phase": "Draining", "evacuation": ev(2, running=2)},
          {"ev-web1": {"phase": "PreCopy", "progress": 30}, "ev-web2": {"phase": "Announced"}}),
