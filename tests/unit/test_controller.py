@@ -64,7 +64,8 @@ def agent_reports(kube: FakeKube, cx: Context, status: dict) -> None:
     cx.world.observe("LiveMigration", "MODIFIED", kube.patch_status("LiveMigration", "move", status, NS))
 
 
-def test_a_migration_through_the_shell(stack):
+def test_a_migration_through_the_shell(stack, caplog):
+    caplog.set_level(logging.INFO, logger="ferry.operator")
     kube, cx = stack
     assert reconcile(cx).phase == "Pending"
     m = reconcile(cx)
@@ -95,6 +96,10 @@ def test_a_migration_through_the_shell(stack):
     assert reasons.count("LiveMigrated") == 1 and reasons.count("Completed") == 1
     phases_written = [p.get("phase") for k, _, n, p in kube.patches if k == "LiveMigration" and "phase" in p]
     assert phases_written == ["Pending", "Announced", "Scheduling", "Preparing", "PreCopy", "CutOver", "Completed"]
+    # one log line per transition, naming the migration (also as fields, for JSON logs)
+    lines = [r for r in caplog.records if getattr(r, "migration", None) == f"{NS}/move"]
+    assert [(r.previous_phase, r.phase) for r in lines] == list(zip([None, *phases_written[:-1]], phases_written))
+    assert all(f"migration {NS}/move: " in r.getMessage() for r in lines)
 
 
 def test_a_decision_on_a_stale_view_is_dropped_and_made_again(stack):

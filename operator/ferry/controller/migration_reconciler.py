@@ -185,11 +185,17 @@ async def _reconcile_once(cx: Context, key: ObjectKey, logger: logging.Logger) -
     for action in events:
         await effects.apply(cx, m, action, logger)
     if decision.new_status.phase != obs.status.phase:
-        log.info("migration %s/%s: %s -> %s (%s)", *key, obs.status.phase, decision.new_status.phase,
-                 decision.new_status.message)
+        _log_transition(key, obs.status.phase, decision.new_status)
         _count(cx, obs, decision)
         await reconcile_droplet(cx, (key[0], m.droplet), logger)  # its phase follows at once
     return True
+
+
+def _log_transition(key: ObjectKey, before: Phase | None, st) -> None:
+    """One line per phase transition, naming the migration (and, for JSON logs, as fields)."""
+    log.info("migration %s/%s: %s -> %s (%s: %s)", *key, before or "New", st.phase, st.reason, st.message,
+             extra={"migration": f"{key[0]}/{key[1]}", "phase": str(st.phase),
+                    "previous_phase": str(before) if before else None, "reason": st.reason, "attempt": st.attempt})
 
 
 def _expect(cx: Context, m: LiveMigration, obs: Observation, decision: Decision) -> None:
