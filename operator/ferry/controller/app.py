@@ -11,6 +11,7 @@ from typing import Any
 import kopf
 
 from ferry.api import constants as c
+from ferry.api.times import now
 from ferry.controller.metrics import Metrics
 from ferry.controller.world import World
 from ferry.settings import Settings
@@ -77,9 +78,30 @@ async def start(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: loggin
         for body in items:
             body.setdefault("kind", kind)
             world.observe(kind, None, body)
-    memo["ferry"] = Context(settings=cfg, kube=kube, world=world, metrics=metrics, lock=asyncio.Lock(),
-                            object_locks={})
+    cx = memo["ferry"] = Context(settings=cfg, kube=kube, world=world, metrics=metrics, lock=asyncio.Lock(),
+                                 object_locks={})
+    if cfg.metrics_port > 0:
+        refresh_metrics(cx)
+        memo["ferry_metrics_task"] = asyncio.create_task(_refresh_metrics_forever(cx), name="ferry-metrics")
     logger.info("ferry operator starting: %s", cfg)
+
+
+METRICS_REFRESH_SECONDS = 1.0
+
+
+def refresh_metrics(cx: Context) -> None:
+    """The fleet's gauges from the world as it is now (in the loop: the world is not shared)."""
+    w = cx.world
+    cx.metrics.refresh(w.hosts.values(), w.migrations.values(), now(), cx.settings.heartbeat_timeout_seconds)
+
+
+async def _refresh_metrics_forever(cx: Context) -> None:
+    while True:
+        await asyncio.sleep(METRICS_REFRESH_SECONDS)  # a period, not a wait for a condition
+        try:
+            refresh_metrics(cx)
+        except Exception:  # noqa: BLE001 - metrics must never stop the operator; logged with traceback
+            log.exception("refreshing the metrics failed")
 
 
 def world_summary(cx: Context) -> dict[str, int]:

@@ -215,18 +215,14 @@ def _expect(cx: Context, m: LiveMigration, obs: Observation, decision: Decision)
 def _count(cx: Context, obs: Observation, decision: Decision) -> None:
     st = decision.new_status
     if st.phase in TERMINAL:
-        cx.metrics.migrations.labels(st.phase).inc()
+        cx.metrics.migrations.labels(st.phase, st.reason or st.phase).inc()
         if st.phase == Phase.COMPLETED:
             started = st.phase_times.get(Phase.PREPARING)
             ended = st.phase_times.get(Phase.COMPLETED)
-            if started and ended:
-                cx.metrics.duration.observe((ended - started).total_seconds())
-            if st.downtime_ms is not None:
-                cx.metrics.downtime.observe(st.downtime_ms / 1000)
-            if obs.transfer is not None:
-                cx.metrics.bytes.inc(obs.transfer.bytes_sent)
-    closed = {x.number: x.result for x in st.attempts if x.result}
-    before = {x.number: x.result for x in obs.status.attempts if x.result}
-    for n, result in closed.items():
-        if n not in before:
-            cx.metrics.attempts.labels(result).inc()
+            tr = obs.transfer if obs.transfer is not None and obs.transfer.attempt == st.attempt else None
+            cx.metrics.completed((ended - started).total_seconds() if started and ended else None,
+                                 st.downtime_ms, tr.round if tr else None, tr.bytes_sent if tr else None)
+    before = {x.number for x in obs.status.attempts if x.result}
+    for x in st.attempts:
+        if x.result and x.number not in before:
+            cx.metrics.attempts.labels(x.result, x.reason or x.result).inc()
