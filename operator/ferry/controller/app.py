@@ -68,8 +68,7 @@ async def start(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: loggin
     kube = Kube.connect()
     metrics = Metrics()
     if cfg.metrics_port > 0:
-        metrics.serve(cfg.metrics_port)
-        logger.info("metrics on :%d/metrics", cfg.metrics_port)
+        metrics.serve(cfg.metrics_port, log)
     world = World()
     # Load the whole world before any handler decides: after a restart, a migration must never
     # be judged against a world that has not seen its droplet or its hosts yet.

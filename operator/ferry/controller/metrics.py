@@ -13,15 +13,15 @@ migration (bytes, rates, throttle, round) is served by its source host's agent
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Iterable, Iterator, Sequence
+import logging
+from collections.abc import Iterable
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
-from prometheus_client.core import GaugeMetricFamily
-from prometheus_client.registry import Collector
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from ferry.api.livemigration import LiveMigration
 from ferry.api.models import Host
 from ferry.api.phases import IN_FLIGHT
+from ferry.exposition import Snapshot, serve
 
 MIB = 1 << 20
 GIB = 1 << 30
@@ -113,29 +113,6 @@ def _last_progress(m: LiveMigration, now: dt.datetime) -> dt.datetime:
     return entered or m.meta.created or now
 
 
-class _Snapshot(Collector):
-    """Serves the families ``set`` last put in, whole (scrapes run in another thread)."""
-
-    def __init__(self) -> None:
-        self._families: Sequence[GaugeMetricFamily] = ()
-
-    def set(self, samples: dict[str, list[tuple[tuple[str, ...], float]]],
-            spec: dict[str, tuple[str, tuple[str, ...]]]) -> None:
-        families = []
-        for name, (help_, labels) in spec.items():
-            fam = GaugeMetricFamily(name, help_, labels=list(labels))
-            for values, value in samples.get(name, ()):
-                fam.add_metric(list(values), value)
-            families.append(fam)
-        self._families = tuple(families)
-
-    def collect(self) -> Iterator[GaugeMetricFamily]:
-        return iter(self._families)
-
-    def describe(self) -> Iterator[GaugeMetricFamily]:
-        return iter(())
-
-
 class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
@@ -158,13 +135,13 @@ class Metrics:
         self.queued = Gauge("ferry_migrations_queued", "LiveMigrations waiting (Pending/Announced)", registry=r)
         self.in_flight = Gauge("ferry_migrations_in_flight", "LiveMigrations copying or cutting over", registry=r)
         self.hosts_ready = Gauge("ferry_hosts_ready", "Hosts with a fresh agent heartbeat", registry=r)
-        self._fleet = _Snapshot()
+        self._fleet = Snapshot(FLEET)
         r.register(self._fleet)
 
     def refresh(self, hosts: Iterable[Host], migrations: Iterable[LiveMigration], now: dt.datetime,
                 heartbeat_timeout: float) -> None:
         """Rebuild the fleet's gauges (call from the operator's loop; scrapes read the result)."""
-        self._fleet.set(fleet_samples(hosts, migrations, now, heartbeat_timeout), FLEET)
+        self._fleet.set(fleet_samples(hosts, migrations, now, heartbeat_timeout))
 
     def completed(self, seconds: float | None, downtime_ms: int | None, rounds: int | None,
                   bytes_sent: int | None) -> None:
@@ -177,6 +154,6 @@ class Metrics:
         if bytes_sent:
             self.bytes.inc(bytes_sent)
 
-    def serve(self, port: int) -> None:
-        start_http_server(port, registry=self.registry)
+    def serve(self, port: int, log: logging.Logger) -> bool:
+        return serve(self.registry, port, log, "operator")
 
