@@ -7,11 +7,13 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import logging
+import time
 
 import pytest
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from fakes import FakeKube
+from support import wait_until_async
 
 from ferry.api.livemigration import LiveMigration
 from ferry.api.sizes import Resources
@@ -171,3 +173,24 @@ def test_the_world_never_goes_back_in_time():
     assert w.migrations[("n", "m")].phase == "PreCopy"
     w.observe("LiveMigration", "MODIFIED", {**new, "spec": {}})  # invalid spec: set aside with the reason
     assert ("n", "m") not in w.migrations and "spec.droplet" in w.invalid[("LiveMigration", ("n", "m"))]
+
+
+def test_only_the_replica_that_reconciles_serves_the_fleet(stack, monkeypatch):
+    """A standby's world is frozen at its start: it must not serve stale host or migration gauges."""
+    _, cx = stack
+    monkeypatch.setattr(app, "METRICS_REFRESH_SECONDS", 0.01)
+
+    def hosts_served() -> set:
+        return {dict(k[1])["host"] for k in scrape(cx) if k[0] == "ferry_host_ready"}
+
+    async def run() -> None:
+        task = asyncio.create_task(app._refresh_metrics_forever(cx))
+        try:
+            app.refresh_metrics(cx)
+            await wait_until_async(lambda: not hosts_served(), 5, what="a standby drops the fleet gauges")
+            cx.reconciled_at = time.monotonic()  # what every reconcile of the active replica does
+            await wait_until_async(lambda: hosts_served() == {"h1", "h2"}, 5, what="the active one serves them")
+        finally:
+            task.cancel()
+
+    asyncio.run(run())

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import time
 from typing import Any
 
 import kopf
@@ -36,6 +37,9 @@ class Context:
     metrics: Metrics
     lock: asyncio.Lock  # serialises decisions that read and update the world's expectations
     object_locks: dict[Any, asyncio.Lock]
+    #: monotonic time of the last reconcile: only the active replica of a peering reconciles, and
+    #: a standby's world is frozen at its start, so a standby must not serve the fleet's gauges
+    reconciled_at: float = 0.0
 
     def object_lock(self, key: Any) -> asyncio.Lock:
         lock = self.object_locks.get(key)
@@ -94,11 +98,19 @@ def refresh_metrics(cx: Context) -> None:
     cx.metrics.refresh(w.hosts.values(), w.migrations.values(), now(), cx.settings.heartbeat_timeout_seconds)
 
 
+#: A replica that reconciled nothing for this long serves no fleet gauges (it is a standby;
+#: the active one reconciles every host every 2 s and every migration in flight every 1 s).
+ACTIVE_SECONDS = 10.0
+
+
 async def _refresh_metrics_forever(cx: Context) -> None:
     while True:
         await asyncio.sleep(METRICS_REFRESH_SECONDS)  # a period, not a wait for a condition
         try:
-            refresh_metrics(cx)
+            if time.monotonic() - cx.reconciled_at <= ACTIVE_SECONDS:
+                refresh_metrics(cx)
+            else:
+                cx.metrics.refresh((), (), now(), cx.settings.heartbeat_timeout_seconds)
         except Exception:  # noqa: BLE001 - metrics must never stop the operator; logged with traceback
             log.exception("refreshing the metrics failed")
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 
 import kopf
 
@@ -122,6 +123,7 @@ def _admission_refs(cx: Context, t) -> list[MigrationRef]:
 
 
 async def reconcile(cx: Context, key: ObjectKey, logger: logging.Logger) -> None:
+    cx.reconciled_at = time.monotonic()
     async with cx.object_lock(("LiveMigration", key)):
         for _ in range(3):  # a decision made on a stale view is retried on a fresh read
             if await _reconcile_once(cx, key, logger):
