@@ -476,7 +476,7 @@ def test_report_prints_the_rounds_and_draws_them(kube, tmp_path):
     assert lines[0] == "team/move: droplet web-1, host-a -> host-b, Completed"
     assert lines[1] == "  attempt 1, transfer Completed, 7 rounds, 7.0 MiB sent, throttle up to 60%, downtime 87 ms"
     assert lines[3].split() == ["ROUND", "START", "TOOK", "SENT", "DIRTIED", "DIRTY", "RATE", "THROTTLE"]
-    assert lines[4].split() == ["1", "0s", "2600", "ms", "5.0", "MiB", "900.0", "KiB", "350.0", "KiB/s", "0%"]
+    assert lines[4].split() == ["1", "0.0s", "2600", "ms", "5.0", "MiB", "900.0", "KiB", "350.0", "KiB/s", "0%"]
     assert lines[6].split()[0] == "..." and lines[6].endswith("rounds 3-6 not kept")
     assert lines[7].split()[-4:] == ["pause:", "downtime", "87", "ms"] and lines[7].split()[-5] == "60%"
     assert lines[-1] == f"wrote {svg}"

@@ -80,7 +80,8 @@ def migration_svg(title: str, rounds: Sequence[RoundReport], downtime_ms: int | 
         f'<svg xmlns="http://www.w3.org/2000/svg" width="{WIDTH}" height="{HEIGHT}" '
         f'viewBox="0 0 {WIDTH} {HEIGHT}" font-family="DejaVu Sans, Arial, sans-serif" font-size="12">',
         f'<rect width="{WIDTH}" height="{HEIGHT}" fill="white"/>',
-        f'<text x="{LEFT}" y="24" font-size="16" font-weight="bold">{escape(title)}</text>',
+        f'<text x="{LEFT}" y="24" font-size="{16 if len(title) <= 70 else 13}" font-weight="bold">'
+        f"{escape(_elide(title, 110))}</text>",
     ]
     if subtitle:
         parts.append(f'<text x="{LEFT}" y="44" fill="#444">{escape(subtitle)}</text>')
@@ -167,15 +168,20 @@ def migration_svg(title: str, rounds: Sequence[RoundReport], downtime_ms: int | 
     pts = " ".join(f"{a:.1f},{b:.1f}" for a, b in thr)
     parts.append(f'<polygon points="{pts}" fill="{RED}" fill-opacity="0.25" stroke="{RED}" stroke-width="1.5"/>')
 
-    # legend
-    lx, ly = LEFT + 8, main_top + 36
-    for i, (color, text, dash) in enumerate(((BLUE, "remaining bytes (left)", ""),
-                                             (ORANGE, "guest dirty rate (right)", ' stroke-dasharray="6 3"'))):
-        yy = ly + 16 * i
-        parts.append(f'<line x1="{lx}" y1="{yy}" x2="{lx + 24}" y2="{yy}" stroke="{color}" stroke-width="2.5"{dash}/>')
-        parts.append(f'<text x="{lx + 30}" y="{yy + 4}">{escape(text)}</text>')
+    # legend: above the plot, right-aligned, clear of the curves
+    lx, yy = LEFT + plot_w - 360, main_top - 8
+    for color, text, dash in ((BLUE, "remaining bytes (left)", ""),
+                              (ORANGE, "guest dirty rate (right)", ' stroke-dasharray="6 3"')):
+        parts.append(f'<line x1="{lx}" y1="{yy - 4}" x2="{lx + 24}" y2="{yy - 4}" stroke="{color}" '
+                     f'stroke-width="2.5"{dash}/>')
+        parts.append(f'<text x="{lx + 30}" y="{yy}">{escape(text)}</text>')
+        lx += 180
     parts.append("</svg>")
     return "\n".join(parts) + "\n"
+
+
+def _elide(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def _polyline(points: Sequence[tuple[float, float]], color: str, width: float, dash: str = "") -> str:

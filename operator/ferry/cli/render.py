@@ -315,7 +315,7 @@ def report_lines(m: LiveMigration) -> list[str]:
         note = " "  # blank, not "-": most rounds have nothing to add
         if r.paused:
             note = "pause" + (f": downtime {downtime} ms" if downtime is not None else "")
-        rows.append([r.round, human_duration(r.start_ms / 1000) if r.start_ms is not None else None,
+        rows.append([r.round, f"{r.start_ms / 1000:.1f}s" if r.start_ms is not None else None,
                      f"{r.ms} ms", human_bytes(r.bytes), human_bytes(r.dirty_bytes),
                      human_bytes(r.dirty_rate_bps) + "/s" if r.dirty_rate_bps is not None else None,
                      f"{r.throttle_percent}%" if r.throttle_percent is not None else None, note])
