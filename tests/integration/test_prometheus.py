@@ -81,7 +81,7 @@ def test_prometheus_sees_a_migration_fall_and_the_throttle(stack, tmp_path):
     a, b = stack.host("a", agent=False), stack.host("b", agent=False)
     stack.start_agent(a, env={"FERRY_AGENT_METRICS_PORT": str(ports["a"])})
     stack.start_agent(b, env={"FERRY_AGENT_METRICS_PORT": str(ports["b"])})
-    stack.start_operator(env={"FERRY_METRICS_PORT": str(ports["operator"])})
+    stack.start_operator(env={"FERRY_METRICS_PORT": str(ports["operator"]), "FERRY_LOG_FORMAT": "json"})
     prom = Prometheus(binary, tmp_path, {
         "ferry-operator": [f"127.0.0.1:{ports['operator']}"],
         "ferry-agent": [f"127.0.0.1:{ports['a']}", f"127.0.0.1:{ports['b']}"],
@@ -141,6 +141,15 @@ def test_prometheus_sees_a_migration_fall_and_the_throttle(stack, tmp_path):
         print(f"--- ferry report move --svg {svg} ---")
         print(report.stdout + report.stderr)
         assert report.returncode == 0 and "pause: downtime" in report.stdout and svg.read_text().startswith("<svg")
+
+        # the operator's JSON log: one line per phase transition, naming the migration
+        records = [json.loads(line) for line in stack.operator.log.splitlines() if line.startswith("{")]
+        moves = [r for r in records if r.get("migration") == f"{stack.ns}/move"]
+        print("--- operator log (FERRY_LOG_FORMAT=json), the migration's transitions ---")
+        print("\n".join(json.dumps(r) for r in moves))
+        assert [r["phase"] for r in moves] == ["Pending", "Announced", "Scheduling", "Preparing", "PreCopy",
+                                               "CutOver", "Completed"]
+        assert all(f"migration {stack.ns}/move: " in r["message"] for r in moves)
 
         # finished: the agent serves no series for it any more, and Prometheus marks them stale
         wait_until(lambda: not prom.query(remaining_q), 20, what="the finished migration's series gone")
