@@ -16,7 +16,7 @@ import time
 import kopf
 
 from ferry.api import constants as c
-from ferry.api.livemigration import LiveMigration
+from ferry.api.livemigration import LiveMigration, MigrationStatus
 from ferry.api.phases import OWNING, QUEUED, TERMINAL, Phase
 from ferry.api.times import now
 from ferry.controller import effects
@@ -193,7 +193,7 @@ async def _reconcile_once(cx: Context, key: ObjectKey, logger: logging.Logger) -
     return True
 
 
-def _log_transition(key: ObjectKey, before: Phase | None, st) -> None:
+def _log_transition(key: ObjectKey, before: Phase | None, st: MigrationStatus) -> None:
     """One line per phase transition, naming the migration (and, for JSON logs, as fields)."""
     log.info("migration %s/%s: %s -> %s (%s: %s)", *key, before or "New", st.phase, st.reason, st.message,
              extra={"migration": f"{key[0]}/{key[1]}", "phase": str(st.phase),
