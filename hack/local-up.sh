@@ -37,6 +37,7 @@ cmd_up() {
   export FERRY_HEARTBEAT_SECONDS="${FERRY_HEARTBEAT_SECONDS:-2}"
   export FERRY_HEARTBEAT_TIMEOUT_SECONDS="${FERRY_HEARTBEAT_TIMEOUT_SECONDS:-10}"
   export FERRY_METRICS_PORT="${FERRY_METRICS_PORT:-0}"
+  export FERRY_AGENT_METRICS_PORT="${FERRY_AGENT_METRICS_PORT:-0}"
   kubectl apply -f "${ROOT}/examples/hosts.yaml" >/dev/null
   start_proc operator operator --standalone
   for h in "${HOSTS[@]}"; do

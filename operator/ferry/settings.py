@@ -30,11 +30,13 @@ class Settings:
     heartbeat_seconds: float = 5.0
     heartbeat_timeout_seconds: float = 30.0
     placement_strategy: str = "spread"
-    metrics_port: int = 8080
+    metrics_port: int = 8080  # the operator's /metrics (0: off)
+    agent_metrics_port: int = 8082  # each agent's /metrics (0: off); agents use the host network in a cluster
     size_scale: float = 1.0
     driver: str = "sim"
     report_interval_seconds: float = 1.0
     namespace: str = ""  # empty: all namespaces
+    log_format: str = "text"  # text | json (ferry.logs reads it before the settings are parsed)
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None, **overrides: Any) -> Settings:
@@ -57,6 +59,11 @@ class Settings:
     def validate(self) -> None:
         if self.placement_strategy not in ("spread", "pack"):
             raise SettingsError(f"FERRY_PLACEMENT_STRATEGY must be spread or pack, not {self.placement_strategy!r}")
+        if self.log_format not in ("text", "json"):
+            raise SettingsError(f"FERRY_LOG_FORMAT must be text or json, not {self.log_format!r}")
+        for name in ("metrics_port", "agent_metrics_port"):
+            if not 0 <= getattr(self, name) <= 65535:
+                raise SettingsError(f"FERRY_{name.upper()} must be a port number (0: off)")
         if self.driver not in ("sim", "qemu"):
             raise SettingsError(f"FERRY_DRIVER must be sim or qemu, not {self.driver!r}")
         for name in ("max_parallel", "max_outbound_per_host", "max_inbound_per_host", "max_attempts"):

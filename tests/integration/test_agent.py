@@ -25,6 +25,7 @@ ENV = {
     "FERRY_SIZE_SCALE": "0.0005",  # s-1vcpu-512mb-10gb: a 5 MiB disk, 256 KiB of memory
     "FERRY_HEARTBEAT_SECONDS": "1",
     "FERRY_REPORT_INTERVAL_SECONDS": "0.5",
+    "FERRY_AGENT_METRICS_PORT": "0",
 }
 SIZE = "s-1vcpu-512mb-10gb"
 

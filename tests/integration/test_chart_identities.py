@@ -62,7 +62,8 @@ def hosts(kubectl: Any, chart: ChartIdentities) -> Iterator[list[str]]:
 def test_identities_suffice(kubectl: Any, namespace: str, chart: ChartIdentities, hosts: list[str],
                             ferry_process: Any) -> None:
     env = {"FERRY_SIZE_SCALE": "0.001", "FERRY_NOTICE_SECONDS": "0", "FERRY_HEARTBEAT_SECONDS": "1",
-           "FERRY_HEARTBEAT_TIMEOUT_SECONDS": "10", "FERRY_METRICS_PORT": "0", "FERRY_NAMESPACE": namespace}
+           "FERRY_HEARTBEAT_TIMEOUT_SECONDS": "10", "FERRY_METRICS_PORT": "0", "FERRY_AGENT_METRICS_PORT": "0",
+           "FERRY_NAMESPACE": namespace}
     # Short data directories: the sim VM's control socket lives under them (AF_UNIX paths are
     # limited to 107 bytes).
     data = pathlib.Path(tempfile.mkdtemp(prefix="fy-"))

@@ -295,8 +295,9 @@ def test_transfer_report_fields():
     assert r["bytesTotal"] == 1000 and r["bytesSent"] == 1400 and r["dirtyRemaining"] == 250
     assert r["disk"] == {"total": 500, "sent": 700, "remaining": 125}
     assert r["progress"] == 84  # 1400 of 1400 + 250
-    assert len(r["rounds"]) == 20 and r["rounds"][0]["round"] == 6 and set(r["rounds"][0]) == {"round", "bytes",
-                                                                                                "dirtyBytes", "ms"}
+    # bounded: the first round (the bulk copy) and the latest 19; fields a driver did not fill are absent
+    assert len(r["rounds"]) == 20 and [x["round"] for x in r["rounds"][:2]] == [1, 7]
+    assert set(r["rounds"][0]) == {"round", "bytes", "dirtyBytes", "ms"}
     assert (r["dirtyRateBps"], r["bandwidthBps"], r["throttlePercent"], r["maxThrottlePercent"], r["throttledMs"],
             r["expectedDowntimeMs"], r["etaSeconds"]) == (5, 7, 20, 40, 99, 12, 1.235)
     assert r["digest"] is None and r["error"] is None  # None clears a stale value in a merge patch

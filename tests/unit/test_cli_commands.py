@@ -368,4 +368,45 @@ def test_missing_crds_are_named(kube, server_says):
 def test_every_user_command_is_registered():
     r = run("--help")
     listed = {line.split()[0] for line in r.stdout.split("Commands:")[1].splitlines() if line.strip()}
-    assert {"migrate", "watch", "cancel", "drain", "uncordon", "status", "explain"} <= listed
+    assert {"migrate", "watch", "cancel", "drain", "uncordon", "status", "explain", "report"} <= listed
+
+
+# --- report -----------------------------------------------------------------------------------------
+
+ROUNDS = [
+    {"round": 1, "startMs": 0, "ms": 2600, "bytes": 5 << 20, "dirtyBytes": 900 << 10, "dirtyRateBps": 350 << 10,
+     "throttlePercent": 0},
+    {"round": 2, "startMs": 2610, "ms": 480, "bytes": 900 << 10, "dirtyBytes": 700 << 10,
+     "dirtyRateBps": 1500 << 10, "throttlePercent": 20},
+    {"round": 7, "startMs": 3930, "ms": 70, "bytes": 120 << 10, "dirtyBytes": 0, "dirtyRateBps": 0,
+     "throttlePercent": 60, "paused": True},
+]
+
+
+def test_report_prints_the_rounds_and_draws_them(kube, tmp_path):
+    kube.add("LiveMigration", {"metadata": {"name": "move", "namespace": "team"}, "spec": {"droplet": "web-1"},
+                               "status": {"phase": "Completed", "sourceHost": "host-a", "targetHost": "host-b",
+                                          "downtimeMs": 87,
+                                          "transfer": {"attempt": 1, "state": "Completed", "round": 7,
+                                                       "bytesSent": 7 << 20, "maxThrottlePercent": 60,
+                                                       "downtimeMs": 87, "rounds": ROUNDS}}})
+    svg = tmp_path / "move.svg"
+    r = run("report", "move", "--svg", str(svg))
+    assert r.exit_code == 0, r.output
+    lines = r.stdout.splitlines()
+    assert lines[0] == "team/move: droplet web-1, host-a -> host-b, Completed"
+    assert lines[1] == "  attempt 1, transfer Completed, 7 rounds, 7.0 MiB sent, throttle up to 60%, downtime 87 ms"
+    assert lines[3].split() == ["ROUND", "START", "TOOK", "SENT", "DIRTIED", "DIRTY", "RATE", "THROTTLE"]
+    assert lines[4].split() == ["1", "0.0s", "2600", "ms", "5.0", "MiB", "900.0", "KiB", "350.0", "KiB/s", "0%"]
+    assert lines[6].split()[0] == "..." and lines[6].endswith("rounds 3-6 not kept")
+    assert lines[7].split()[-4:] == ["pause:", "downtime", "87", "ms"] and lines[7].split()[-5] == "60%"
+    assert lines[-1] == f"wrote {svg}"
+    text = svg.read_text()
+    assert text.startswith("<svg") and "pause 87 ms" in text
+
+
+def test_report_of_a_migration_without_rounds_and_of_none(kube, tmp_path):
+    kube.add("LiveMigration", {"metadata": {"name": "new", "namespace": "team"}, "spec": {"droplet": "web-1"}})
+    r = run("report", "new")
+    assert r.exit_code == 0 and r.stdout.splitlines()[-1] == "  no rounds reported (yet)"
+    one_line_error(run("report", "nope"), "migration team/nope not found")

@@ -7,13 +7,17 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import logging
+import time
 
 import pytest
+from prometheus_client import generate_latest
+from prometheus_client.parser import text_string_to_metric_families
 from fakes import FakeKube
+from support import wait_until_async
 
 from ferry.api.livemigration import LiveMigration
 from ferry.api.sizes import Resources
-from ferry.controller import migration_reconciler as migrations
+from ferry.controller import app, migration_reconciler as migrations
 from ferry.controller.app import Context
 from ferry.controller.expectations import Expectations
 from ferry.controller.metrics import Metrics
@@ -54,6 +58,13 @@ def stack():
     return kube, cx
 
 
+def scrape(cx: Context) -> dict[tuple[str, tuple], float]:
+    """What Prometheus would read: (name, sorted labels) -> value."""
+    text = generate_latest(cx.metrics.registry).decode()
+    return {(smp.name, tuple(sorted(smp.labels.items()))): smp.value
+            for fam in text_string_to_metric_families(text) for smp in fam.samples}
+
+
 def reconcile(cx: Context) -> LiveMigration:
     asyncio.run(migrations.reconcile(cx, (NS, "move"), LOG))
     return cx.world.migrations[(NS, "move")]
@@ -64,7 +75,8 @@ def agent_reports(kube: FakeKube, cx: Context, status: dict) -> None:
     cx.world.observe("LiveMigration", "MODIFIED", kube.patch_status("LiveMigration", "move", status, NS))
 
 
-def test_a_migration_through_the_shell(stack):
+def test_a_migration_through_the_shell(stack, caplog):
+    caplog.set_level(logging.INFO, logger="ferry.operator")
     kube, cx = stack
     assert reconcile(cx).phase == "Pending"
     m = reconcile(cx)
@@ -78,7 +90,15 @@ def test_a_migration_through_the_shell(stack):
 
     agent_reports(kube, cx, {"target": {"attempt": 1, "state": "Listening", "address": "127.0.0.1:7000"}})
     assert reconcile(cx).phase == "PreCopy"
-    agent_reports(kube, cx, {"transfer": {"attempt": 1, "state": "Completed", "digest": "sha256:ab", "downtimeMs": 9},
+    app.refresh_metrics(cx)
+    during = scrape(cx)
+    assert during[("ferry_migration_last_progress_timestamp_seconds",
+                   (("droplet", "web"), ("migration", "move"), ("namespace", NS), ("phase", "PreCopy")))] > 0
+    assert during[("ferry_host_migrations_in_flight", (("direction", "outbound"), ("host", "h1")))] == 1
+    assert during[("ferry_host_migrations_in_flight", (("direction", "inbound"), ("host", "h2")))] == 1
+    assert during[("ferry_host_ready", (("host", "h1"),))] == 1
+    agent_reports(kube, cx, {"transfer": {"attempt": 1, "state": "Completed", "digest": "sha256:ab", "downtimeMs": 9,
+                                          "round": 4, "bytesSent": 5000},
                              "target": {"attempt": 1, "state": "Received", "digest": "sha256:ab",
                                         "address": "127.0.0.1:7000"}})
     assert reconcile(cx).phase == "CutOver"
@@ -95,6 +115,21 @@ def test_a_migration_through_the_shell(stack):
     assert reasons.count("LiveMigrated") == 1 and reasons.count("Completed") == 1
     phases_written = [p.get("phase") for k, _, n, p in kube.patches if k == "LiveMigration" and "phase" in p]
     assert phases_written == ["Pending", "Announced", "Scheduling", "Preparing", "PreCopy", "CutOver", "Completed"]
+    # outcomes by reason, the histograms, and no series left for the finished migration
+    app.refresh_metrics(cx)
+    after = scrape(cx)
+    assert after[("ferry_migrations_total", (("reason", "Completed"), ("result", "Completed")))] == 1
+    assert after[("ferry_migrations_total", (("reason", "AttemptsExhausted"), ("result", "Failed")))] == 0
+    assert after[("ferry_migration_attempts_total", (("reason", "Completed"), ("result", "Succeeded")))] == 1
+    assert after[("ferry_migration_rounds_sum", ())] == 4 and after[("ferry_migration_rounds_count", ())] == 1
+    assert after[("ferry_migration_downtime_seconds_sum", ())] == 0.009
+    assert after[("ferry_migration_bytes_total", ())] == 5000
+    assert not [k for k in after if k[0].startswith("ferry_migration_last_progress")]
+    assert after[("ferry_host_migrations_in_flight", (("direction", "inbound"), ("host", "h2")))] == 0
+    # one log line per transition, naming the migration (also as fields, for JSON logs)
+    lines = [r for r in caplog.records if getattr(r, "migration", None) == f"{NS}/move"]
+    assert [(r.previous_phase, r.phase) for r in lines] == list(zip([None, *phases_written[:-1]], phases_written))
+    assert all(f"migration {NS}/move: " in r.getMessage() for r in lines)
 
 
 def test_a_decision_on_a_stale_view_is_dropped_and_made_again(stack):
@@ -138,3 +173,24 @@ def test_the_world_never_goes_back_in_time():
     assert w.migrations[("n", "m")].phase == "PreCopy"
     w.observe("LiveMigration", "MODIFIED", {**new, "spec": {}})  # invalid spec: set aside with the reason
     assert ("n", "m") not in w.migrations and "spec.droplet" in w.invalid[("LiveMigration", ("n", "m"))]
+
+
+def test_only_the_replica_that_reconciles_serves_the_fleet(stack, monkeypatch):
+    """A standby's world is frozen at its start: it must not serve stale host or migration gauges."""
+    _, cx = stack
+    monkeypatch.setattr(app, "METRICS_REFRESH_SECONDS", 0.01)
+
+    def hosts_served() -> set:
+        return {dict(k[1])["host"] for k in scrape(cx) if k[0] == "ferry_host_ready"}
+
+    async def run() -> None:
+        task = asyncio.create_task(app._refresh_metrics_forever(cx))
+        try:
+            app.refresh_metrics(cx)
+            await wait_until_async(lambda: not hosts_served(), 5, what="a standby drops the fleet gauges")
+            cx.reconciled_at = time.monotonic()  # what every reconcile of the active replica does
+            await wait_until_async(lambda: hosts_served() == {"h1", "h2"}, 5, what="the active one serves them")
+        finally:
+            task.cancel()
+
+    asyncio.run(run())

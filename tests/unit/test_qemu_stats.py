@@ -65,7 +65,8 @@ def test_rounds_keep_the_last_twenty() -> None:
     t = StatsTracker("m")
     for i in range(1, 40):
         t.update_migration(qm("active", i, i * MIB, MIB), now=float(i))
-    assert len(t.stats.rounds) == 20 and t.stats.rounds[-1].round == 38
+    assert len(t.stats.rounds) == 20 and t.stats.rounds[-1].round == 38 and t.stats.rounds[0].round == 1
+    assert t.stats.rounds[1].round == 20 and t.stats.rounds[-1].start_ms == 37000
 
 
 def test_failure_carries_qemus_reason() -> None:

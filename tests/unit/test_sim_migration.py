@@ -86,6 +86,11 @@ def test_live_migration_loses_no_acknowledged_write(hosts, tmp_path, pattern):
     # the guest wrote during the copy, so there were re-copy rounds, then the final one
     assert st.round >= 2 and len(st.rounds) == st.round
     assert st.disk.sent + st.memory.sent > sum(r.bytes for r in st.rounds[:1])
+    # the per-round story: back to back in time, the pause last and only last
+    assert [r.paused for r in st.rounds] == [False] * (st.round - 1) + [True]
+    assert all(a.start_ms + a.ms <= b.start_ms + 5 for a, b in zip(st.rounds, st.rounds[1:]))
+    assert all(r.dirty_rate_bps is not None and r.throttle_percent is not None for r in st.rounds)
+    assert st.rounds[-1].dirty_rate_bps == 0  # a paused guest dirties nothing
     # every field filled
     assert st.migration_id == f"lm-{pattern}" and st.digest.startswith("sha256:") and st.error is None
     assert st.disk.total == st.memory.total == 2 * MiB and st.dirty_remaining == 0

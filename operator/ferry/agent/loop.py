@@ -22,6 +22,7 @@ from collections.abc import Callable
 from ferry import __version__
 from ferry.agent import plan as p
 from ferry.agent.execute import Executor, Heartbeat, Warnings
+from ferry.agent.metrics import AgentMetrics
 from ferry.agent.observe import Observer
 from ferry.api.times import now as utcnow
 from ferry.drivers.base import Driver
@@ -51,6 +52,7 @@ class Agent:
         self.executor = Executor(self.ctx, driver, kube, self.observer, warn, wake=lambda: self.wake.put(None),
                                  now=now, clock=clock)
         self.heartbeats = Heartbeat(self.ctx, driver, kube, settings, warn, version=version, now=now, clock=clock)
+        self.metrics = AgentMetrics(host)
         self.cycles = 0
 
     @property
@@ -69,6 +71,7 @@ class Agent:
             self.heartbeats.due = True
         self.observer.remember_settled(snap, actions)
         self.heartbeats.note_vms([vm.info for vm in snap.vms.values()])
+        self.metrics.refresh(snap.vms, snap.migrations)
         return p.busy(snap.vms, snap.migrations, self.host)
 
     def heartbeat(self) -> bool:

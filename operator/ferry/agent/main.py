@@ -39,6 +39,8 @@ def run(host: str, data_dir: str, driver: str, address: str, kubeconfig: str | N
     drv = make_driver(driver, data_dir, settings)
     kube = Kube.connect(kubeconfig)
     agent = Agent(host, drv, kube, settings, address=address, connect=lambda: Kube.connect(kubeconfig))
+    if settings.agent_metrics_port > 0:
+        agent.metrics.serve(settings.agent_metrics_port, log)
     stop = threading.Event()
 
     def on_signal(signum: int, _frame: Any) -> None:

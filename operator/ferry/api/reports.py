@@ -12,14 +12,23 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from ferry.api.phases import TargetState, TransferState
 from ferry.api.times import fmt, parse_any
 
-#: ``status.transfer.rounds`` keeps the last this many rounds.
+#: ``status.transfer.rounds`` keeps at most this many rounds: the first (the bulk copy) and
+#: the latest ones.
 ROUNDS_REPORTED = 20
+
+
+def bounded_rounds(rounds: Sequence[Any], limit: int = ROUNDS_REPORTED) -> list[Any]:
+    """The first round and the last ``limit - 1``: the story's start and its end."""
+    rounds = list(rounds)
+    if len(rounds) <= limit:
+        return rounds
+    return rounds[:1] + rounds[len(rounds) - (limit - 1):]
 
 
 def as_int(v: Any) -> int | None:
@@ -71,21 +80,32 @@ class ImageProgress:
 
 @dataclasses.dataclass(frozen=True)
 class RoundReport:
-    """One pre-copy round: bytes sent, bytes the guest dirtied meanwhile, its duration."""
+    """One entry of ``status.transfer.rounds``: bytes sent, bytes the guest dirtied meanwhile
+    (what remained at its end), its duration, its start (ms since the attempt's copy began),
+    the guest's dirty rate during it, the throttle in force, and ``paused``: the final round,
+    sent with the guest paused (the pause). Fields an older agent did not write are None."""
 
     round: int
     bytes: int
     dirty_bytes: int
     ms: int
+    start_ms: int | None = None
+    dirty_rate_bps: int | None = None
+    throttle_percent: int | None = None
+    paused: bool = False
 
-    def to_dict(self) -> dict[str, int]:
-        return {"round": self.round, "bytes": self.bytes, "dirtyBytes": self.dirty_bytes, "ms": self.ms}
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"round": self.round, "bytes": self.bytes, "dirtyBytes": self.dirty_bytes,
+                               "ms": self.ms, "startMs": self.start_ms, "dirtyRateBps": self.dirty_rate_bps,
+                               "throttlePercent": self.throttle_percent, "paused": self.paused or None}
+        return {k: v for k, v in out.items() if v is not None}
 
     @classmethod
     def from_dict(cls, d: Any) -> RoundReport:
         m = as_map(d)
         return cls(as_int(m.get("round")) or 0, as_int(m.get("bytes")) or 0, as_int(m.get("dirtyBytes")) or 0,
-                   as_int(m.get("ms")) or 0)
+                   as_int(m.get("ms")) or 0, as_int(m.get("startMs")), as_int(m.get("dirtyRateBps")),
+                   as_int(m.get("throttlePercent")), m.get("paused") is True)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,7 +157,7 @@ class TransferReport:
             "expectedDowntimeMs": self.expected_downtime_ms,
             "etaSeconds": None if self.eta_seconds is None else round(float(self.eta_seconds), 3),
             "progress": self.progress,
-            "rounds": [r.to_dict() for r in self.rounds[-ROUNDS_REPORTED:]],
+            "rounds": [r.to_dict() for r in bounded_rounds(self.rounds)],
             "downtimeMs": self.downtime_ms,
             "digest": self.digest,
             "error": self.error,

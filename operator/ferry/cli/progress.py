@@ -163,7 +163,7 @@ def migration_view(body: Mapping[str, Any]) -> MigrationView:
         target=st.target_host or lm.spec.target_host,
         transfer_state=tr.state,
         round=tr.round if tr.state else None,
-        rounds=(len(tr.rounds) or tr.round) if tr.state else None,
+        rounds=max(tr.round, len(tr.rounds)) if tr.state else None,  # the history is bounded
         bytes_sent=tr.bytes_sent if tr.state else None,
         bytes_total=tr.bytes_total if tr.state else None,
         progress=None if progress is None else max(0, min(100, progress)),

@@ -12,7 +12,8 @@ from typing import Any
 
 from ferry.api.times import parse
 from ferry.api.phases import TRANSFER, Phase
-from ferry.cli.progress import MigrationView, human_duration
+from ferry.api.livemigration import LiveMigration
+from ferry.cli.progress import MigrationView, human_bytes, human_duration
 
 
 def connection_message(text: str, server: str) -> str | None:
@@ -270,3 +271,52 @@ def explain_lines(droplet: Mapping[str, Any], migration: MigrationView | None, m
     lines.append("target choice (status.placement):")
     lines += placement_lines(migration_placement)
     return lines
+
+
+# --- report ---------------------------------------------------------------------------------
+
+
+def report_title(m: LiveMigration) -> str:
+    st = m.status
+    route = f"{st.source_host or '?'} -> {st.target_host or '?'}"
+    return f"{m.namespace}/{m.name}: droplet {m.droplet}, {route}, {st.phase or 'New'}"
+
+
+def report_subtitle(m: LiveMigration) -> str:
+    tr = m.transfer
+    facts = [f"attempt {tr.attempt}" if tr.attempt else "no transfer reported"]
+    if tr.state:
+        facts.append(f"transfer {tr.state}")
+    if tr.rounds:
+        facts.append(f"{tr.round} rounds")
+    if tr.bytes_sent:
+        facts.append(f"{human_bytes(tr.bytes_sent)} sent")
+    if tr.max_throttle_percent:
+        facts.append(f"throttle up to {tr.max_throttle_percent}%")
+    downtime = tr.downtime_ms if tr.downtime_ms is not None else m.status.downtime_ms
+    if downtime is not None:
+        facts.append(f"downtime {downtime} ms")
+    return ", ".join(facts)
+
+
+def report_lines(m: LiveMigration) -> list[str]:
+    """``ferry report``: the migration in two lines, then its rounds as a table."""
+    tr = m.transfer
+    lines = [report_title(m), "  " + report_subtitle(m)]
+    if not tr.rounds:
+        return lines + ["  no rounds reported (yet)"]
+    downtime = tr.downtime_ms if tr.downtime_ms is not None else m.status.downtime_ms
+    rows = []
+    shown = 0
+    for r in tr.rounds:
+        if shown and r.round > shown + 1:
+            rows.append(["...", "", "", "", "", "", "", f"rounds {shown + 1}-{r.round - 1} not kept"])
+        shown = r.round
+        note = " "  # blank, not "-": most rounds have nothing to add
+        if r.paused:
+            note = "pause" + (f": downtime {downtime} ms" if downtime is not None else "")
+        rows.append([r.round, f"{r.start_ms / 1000:.1f}s" if r.start_ms is not None else None,
+                     f"{r.ms} ms", human_bytes(r.bytes), human_bytes(r.dirty_bytes),
+                     human_bytes(r.dirty_rate_bps) + "/s" if r.dirty_rate_bps is not None else None,
+                     f"{r.throttle_percent}%" if r.throttle_percent is not None else None, note])
+    return lines + [""] + table(["ROUND", "START", "TOOK", "SENT", "DIRTIED", "DIRTY RATE", "THROTTLE", ""], rows)

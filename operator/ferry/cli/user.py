@@ -21,7 +21,7 @@ from ferry.api import constants as c
 from ferry.api.livemigration import LiveMigration
 from ferry.api.times import fmt, now as utcnow, parse
 from ferry.cli import progress as pg
-from ferry.cli import render
+from ferry.cli import chart, render
 from ferry.storage import Conflict, Kube, NotFound, StorageError
 
 
@@ -411,3 +411,23 @@ def explain(droplet: str) -> None:
     placement = LiveMigration.from_body(migration, lenient=True).status.placement if migration is not None else None
     for line in render.explain_lines(body, view, placement, utcnow()):
         click.echo(line)
+
+
+@click.command()
+@click.argument("migration")
+@click.option("--svg", "svg", type=click.Path(dir_okay=False, writable=True), metavar="FILE",
+              help="Also draw it: remaining bytes and dirty rate over time, the throttle, the pause.")
+@_one_line_errors
+def report(migration: str, svg: str | None) -> None:
+    """The story of MIGRATION: each pre-copy round (bytes, time, dirty rate, throttle) and the pause."""
+    s = _connect()
+    m = LiveMigration.from_body(s.get("LiveMigration", migration), lenient=True)
+    for line in render.report_lines(m):
+        click.echo(line)
+    if svg:
+        text = chart.migration_svg(render.report_title(m), m.transfer.rounds,
+                                   m.transfer.downtime_ms if m.transfer.downtime_ms is not None
+                                   else m.status.downtime_ms, render.report_subtitle(m))
+        with open(svg, "w", encoding="utf-8") as f:
+            f.write(text)
+        click.echo(f"wrote {svg}")

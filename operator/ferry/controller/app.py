@@ -6,11 +6,13 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import time
 from typing import Any
 
 import kopf
 
 from ferry.api import constants as c
+from ferry.api.times import now
 from ferry.controller.metrics import Metrics
 from ferry.controller.world import World
 from ferry.settings import Settings
@@ -35,6 +37,9 @@ class Context:
     metrics: Metrics
     lock: asyncio.Lock  # serialises decisions that read and update the world's expectations
     object_locks: dict[Any, asyncio.Lock]
+    #: monotonic time of the last reconcile: only the active replica of a peering reconciles, and
+    #: a standby's world is frozen at its start, so a standby must not serve the fleet's gauges
+    reconciled_at: float = 0.0
 
     def object_lock(self, key: Any) -> asyncio.Lock:
         lock = self.object_locks.get(key)
@@ -67,8 +72,7 @@ async def start(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: loggin
     kube = Kube.connect()
     metrics = Metrics()
     if cfg.metrics_port > 0:
-        metrics.serve(cfg.metrics_port)
-        logger.info("metrics on :%d/metrics", cfg.metrics_port)
+        metrics.serve(cfg.metrics_port, log)
     world = World()
     # Load the whole world before any handler decides: after a restart, a migration must never
     # be judged against a world that has not seen its droplet or its hosts yet.
@@ -77,9 +81,38 @@ async def start(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: loggin
         for body in items:
             body.setdefault("kind", kind)
             world.observe(kind, None, body)
-    memo["ferry"] = Context(settings=cfg, kube=kube, world=world, metrics=metrics, lock=asyncio.Lock(),
-                            object_locks={})
+    cx = memo["ferry"] = Context(settings=cfg, kube=kube, world=world, metrics=metrics, lock=asyncio.Lock(),
+                                 object_locks={})
+    if cfg.metrics_port > 0:
+        refresh_metrics(cx)
+        memo["ferry_metrics_task"] = asyncio.create_task(_refresh_metrics_forever(cx), name="ferry-metrics")
     logger.info("ferry operator starting: %s", cfg)
+
+
+METRICS_REFRESH_SECONDS = 1.0
+
+
+def refresh_metrics(cx: Context) -> None:
+    """The fleet's gauges from the world as it is now (in the loop: the world is not shared)."""
+    w = cx.world
+    cx.metrics.refresh(w.hosts.values(), w.migrations.values(), now(), cx.settings.heartbeat_timeout_seconds)
+
+
+#: A replica that reconciled nothing for this long serves no fleet gauges (it is a standby;
+#: the active one reconciles every host every 2 s and every migration in flight every 1 s).
+ACTIVE_SECONDS = 10.0
+
+
+async def _refresh_metrics_forever(cx: Context) -> None:
+    while True:
+        await asyncio.sleep(METRICS_REFRESH_SECONDS)  # a period, not a wait for a condition
+        try:
+            if time.monotonic() - cx.reconciled_at <= ACTIVE_SECONDS:
+                refresh_metrics(cx)
+            else:
+                cx.metrics.refresh((), (), now(), cx.settings.heartbeat_timeout_seconds)
+        except Exception:  # noqa: BLE001 - metrics must never stop the operator; logged with traceback
+            log.exception("refreshing the metrics failed")
 
 
 def world_summary(cx: Context) -> dict[str, int]:

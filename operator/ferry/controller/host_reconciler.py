@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import logging
+import time
 
 from ferry.api.phases import HostPhase
 from ferry.api.sizes import Resources
@@ -27,6 +28,7 @@ async def on_event(cx: Context, event_type: str | None, body: dict, logger: logg
 
 
 async def reconcile_host(cx: Context, name: str, logger: logging.Logger) -> None:
+    cx.reconciled_at = time.monotonic()
     async with cx.object_lock(("Host", name)):
         world = cx.world
         host = world.hosts.get(name)

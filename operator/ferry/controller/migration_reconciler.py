@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 
 import kopf
 
 from ferry.api import constants as c
-from ferry.api.livemigration import LiveMigration
+from ferry.api.livemigration import LiveMigration, MigrationStatus
 from ferry.api.phases import OWNING, QUEUED, TERMINAL, Phase
 from ferry.api.times import now
 from ferry.controller import effects
@@ -122,6 +123,7 @@ def _admission_refs(cx: Context, t) -> list[MigrationRef]:
 
 
 async def reconcile(cx: Context, key: ObjectKey, logger: logging.Logger) -> None:
+    cx.reconciled_at = time.monotonic()
     async with cx.object_lock(("LiveMigration", key)):
         for _ in range(3):  # a decision made on a stale view is retried on a fresh read
             if await _reconcile_once(cx, key, logger):
@@ -185,11 +187,17 @@ async def _reconcile_once(cx: Context, key: ObjectKey, logger: logging.Logger) -
     for action in events:
         await effects.apply(cx, m, action, logger)
     if decision.new_status.phase != obs.status.phase:
-        log.info("migration %s/%s: %s -> %s (%s)", *key, obs.status.phase, decision.new_status.phase,
-                 decision.new_status.message)
+        _log_transition(key, obs.status.phase, decision.new_status)
         _count(cx, obs, decision)
         await reconcile_droplet(cx, (key[0], m.droplet), logger)  # its phase follows at once
     return True
+
+
+def _log_transition(key: ObjectKey, before: Phase | None, st: MigrationStatus) -> None:
+    """One line per phase transition, naming the migration (and, for JSON logs, as fields)."""
+    log.info("migration %s/%s: %s -> %s (%s: %s)", *key, before or "New", st.phase, st.reason, st.message,
+             extra={"migration": f"{key[0]}/{key[1]}", "phase": str(st.phase),
+                    "previous_phase": str(before) if before else None, "reason": st.reason, "attempt": st.attempt})
 
 
 def _expect(cx: Context, m: LiveMigration, obs: Observation, decision: Decision) -> None:
@@ -209,18 +217,14 @@ def _expect(cx: Context, m: LiveMigration, obs: Observation, decision: Decision)
 def _count(cx: Context, obs: Observation, decision: Decision) -> None:
     st = decision.new_status
     if st.phase in TERMINAL:
-        cx.metrics.migrations.labels(st.phase).inc()
+        cx.metrics.migrations.labels(st.phase, st.reason or st.phase).inc()
         if st.phase == Phase.COMPLETED:
             started = st.phase_times.get(Phase.PREPARING)
             ended = st.phase_times.get(Phase.COMPLETED)
-            if started and ended:
-                cx.metrics.duration.observe((ended - started).total_seconds())
-            if st.downtime_ms is not None:
-                cx.metrics.downtime.observe(st.downtime_ms / 1000)
-            if obs.transfer is not None:
-                cx.metrics.bytes.inc(obs.transfer.bytes_sent)
-    closed = {x.number: x.result for x in st.attempts if x.result}
-    before = {x.number: x.result for x in obs.status.attempts if x.result}
-    for n, result in closed.items():
-        if n not in before:
-            cx.metrics.attempts.labels(result).inc()
+            tr = obs.transfer if obs.transfer is not None and obs.transfer.attempt == st.attempt else None
+            cx.metrics.completed((ended - started).total_seconds() if started and ended else None,
+                                 st.downtime_ms, tr.round if tr else None, tr.bytes_sent if tr else None)
+    before = {x.number for x in obs.status.attempts if x.result}
+    for x in st.attempts:
+        if x.result and x.number not in before:
+            cx.metrics.attempts.labels(x.result, x.reason or x.result).inc()

@@ -89,10 +89,18 @@ class TransferCounters:
 
 @dataclasses.dataclass
 class RoundStats:
+    """One pre-copy round: what it sent, what the guest dirtied meanwhile, how long it took,
+    when it started (ms since the attempt started), the guest's dirty rate during it, the
+    throttle in force, and whether the guest was paused (the final round: the pause)."""
+
     round: int
     bytes: int
     dirty_bytes: int
     ms: int
+    start_ms: int | None = None
+    dirty_rate_bps: int | None = None
+    throttle_percent: int | None = None
+    paused: bool = False
 
 
 @dataclasses.dataclass

@@ -26,6 +26,7 @@ import time
 from collections.abc import Callable
 from typing import Protocol
 
+from ferry.api.reports import bounded_rounds
 from ferry.transfer import auth, framing
 from ferry.transfer.bitmap import DirtyBitmap, extents, popcount, split_extents
 from ferry.transfer.digest import HASH_NAME, BlockHashes, block_hashes, combine, zero_hash
@@ -441,8 +442,12 @@ class SourceEngine:
             rate = dirty_now / secs
             self.dirty_rate_bps = rate if self.round <= 2 else 0.5 * self.dirty_rate_bps + 0.5 * rate
         self.rounds.append({"round": self.round, "bytes": self._round_bytes, "dirty_bytes": dirty_now, "ms": int(round(ms)),
+                            "start_ms": int(round((self._round_started - self.started_at) * 1000)),
+                            "dirty_rate_bps": int(dirty_now / secs) if self.state != PAUSED else 0,
+                            "throttle_percent": max(self.disk_throttle, self.memory_throttle),
+                            "paused": self.state == PAUSED,
                             "disk_throttle": self.disk_throttle, "memory_throttle": self.memory_throttle})
-        del self.rounds[:-ROUNDS_KEPT]
+        self.rounds[:] = bounded_rounds(self.rounds, ROUNDS_KEPT)
 
     def _send_extent(self, name, dev, kind_data, kind_zero, first, count, skip_zero) -> None:
         if self.state != PAUSED:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 
+from ferry.api.reports import bounded_rounds
 from ferry.drivers.base import MigrationState, MigrationStats, RoundStats, TransferCounters
 
 MAX_ROUNDS = 20
@@ -33,6 +34,7 @@ class StatsTracker:
     def __init__(self, migration_id: str | None):
         self.stats = MigrationStats(migration_id=migration_id)
         self._round: _Round | None = None
+        self._t0: float | None = None  # when the first round started
         self._last_now: float | None = None
         self._mirror_prev: tuple[float, int] | None = None
         self._mirror_rate = 0.0
@@ -111,6 +113,7 @@ class StatsTracker:
             return
         if self._round is None:
             self._round = _Round(sync_count, now, 0)
+            self._t0 = now if self._t0 is None else self._t0
         elif sync_count > self._round.number:
             # a dirty-bitmap sync ended the round: what it sent, what is dirty now
             self.stats.rounds.append(
@@ -119,9 +122,12 @@ class StatsTracker:
                     bytes=max(0, transferred - self._round.bytes_at_start),
                     dirty_bytes=remaining,
                     ms=int((now - self._round.started) * 1000),
+                    start_ms=int((self._round.started - self._t0) * 1000) if self._t0 is not None else None,
+                    dirty_rate_bps=self.stats.dirty_rate_bps,
+                    throttle_percent=self.stats.throttle_percent,
                 )
             )
-            del self.stats.rounds[:-MAX_ROUNDS]
+            self.stats.rounds[:] = bounded_rounds(self.stats.rounds, MAX_ROUNDS)
             self._round = _Round(sync_count, now, transferred)
         self.stats.round = sync_count
 
