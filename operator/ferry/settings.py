@@ -34,6 +34,8 @@ class Settings:
     size_scale: float = 1.0
     driver: str = "sim"
     report_interval_seconds: float = 1.0
+    migration_ttl_seconds: float = 604800.0  # finished migrations deleted this long after (0: never)
+    migrations_kept_per_droplet: int = 5     # and only the newest N per droplet kept (0: no limit)
     namespace: str = ""  # empty: all namespaces
 
     @classmethod
@@ -63,7 +65,8 @@ class Settings:
             if getattr(self, name) < 1:
                 raise SettingsError(f"FERRY_{name.upper()} must be at least 1")
         for name in ("notice_seconds", "retry_backoff_seconds", "size_scale", "heartbeat_seconds",
-                     "heartbeat_timeout_seconds", "progress_timeout_seconds"):
+                     "heartbeat_timeout_seconds", "progress_timeout_seconds", "migration_ttl_seconds",
+                     "migrations_kept_per_droplet"):
             if getattr(self, name) < 0:
                 raise SettingsError(f"FERRY_{name.upper()} must not be negative")
 

@@ -27,6 +27,8 @@ from ferry.migration.actions import EmitEvent, RecomputeAllocations
 from ferry.migration.admission import Admission, ConcurrencyLimits, MigrationRef, admit
 from ferry.migration.machine import Decision, decide, needs_admission, needs_placement
 from ferry.migration.observation import DropletObs, MachineConfig, Observation
+from ferry.migration.retention import expired, finished_at
+from ferry.hosts.status import maintenance_window, window_of
 from ferry.placement import DropletRequest, place
 from ferry.storage import Conflict, NotFound, StorageError
 
@@ -53,6 +55,29 @@ async def on_delete(cx: Context, body: dict, logger: logging.Logger) -> None:
     m = cx.world.migrations.get(key)
     if m is not None and not m.terminal:
         raise kopf.TemporaryError(f"waiting for migration {key[0]}/{key[1]} to stop (phase {m.phase})", delay=1)
+
+
+async def expire(cx: Context, key: ObjectKey, logger: logging.Logger) -> None:
+    """Delete this finished migration if the retention says so (``ferry.migration.retention``)."""
+    m = cx.world.migrations.get(key)
+    if m is None or not m.terminal or m.meta.deleting:
+        return
+    s = cx.settings
+    gone = expired(cx.world.migrations_of((m.namespace, m.droplet)), now(), s.migration_ttl_seconds,
+                   s.migrations_kept_per_droplet, protected=lambda x: _in_open_window(cx, x))
+    if any(x.key == key for x in gone):
+        try:
+            await cx.call(cx.kube.delete, "LiveMigration", key[1], key[0])
+            logger.info("migration %s/%s finished %s ago: deleted (retention)", *key, now() - finished_at(m))
+        except NotFound:
+            pass
+
+
+def _in_open_window(cx: Context, m: LiveMigration) -> bool:
+    """An evacuation of its host's open maintenance window: it stays while the window is open,
+    as the record that this droplet's evacuation was tried (and is not retried)."""
+    host = cx.world.hosts.get(m.meta.labels.get(c.EVACUATION_LABEL, ""))
+    return host is not None and maintenance_window(host) == window_of(m)
 
 
 def _update_gauges(cx: Context) -> None:
