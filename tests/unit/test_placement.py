@@ -242,3 +242,22 @@ def test_duplicate_host_names_among_the_best_are_rejected(other):
 def test_request_must_ask_for_something():
     with pytest.raises(ValueError, match="at least 1"):
         DropletRequest("x", "nyc3", Resources(0, 1024, 10))
+
+
+def test_a_retry_avoids_the_host_an_earlier_attempt_failed_on():
+    hosts = [host("h1", alloc=Resources(8, 0, 0)), host("h2")]  # h2 is the better score
+    why = {"h2": "attempt 1 failed there: TargetFailed"}
+    r = place(req(source_host="src"), hosts, avoid=why)
+    assert r.chosen == "h1"
+    assert r.avoided == why and r.to_status()["avoided"] == why
+    assert "avoided h2 (attempt 1 failed there: TargetFailed)" in r.message
+    assert [c.host for c in r.candidates] == ["h1"]
+
+
+def test_a_retry_goes_back_to_a_failed_host_only_when_nothing_else_fits():
+    why = {"h2": "attempt 1 failed there: TargetFailed"}
+    r = place(req(source_host="src"), [host("h2"), host("full", alloc=CAP)], avoid=why)
+    assert r.chosen == "h2"
+    assert "h2 again although attempt 1 failed there: TargetFailed: no other host fits" in r.message
+    # an explicit target is what the user asked for: never avoided
+    assert place(req(source_host="src"), [host("h1"), host("h2")], target_host="h2", avoid=why).chosen == "h2"

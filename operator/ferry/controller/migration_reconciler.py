@@ -128,9 +128,16 @@ def observe(cx: Context, m: LiveMigration) -> Observation:
                                  host_selector=d.host_selector, source_host=d.host)
         result = place(request, world.host_infos(t, timeout), world.reservations(exclude=m.key),
                        strategy=s.placement_strategy, target_host=m.spec.target_host,
-                       inbound_limit=s.max_inbound_per_host)
+                       inbound_limit=s.max_inbound_per_host, avoid=_failed_targets(m))
         obs = dataclasses.replace(obs, placement=result)
     return obs
+
+
+def _failed_targets(m: LiveMigration) -> dict[str, str]:
+    """Hosts earlier attempts failed on, and why: a retry goes elsewhere when another host fits
+    (the source is the same in every attempt; the target is what a retry can change)."""
+    return {a.target_host: f"attempt {a.number} failed there: {a.reason}" for a in m.status.attempts
+            if a.result == "Failed" and a.target_host}
 
 
 def _admission_refs(cx: Context, t) -> list[MigrationRef]:

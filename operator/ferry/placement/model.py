@@ -173,6 +173,7 @@ class PlacementResult:
     reason: str
     target_host: str | None = None
     target_rejected_by: str | None = None
+    avoided: Mapping[str, str] = dataclasses.field(default_factory=dict)  # host -> why (retries)
 
     @property
     def feasible(self) -> int:
@@ -188,4 +189,5 @@ class PlacementResult:
             "rejected": dict(self.rejected),
             "considered": self.considered,
             "message": self.message,
+            "avoided": dict(self.avoided),
         }

@@ -195,6 +195,7 @@ def place(
     weights: tuple[float, float, float] = DEFAULT_WEIGHTS,
     migration_penalty: float = DEFAULT_MIGRATION_PENALTY,
     inbound_limit: int | None = None,
+    avoid: Mapping[str, str] | None = None,
 ) -> PlacementResult:
     """Choose a host for ``request`` among ``hosts``, counting ``reservations``.
 
@@ -204,7 +205,9 @@ def place(
     every filter; otherwise ``chosen`` is None and ``message`` names exactly why, e.g.
     ``target host h3 rejected: insufficient memory (needs 4096 MiB, 2048 free)``.
     ``inbound_limit`` (None: no limit) rejects hosts that already receive that many
-    migrations. Host names must be unique. Raises ``ValueError`` on an unknown strategy,
+    migrations. ``avoid`` maps hosts to why a choice should avoid them (a retry: the hosts
+    earlier attempts failed on); without a target they are chosen only when no other host
+    fits, and the message says which were avoided. Host names must be unique. Raises ``ValueError`` on an unknown strategy,
     ``top < 1`` or non-positive weights.
     """
     if strategy not in STRATEGIES:
@@ -297,6 +300,12 @@ def place(
         zip(FILTERS, (n_dc, n_ready, n_sched, n_maint, n_source, n_sel, n_cpu, n_mem, n_disk, n_in))
     )
     considered = len(hosts)
+    avoided: dict[str, str] = {}
+    if avoid and target_host is None:
+        others = [f for f in feasible if f[1] not in avoid]
+        avoided = {f[1]: avoid[f[1]] for f in feasible if f[1] in avoid}
+        if others:
+            feasible = others
     try:
         best = heapq.nsmallest(top, feasible)
     except TypeError:  # equal score and equal name: the tuples fell through to HostInfo
@@ -312,8 +321,13 @@ def place(
                 f"chose {chosen.host} (score {chosen.score:.2f}, {strategy}) among "
                 f"{len(feasible)} fitting of {considered} hosts"
             )
+            if chosen.host in avoided:
+                message += f"; {chosen.host} again although {avoided[chosen.host]}: no other host fits"
+            elif avoided:
+                message += "; avoided " + ", ".join(f"{h} ({why})" for h, why in sorted(avoided.items()))
             return PlacementResult(
-                chosen.host, strategy, tuple(candidates), rejected, considered, message, "Placed"
+                chosen.host, strategy, tuple(candidates), rejected, considered, message, "Placed",
+                avoided=avoided,
             )
         return PlacementResult(
             None, strategy, (), rejected, considered, _no_fit_message(rejected, considered), "NoHostFits"
