@@ -36,6 +36,8 @@ class Settings:
     report_interval_seconds: float = 1.0
     migration_ttl_seconds: float = 604800.0  # finished migrations deleted this long after (0: never)
     migrations_kept_per_droplet: int = 5     # and only the newest N per droplet kept (0: no limit)
+    cpu_model: str = ""  # agents: the CPU model reported to placement (empty: this machine's)
+    cpu_flags: str = ""  # agents: the CPU flags reported, space or comma separated (empty: this machine's)
     namespace: str = ""  # empty: all namespaces
 
     @classmethod

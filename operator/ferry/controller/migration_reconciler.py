@@ -125,7 +125,8 @@ def observe(cx: Context, m: LiveMigration) -> Observation:
                                                                       "waiting for a slot"))
     if needs_placement(obs, t) and d is not None:
         request = DropletRequest(name=f"{m.namespace}/{m.droplet}", datacenter=d.datacenter, resources=d.resources,
-                                 host_selector=d.host_selector, source_host=d.host)
+                                 host_selector=d.host_selector, source_host=d.host,
+                                 platform=source.agent.platform if source is not None else None)
         result = place(request, world.host_infos(t, timeout), world.reservations(exclude=m.key),
                        strategy=s.placement_strategy, target_host=m.spec.target_host,
                        inbound_limit=s.max_inbound_per_host, avoid=_failed_targets(m))

@@ -31,6 +31,7 @@ from ferry.placement.model import (
     HostInfo,
     PlacementResult,
     Reservation,
+    incompatibility,
 )
 
 __all__ = [
@@ -120,6 +121,9 @@ def check_host(
             return HostVerdict(
                 name, "hostSelector", f"hostSelector needs {key}={want}, host has {shown}", None
             )
+    why = incompatibility(request.platform, request.resources.cpu, host.platform)
+    if why is not None:
+        return HostVerdict(name, "compatible", f"incompatible: {why}", None)
     rc, rm, rd = reserved.get(name, (0, 0, 0))
     cap, alloc, req = host.capacity, host.allocated, request.resources
     free = Resources(
@@ -239,7 +243,9 @@ def place(
     pen = float(migration_penalty)
     limit = inbound_limit
 
-    n_dc = n_ready = n_sched = n_maint = n_source = n_sel = n_cpu = n_mem = n_disk = n_in = 0
+    n_dc = n_ready = n_sched = n_maint = n_source = n_sel = n_cpu = n_mem = n_disk = n_in = n_compat = 0
+    incompatible: dict[str, str] = {}
+    guest = request.platform
     feasible: list[tuple[float, str, HostInfo]] = []
     append = feasible.append
 
@@ -270,6 +276,12 @@ def place(
             if not ok:
                 n_sel += 1
                 continue
+        if h.platform is not None:
+            why = incompatibility(guest, rc, h.platform)
+            if why is not None:
+                n_compat += 1
+                incompatible[name] = why
+                continue
         cap = h.capacity
         alc = h.allocated
         if has_reserved:
@@ -297,7 +309,7 @@ def place(
         append((pen * h.migrations_in_flight - offset - ac * fc / cc - am * fm / cm - ad * fd / cd, name, h))
 
     rejected = dict(
-        zip(FILTERS, (n_dc, n_ready, n_sched, n_maint, n_source, n_sel, n_cpu, n_mem, n_disk, n_in))
+        zip(FILTERS, (n_dc, n_ready, n_sched, n_maint, n_source, n_sel, n_compat, n_cpu, n_mem, n_disk, n_in))
     )
     considered = len(hosts)
     avoided: dict[str, str] = {}
@@ -327,10 +339,11 @@ def place(
                 message += "; avoided " + ", ".join(f"{h} ({why})" for h, why in sorted(avoided.items()))
             return PlacementResult(
                 chosen.host, strategy, tuple(candidates), rejected, considered, message, "Placed",
-                avoided=avoided,
+                avoided=avoided, incompatible=incompatible,
             )
         return PlacementResult(
-            None, strategy, (), rejected, considered, _no_fit_message(rejected, considered), "NoHostFits"
+            None, strategy, (), rejected, considered, _no_fit_message(rejected, considered, incompatible),
+            "NoHostFits", incompatible=incompatible,
         )
 
     # Explicit target: honoured only if it passes every filter.
@@ -376,8 +389,12 @@ def place(
     )
 
 
-def _no_fit_message(rejected: Mapping[str, int], considered: int) -> str:
+def _no_fit_message(rejected: Mapping[str, int], considered: int,
+                    incompatible: Mapping[str, str] | None = None) -> str:
     if considered == 0:
         return "no host fits: no hosts known"
     parts = [f"{n} {FILTER_PHRASES[f]}" for f, n in rejected.items() if n]
-    return "no host fits: " + ", ".join(parts)
+    out = "no host fits: " + ", ".join(parts)
+    if incompatible:
+        out += " (" + "; ".join(f"{h}: {why}" for h, why in sorted(incompatible.items())[:5]) + ")"
+    return out
