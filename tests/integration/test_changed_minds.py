@@ -83,7 +83,7 @@ def test_a_mixed_host_drain_gives_each_droplet_exactly_one_migration(stack):
     stack.wait_hosts_ready()
     stack.droplet("cold", power="off")
     stack.droplet("nest", nested=True)
-    stack.droplet("mine", write_kibps=256)
+    stack.droplet("mine", write_kibps=2048, pattern="uniform")
     busy = ["busy1", "busy2"]
     for n in busy:
         stack.droplet(n, write_kibps=2048, pattern="uniform")
@@ -93,7 +93,7 @@ def test_a_mixed_host_drain_gives_each_droplet_exactly_one_migration(stack):
     b, c = stack.host("b"), stack.host("c")
     stack.wait_hosts_ready()
     stack.migrate("mine", name="users-own", limits={"bandwidthMiBps": 1})  # already migrating at the user's request
-    wait_until(lambda: _copying(stack, "users-own"), 60, what="the user's migration copying")
+    stack.wait_phase("users-own", ("Announced", "Scheduling", "Preparing", "PreCopy"), timeout=30)
     stack.kubectl("patch", "host", a, "--type=merge", "-p", json.dumps({"spec": {"maintenance": {"reason": "mixed"}}}))
     wait_until(lambda: (stack.get("host", a).get("status") or {}).get("phase") == "Evacuated", 180, interval=0.5,
                what="host evacuated")
@@ -132,6 +132,33 @@ def test_a_retry_avoids_the_host_that_failed_it(stack):
     d = stack.get("droplet", "web")
     assert d["status"]["host"] == good
     assert {x["type"]: x["status"] for x in d["status"].get("conditions") or []}.get("OfflineMigrationNeeded") != "True"
+
+
+def test_only_a_compatible_host_is_a_target(stack):
+    """Agents report their CPU flags (here a baseline set per host with FERRY_CPU_FLAGS):
+    the empty host lacking a flag the guest uses is refused, with its reason."""
+    a = stack.host("a", agent=False)
+    stack.start_agent(a, env={"FERRY_CPU_FLAGS": "sse2 avx2 aes"})
+    stack.start_operator()
+    stack.wait_hosts_ready()
+    stack.droplet("web")
+    assert stack.wait_running("web") == a
+    old = stack.host("old", agent=False)                # empty: the best score, but no avx2/aes
+    stack.start_agent(old, env={"FERRY_CPU_FLAGS": "sse2"})
+    new = stack.host("new", cpu=4, memory_mib=4096, agent=False)
+    stack.start_agent(new, env={"FERRY_CPU_FLAGS": "sse2 avx2 aes avx512f"})
+    stack.wait_hosts_ready()
+    platform = stack.get("host", new)["status"]["agent"]["platform"]
+    assert "avx512f" in platform["cpuFlags"] and platform["hypervisorVersion"]
+    stack.migrate("web")
+    st = stack.wait_phase("move", "Completed", timeout=90)
+    assert st["targetHost"] == new
+    assert st["placement"]["incompatible"] == {old: "CPU lacks 2 flag(s) the guest uses: aes, avx2"}
+    assert st["placement"]["rejected"]["compatible"] == 1
+    # asked for by name, the incompatible host is refused with the reason
+    stack.migrate("web", name="there", targetHost=old)
+    st = stack.wait_phase("there", "Failed", timeout=30)
+    assert st["reason"] == "TargetHostRejected" and "incompatible: CPU lacks" in st["failureReason"]
 
 
 def test_finished_migrations_do_not_pile_up(stack):
