@@ -180,3 +180,41 @@ def test_finished_migrations_do_not_pile_up(stack):
     wait_until(lambda: _gone(stack, "lm", "m1") and _gone(stack, "lm", "m2"), 40, what="TTL expired")
     last = stack.get("droplet", "web")["status"]["lastMigration"]
     assert last["name"] == "m2" and last["toHost"] == stack.get("droplet", "web")["status"]["host"]
+
+
+def test_a_stalled_link_in_precopy_times_out_and_the_next_attempt_proceeds(stack):
+    """The link stalls mid-copy without closing: the receiving VM process is frozen (SIGSTOP),
+    so the TCP connection stays open, the receive window fills and nothing more is
+    acknowledged — the sender sees what a path dropping every packet looks like. The
+    no-progress timeout fails the attempt, the source keeps running, and attempt 2 (a new
+    incoming VM) completes."""
+    import os
+    import signal
+
+    stack.env.update({"FERRY_PROGRESS_TIMEOUT_SECONDS": "6"})
+    a, b = stack.host("a"), stack.host("b")
+    stack.start_operator()
+    stack.wait_hosts_ready()
+    stack.droplet("web", write_kibps=4096, pattern="uniform")
+    src = stack.wait_running("web")
+    dst = b if src == a else a
+    stack.migrate("web", limits={"bandwidthMiBps": 1, "maxAttempts": 3})
+    wait_until(lambda: _copying(stack), 60, what="copy under way")
+    vm_dir = stack.dirs[dst] / "vms" / f"{stack.ns}__web"
+    pid = int((vm_dir / "pid").read_text().split()[0])
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        wait_until(lambda: [x.get("reason") for x in stack.lm().get("attempts") or []][:1] == ["NoProgress"], 60,
+                   what="attempt 1 failed with NoProgress")
+        # the source never stopped: still Running on its host, record unchanged
+        assert stack.get("droplet", "web")["status"]["host"] == src
+        wait_until(lambda: stack.vms_on(src).get(f"{stack.ns}/web") == "Running", 20, what="source running")
+    finally:
+        try:
+            os.kill(pid, signal.SIGCONT)  # let a late SIGTERM from the agent's cleanup land
+        except ProcessLookupError:
+            pass
+    st = stack.wait_phase("move", "Completed", timeout=120)
+    assert [x["result"] for x in st["attempts"]][:1] == ["Failed"] and st["attempts"][-1]["result"] == "Succeeded"
+    assert st["attempt"] >= 2
+    assert stack.get("droplet", "web")["status"]["host"] == dst
