@@ -35,6 +35,10 @@ class Settings:
     size_scale: float = 1.0
     driver: str = "sim"
     report_interval_seconds: float = 1.0
+    migration_ttl_seconds: float = 604800.0  # finished migrations deleted this long after (0: never)
+    migrations_kept_per_droplet: int = 5     # and only the newest N per droplet kept (0: no limit)
+    cpu_model: str = ""  # agents: the CPU model reported to placement (empty: this machine's)
+    cpu_flags: str = ""  # agents: the CPU flags reported, space or comma separated (empty: this machine's)
     namespace: str = ""  # empty: all namespaces
     log_format: str = "text"  # text | json (ferry.logs reads it before the settings are parsed)
 
@@ -70,7 +74,8 @@ class Settings:
             if getattr(self, name) < 1:
                 raise SettingsError(f"FERRY_{name.upper()} must be at least 1")
         for name in ("notice_seconds", "retry_backoff_seconds", "size_scale", "heartbeat_seconds",
-                     "heartbeat_timeout_seconds", "progress_timeout_seconds"):
+                     "heartbeat_timeout_seconds", "progress_timeout_seconds", "migration_ttl_seconds",
+                     "migrations_kept_per_droplet"):
             if getattr(self, name) < 0:
                 raise SettingsError(f"FERRY_{name.upper()} must not be negative")
 

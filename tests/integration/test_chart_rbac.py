@@ -241,6 +241,8 @@ def test_operator_runs_migrations_but_cannot_enumerate_secrets_or_escalate(
     assert code == 201, rsp.get("message")
     op.allowed("get", "secret", "evac-1-transfer", "-n", ns)
     op.allowed("delete", "secret", "evac-1-transfer", "-n", ns)
+    # Retention deletes finished migrations.
+    op.allowed("delete", "livemigration", "evac-1", "-n", ns, "--wait=false")
     # kopf: CRD discovery, events.
     op.allowed("get", "customresourcedefinitions", "livemigrations.ferry.dev")
     op.allowed("create", "-n", ns, "-f", "-", input=merge({

@@ -72,3 +72,11 @@ def monitor_state(qmp_aux: pathlib.Path) -> dict:
             "exports": q.execute("query-block-exports"),
             "migration": q.execute("query-migrate").get("status"),
         }
+
+
+CLOCK = re.compile(r"^ferry-clock (\d+)\r?\n", re.MULTILINE)
+
+
+def clocks(path: pathlib.Path) -> list[int]:
+    """The guest's own wall clock (unix seconds) on whole "ferry-clock" lines of a serial log."""
+    return [int(m) for m in CLOCK.findall(serial_text(path))]

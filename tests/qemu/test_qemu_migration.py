@@ -272,3 +272,66 @@ def test_agent_restart_mid_migration_rolls_back(hosts: tuple[QemuDriver, QemuDri
     finally:
         a2.destroy(spec.key)
         a2.close()
+
+
+def _migrate(src: QemuDriver, dst: QemuDriver, spec: VMSpec, mid: str) -> None:
+    """Run one migration src -> dst to the switchover (both paused, digests agree)."""
+    address = dst.prepare_incoming(spec, "127.0.0.1", SECRET, mid)
+    src.start_migration(spec.key, address, SECRET, mid, MigrationOptions(downtime_budget_ms=300,
+                                                                         bandwidth_bps=32 * MIB))
+    s = wait_migration(src, spec, {MigrationState.COMPLETED, MigrationState.FAILED, MigrationState.ABORTED})
+    assert s.state == MigrationState.COMPLETED, s.error
+    d = wait_migration(dst, spec, {MigrationState.RECEIVED, MigrationState.FAILED})
+    assert d.state == MigrationState.RECEIVED and d.digest == s.digest, d.error
+
+
+def test_cancel_at_the_switchover_resumes_the_guest_which_keeps_counting(hosts: tuple[QemuDriver, QemuDriver],
+                                                                          spec: VMSpec) -> None:
+    """The guest paused for the switchover (stream and mirror done, digests agreed), and the
+    record has not moved: a cancel resumes it on its source, the same guest counting on."""
+    a, b = hosts
+    boot(a, spec)
+    _migrate(a, b, spec, "m-switch")
+    assert state_of(a, spec) == VMState.PAUSED
+    frozen = last_counter(a.layout(spec.key).serial)
+    a.cancel_migration(spec.key)
+    b.cancel_migration(spec.key)
+    assert state_of(a, spec) == VMState.RUNNING
+    assert state_of(b, spec) is None  # the target is torn down, its image deleted
+    keeps_counting(a, spec)
+    seen = counters(a.layout(spec.key).serial)
+    assert seen == list(range(1, len(seen) + 1)) and seen[-1] > frozen  # no gap, no restart
+    assert serial_text(a.layout(spec.key).serial).count(BOOT_BANNER) == 1
+    with aux_monitor(a, spec) as q:  # alone again: no mirror, no NBD node; (query-migrate keeps "completed")
+        assert q.execute("query-block-jobs") == []
+        assert not [n["node-name"] for n in q.execute("query-named-block-nodes") if n["node-name"].startswith("ferry-")]
+        assert q.execute("query-status")["status"] == "running"
+
+
+def test_a_guest_that_arrived_migrates_again_a_to_b_to_a(hosts: tuple[QemuDriver, QemuDriver], spec: VMSpec) -> None:
+    """A -> B -> A: the VM B started as an incoming target is an ordinary source later; and
+    the guest's own clock is right after each move."""
+    import time
+
+    from qemu_support import clocks
+
+    a, b = hosts
+    boot(a, spec, min_counter=12)
+    text = {"a1": "", "b": ""}
+    for src, dst, mid, key in ((a, b, "m-there", "a1"), (b, a, "m-back", "b")):
+        _migrate(src, dst, spec, mid)
+        dst.resume(spec.key)
+        text[key] = serial_text(src.layout(spec.key).serial)
+        src.destroy(spec.key)
+        assert state_of(src, spec) is None and state_of(dst, spec) == VMState.RUNNING
+        serial = dst.layout(spec.key).serial
+        # the first clock line the guest prints after it resumed, read as it appears
+        before = len(clocks(serial))
+        stamp = wait_until(lambda: len(clocks(serial)) > before and (clocks(serial)[-1], time.time()), 30,
+                           interval=0.05, what="a clock line after the move")
+        guest_t, host_t = stamp
+        assert abs(host_t - guest_t) <= 2.5, f"guest clock off by {host_t - guest_t:.1f}s after {mid}"
+    keeps_counting(a, spec)
+    seen = counters(text["a1"] + text["b"] + serial_text(a.layout(spec.key).serial))
+    assert seen == list(range(1, len(seen) + 1)), seen[:5]
+    assert (text["a1"] + text["b"] + serial_text(a.layout(spec.key).serial)).count(BOOT_BANNER) == 1

@@ -427,7 +427,7 @@ def test_operator_rules_are_exactly_what_it_needs(helm: str) -> None:
     docs = render(helm)
     assert rules_of(docs, "ferry-operator") == flat(
         ("ferry.dev", ["hosts", "droplets"], ["get", "list", "watch", "patch"]),
-        ("ferry.dev", ["livemigrations"], ["get", "list", "watch", "patch", "create"]),
+        ("ferry.dev", ["livemigrations"], ["get", "list", "watch", "patch", "create", "delete"]),
         ("ferry.dev", ["livemigrations/finalizers"], ["update"]),
         ("ferry.dev", ["hosts/status", "droplets/status", "livemigrations/status"], ["get", "patch"]),
         ("apiextensions.k8s.io", ["customresourcedefinitions"], ["get", "list", "watch"]),

@@ -205,3 +205,10 @@ def test_render_anything_without_raising(spec, status, mstatus):
     assert render.explain_lines(body, view, mstatus.get("placement"), NOW)
     assert render.status_lines([body], [body], [view], NOW, None)
     assert render.status_lines([body], [body], [view], NOW, "n")
+
+
+def test_placement_lines_name_incompatible_and_avoided_hosts():
+    lines = render.placement_lines({**PLACEMENT, "incompatible": {"old": "CPU lacks 1 flag(s) the guest uses: avx2"},
+                                    "avoided": {"bad": "attempt 1 failed there: TargetFailed"}})
+    assert "  incompatible old: CPU lacks 1 flag(s) the guest uses: avx2" in lines
+    assert "  avoided bad: attempt 1 failed there: TargetFailed" in lines

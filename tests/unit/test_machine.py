@@ -372,7 +372,7 @@ def test_scheduling_chooses_target_and_reserves():
     assert d.phase == "Preparing"
     ns = d.new_status
     assert (ns.target_host, ns.source_host, ns.attempt) == ("h2", "h1", 1)
-    assert ns.attempts == (AttemptRecord(1, T0),)
+    assert ns.attempts == (AttemptRecord(1, T0, target_host="h2"),)
     assert ns.reserved_target == "h2"
     assert ns.placement == p.to_status()
     assert ns.progress == 0 and ns.effective_mode == "live"

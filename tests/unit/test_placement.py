@@ -242,3 +242,65 @@ def test_duplicate_host_names_among_the_best_are_rejected(other):
 def test_request_must_ask_for_something():
     with pytest.raises(ValueError, match="at least 1"):
         DropletRequest("x", "nyc3", Resources(0, 1024, 10))
+
+
+def test_a_retry_avoids_the_host_an_earlier_attempt_failed_on():
+    hosts = [host("h1", alloc=Resources(8, 0, 0)), host("h2")]  # h2 is the better score
+    why = {"h2": "attempt 1 failed there: TargetFailed"}
+    r = place(req(source_host="src"), hosts, avoid=why)
+    assert r.chosen == "h1"
+    assert r.avoided == why and r.to_status()["avoided"] == why
+    assert "avoided h2 (attempt 1 failed there: TargetFailed)" in r.message
+    assert [c.host for c in r.candidates] == ["h1"]
+
+
+def test_a_retry_goes_back_to_a_failed_host_only_when_nothing_else_fits():
+    why = {"h2": "attempt 1 failed there: TargetFailed"}
+    r = place(req(source_host="src"), [host("h2"), host("full", alloc=CAP)], avoid=why)
+    assert r.chosen == "h2"
+    assert "h2 again although attempt 1 failed there: TargetFailed: no other host fits" in r.message
+    # an explicit target is what the user asked for: never avoided
+    assert place(req(source_host="src"), [host("h1"), host("h2")], target_host="h2", avoid=why).chosen == "h2"
+
+
+# ---------------------------------------------------------------- compatibility
+
+from ferry.api.models import Platform  # noqa: E402
+from ferry.placement.model import incompatibility  # noqa: E402
+
+SRC = Platform("sim", "0.3.1", "EPYC", frozenset({"sse2", "avx2", "aes"}))
+
+
+@pytest.mark.parametrize("host_platform, vcpus, why", [
+    (None, 2, None),                                                       # reports nothing: fits
+    (Platform("sim", "0.3.1", "EPYC", frozenset({"sse2", "avx2", "aes"})), 2, None),
+    (Platform("sim", "0.4", "Xeon", frozenset({"sse2", "avx2", "aes", "avx512f"})), 2, None),  # newer, more flags
+    (Platform("qemu", "8.2.2", "EPYC", SRC.cpu_flags), 2, "driver qemu, the guest runs under sim"),
+    (Platform("sim", "0.2.9", "EPYC", SRC.cpu_flags), 2, "hypervisor 0.2.9 is older than the source's 0.3.1"),
+    (Platform("sim", "0.3.1", "EPYC", frozenset({"sse2"})), 2, "CPU lacks 2 flag(s) the guest uses: aes, avx2"),
+])
+def test_incompatibility(host_platform, vcpus, why):
+    got = incompatibility(SRC, vcpus, host_platform)
+    assert (got is None) == (why is None) and (why is None or got.startswith(why)), got
+
+
+def test_qemu_caps_vcpus_at_the_hosts_cores_even_for_a_new_droplet():
+    q = Platform("qemu", "8.2", None, frozenset(), cores=2)
+    assert incompatibility(None, 4, q).startswith("2 cores, the guest has 4 vCPUs")
+    assert incompatibility(None, 2, q) is None
+    # models are compared only when neither side reports flags
+    assert incompatibility(Platform("sim", None, "EPYC"), 1, Platform("sim", None, "Xeon")).startswith("CPU model")
+
+
+def test_placement_refuses_an_incompatible_target_with_a_per_host_reason():
+    old = host("old", platform=Platform("sim", "0.3.1", None, frozenset({"sse2"})))
+    new = host("new", alloc=Resources(8, 0, 0), platform=Platform("sim", "0.3.1", None, SRC.cpu_flags))
+    r = place(req(source_host="src", platform=SRC), [old, new])
+    assert r.chosen == "new" and r.rejected["compatible"] == 1
+    assert r.incompatible == {"old": "CPU lacks 2 flag(s) the guest uses: aes, avx2"}
+    assert r.to_status()["incompatible"] == r.incompatible
+    none = place(req(source_host="src", platform=SRC), [old])
+    assert none.chosen is None and "1 incompatible (old: CPU lacks" in none.message
+    t = place(req(source_host="src", platform=SRC), [old, new], target_host="old")
+    assert t.chosen is None and t.target_rejected_by == "compatible"
+    assert t.message == "target host old rejected: incompatible: CPU lacks 2 flag(s) the guest uses: aes, avx2"

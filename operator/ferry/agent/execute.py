@@ -14,14 +14,15 @@ from __future__ import annotations
 import datetime as dt
 import logging
 from collections.abc import Callable
+from typing import Any
 
 from ferry.agent import plan as p
 from ferry.agent.observe import Observer, Snapshot
 from ferry.api import constants as c
 from ferry.api.meta import InvalidSpec
-from ferry.api.models import Droplet
+from ferry.api.models import Droplet, Platform
 from ferry.api.phases import TargetState
-from ferry.drivers.base import Driver, DriverError, VMInfo, VMKey, VMState
+from ferry.drivers.base import Driver, DriverError, VMInfo, VMKey, VMState, host_cpu
 from ferry.settings import Settings
 from ferry.storage import Backoff, Kube, NotFound, StorageError
 
@@ -253,6 +254,20 @@ class Executor:
         return True
 
 
+def platform_of(driver: Driver, settings: Settings) -> dict[str, Any]:
+    """What this host offers a guest: the hypervisor's version, the CPU model and flags
+    (FERRY_CPU_MODEL / FERRY_CPU_FLAGS override them, e.g. a baseline a pool of mixed hosts
+    shares) and, for drivers that run a thread per vCPU, the most vCPUs a guest may have."""
+    model, flags = host_cpu()
+    if settings.cpu_model:
+        model = settings.cpu_model
+    if settings.cpu_flags:
+        flags = frozenset(settings.cpu_flags.replace(",", " ").split())
+    version = getattr(driver, "hypervisor_version", lambda: None)()
+    cores = getattr(driver, "max_vcpus", lambda: None)()
+    return Platform(getattr(driver, "name", None), version, model, flags, cores).to_dict()
+
+
 class Heartbeat:
     """Host.status.agent: what this agent runs and that it is alive."""
 
@@ -271,6 +286,7 @@ class Heartbeat:
         self._host_missing_since: float | None = None
         self._host_missing_logged = 0.0
         self._beats = 0
+        self.platform = platform_of(driver, settings)
 
     @property
     def period(self) -> float:
@@ -288,7 +304,8 @@ class Heartbeat:
         except DriverError as exc:
             self.warn(VMKey("", ""), f"cannot list VMs for the heartbeat: {exc}")
             infos = []
-        status = p.agent_status(self.ctx, getattr(self.driver, "name", "unknown"), self.version, infos, self.now())
+        status = p.agent_status(self.ctx, getattr(self.driver, "name", "unknown"), self.version, infos, self.now(),
+                                self.platform)
         try:
             self.kube.patch_status("Host", host, {"agent": status})
         except NotFound:

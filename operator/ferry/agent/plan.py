@@ -614,9 +614,11 @@ def _report_transfer(host: HostContext, key: VMKey, lm: LiveMigration, stats: Mi
 
 # --- the heartbeat ------------------------------------------------------------------------
 
-def agent_status(host: HostContext, driver: str, version: str, vms: Iterable[VMInfo], now: dt.datetime) -> dict:
-    """``Host.status.agent``: the only part of the Host the agent writes."""
-    return {
+def agent_status(host: HostContext, driver: str, version: str, vms: Iterable[VMInfo], now: dt.datetime,
+                 platform: Mapping[str, Any] | None = None) -> dict:
+    """``Host.status.agent``: the only part of the Host the agent writes. ``platform`` is what
+    placement checks a target against (``ferry.api.models.Platform.to_dict``)."""
+    out = {
         "address": host.address,
         "heartbeatTime": fmt(now, fraction=True),
         "driver": driver,
@@ -624,6 +626,9 @@ def agent_status(host: HostContext, driver: str, version: str, vms: Iterable[VMI
         "vms": [{"namespace": v.key.namespace, "name": v.key.name, "state": v.state.value}
                 for v in sorted(vms, key=lambda v: v.key)],
     }
+    if platform is not None:
+        out["platform"] = dict(platform)
+    return out
 
 
 def busy(vms: Mapping[VMKey, VMObs], migrations: Mapping[MigKey, LiveMigration | None], me: str) -> bool:

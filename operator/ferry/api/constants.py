@@ -9,6 +9,7 @@ SOURCE_HOST_LABEL = "ferry.dev/source-host"
 TARGET_HOST_LABEL = "ferry.dev/target-host"
 DROPLET_LABEL = "ferry.dev/droplet"
 EVACUATION_LABEL = "ferry.dev/evacuation"
+EVACUATION_WINDOW_LABEL = "ferry.dev/evacuation-window"
 
 MAINTENANCE_ANNOTATION = "ferry.dev/maintenance-event"
 MAINTENANCE_SINCE_ANNOTATION = "ferry.dev/maintenance-event-since"

@@ -86,10 +86,12 @@ class AttemptRecord:
     end_time: dt.datetime | None = None
     result: str | None = None
     reason: str | None = None
+    target_host: str | None = None  # where this attempt went (a retry avoids it when another host fits)
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"number": self.number, "startTime": fmt_api(self.start_time),
-                               "endTime": fmt_api(self.end_time), "result": self.result, "reason": self.reason}
+                               "endTime": fmt_api(self.end_time), "result": self.result, "reason": self.reason,
+                               "targetHost": self.target_host}
         return {k: v for k, v in out.items() if v is not None}
 
     @classmethod
@@ -99,7 +101,7 @@ class AttemptRecord:
         if number is None:
             return None
         return cls(number, parse_any(m.get("startTime")) or EPOCH, parse_any(m.get("endTime")),
-                   as_str(m.get("result")), as_str(m.get("reason")))
+                   as_str(m.get("result")), as_str(m.get("reason")), as_str(m.get("targetHost")))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -31,11 +31,46 @@ def _resources(d: Any, where: str) -> Resources:
 
 
 @dataclasses.dataclass(frozen=True)
+class Platform:
+    """What a host offers a guest, as its agent reports it (``status.agent.platform``) and as
+    placement compares it: a guest runs on a target only under the same driver, a hypervisor
+    at least as new, a CPU with every flag it uses and (qemu) enough cores for its vCPUs."""
+
+    driver: str | None = None
+    hypervisor_version: str | None = None
+    cpu_model: str | None = None
+    cpu_flags: frozenset[str] = frozenset()
+    cores: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"hypervisorVersion": self.hypervisor_version, "cpuModel": self.cpu_model,
+                "cpuFlags": sorted(self.cpu_flags), "cores": self.cores}
+
+    @classmethod
+    def from_agent(cls, agent: Mapping[str, Any]) -> Platform | None:
+        raw = agent.get("platform")
+        if not isinstance(raw, Mapping):
+            return None
+        flags = raw.get("cpuFlags")
+        cores = raw.get("cores")
+        model = raw.get("cpuModel")
+        version = raw.get("hypervisorVersion")
+        return cls(
+            driver=agent.get("driver") if isinstance(agent.get("driver"), str) else None,
+            hypervisor_version=version if isinstance(version, str) and version else None,
+            cpu_model=model if isinstance(model, str) and model else None,
+            cpu_flags=frozenset(f for f in flags if isinstance(f, str)) if isinstance(flags, list) else frozenset(),
+            cores=cores if isinstance(cores, int) and not isinstance(cores, bool) and cores > 0 else None,
+        )
+
+
+@dataclasses.dataclass(frozen=True)
 class AgentReport:
     address: str | None
     heartbeat: dt.datetime | None
     driver: str | None
     vms: tuple[tuple[str, str, str], ...]  # (namespace, name, state)
+    platform: Platform | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,6 +110,7 @@ class Host(Named):
                 driver=agent.get("driver"),
                 vms=tuple((v.get("namespace", ""), v.get("name", ""), v.get("state", ""))
                           for v in agent.get("vms") or []),
+                platform=Platform.from_agent(agent),
             ),
             status=status,
         )

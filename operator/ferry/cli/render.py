@@ -229,6 +229,10 @@ def placement_lines(placement: Any, top: int = 5) -> list[str]:
         lines.append("  rejected: " + ", ".join(f"{n} {_phrase(k)} ({k})" for k, n in rejected.items()))
     elif considered is not None:
         lines.append("  rejected: none")
+    for host, why in sorted(_m(p.get("incompatible")).items()):
+        lines.append(f"  incompatible {host}: {why}")
+    for host, why in sorted(_m(p.get("avoided")).items()):
+        lines.append(f"  avoided {host}: {why}")
     if _s(p.get("message")):
         lines.append(f"  {p['message']}")
     return lines

@@ -336,7 +336,12 @@ def _follow_drain(s: Session, host: str) -> int:
 
     def fetch() -> tuple[dict[str, Any], list[dict[str, Any]]]:
         h = s.kube.get("Host", host)
-        migrations = s.kube.list("LiveMigration", None, selector=selector)
+        # only this maintenance window's evacuation, not the finished ones of earlier drains
+        # (an operator that records no window: all of them)
+        window = ((h.get("status") or {}).get("evacuation") or {}).get("window")
+        migrations = [m for m in s.kube.list("LiveMigration", None, selector=selector)
+                      if window is None or
+                      ((m.get("metadata") or {}).get("labels") or {}).get(c.EVACUATION_WINDOW_LABEL, "1") == str(window)]
         return h, sorted(migrations, key=_key)
 
     def done(value: tuple[dict[str, Any], list[dict[str, Any]]]) -> int | None:

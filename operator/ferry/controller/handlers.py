@@ -1,7 +1,8 @@
 """Every kopf handler of the operator, each a one-line delegation.
 
 Watch events feed the world first; a one-second (migrations), two-second (hosts) and
-five-second (droplets) timer catches drift. Each reconciler reads the world, calls a pure
+five-second (droplets) timer catches drift; a five-second timer on finished migrations
+applies the retention. Each reconciler reads the world, calls a pure
 decision and writes the result (``*_reconciler``).
 """
 
@@ -48,6 +49,15 @@ async def migration_event(type: str | None, body: kopf.Body, memo: kopf.Memo, lo
 @kopf.timer(*LM, interval=1.0, initial_delay=1.0, when=_not_terminal)
 async def migration_timer(body: kopf.Body, memo: kopf.Memo, logger: logging.Logger, **_: Any) -> None:
     await migration_reconciler.reconcile(ctx(memo), (body.metadata.namespace, body.metadata.name), logger)
+
+
+def _terminal(status: dict, **_: Any) -> bool:
+    return not _not_terminal(status)
+
+
+@kopf.timer(*LM, interval=5.0, initial_delay=5.0, when=_terminal)
+async def migration_retention(body: kopf.Body, memo: kopf.Memo, logger: logging.Logger, **_: Any) -> None:
+    await migration_reconciler.expire(ctx(memo), (body.metadata.namespace, body.metadata.name), logger)
 
 
 @kopf.on.delete(*LM)

@@ -11,8 +11,8 @@ from ferry.api.sizes import Resources
 from ferry.api.times import now
 from ferry.controller import effects
 from ferry.controller.app import Context
-from ferry.hosts.status import evacuation_plan, host_status, status_changed
-from ferry.storage import Conflict
+from ferry.hosts.status import evacuation_plan, evacuation_withdrawals, host_status, status_changed
+from ferry.storage import Conflict, NotFound
 
 log = logging.getLogger("ferry.operator")
 
@@ -52,7 +52,17 @@ async def reconcile_host(cx: Context, name: str, logger: logging.Logger) -> None
                                          else f"host is {desired['phase']}")
             new = await cx.call(cx.kube.patch_status, "Host", name, desired)
             world.observe("Host", "MODIFIED", new)
-        for body in evacuation_plan(host, droplets, migrations, t):
+        # The window is planned only once the status that records it is written.
+        window = (desired.get("evacuation") or {}).get("window")
+        for m in evacuation_withdrawals(host, migrations):
+            try:
+                new = await cx.call(cx.kube.patch, "LiveMigration", m.name, {"spec": {"cancel": True}}, m.namespace,
+                                    resource_version=m.meta.resource_version)
+                world.observe("LiveMigration", "MODIFIED", new)
+                log.info("host %s: maintenance ended; withdrew queued evacuation %s/%s", name, m.namespace, m.name)
+            except (NotFound, Conflict):
+                pass  # gone, or moved on since this view: the next reconcile looks again
+        for body in evacuation_plan(host, droplets, migrations, t, window):
             try:
                 await cx.call(cx.kube.create, "LiveMigration", body, body["metadata"]["namespace"])
                 log.info("evacuating %s/%s off %s: created %s", body["metadata"]["namespace"],

@@ -28,6 +28,8 @@ from ferry.migration.actions import EmitEvent, RecomputeAllocations
 from ferry.migration.admission import Admission, ConcurrencyLimits, MigrationRef, admit
 from ferry.migration.machine import Decision, decide, needs_admission, needs_placement
 from ferry.migration.observation import DropletObs, MachineConfig, Observation
+from ferry.migration.retention import expired, finished_at
+from ferry.hosts.status import maintenance_window, window_of
 from ferry.placement import DropletRequest, place
 from ferry.storage import Conflict, NotFound, StorageError
 
@@ -54,6 +56,29 @@ async def on_delete(cx: Context, body: dict, logger: logging.Logger) -> None:
     m = cx.world.migrations.get(key)
     if m is not None and not m.terminal:
         raise kopf.TemporaryError(f"waiting for migration {key[0]}/{key[1]} to stop (phase {m.phase})", delay=1)
+
+
+async def expire(cx: Context, key: ObjectKey, logger: logging.Logger) -> None:
+    """Delete this finished migration if the retention says so (``ferry.migration.retention``)."""
+    m = cx.world.migrations.get(key)
+    if m is None or not m.terminal or m.meta.deleting:
+        return
+    s = cx.settings
+    gone = expired(cx.world.migrations_of((m.namespace, m.droplet)), now(), s.migration_ttl_seconds,
+                   s.migrations_kept_per_droplet, protected=lambda x: _in_open_window(cx, x))
+    if any(x.key == key for x in gone):
+        try:
+            await cx.call(cx.kube.delete, "LiveMigration", key[1], key[0])
+            logger.info("migration %s/%s finished %s ago: deleted (retention)", *key, now() - finished_at(m))
+        except NotFound:
+            pass
+
+
+def _in_open_window(cx: Context, m: LiveMigration) -> bool:
+    """An evacuation of its host's open maintenance window: it stays while the window is open,
+    as the record that this droplet's evacuation was tried (and is not retried)."""
+    host = cx.world.hosts.get(m.meta.labels.get(c.EVACUATION_LABEL, ""))
+    return host is not None and maintenance_window(host) == window_of(m)
 
 
 def _update_gauges(cx: Context) -> None:
@@ -101,12 +126,20 @@ def observe(cx: Context, m: LiveMigration) -> Observation:
                                                                       "waiting for a slot"))
     if needs_placement(obs, t) and d is not None:
         request = DropletRequest(name=f"{m.namespace}/{m.droplet}", datacenter=d.datacenter, resources=d.resources,
-                                 host_selector=d.host_selector, source_host=d.host)
+                                 host_selector=d.host_selector, source_host=d.host,
+                                 platform=source.agent.platform if source is not None else None)
         result = place(request, world.host_infos(t, timeout), world.reservations(exclude=m.key),
                        strategy=s.placement_strategy, target_host=m.spec.target_host,
-                       inbound_limit=s.max_inbound_per_host)
+                       inbound_limit=s.max_inbound_per_host, avoid=_failed_targets(m))
         obs = dataclasses.replace(obs, placement=result)
     return obs
+
+
+def _failed_targets(m: LiveMigration) -> dict[str, str]:
+    """Hosts earlier attempts failed on, and why: a retry goes elsewhere when another host fits
+    (the source is the same in every attempt; the target is what a retry can change)."""
+    return {a.target_host: f"attempt {a.number} failed there: {a.reason}" for a in m.status.attempts
+            if a.result == "Failed" and a.target_host}
 
 
 def _admission_refs(cx: Context, t) -> list[MigrationRef]:

@@ -118,7 +118,7 @@ class World:
                 labels=h.meta.labels, ready=h.ready(now, heartbeat_timeout), schedulable=h.schedulable,
                 in_maintenance=h.in_maintenance,
                 migrations_in_flight=out_n.get(h.name, 0) + in_n.get(h.name, 0),
-                inbound_migrations=in_n.get(h.name, 0),
+                inbound_migrations=in_n.get(h.name, 0), platform=h.agent.platform,
             )
             for h in self.hosts.values()
         ]

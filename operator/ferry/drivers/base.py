@@ -173,3 +173,24 @@ class Driver(Protocol):
 
     def resume(self, key: VMKey) -> None:
         """Target side, after the placement record names this host: run the guest."""
+
+
+def host_cpu(cpuinfo: str = "/proc/cpuinfo") -> tuple[str | None, frozenset[str]]:
+    """This machine's CPU model name and flags (what a guest of this host may be using)."""
+    model: str | None = None
+    flags: frozenset[str] = frozenset()
+    try:
+        with open(cpuinfo, encoding="utf-8", errors="replace") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                key = key.strip()
+                if key == "model name" and model is None:
+                    model = value.strip() or None
+                elif key in ("flags", "Features") and not flags:
+                    flags = frozenset(value.split())
+                if model and flags:
+                    break
+    except OSError:
+        pass
+    return model, flags
+

@@ -12,7 +12,7 @@ from ferry.api import constants as c
 from ferry.api.livemigration import LiveMigration
 from ferry.api.models import Droplet, Host
 from ferry.api.conditions import parse_conditions, set_condition
-from ferry.api.phases import HostPhase, Phase
+from ferry.api.phases import QUEUED, HostPhase, Phase
 from ferry.api.sizes import Resources
 from ferry.api.times import fmt
 
@@ -25,18 +25,48 @@ class Evacuation:
     completed: int
 
 
-def evacuation_name(host: str, droplet: str) -> str:
-    """A stable, valid LiveMigration name for the evacuation of ``droplet`` off ``host``."""
-    digest = hashlib.sha256(f"{host}/{droplet}".encode()).hexdigest()[:6]
+def evacuation_name(host: str, droplet: str, window: int) -> str:
+    """A stable, valid LiveMigration name for the evacuation of ``droplet`` off ``host`` in
+    maintenance window ``window`` (each drain of a host is a new window, so the finished
+    migrations of an earlier drain never stand in the way of a later one)."""
+    digest = hashlib.sha256(f"{host}/{droplet}/{window}".encode()).hexdigest()[:6]
     base = f"evacuate-{host}-{droplet}"
-    if len(base) > 240:
-        base = base[:240].rstrip("-.")
-    return f"{base}-{digest}"
+    if len(base) > 230:
+        base = base[:230].rstrip("-.")
+    return f"{base}-w{window}-{digest}"
 
 
-def evacuation_of(host: Host, droplets: Iterable[Droplet], migrations: Iterable[LiveMigration]) -> Evacuation:
+def maintenance_window(host: Host) -> int | None:
+    """The number of the host's current maintenance window, None when not in maintenance.
+
+    The operator records it in ``status.evacuation.window`` while the host is in maintenance
+    and the last one opened in ``status.maintenanceWindow`` (kept across uncordons): a host
+    put into maintenance with no open window opens the next one.
+    """
+    if not host.in_maintenance:
+        return None
+    open_ = (host.status.get("evacuation") or {}).get("window")
+    if isinstance(open_, int) and not isinstance(open_, bool) and open_ >= 1:
+        return open_
+    last = host.status.get("maintenanceWindow")
+    last = last if isinstance(last, int) and not isinstance(last, bool) and last >= 0 else 0
+    return last + 1
+
+
+def window_of(m: LiveMigration) -> int:
+    """The maintenance window an evacuation migration belongs to (unlabelled: the first)."""
+    try:
+        return int(m.meta.labels.get(c.EVACUATION_WINDOW_LABEL, "1"))
+    except ValueError:
+        return 1
+
+
+def evacuation_of(host: Host, droplets: Iterable[Droplet], migrations: Iterable[LiveMigration],
+                  window: int | None = None) -> Evacuation:
+    """Progress of the evacuation in ``window`` (every window when None)."""
     left = sum(1 for d in droplets if d.host == host.name)
-    evac = [m for m in migrations if m.meta.labels.get(c.EVACUATION_LABEL) == host.name]
+    evac = [m for m in migrations if m.meta.labels.get(c.EVACUATION_LABEL) == host.name
+            and (window is None or window_of(m) == window)]
     return Evacuation(
         droplets_left=left,
         running=sum(1 for m in evac if not m.terminal),
@@ -46,14 +76,16 @@ def evacuation_of(host: Host, droplets: Iterable[Droplet], migrations: Iterable[
 
 
 def evacuation_plan(host: Host, droplets: Iterable[Droplet], migrations: Iterable[LiveMigration],
-                    now: dt.datetime) -> list[dict[str, Any]]:
+                    now: dt.datetime, window: int | None) -> list[dict[str, Any]]:
     """LiveMigration bodies to create so every droplet on a host in maintenance gets one.
 
-    A droplet that already has a non-terminal migration, or whose evacuation migration
-    already exists (whatever its phase: a failed one is not retried behind the user's back),
-    gets none.
+    ``window`` is the maintenance window the operator has recorded in the host's status
+    (``maintenance_window``); nothing is planned without one. A droplet that already has a
+    non-terminal migration (the user's or another), or whose evacuation migration of this
+    window already exists (whatever its phase: a failed one is not retried behind the
+    user's back within the window), gets none.
     """
-    if not host.in_maintenance:
+    if not host.in_maintenance or window is None:
         return []
     migrations = list(migrations)
     busy = {(m.namespace, m.droplet) for m in migrations if not m.terminal}
@@ -63,16 +95,32 @@ def evacuation_plan(host: Host, droplets: Iterable[Droplet], migrations: Iterabl
     for d in sorted(droplets, key=lambda d: (d.namespace, d.name)):
         if d.host != host.name or d.meta.deleting or (d.namespace, d.name) in busy:
             continue
-        name = evacuation_name(host.name, d.name)
+        name = evacuation_name(host.name, d.name, window)
         if (d.namespace, name) in existing:
             continue
         out.append({
             "apiVersion": c.API_VERSION, "kind": "LiveMigration",
             "metadata": {"name": name, "namespace": d.namespace,
-                         "labels": {c.EVACUATION_LABEL: host.name, c.DROPLET_LABEL: d.name}},
+                         "labels": {c.EVACUATION_LABEL: host.name, c.EVACUATION_WINDOW_LABEL: str(window),
+                                    c.DROPLET_LABEL: d.name}},
             "spec": {"droplet": d.name, "scheduledAt": fmt(start)},
         })
     return out
+
+
+def evacuation_withdrawals(host: Host, migrations: Iterable[LiveMigration]) -> list[LiveMigration]:
+    """Evacuation migrations of ``host`` to withdraw because the maintenance was removed
+    (or a later window replaced theirs): the queued ones (Pending, Announced), which have
+    not taken a concurrency slot, reserved a target nor moved any data. Withdrawing is a
+    cancel, so the machine clears the droplet's maintenance notice. The ones already in
+    flight (Scheduling onwards) are left to finish: they hold a target and are moving data,
+    and a finished move off a host that is healthy again costs nothing but placement,
+    while a cancel would throw the copied data away.
+    """
+    window = maintenance_window(host)
+    return [m for m in migrations
+            if m.meta.labels.get(c.EVACUATION_LABEL) == host.name and window_of(m) != window
+            and (m.phase is None or m.phase in QUEUED) and not m.spec.cancel and not m.meta.deleting]
 
 
 def host_status(host: Host, droplets: Iterable[Droplet], migrations: Iterable[LiveMigration],
@@ -81,7 +129,8 @@ def host_status(host: Host, droplets: Iterable[Droplet], migrations: Iterable[Li
     droplets = list(droplets)
     migrations = list(migrations)
     ready = host.ready(now, heartbeat_timeout)
-    ev = evacuation_of(host, droplets, migrations)
+    window = maintenance_window(host)
+    ev = evacuation_of(host, droplets, migrations, window)
     if not ready:
         phase = HostPhase.NOT_READY
     elif host.in_maintenance:
@@ -121,9 +170,10 @@ def host_status(host: Host, droplets: Iterable[Droplet], migrations: Iterable[Li
         "allocated": allocated.to_dict(),
         "allocatedSummary": {"cpu": f"{allocated.cpu}/{cap.cpu}",
                              "memory": f"{allocated.memory_mib}/{cap.memory_mib}Mi"},
-        "evacuation": {"dropletsLeft": ev.droplets_left, "migrationsRunning": ev.running,
+        "evacuation": {"window": window, "dropletsLeft": ev.droplets_left, "migrationsRunning": ev.running,
                        "migrationsFailed": ev.failed, "migrationsCompleted": ev.completed}
-        if host.in_maintenance else None,
+        if window is not None else None,
+        "maintenanceWindow": window if window is not None else host.status.get("maintenanceWindow"),
         "conditions": [cnd.to_dict() for cnd in conds],
     }
 

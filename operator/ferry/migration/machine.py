@@ -557,7 +557,7 @@ def _scheduling(b: _Builder) -> None:
             target_host=p.chosen,
             source_host=src,
             attempt=n,
-            attempts=st.attempts + (AttemptRecord(n, now),),
+            attempts=st.attempts + (AttemptRecord(n, now, target_host=p.chosen),),
             next_attempt_at=None,
             placement=placement,
             progress=0,

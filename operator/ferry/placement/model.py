@@ -10,6 +10,7 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
+from ferry.api.models import Platform
 from ferry.api.sizes import Resources
 
 __all__ = [
@@ -32,6 +33,8 @@ __all__ = [
 #: ``maintenance`` host in maintenance (being evacuated)
 #: ``source``      the droplet's current host (migrations only)
 #: ``hostSelector`` host labels do not carry every ``hostSelector.matchLabels`` pair
+#: ``compatible`` host cannot run the guest as it runs now (driver, hypervisor version, CPU
+#:                 flags, qemu cores; see :func:`incompatibility`)
 #: ``cpu`` / ``memory`` / ``disk``  not enough free after allocations AND reservations
 #: ``inbound``     host already receives ``inbound_limit`` migrations (only when a limit is
 #:                 given); last, so a host rejected here would otherwise fit: worth waiting for.
@@ -42,6 +45,7 @@ FILTERS: tuple[str, ...] = (
     "maintenance",
     "source",
     "hostSelector",
+    "compatible",
     "cpu",
     "memory",
     "disk",
@@ -56,6 +60,7 @@ FILTER_PHRASES: dict[str, str] = {
     "maintenance": "in maintenance",
     "source": "source host",
     "hostSelector": "not matching hostSelector",
+    "compatible": "incompatible",
     "cpu": "insufficient cpu",
     "memory": "insufficient memory",
     "disk": "insufficient disk",
@@ -86,6 +91,7 @@ class HostInfo:
     in_maintenance: bool = False
     migrations_in_flight: int = 0
     inbound_migrations: int = 0
+    platform: Platform | None = None  # None: the agent reports none (every guest fits)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -117,6 +123,7 @@ class DropletRequest:
     resources: Resources
     host_selector: Mapping[str, str] = dataclasses.field(default_factory=dict)
     source_host: str | None = None
+    platform: Platform | None = None  # where the guest runs now (its source host's), for migrations
 
     def __post_init__(self) -> None:
         r = self.resources
@@ -173,6 +180,8 @@ class PlacementResult:
     reason: str
     target_host: str | None = None
     target_rejected_by: str | None = None
+    avoided: Mapping[str, str] = dataclasses.field(default_factory=dict)  # host -> why (retries)
+    incompatible: Mapping[str, str] = dataclasses.field(default_factory=dict)  # host -> why not
 
     @property
     def feasible(self) -> int:
@@ -188,4 +197,44 @@ class PlacementResult:
             "rejected": dict(self.rejected),
             "considered": self.considered,
             "message": self.message,
+            "avoided": dict(self.avoided),
+            "incompatible": dict(self.incompatible),
         }
+
+
+def _version(v: str) -> tuple[int, ...] | None:
+    parts = []
+    for x in v.split("."):
+        digits = "".join(ch for ch in x if ch.isdigit())
+        if not digits:
+            break
+        parts.append(int(digits))
+    return tuple(parts) or None
+
+
+def incompatibility(guest: Platform | None, vcpus: int, host: Platform | None) -> str | None:
+    """Why ``host`` cannot run a guest of ``vcpus`` that runs on ``guest`` now (None: it can).
+
+    Unknown facts never reject: a host whose agent reports no platform fits every guest.
+    """
+    if host is None:
+        return None
+    if host.driver == "qemu" and host.cores is not None and vcpus > host.cores:
+        return f"{host.cores} cores, the guest has {vcpus} vCPUs (qemu caps vCPUs at the host's cores)"
+    if guest is None:
+        return None
+    if guest.driver and host.driver and guest.driver != host.driver:
+        return f"driver {host.driver}, the guest runs under {guest.driver}"
+    if guest.hypervisor_version and host.hypervisor_version:
+        g, h = _version(guest.hypervisor_version), _version(host.hypervisor_version)
+        if g and h and h < g:
+            return (f"hypervisor {host.hypervisor_version} is older than the source's {guest.hypervisor_version} "
+                    "(a migration stream only goes to the same or a newer version)")
+    missing = guest.cpu_flags - host.cpu_flags
+    if missing and host.cpu_flags:
+        shown = ", ".join(sorted(missing)[:5]) + (", ..." if len(missing) > 5 else "")
+        return f"CPU lacks {len(missing)} flag(s) the guest uses: {shown}"
+    if not guest.cpu_flags and not host.cpu_flags and guest.cpu_model and host.cpu_model \
+            and guest.cpu_model != host.cpu_model:
+        return f"CPU model {host.cpu_model}, the guest runs on {guest.cpu_model}"
+    return None

@@ -31,6 +31,7 @@ from ferry.placement.model import (
     HostInfo,
     PlacementResult,
     Reservation,
+    incompatibility,
 )
 
 __all__ = [
@@ -120,6 +121,9 @@ def check_host(
             return HostVerdict(
                 name, "hostSelector", f"hostSelector needs {key}={want}, host has {shown}", None
             )
+    why = incompatibility(request.platform, request.resources.cpu, host.platform)
+    if why is not None:
+        return HostVerdict(name, "compatible", f"incompatible: {why}", None)
     rc, rm, rd = reserved.get(name, (0, 0, 0))
     cap, alloc, req = host.capacity, host.allocated, request.resources
     free = Resources(
@@ -195,6 +199,7 @@ def place(
     weights: tuple[float, float, float] = DEFAULT_WEIGHTS,
     migration_penalty: float = DEFAULT_MIGRATION_PENALTY,
     inbound_limit: int | None = None,
+    avoid: Mapping[str, str] | None = None,
 ) -> PlacementResult:
     """Choose a host for ``request`` among ``hosts``, counting ``reservations``.
 
@@ -204,7 +209,9 @@ def place(
     every filter; otherwise ``chosen`` is None and ``message`` names exactly why, e.g.
     ``target host h3 rejected: insufficient memory (needs 4096 MiB, 2048 free)``.
     ``inbound_limit`` (None: no limit) rejects hosts that already receive that many
-    migrations. Host names must be unique. Raises ``ValueError`` on an unknown strategy,
+    migrations. ``avoid`` maps hosts to why a choice should avoid them (a retry: the hosts
+    earlier attempts failed on); without a target they are chosen only when no other host
+    fits, and the message says which were avoided. Host names must be unique. Raises ``ValueError`` on an unknown strategy,
     ``top < 1`` or non-positive weights.
     """
     if strategy not in STRATEGIES:
@@ -236,7 +243,9 @@ def place(
     pen = float(migration_penalty)
     limit = inbound_limit
 
-    n_dc = n_ready = n_sched = n_maint = n_source = n_sel = n_cpu = n_mem = n_disk = n_in = 0
+    n_dc = n_ready = n_sched = n_maint = n_source = n_sel = n_cpu = n_mem = n_disk = n_in = n_compat = 0
+    incompatible: dict[str, str] = {}
+    guest = request.platform
     feasible: list[tuple[float, str, HostInfo]] = []
     append = feasible.append
 
@@ -267,6 +276,12 @@ def place(
             if not ok:
                 n_sel += 1
                 continue
+        if h.platform is not None:
+            why = incompatibility(guest, rc, h.platform)
+            if why is not None:
+                n_compat += 1
+                incompatible[name] = why
+                continue
         cap = h.capacity
         alc = h.allocated
         if has_reserved:
@@ -294,9 +309,15 @@ def place(
         append((pen * h.migrations_in_flight - offset - ac * fc / cc - am * fm / cm - ad * fd / cd, name, h))
 
     rejected = dict(
-        zip(FILTERS, (n_dc, n_ready, n_sched, n_maint, n_source, n_sel, n_cpu, n_mem, n_disk, n_in))
+        zip(FILTERS, (n_dc, n_ready, n_sched, n_maint, n_source, n_sel, n_compat, n_cpu, n_mem, n_disk, n_in))
     )
     considered = len(hosts)
+    avoided: dict[str, str] = {}
+    if avoid and target_host is None:
+        others = [f for f in feasible if f[1] not in avoid]
+        avoided = {f[1]: avoid[f[1]] for f in feasible if f[1] in avoid}
+        if others:
+            feasible = others
     try:
         best = heapq.nsmallest(top, feasible)
     except TypeError:  # equal score and equal name: the tuples fell through to HostInfo
@@ -312,11 +333,17 @@ def place(
                 f"chose {chosen.host} (score {chosen.score:.2f}, {strategy}) among "
                 f"{len(feasible)} fitting of {considered} hosts"
             )
+            if chosen.host in avoided:
+                message += f"; {chosen.host} again although {avoided[chosen.host]}: no other host fits"
+            elif avoided:
+                message += "; avoided " + ", ".join(f"{h} ({why})" for h, why in sorted(avoided.items()))
             return PlacementResult(
-                chosen.host, strategy, tuple(candidates), rejected, considered, message, "Placed"
+                chosen.host, strategy, tuple(candidates), rejected, considered, message, "Placed",
+                avoided=avoided, incompatible=incompatible,
             )
         return PlacementResult(
-            None, strategy, (), rejected, considered, _no_fit_message(rejected, considered), "NoHostFits"
+            None, strategy, (), rejected, considered, _no_fit_message(rejected, considered, incompatible),
+            "NoHostFits", incompatible=incompatible,
         )
 
     # Explicit target: honoured only if it passes every filter.
@@ -362,8 +389,12 @@ def place(
     )
 
 
-def _no_fit_message(rejected: Mapping[str, int], considered: int) -> str:
+def _no_fit_message(rejected: Mapping[str, int], considered: int,
+                    incompatible: Mapping[str, str] | None = None) -> str:
     if considered == 0:
         return "no host fits: no hosts known"
     parts = [f"{n} {FILTER_PHRASES[f]}" for f, n in rejected.items() if n]
-    return "no host fits: " + ", ".join(parts)
+    out = "no host fits: " + ", ".join(parts)
+    if incompatible:
+        out += " (" + "; ".join(f"{h}: {why}" for h, why in sorted(incompatible.items())[:5]) + ")"
+    return out

@@ -119,6 +119,21 @@ class QemuDriver:
         """From ferry.settings.Settings (size_scale) plus the FERRY_QEMU_* variables."""
         return cls.from_env(data_dir, environ, size_scale=getattr(settings, "size_scale", None))
 
+    def hypervisor_version(self) -> str | None:
+        """QEMU's version (``qemu-system-x86_64 --version``), None if it cannot be run."""
+        import re
+        import subprocess
+
+        try:
+            out = subprocess.run([self.config.binary, "--version"], capture_output=True, text=True, timeout=10).stdout
+        except (OSError, subprocess.SubprocessError):
+            return None
+        m = re.search(r"version (\d+(?:\.\d+)*)", out)
+        return m.group(1) if m else None
+
+    def max_vcpus(self) -> int | None:
+        return self.config.max_vcpus
+
     def close(self) -> None:
         """Let go of every QEMU (they keep running) and stop background threads."""
         with self._lock:

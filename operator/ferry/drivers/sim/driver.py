@@ -95,6 +95,14 @@ def _pid_alive(pid: int, vm_dir: str) -> bool:
 class SimDriver:
     name = "sim"
 
+    def hypervisor_version(self) -> str:
+        """The sim VM process is ferry's own: its version is ferry's."""
+        from ferry import __version__
+        return __version__
+
+    def max_vcpus(self) -> int | None:
+        return None  # a sim VM's vCPUs are a number, not threads
+
     def __init__(self, data_dir: str, size_scale: float = 1.0, write_log: bool = False, *,
                  python: str | None = None, start_timeout: float = 15.0):
         if size_scale <= 0:
