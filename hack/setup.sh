@@ -5,7 +5,7 @@
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 
-APT_PACKAGES=(openssl curl rsync qemu-system-x86 qemu-utils busybox-static cpio linux-image-amd64 shellcheck prometheus librsvg2-bin)
+APT_PACKAGES=(openssl curl rsync qemu-system-x86 qemu-utils busybox-static cpio linux-image-amd64 shellcheck prometheus librsvg2-bin iptables)
 
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
