@@ -297,7 +297,7 @@ pause_archive() {  # the sandbox image: ferry's static pause program, FROM scrat
     cp "$(readlink -f "${BIN}/pause")" "${work}/pause"
     printf 'FROM scratch\nCOPY pause /pause\nENTRYPOINT ["/pause"]\n' > "${work}/Containerfile"
     buildah --storage-driver vfs --root "${CACHE}/images/storage" --runroot "${CACHE}/images/runroot" \
-      bud --isolation chroot -f "${work}/Containerfile" -t "${PAUSE_IMAGE}" "${work}" >/dev/null
+      bud --isolation chroot -f "${work}/Containerfile" -t "${PAUSE_IMAGE}" "${work}" >/dev/null 2>&1
     rm -f "${out}"
     buildah --storage-driver vfs --root "${CACHE}/images/storage" --runroot "${CACHE}/images/runroot" \
       push "${PAUSE_IMAGE}" "docker-archive:${out}:${PAUSE_IMAGE}" >/dev/null 2>&1
@@ -437,13 +437,32 @@ stop_node() {
       sleep 0.2
     done
   done
+}
+
+remove_node_network() {  # after every node's processes are gone
+  local node="$1" veth="fv-${1:0:12}" deadline
+  # Connections the killed processes left (FIN sent, not yet acknowledged) keep the
+  # namespace alive after `ip netns del`; they finish while the other nodes still answer.
+  deadline=$((SECONDS + 15))
+  while ip netns exec "ferry-${node}" ss -Htan 2>/dev/null | grep -Evq '^(LISTEN|TIME-WAIT)'; do
+    [ "${SECONDS}" -lt "${deadline}" ] || break
+    sleep 0.2
+  done
   ip netns del "ferry-${node}" 2>/dev/null || true
+  # A namespace still held by the kernel (lingering sockets) keeps its veth: delete it here.
+  deadline=$((SECONDS + 5))
+  while ip link show "${veth}" >/dev/null 2>&1; do
+    if [ "${SECONDS}" -ge "${deadline}" ]; then ip link del "${veth}" 2>/dev/null || true; break; fi
+    sleep 0.1
+  done
 }
 
 cmd_down() {
   [ -d "${DIR}" ] || { log "not running (no ${DIR})"; return 0; }
   local node
-  for node in "${NODE_NAMES[@]}"; do stop_node "${node}"; done
+  for node in "${NODE_NAMES[@]}"; do stop_node "${node}" & done
+  wait
+  for node in "${NODE_NAMES[@]}"; do remove_node_network "${node}"; done
   ip link del "${BRIDGE}" 2>/dev/null || true
   FERRY_CLUSTER_DIR="${CLUSTER_DIR}" bash "${HERE}/cluster.sh" down >/dev/null 2>&1 || true
   if [ -f "${DIR}/machine.env" ]; then
