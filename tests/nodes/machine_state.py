@@ -16,9 +16,11 @@ import pathlib
 import subprocess
 import sys
 
-# Programs of a node or of the control plane: none may outlive `down`.
+# Programs only a node runs: none may outlive `down`. (The control plane's etcd and
+# kube-apiserver are recognised by the state directory in their command line: other control
+# planes, e.g. of concurrent integration tests, may run on the machine.)
 NODE_PROGRAMS = ("kubelet", "kube-proxy", "kube-scheduler", "containerd", "containerd-shim-runc-v2",
-                 "runc", "kube-apiserver", "kube-controller-manager", "etcd", "pause")
+                 "runc", "pause")
 # Paths a kubelet, containerd or CNI plugin creates when not told otherwise.
 MACHINE_PATHS = ("/run/netns", "/run/containerd", "/var/lib/cni", "/var/log/containers", "/var/log/pods",
                  "/var/lib/kubelet", "/var/lib/containerd", "/etc/cni/net.d", "/opt/cni", "/var/lib/ferry")
@@ -37,6 +39,7 @@ def _run(*cmd: str) -> str:
 def processes() -> dict[str, str]:
     """The node and control-plane programs, and anything naming the nodes' state directory."""
     state_dir = os.environ.get("FERRY_NODES_DIR") or "/nonexistent/ferry-nodes"
+    own_netns = os.readlink("/proc/self/ns/net")
     out = {}
     for p in pathlib.Path("/proc").iterdir():
         if not p.name.isdigit() or int(p.name) in (os.getpid(), os.getppid()):
@@ -46,7 +49,13 @@ def processes() -> dict[str, str]:
         except OSError:
             continue
         prog = os.path.basename(cmdline.split(" ", 1)[0]) if cmdline else ""
-        if prog in NODE_PROGRAMS or state_dir in cmdline:
+        try:
+            # A process in another network namespace: a node's (its holder, a pod), unless the
+            # kernel's own (kernel threads have no command line).
+            elsewhere = bool(cmdline) and os.readlink(p / "ns" / "net") != own_netns
+        except OSError:
+            elsewhere = False
+        if prog in NODE_PROGRAMS or state_dir in cmdline or elsewhere:
             out[p.name] = cmdline
     return out
 
