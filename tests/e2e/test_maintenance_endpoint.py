@@ -6,7 +6,7 @@ from __future__ import annotations
 import random
 
 import pytest
-from steps import apply_example_hosts, place
+from steps import apply_example_hosts, migration, place
 from support import wait_until
 
 pytestmark = pytest.mark.e2e
@@ -20,10 +20,17 @@ def _get(e2e, node: str, source: str) -> tuple[int, str]:
     return int(code or 0), body
 
 
+def node_ip(e2e, node: str) -> str:
+    ip = e2e.kubectl("get", "node", node, "-o",
+                     "jsonpath={.status.addresses[?(@.type==\"InternalIP\")].address}").stdout
+    assert ip
+    return ip
+
+
 def test_droplet_is_told_live_migrate_during_the_notice(e2e, ns):
     e2e.require_cluster("asking the metadata DaemonSet from a droplet's address on its node")
     apply_example_hosts(e2e)
-    # A documentation-free private address no network here uses; it lives on the node only.
+    # An address from a range nothing on the machine routes; it exists on the node only.
     ip = f"10.253.{random.randint(0, 255)}.{random.randint(2, 254)}"
     host = place(e2e, ns, "asker", ip=ip)
     e2e.on_node(host, "ip", "addr", "add", f"{ip}/32", "dev", "lo")
@@ -31,18 +38,23 @@ def test_droplet_is_told_live_migrate_during_the_notice(e2e, ns):
         assert _get(e2e, host, ip) == (200, "")
 
         name = e2e.ferry("-n", ns, "migrate", "asker").stdout.strip()
-        seen = wait_until(lambda: _get(e2e, host, ip) == (200, "live_migrate"), e2e.notice_seconds + 30,
-                          interval=0.3, what="live_migrate from the droplet's address")
-        assert seen
-        # The notice came before any data moved: the migration had not finished when told.
-        # (It completes afterwards.)
+        def told():  # the phase of the migration when the droplet first hears live_migrate
+            if _get(e2e, host, ip) == (200, "live_migrate"):
+                return (migration(e2e, ns, name).get("status") or {}).get("phase") or "New"
+        phase = wait_until(told, e2e.notice_seconds + 30, interval=0.3, what="live_migrate from the droplet's address")
+        # Told during the notice, before any data moved.
+        assert phase in ("New", "Pending", "Announced"), phase
         e2e.kubectl("wait", "-n", ns, f"livemigration/{name}", "--for=jsonpath={.status.phase}=Completed",
                     "--timeout=180s", timeout=190)
 
+        # The copy went to the target node's own address (the agents' host network), from
+        # another node's.
+        lm = migration(e2e, ns, name)
+        target = lm["status"]["targetHost"]
+        assert target != host
+        assert lm["status"]["target"]["address"].rsplit(":", 1)[0] == node_ip(e2e, target) != node_ip(e2e, host)
+
         # An address that is no droplet's: the node's own.
-        node_ip = e2e.kubectl("get", "node", host, "-o",
-                              "jsonpath={.status.addresses[?(@.type==\"InternalIP\")].address}").stdout
-        assert node_ip
-        assert _get(e2e, host, node_ip)[0] == 404
+        assert _get(e2e, host, node_ip(e2e, host))[0] == 404
     finally:
         e2e.on_node(host, "ip", "addr", "del", f"{ip}/32", "dev", "lo", check=False)
