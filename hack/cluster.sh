@@ -236,15 +236,13 @@ EOF
 
 cmd_down() {
   [ -d "${DIR}" ] || { log "not running (no ${DIR})"; return 0; }
-  local names=(kube-scheduler kube-controller-manager kube-apiserver etcd) pid
+  # One after the other, etcd last: kube-apiserver removes its endpoint lease on the way out
+  # and waits for etcd to do it.
+  local names=(kube-scheduler kube-controller-manager kube-apiserver etcd) n deadline
   for n in "${names[@]}"; do
-    if alive "${n}"; then
-      pid="$(cat "${DIR}/run/${n}.pid")"
-      kill -TERM "${pid}" 2>/dev/null || true
-    fi
-  done
-  local deadline=$((SECONDS + 20))
-  for n in "${names[@]}"; do
+    alive "${n}" || continue
+    kill -TERM "$(cat "${DIR}/run/${n}.pid")" 2>/dev/null || true
+    deadline=$((SECONDS + 20))
     while alive "${n}"; do
       if [ "${SECONDS}" -ge "${deadline}" ]; then
         kill -KILL "$(cat "${DIR}/run/${n}.pid")" 2>/dev/null || true

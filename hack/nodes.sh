@@ -464,11 +464,12 @@ cmd_down() {
   for node in "${NODE_NAMES[@]}"; do stop_node "${node}" & done
   wait
   log "node processes stopped in $((SECONDS - t0))s"
+  # The control plane before the network: its connections to the nodes can still close.
+  FERRY_CLUSTER_DIR="${CLUSTER_DIR}" bash "${HERE}/cluster.sh" down >/dev/null 2>&1 || true
+  log "control plane stopped at $((SECONDS - t0))s"
   for node in "${NODE_NAMES[@]}"; do remove_node_network "${node}"; done
   ip link del "${BRIDGE}" 2>/dev/null || true
   log "node networks removed at $((SECONDS - t0))s"
-  FERRY_CLUSTER_DIR="${CLUSTER_DIR}" bash "${HERE}/cluster.sh" down >/dev/null 2>&1 || true
-  log "control plane stopped at $((SECONDS - t0))s"
   if [ -f "${DIR}/machine.env" ]; then
     local what key value
     while read -r what key value; do
