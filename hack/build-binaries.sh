@@ -3,6 +3,8 @@
 # into a cache outside the work tree keyed by version. A second run is a no-op.
 #
 #   hack/build-binaries.sh            build what is missing, print the bin directory
+#   hack/build-binaries.sh nodes      also kubelet, kube-scheduler, kube-proxy and the pause
+#                                     program that hack/nodes.sh needs
 #   FERRY_CACHE=/somewhere hack/...   choose the cache (default ~/.cache/ferry)
 #
 # Versions are pinned here and nowhere else; hack/versions.env is sourced by every script.
@@ -140,9 +142,98 @@ build_helm() {
   link "${out}/helm" helm
 }
 
+build_kubernetes_nodes() {  # kubelet, kube-scheduler, kube-proxy: the same module technique
+  local out="${CACHE}/kubernetes-node-${K8S_VERSION}"
+  if stamp_ok "${out}/kubelet" && stamp_ok "${out}/kube-scheduler" && stamp_ok "${out}/kube-proxy"; then
+    :
+  else
+    need_go
+    echo "build-binaries: building kubelet, kube-scheduler, kube-proxy ${K8S_VERSION} (cold: about 5 min on 2 cores with the control plane's Go cache)" >&2
+    local mod="${CACHE}/src/kubernetes-node-${K8S_VERSION}"
+    rm -rf "${mod}"; mkdir -p "${mod}"
+    (
+      cd "${mod}"
+      cat > go.mod <<GOMOD
+module ferry.dev/k8snodebuild
+
+go 1.26.0
+
+require k8s.io/kubernetes ${K8S_VERSION}
+GOMOD
+      cat > tools.go <<'GOSRC'
+//go:build tools
+
+package tools
+
+import (
+	_ "k8s.io/kubernetes/cmd/kube-proxy"
+	_ "k8s.io/kubernetes/cmd/kube-scheduler"
+	_ "k8s.io/kubernetes/cmd/kubelet"
+)
+GOSRC
+      local gomod
+      gomod="$(go mod download -json "k8s.io/kubernetes@${K8S_VERSION}" | sed -n 's/.*"GoMod": "\(.*\)",/\1/p')"
+      [ -f "${gomod}" ] || die "could not download k8s.io/kubernetes@${K8S_VERSION} from the Go module proxy"
+      grep -E '^\s*k8s.io/[a-z0-9-]+ => \./staging/src/' "${gomod}" | awk '{print $1}' | while read -r m; do
+        echo "replace ${m} => ${m} ${K8S_STAGING_VERSION}" >> go.mod
+      done
+      go mod tidy -e >/dev/null 2>&1 || true
+      go mod download >/dev/null
+      local pkg=k8s.io/component-base/version
+      local ldflags="-s -w -X ${pkg}.gitVersion=${K8S_VERSION} -X ${pkg}.gitMajor=${K8S_MAJOR} -X ${pkg}.gitMinor=${K8S_MINOR} -X ${pkg}.gitTreeState=clean -X ${pkg}.buildDate=1970-01-01T00:00:00Z"
+      mkdir -p "${out}.tmp"
+      CGO_ENABLED=0 go build -trimpath -ldflags "${ldflags}" -o "${out}.tmp/" \
+        k8s.io/kubernetes/cmd/kubelet k8s.io/kubernetes/cmd/kube-scheduler k8s.io/kubernetes/cmd/kube-proxy
+    ) || die "building kubelet/kube-scheduler/kube-proxy ${K8S_VERSION} failed (see the go output above)"
+    rm -rf "${out}"; mv "${out}.tmp" "${out}"
+  fi
+  link "${out}/kubelet" kubelet
+  link "${out}/kube-scheduler" kube-scheduler
+  link "${out}/kube-proxy" kube-proxy
+}
+
+# The pod sandbox program (what registry.k8s.io/pause is): a static binary that waits for a
+# signal. hack/nodes.sh packs it into the local image its containerds use as sandbox_image.
+build_pause() {
+  local out="${CACHE}/pause-${PAUSE_VERSION}"
+  if ! stamp_ok "${out}/pause"; then
+    need_go
+    local mod="${CACHE}/src/pause-${PAUSE_VERSION}"
+    rm -rf "${mod}"; mkdir -p "${mod}"
+    (
+      cd "${mod}"
+      printf 'module ferry.dev/pause\n\ngo 1.26.0\n' > go.mod
+      cat > main.go <<'GOSRC'
+// A pod's sandbox process: holds the pod's namespaces until told to stop.
+package main
+
+import (
+	"os"
+	"os/signal"
+	"syscall"
+)
+
+func main() {
+	c := make(chan os.Signal, 1)
+	signal.Notify(c, syscall.SIGINT, syscall.SIGTERM)
+	<-c
+}
+GOSRC
+      mkdir -p "${out}.tmp"
+      CGO_ENABLED=0 go build -trimpath -ldflags "-s -w" -o "${out}.tmp/pause" .
+    ) || die "building pause failed"
+    rm -rf "${out}"; mv "${out}.tmp" "${out}"
+  fi
+  link "${out}/pause" pause
+}
+
 start=$(date +%s)
 build_etcd
 build_helm
 build_kubernetes
+if [ "${1:-}" = nodes ]; then
+  build_kubernetes_nodes
+  build_pause
+fi
 echo "build-binaries: ready in $(( $(date +%s) - start ))s: ${BIN}" >&2
 echo "${BIN}"

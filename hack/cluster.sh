@@ -12,6 +12,14 @@
 # ${FERRY_CACHE:-~/.cache/ferry}/cluster). Ports are chosen free at `up` and recorded there,
 # so the cluster never collides with other services on the machine.
 # FERRY_CRDS=1 (default) also applies crds/ and waits until they are established.
+#
+# For real nodes (hack/nodes.sh) three more settings:
+#   FERRY_CLUSTER_ADDRESS    the address kube-apiserver binds and advertises (default 127.0.0.1);
+#                            pods reach it there through the `kubernetes` Service
+#   FERRY_CLUSTER_NODES=1    also run kube-scheduler, the node-lifecycle controller (it removes
+#                            the not-ready taint), the endpoint reconciler, and give
+#                            kube-apiserver a client certificate for the kubelets (logs/exec)
+#   FERRY_SERVICE_CIDR       the Services' range (default 10.0.0.0/24)
 set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -19,6 +27,11 @@ ROOT="$(cd "${HERE}/.." && pwd)"
 CACHE="${FERRY_CACHE:-${HOME}/.cache/ferry}"
 DIR="${FERRY_CLUSTER_DIR:-${CACHE}/cluster}"
 BIN="${CACHE}/bin"
+ADDRESS="${FERRY_CLUSTER_ADDRESS:-127.0.0.1}"
+NODES="${FERRY_CLUSTER_NODES:-0}"
+SERVICE_CIDR="${FERRY_SERVICE_CIDR:-10.0.0.0/24}"
+# The `kubernetes` Service's ClusterIP: the first address of the range (a /24 or larger here).
+SERVICE_IP="$(echo "${SERVICE_CIDR%/*}" | awk -F. '{print $1"."$2"."$3"."$4+1}')"
 
 log() { echo "cluster: $*" >&2; }
 die() { echo "cluster: $*" >&2; exit 1; }
@@ -49,7 +62,7 @@ gen_certs() {
     openssl req -x509 -newkey rsa:2048 -nodes -keyout ca.key -out ca.crt -days 365 \
       -subj "/CN=ferry-local-ca" >/dev/null 2>&1
     cat > server.ext <<EOF
-subjectAltName=IP:127.0.0.1,DNS:localhost,DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc,IP:10.0.0.1
+subjectAltName=IP:127.0.0.1,IP:${ADDRESS},DNS:localhost,DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc,IP:${SERVICE_IP}
 extendedKeyUsage=serverAuth
 EOF
     cat > client.ext <<EOF
@@ -64,6 +77,12 @@ EOF
     issue apiserver "/CN=kube-apiserver" server.ext
     issue admin "/O=system:masters/CN=ferry-admin" client.ext
     issue controller-manager "/CN=system:kube-controller-manager" client.ext
+    if [ "${NODES}" = 1 ]; then
+      issue scheduler "/CN=system:kube-scheduler" client.ext
+      issue kube-proxy "/CN=system:kube-proxy" client.ext
+      # kube-apiserver's identity towards the kubelets (logs, exec, port-forward).
+      issue apiserver-kubelet-client "/O=system:masters/CN=kube-apiserver-kubelet-client" client.ext
+    fi
     openssl genrsa -out sa.key 2048 >/dev/null 2>&1
     openssl rsa -in sa.key -pubout -out sa.pub >/dev/null 2>&1
   )
@@ -77,7 +96,7 @@ kind: Config
 clusters:
 - name: ferry-local
   cluster:
-    server: https://127.0.0.1:${APISERVER_PORT}
+    server: https://${ADDRESS}:${APISERVER_PORT}
     certificate-authority: ${pki}/ca.crt
 users:
 - name: $2
@@ -97,7 +116,7 @@ wait_ready() {
   local deadline=$((SECONDS + ${1:-90}))
   while [ "${SECONDS}" -lt "${deadline}" ]; do
     if curl -fsS --max-time 2 --cacert "${DIR}/pki/ca.crt" --cert "${DIR}/pki/admin.crt" \
-        --key "${DIR}/pki/admin.key" "https://127.0.0.1:${APISERVER_PORT}/readyz" >/dev/null 2>&1; then
+        --key "${DIR}/pki/admin.key" "https://${ADDRESS}:${APISERVER_PORT}/readyz" >/dev/null 2>&1; then
       return 0
     fi
     for p in etcd kube-apiserver; do
@@ -127,7 +146,7 @@ cmd_up() {
     # shellcheck source=/dev/null
     source "${DIR}/ports.env"
     apply_crds
-    log "already running: https://127.0.0.1:${APISERVER_PORT} (state in ${DIR})"
+    log "already running: https://${ADDRESS}:${APISERVER_PORT} (state in ${DIR})"
     echo "export KUBECONFIG=${DIR}/kubeconfig"
     return 0
   fi
@@ -139,12 +158,14 @@ cmd_up() {
   local t0=${SECONDS}
   mkdir -p "${DIR}/run" "${DIR}/logs" "${DIR}/etcd"
   ETCD_PORT="$(free_port)"; ETCD_PEER_PORT="$(free_port)"; APISERVER_PORT="$(free_port)"
-  CM_PORT="$(free_port)"
+  CM_PORT="$(free_port)"; SCHED_PORT="$(free_port)"
   cat > "${DIR}/ports.env" <<EOF
 ETCD_PORT=${ETCD_PORT}
 ETCD_PEER_PORT=${ETCD_PEER_PORT}
 APISERVER_PORT=${APISERVER_PORT}
 CM_PORT=${CM_PORT}
+SCHED_PORT=${SCHED_PORT}
+ADDRESS=${ADDRESS}
 EOF
   gen_certs
   write_kubeconfig "${DIR}/kubeconfig" admin
@@ -159,10 +180,19 @@ EOF
     --listen-metrics-urls "" --log-level warn \
     --quota-backend-bytes 2147483648 --unsafe-no-fsync
 
+  local node_args=(--endpoint-reconciler-type none)
+  local disabled="-node-ipam-controller,-node-lifecycle-controller,"
+  if [ "${NODES}" = 1 ]; then
+    node_args=(--endpoint-reconciler-type lease
+      --kubelet-client-certificate "${DIR}/pki/apiserver-kubelet-client.crt"
+      --kubelet-client-key "${DIR}/pki/apiserver-kubelet-client.key"
+      --kubelet-preferred-address-types InternalIP)
+    disabled="-node-ipam-controller,"
+  fi
   start kube-apiserver "${BIN}/kube-apiserver" \
     --etcd-servers "http://127.0.0.1:${ETCD_PORT}" \
     --etcd-prefix "/registry-${APISERVER_PORT}" \
-    --bind-address 127.0.0.1 --advertise-address 127.0.0.1 --secure-port "${APISERVER_PORT}" \
+    --bind-address "${ADDRESS}" --advertise-address "${ADDRESS}" --secure-port "${APISERVER_PORT}" \
     --tls-cert-file "${DIR}/pki/apiserver.crt" --tls-private-key-file "${DIR}/pki/apiserver.key" \
     --client-ca-file "${DIR}/pki/ca.crt" \
     --authorization-mode Node,RBAC \
@@ -170,7 +200,7 @@ EOF
     --service-account-key-file "${DIR}/pki/sa.pub" \
     --service-account-signing-key-file "${DIR}/pki/sa.key" \
     --api-audiences "https://kubernetes.default.svc.cluster.local" \
-    --service-cluster-ip-range 10.0.0.0/24 --endpoint-reconciler-type none \
+    --service-cluster-ip-range "${SERVICE_CIDR}" "${node_args[@]}" \
     --enable-admission-plugins NodeRestriction \
     --allow-privileged=true --profiling=false --enable-priority-and-fairness=false \
     --v 1 "--cert-dir=${DIR}/pki"
@@ -186,25 +216,33 @@ EOF
     --root-ca-file "${DIR}/pki/ca.crt" \
     --use-service-account-credentials=true \
     --leader-elect=false \
-    --controllers "*,-node-ipam-controller,-node-lifecycle-controller,-persistentvolume-binder-controller,-persistentvolume-attach-detach-controller,-persistentvolume-expander-controller,-ttl-controller" \
+    --controllers "*,${disabled}-persistentvolume-binder-controller,-persistentvolume-attach-detach-controller,-persistentvolume-expander-controller,-ttl-controller" \
     --concurrent-gc-syncs 5 --v 1 "--cert-dir=${DIR}/pki/cm"
 
+  if [ "${NODES}" = 1 ]; then
+    write_kubeconfig "${DIR}/scheduler.kubeconfig" scheduler
+    start kube-scheduler "${BIN}/kube-scheduler" \
+      --kubeconfig "${DIR}/scheduler.kubeconfig" \
+      --authentication-kubeconfig "${DIR}/scheduler.kubeconfig" \
+      --authorization-kubeconfig "${DIR}/scheduler.kubeconfig" \
+      --bind-address 127.0.0.1 --secure-port "${SCHED_PORT}" --leader-elect=false \
+      --v 1 "--cert-dir=${DIR}/pki/scheduler"
+  fi
+
   apply_crds
-  log "ready in $((SECONDS - t0))s: https://127.0.0.1:${APISERVER_PORT} (state in ${DIR})"
+  log "ready in $((SECONDS - t0))s: https://${ADDRESS}:${APISERVER_PORT} (state in ${DIR})"
   echo "export KUBECONFIG=${DIR}/kubeconfig"
 }
 
 cmd_down() {
   [ -d "${DIR}" ] || { log "not running (no ${DIR})"; return 0; }
-  local names=(kube-controller-manager kube-apiserver etcd) pid
+  # One after the other, etcd last: kube-apiserver removes its endpoint lease on the way out
+  # and waits for etcd to do it.
+  local names=(kube-scheduler kube-controller-manager kube-apiserver etcd) n deadline
   for n in "${names[@]}"; do
-    if alive "${n}"; then
-      pid="$(cat "${DIR}/run/${n}.pid")"
-      kill -TERM "${pid}" 2>/dev/null || true
-    fi
-  done
-  local deadline=$((SECONDS + 20))
-  for n in "${names[@]}"; do
+    alive "${n}" || continue
+    kill -TERM "$(cat "${DIR}/run/${n}.pid")" 2>/dev/null || true
+    deadline=$((SECONDS + 20))
     while alive "${n}"; do
       if [ "${SECONDS}" -ge "${deadline}" ]; then
         kill -KILL "$(cat "${DIR}/run/${n}.pid")" 2>/dev/null || true
@@ -225,7 +263,9 @@ cmd_env() {
 
 cmd_status() {
   local n ok=0
-  for n in etcd kube-apiserver kube-controller-manager; do
+  local names=(etcd kube-apiserver kube-controller-manager)
+  [ ! -f "${DIR}/run/kube-scheduler.pid" ] || names+=(kube-scheduler)
+  for n in "${names[@]}"; do
     if alive "${n}"; then echo "${n}: running (pid $(cat "${DIR}/run/${n}.pid"))"; else echo "${n}: stopped"; ok=1; fi
   done
   return "${ok}"

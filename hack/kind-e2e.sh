@@ -5,7 +5,8 @@
 #   1. create a kind cluster: one control plane and FERRY_KIND_WORKERS workers, the workers
 #      labelled ferry.dev/host=true (each runs an agent and the metadata endpoint);
 #   2. build the image (operator/Dockerfile) and load it into the nodes;
-#   3. helm install charts/ferry (sim driver, scaled-down sizes, short notice);
+#   3. helm install charts/ferry with tests/e2e/values.yaml (sim driver, scaled-down sizes, short
+#      notice), the same values hack/nodes-e2e.sh installs on this machine's real nodes;
 #   4. create one Host per worker, named like its node, and wait until each is Ready;
 #   5. run pytest tests/e2e with the kind cluster's KUBECONFIG and FERRY_E2E_* (below);
 #   6. save logs to FERRY_KIND_ARTIFACTS and delete the cluster (FERRY_KIND_KEEP=1 keeps it).
@@ -31,6 +32,10 @@
 #                                      the settings the chart was installed with
 #   FERRY_E2E_METADATA_URL             http://169.254.169.254:80, reachable only inside a host node:
 #                                      docker exec <node> curl --interface <droplet ip> URL
+#   FERRY_E2E_NODE_EXEC                how to run a command on a node, {node} replaced by its name:
+#                                      "docker exec {node}" (hack/nodes-e2e.sh: "ip netns exec ferry-{node}")
+#   FERRY_E2E_VALUES, FERRY_E2E_IMAGE  the values file and the image the release was installed with
+#   FERRY_E2E_FIGURES                  a file tests append measured figures to (failover time)
 #   FERRY_E2E_KIND_CLUSTER             the kind cluster's name (its nodes are docker containers)
 set -euo pipefail
 
@@ -42,12 +47,7 @@ NAMESPACE="${FERRY_KIND_NAMESPACE:-ferry-system}"
 RELEASE="ferry"
 DATACENTER="${FERRY_E2E_DATACENTER:-nyc3}"
 ARTIFACTS="${FERRY_KIND_ARTIFACTS:-${ROOT}/.ferry/kind-artifacts}"
-NOTICE_SECONDS=5
-SIZE_SCALE=0.001
-HEARTBEAT_SECONDS=2
-HEARTBEAT_TIMEOUT_SECONDS=10
-METADATA_ADDRESS=169.254.169.254
-METADATA_PORT=80
+VALUES="${ROOT}/tests/e2e/values.yaml"
 
 log() { printf 'kind-e2e: %s\n' "$*" >&2; }
 die() { log "$*"; exit 1; }
@@ -68,6 +68,14 @@ else
   HELM="${BIN}/helm"
 fi
 if [ -x "${ROOT}/.venv/bin/python" ]; then PYTHON="${ROOT}/.venv/bin/python"; else PYTHON="$(command -v python3)"; fi
+value() {  # value DOTTED.KEY: from the shared values file (needs PyYAML: hack/setup.sh's .venv)
+  "${PYTHON}" -c 'import functools,sys,yaml; v=yaml.safe_load(open(sys.argv[1])); print(functools.reduce(lambda d,k: d[k], sys.argv[2].split("."), v))' "${VALUES}" "$1"
+}
+NOTICE_SECONDS="$(value settings.noticeSeconds)"
+SIZE_SCALE="$(value settings.sizeScale)"
+HEARTBEAT_TIMEOUT_SECONDS="$(value settings.heartbeatTimeoutSeconds)"
+METADATA_ADDRESS="$(value metadata.address)"
+METADATA_PORT="$(value metadata.port)"
 
 WORK="$(mktemp -d "${TMPDIR:-/tmp}/ferry-kind.XXXXXX")"
 KUBECONFIG_FILE="${WORK}/kubeconfig"
@@ -155,14 +163,8 @@ if [ -n "${FERRY_KIND_HELM_ARGS:-}" ]; then
 fi
 log "installing the chart (release ${RELEASE} in ${NAMESPACE})"
 "${HELM}" --kubeconfig "${KUBECONFIG_FILE}" install "${RELEASE}" "${ROOT}/charts/ferry" \
-  --namespace "${NAMESPACE}" --create-namespace \
-  --set image.repository="${repo}" --set image.tag="${tag}" --set image.pullPolicy=Never \
-  --set settings.noticeSeconds="${NOTICE_SECONDS}" \
-  --set settings.sizeScale="${SIZE_SCALE}" \
-  --set settings.heartbeatSeconds="${HEARTBEAT_SECONDS}" \
-  --set settings.heartbeatTimeoutSeconds="${HEARTBEAT_TIMEOUT_SECONDS}" \
-  --set metadata.address="${METADATA_ADDRESS}" --set metadata.port="${METADATA_PORT}" \
-  --set metadata.addressSetup.enabled=true \
+  --namespace "${NAMESPACE}" --create-namespace -f "${VALUES}" \
+  --set image.repository="${repo}" --set image.tag="${tag}" \
   "${extra_helm_args[@]}" \
   --wait --timeout 5m
 
@@ -218,6 +220,10 @@ set +e
   FERRY_E2E_SIZE_SCALE="${SIZE_SCALE}" \
   FERRY_E2E_HEARTBEAT_TIMEOUT_SECONDS="${HEARTBEAT_TIMEOUT_SECONDS}" \
   FERRY_E2E_METADATA_URL="http://${METADATA_ADDRESS}:${METADATA_PORT}" \
+  FERRY_E2E_NODE_EXEC="docker exec {node}" \
+  FERRY_E2E_VALUES="${VALUES}" \
+  FERRY_E2E_IMAGE="${IMAGE}" \
+  FERRY_E2E_FIGURES="${ARTIFACTS}/figures.txt" \
   FERRY_E2E_KIND_CLUSTER="${CLUSTER}" \
     "${PYTHON}" -m pytest tests/e2e "$@"
 )

@@ -2,10 +2,17 @@
 # Install everything ferry's local runs and tests need, from nothing, idempotently:
 # Debian packages, the Python environment (.venv) and the control-plane binaries.
 # Sourced or run by hack/test.sh and hack/local-up.sh.
+#   hack/setup.sh nodes   also what real nodes need (hack/nodes.sh, hack/image.sh): containerd,
+#                         runc, CNI plugins, iptables, buildah, debootstrap; kubelet,
+#                         kube-scheduler, kube-proxy and the pause program
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 
 APT_PACKAGES=(openssl curl rsync qemu-system-x86 qemu-utils busybox-static cpio linux-image-amd64 shellcheck prometheus librsvg2-bin iptables)
+NODES="${1:-}"
+if [ "${NODES}" = nodes ]; then
+  APT_PACKAGES+=(containerd runc containernetworking-plugins iptables conntrack buildah debootstrap util-linux iproute2)
+fi
 
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
@@ -32,4 +39,4 @@ if [ ! -f "${stamp}" ] || [ "${ROOT}/pyproject.toml" -nt "${stamp}" ]; then
   touch "${stamp}"
 fi
 
-bash "${ROOT}/hack/build-binaries.sh" >/dev/null
+bash "${ROOT}/hack/build-binaries.sh" ${NODES:+"${NODES}"} >/dev/null

@@ -114,9 +114,13 @@ def test_whole_flow_with_its_contract_to_tests_e2e(fake) -> None:
     assert f"docker build -f {ROOT}/operator/Dockerfile -t ferry:e2e {ROOT}" in calls
     [install] = [c for c in calls if c.startswith("helm ")]
     for flag in ("install ferry", f"{ROOT}/charts/ferry", "--namespace ferry-system", "--create-namespace",
-                 "--set image.repository=ferry", "--set image.tag=e2e", "--set image.pullPolicy=Never",
-                 "--set settings.sizeScale=0.001", "--set metadata.addressSetup.enabled=true", "--wait"):
+                 f"-f {ROOT}/tests/e2e/values.yaml", "--set image.repository=ferry", "--set image.tag=e2e", "--wait"):
         assert flag in install, flag
+    # The values every e2e run installs (hack/nodes-e2e.sh uses the same file).
+    values = yaml.safe_load((ROOT / "tests" / "e2e" / "values.yaml").read_text())
+    assert values["image"]["pullPolicy"] == "Never"
+    assert values["settings"]["sizeScale"] == 0.001 and values["settings"]["noticeSeconds"] == 5
+    assert values["metadata"]["addressSetup"]["enabled"] is True
     # One Host per worker node, named like it, waited for until Ready.
     hosts = [d for d in yaml.safe_load_all((fake.dir / "applied.yaml").read_text()) if d]
     assert [h["metadata"]["name"] for h in hosts] == [f"ferry-e2e-worker{i}" for i in (1, 2, 3)]
@@ -134,6 +138,9 @@ def test_whole_flow_with_its_contract_to_tests_e2e(fake) -> None:
     assert env["FERRY_E2E_NAMESPACE"] == "ferry-system" and env["FERRY_E2E_RELEASE"] == "ferry"
     assert env["FERRY_E2E_NOTICE_SECONDS"] == "5" and env["FERRY_E2E_SIZE_SCALE"] == "0.001"
     assert env["FERRY_E2E_KIND_CLUSTER"] == "ferry-e2e"
+    assert env["FERRY_E2E_NODE_EXEC"] == "docker exec {node}"
+    assert env["FERRY_E2E_METADATA_URL"] == "http://169.254.169.254:80"
+    assert env["FERRY_E2E_VALUES"] == str(ROOT / "tests" / "e2e" / "values.yaml")
     # Logs were collected before the cluster went away.
     assert index("kubectl get hosts,droplets,livemigrations") < index("kind delete cluster")
     assert (fake.dir / "artifacts" / "events.txt").exists()
@@ -178,7 +185,8 @@ def test_too_old_kubernetes_is_refused(fake) -> None:
 def test_shellcheck_is_clean() -> None:
     if subprocess.run(["which", "shellcheck"], capture_output=True).returncode != 0:
         pytest.skip("shellcheck is not installed (apt-get install shellcheck)")
-    scripts = [ROOT / "hack" / n for n in ("kind-e2e.sh", "sync-chart-crds.sh", "rbac-tokens.sh")]
+    scripts = sorted((ROOT / "hack").glob("*.sh"))
+    assert ROOT / "hack" / "nodes.sh" in scripts
     proc = subprocess.run(["shellcheck", "-x", *map(str, scripts)], capture_output=True, text=True, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout
 
