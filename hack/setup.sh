@@ -11,7 +11,7 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 APT_PACKAGES=(openssl curl rsync qemu-system-x86 qemu-utils busybox-static cpio linux-image-amd64 shellcheck prometheus librsvg2-bin iptables)
 NODES="${1:-}"
 if [ "${NODES}" = nodes ]; then
-  APT_PACKAGES+=(containerd runc containernetworking-plugins iptables conntrack buildah debootstrap util-linux iproute2)
+  APT_PACKAGES+=(containerd runc containernetworking-plugins conntrack buildah debootstrap util-linux iproute2)
 fi
 
 missing=()
