@@ -38,37 +38,25 @@ link() {  # link the versioned binary to bin/NAME
   ln -sfn "$1" "${BIN}/$2"
 }
 
-build_kubernetes() {
-  local out="${CACHE}/kubernetes-${K8S_VERSION}"
-  if stamp_ok "${out}/kube-apiserver" && stamp_ok "${out}/kube-controller-manager" && stamp_ok "${out}/kubectl"; then
-    :
-  else
+# Programs of k8s.io/kubernetes, built from the Go module proxy: a throwaway module that
+# requires k8s.io/kubernetes at K8S_VERSION, with each staging module (which it refers to as
+# ./staging/src/k8s.io/X v0.0.0) pinned to the published release of the same minor version.
+#   build_k8s SET "what it says while building" CMD...   (into ${CACHE}/SET, linked into bin/)
+build_k8s() {
+  local set="$1" what="$2"; shift 2
+  local out="${CACHE}/${set}" cmd ok=1
+  for cmd in "$@"; do stamp_ok "${out}/${cmd}" || ok=0; done
+  if [ "${ok}" = 0 ]; then
     need_go
-    echo "build-binaries: building kube-apiserver, kube-controller-manager, kubectl ${K8S_VERSION} (cold: about 7 min on 2 cores)" >&2
-    local mod="${CACHE}/src/kubernetes-${K8S_VERSION}"
+    echo "build-binaries: building $* ${K8S_VERSION} (${what})" >&2
+    local mod="${CACHE}/src/${set}"
     rm -rf "${mod}"; mkdir -p "${mod}"
     (
       cd "${mod}"
-      cat > go.mod <<GOMOD
-module ferry.dev/k8sbuild
-
-go 1.26.0
-
-require k8s.io/kubernetes ${K8S_VERSION}
-GOMOD
-      cat > tools.go <<'GOSRC'
-//go:build tools
-
-package tools
-
-import (
-	_ "k8s.io/kubernetes/cmd/kube-apiserver"
-	_ "k8s.io/kubernetes/cmd/kube-controller-manager"
-	_ "k8s.io/kubernetes/cmd/kubectl"
-)
-GOSRC
-      # k8s.io/kubernetes refers to its staging modules as ./staging/src/k8s.io/X v0.0.0;
-      # pin each to the published release with the matching minor version.
+      printf 'module ferry.dev/k8sbuild\n\ngo 1.26.0\n\nrequire k8s.io/kubernetes %s\n' "${K8S_VERSION}" > go.mod
+      { printf '//go:build tools\n\npackage tools\n\nimport (\n'
+        for cmd in "$@"; do printf '\t_ "k8s.io/kubernetes/cmd/%s"\n' "${cmd}"; done
+        printf ')\n'; } > tools.go
       local gomod
       gomod="$(go mod download -json "k8s.io/kubernetes@${K8S_VERSION}" | sed -n 's/.*"GoMod": "\(.*\)",/\1/p')"
       [ -f "${gomod}" ] || die "could not download k8s.io/kubernetes@${K8S_VERSION} from the Go module proxy"
@@ -79,15 +67,18 @@ GOSRC
       go mod download >/dev/null
       local pkg=k8s.io/component-base/version
       local ldflags="-s -w -X ${pkg}.gitVersion=${K8S_VERSION} -X ${pkg}.gitMajor=${K8S_MAJOR} -X ${pkg}.gitMinor=${K8S_MINOR} -X ${pkg}.gitTreeState=clean -X ${pkg}.buildDate=1970-01-01T00:00:00Z"
+      local pkgs=()
+      for cmd in "$@"; do pkgs+=("k8s.io/kubernetes/cmd/${cmd}"); done
       mkdir -p "${out}.tmp"
-      CGO_ENABLED=0 go build -trimpath -ldflags "${ldflags}" -o "${out}.tmp/" \
-        k8s.io/kubernetes/cmd/kube-apiserver k8s.io/kubernetes/cmd/kube-controller-manager k8s.io/kubernetes/cmd/kubectl
-    ) || die "building kubernetes ${K8S_VERSION} failed (see the go output above)"
+      CGO_ENABLED=0 go build -trimpath -ldflags "${ldflags}" -o "${out}.tmp/" "${pkgs[@]}"
+    ) || die "building $* ${K8S_VERSION} failed (see the go output above)"
     rm -rf "${out}"; mv "${out}.tmp" "${out}"
   fi
-  link "${out}/kube-apiserver" kube-apiserver
-  link "${out}/kube-controller-manager" kube-controller-manager
-  link "${out}/kubectl" kubectl
+  for cmd in "$@"; do link "${out}/${cmd}" "${cmd}"; done
+}
+
+build_kubernetes() {
+  build_k8s "kubernetes-${K8S_VERSION}" "cold: about 7 min on 2 cores" kube-apiserver kube-controller-manager kubectl
 }
 
 build_etcd() {
@@ -143,53 +134,8 @@ build_helm() {
 }
 
 build_kubernetes_nodes() {  # kubelet, kube-scheduler, kube-proxy: the same module technique
-  local out="${CACHE}/kubernetes-node-${K8S_VERSION}"
-  if stamp_ok "${out}/kubelet" && stamp_ok "${out}/kube-scheduler" && stamp_ok "${out}/kube-proxy"; then
-    :
-  else
-    need_go
-    echo "build-binaries: building kubelet, kube-scheduler, kube-proxy ${K8S_VERSION} (cold: about 5 min on 2 cores with the control plane's Go cache)" >&2
-    local mod="${CACHE}/src/kubernetes-node-${K8S_VERSION}"
-    rm -rf "${mod}"; mkdir -p "${mod}"
-    (
-      cd "${mod}"
-      cat > go.mod <<GOMOD
-module ferry.dev/k8snodebuild
-
-go 1.26.0
-
-require k8s.io/kubernetes ${K8S_VERSION}
-GOMOD
-      cat > tools.go <<'GOSRC'
-//go:build tools
-
-package tools
-
-import (
-	_ "k8s.io/kubernetes/cmd/kube-proxy"
-	_ "k8s.io/kubernetes/cmd/kube-scheduler"
-	_ "k8s.io/kubernetes/cmd/kubelet"
-)
-GOSRC
-      local gomod
-      gomod="$(go mod download -json "k8s.io/kubernetes@${K8S_VERSION}" | sed -n 's/.*"GoMod": "\(.*\)",/\1/p')"
-      [ -f "${gomod}" ] || die "could not download k8s.io/kubernetes@${K8S_VERSION} from the Go module proxy"
-      grep -E '^\s*k8s.io/[a-z0-9-]+ => \./staging/src/' "${gomod}" | awk '{print $1}' | while read -r m; do
-        echo "replace ${m} => ${m} ${K8S_STAGING_VERSION}" >> go.mod
-      done
-      go mod tidy -e >/dev/null 2>&1 || true
-      go mod download >/dev/null
-      local pkg=k8s.io/component-base/version
-      local ldflags="-s -w -X ${pkg}.gitVersion=${K8S_VERSION} -X ${pkg}.gitMajor=${K8S_MAJOR} -X ${pkg}.gitMinor=${K8S_MINOR} -X ${pkg}.gitTreeState=clean -X ${pkg}.buildDate=1970-01-01T00:00:00Z"
-      mkdir -p "${out}.tmp"
-      CGO_ENABLED=0 go build -trimpath -ldflags "${ldflags}" -o "${out}.tmp/" \
-        k8s.io/kubernetes/cmd/kubelet k8s.io/kubernetes/cmd/kube-scheduler k8s.io/kubernetes/cmd/kube-proxy
-    ) || die "building kubelet/kube-scheduler/kube-proxy ${K8S_VERSION} failed (see the go output above)"
-    rm -rf "${out}"; mv "${out}.tmp" "${out}"
-  fi
-  link "${out}/kubelet" kubelet
-  link "${out}/kube-scheduler" kube-scheduler
-  link "${out}/kube-proxy" kube-proxy
+  build_k8s "kubernetes-node-${K8S_VERSION}" "cold: about 5 min on 2 cores with the control plane's Go cache" \
+    kubelet kube-scheduler kube-proxy
 }
 
 # The pod sandbox program (what registry.k8s.io/pause is): a static binary that waits for a
