@@ -69,6 +69,9 @@ async def start(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: loggin
     settings.watching.client_timeout = 330
     settings.execution.max_workers = 8
     settings.batching.worker_limit = 200
+    # A finished migration's retention timer may delete that very migration; kopf removes the
+    # finalizer only once it sees the timer exited, polling every this many seconds (default 60).
+    settings.background.cancellation_polling = 1.0
     kube = Kube.connect()
     metrics = Metrics()
     if cfg.metrics_port > 0:

@@ -59,17 +59,22 @@ async def on_delete(cx: Context, body: dict, logger: logging.Logger) -> None:
 
 
 async def expire(cx: Context, key: ObjectKey, logger: logging.Logger) -> None:
-    """Delete this finished migration if the retention says so (``ferry.migration.retention``)."""
+    """Delete the finished migrations of this migration's droplet that the retention says to
+    (``ferry.migration.retention``). Called by a timer on every finished migration (the TTL)
+    and at once when one finishes (the newest-N rule: the one that finished may push out the
+    oldest)."""
     m = cx.world.migrations.get(key)
-    if m is None or not m.terminal or m.meta.deleting:
+    if m is None or not m.terminal:
         return
     s = cx.settings
     gone = expired(cx.world.migrations_of((m.namespace, m.droplet)), now(), s.migration_ttl_seconds,
                    s.migrations_kept_per_droplet, protected=lambda x: _in_open_window(cx, x))
-    if any(x.key == key for x in gone):
+    for x in gone:
+        if x.meta.deleting:
+            continue
         try:
-            await cx.call(cx.kube.delete, "LiveMigration", key[1], key[0])
-            logger.info("migration %s/%s finished %s ago: deleted (retention)", *key, now() - finished_at(m))
+            await cx.call(cx.kube.delete, "LiveMigration", x.name, x.namespace)
+            logger.info("migration %s/%s finished %s ago: deleted (retention)", *x.key, now() - finished_at(x))
         except NotFound:
             pass
 
@@ -223,6 +228,8 @@ async def _reconcile_once(cx: Context, key: ObjectKey, logger: logging.Logger) -
         _log_transition(key, obs.status.phase, decision.new_status)
         _count(cx, obs, decision)
         await reconcile_droplet(cx, (key[0], m.droplet), logger)  # its phase follows at once
+        if decision.new_status.phase in TERMINAL:
+            await expire(cx, key, logger)
     return True
 
 
