@@ -18,6 +18,7 @@ from urllib.parse import parse_qs, urlparse
 
 import pykube
 
+from ferry.api.reports import RoundReport
 from ferry.agent.plan import VMObs
 from ferry.api.livemigration import LiveMigration
 from ferry.api.models import Droplet
@@ -26,7 +27,6 @@ from ferry.drivers.base import (
     MigrationOptions,
     MigrationState,
     MigrationStats,
-    RoundStats,
     TransferCounters,
     VMInfo,
     VMKey,
@@ -99,7 +99,7 @@ def stats(mid: str | None, state: MigrationState, *, digest: str | None = None, 
         migration_id=mid, state=state, round=rounds,
         disk=TransferCounters(total=total // 2, sent=sent // 2, remaining=remaining // 2),
         memory=TransferCounters(total=total - total // 2, sent=sent - sent // 2, remaining=remaining - remaining // 2),
-        rounds=[RoundStats(i + 1, 100, 10, 5) for i in range(rounds)], digest=digest, error=error)
+        rounds=[RoundReport(i + 1, 100, 10, 5) for i in range(rounds)], digest=digest, error=error)
 
 
 def vm(name: str = "web", state: VMState = VMState.RUNNING, mid: str | None = None, st: MigrationStats | None = None,

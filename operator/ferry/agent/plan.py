@@ -47,7 +47,7 @@ from typing import Any, Union
 from ferry.api.livemigration import LiveMigration
 from ferry.api.models import Droplet
 from ferry.api.phases import ATTEMPT, TRANSFER_FINAL, Phase, TargetState, TransferState
-from ferry.api.reports import ImageProgress, RoundReport, TargetReport, TransferReport
+from ferry.api.reports import ImageProgress, TargetReport, TransferReport
 from ferry.api.times import fmt
 from ferry.drivers.base import (
     MigrationOptions,
@@ -308,8 +308,7 @@ def transfer_report(stats: MigrationStats, attempt: int, now: dt.datetime) -> Tr
         expected_downtime_ms=stats.expected_downtime_ms,
         eta_seconds=stats.eta_seconds,
         progress=progress_percent(stats),
-        rounds=tuple(RoundReport(r.round, r.bytes, r.dirty_bytes, r.ms, r.start_ms, r.dirty_rate_bps,
-                                 r.throttle_percent, r.paused) for r in stats.rounds),
+        rounds=tuple(stats.rounds),
         downtime_ms=stats.downtime_ms,
         digest=stats.digest,
         error=stats.error,

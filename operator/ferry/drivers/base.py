@@ -14,6 +14,8 @@ import dataclasses
 import enum
 from typing import Protocol, runtime_checkable
 
+from ferry.api.reports import RoundReport
+
 
 @dataclasses.dataclass(frozen=True, order=True)
 class VMKey:
@@ -88,22 +90,6 @@ class TransferCounters:
 
 
 @dataclasses.dataclass
-class RoundStats:
-    """One pre-copy round: what it sent, what the guest dirtied meanwhile, how long it took,
-    when it started (ms since the attempt started), the guest's dirty rate during it, the
-    throttle in force, and whether the guest was paused (the final round: the pause)."""
-
-    round: int
-    bytes: int
-    dirty_bytes: int
-    ms: int
-    start_ms: int | None = None
-    dirty_rate_bps: int | None = None
-    throttle_percent: int | None = None
-    paused: bool = False
-
-
-@dataclasses.dataclass
 class MigrationStats:
     """Progress of one migration as a driver sees it (source or target side)."""
 
@@ -119,7 +105,7 @@ class MigrationStats:
     throttled_ms: int = 0
     expected_downtime_ms: int = 0
     eta_seconds: float | None = None
-    rounds: list[RoundStats] = dataclasses.field(default_factory=list)
+    rounds: list[RoundReport] = dataclasses.field(default_factory=list)  # as status.transfer.rounds has them
     downtime_ms: int | None = None
     digest: str | None = None
     error: str | None = None

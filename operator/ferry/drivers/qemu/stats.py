@@ -11,7 +11,8 @@ import copy
 import dataclasses
 
 from ferry.api.reports import bounded_rounds
-from ferry.drivers.base import MigrationState, MigrationStats, RoundStats, TransferCounters
+from ferry.api.reports import RoundReport
+from ferry.drivers.base import MigrationState, MigrationStats, TransferCounters
 
 MAX_ROUNDS = 20
 
@@ -117,7 +118,7 @@ class StatsTracker:
         elif sync_count > self._round.number:
             # a dirty-bitmap sync ended the round: what it sent, what is dirty now
             self.stats.rounds.append(
-                RoundStats(
+                RoundReport(
                     round=self._round.number,
                     bytes=max(0, transferred - self._round.bytes_at_start),
                     dirty_bytes=remaining,
@@ -169,7 +170,7 @@ def stats_from_dict(data: dict) -> MigrationStats:
     for name in ("disk", "memory"):
         if isinstance(data.get(name), dict):
             setattr(stats, name, TransferCounters(**data[name]))
-    stats.rounds = [RoundStats(**r) for r in data.get("rounds", [])]
+    stats.rounds = [RoundReport(**r) for r in data.get("rounds", [])]
     for field in dataclasses.fields(MigrationStats):
         if field.name in ("migration_id", "state", "disk", "memory", "rounds"):
             continue

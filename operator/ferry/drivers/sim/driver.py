@@ -18,12 +18,12 @@ import subprocess
 import sys
 import time
 
+from ferry.api.reports import RoundReport
 from ferry.drivers.base import (
     DriverError,
     MigrationOptions,
     MigrationState,
     MigrationStats,
-    RoundStats,
     TransferCounters,
     VMInfo,
     VMKey,
@@ -68,7 +68,7 @@ def stats_from_dict(d: dict) -> MigrationStats:
         throttled_ms=int(d.get("throttled_ms") or 0),
         expected_downtime_ms=int(d.get("expected_downtime_ms") or 0),
         eta_seconds=d.get("eta_seconds"),
-        rounds=[RoundStats(round=r["round"], bytes=r["bytes"], dirty_bytes=r["dirty_bytes"], ms=r["ms"],
+        rounds=[RoundReport(round=r["round"], bytes=r["bytes"], dirty_bytes=r["dirty_bytes"], ms=r["ms"],
                            start_ms=r.get("start_ms"), dirty_rate_bps=r.get("dirty_rate_bps"),
                            throttle_percent=r.get("throttle_percent"), paused=bool(r.get("paused")))
                 for r in d.get("rounds") or []],
