@@ -189,6 +189,18 @@ async def _reconcile_once(cx: Context, key: ObjectKey, logger: logging.Logger) -
         fresh = await cx.call(cx.kube.get_or_none, "Droplet", m.droplet, key[0])
         if fresh is not None:
             cx.world.observe("Droplet", "MODIFIED", fresh)
+    if not m.terminal:
+        # A host that looks NotReady here fails the migration for good (HostNotReady); make sure
+        # the view is not merely old (a standby that just became active saw no heartbeat while
+        # it waited): ask the API before believing it.
+        t, timeout = now(), cx.settings.heartbeat_timeout_seconds
+        d = cx.world.droplets.get((key[0], m.droplet))
+        for name in {d.host if d else None, m.status.target_host} - {None}:
+            h = cx.world.hosts.get(name)
+            if h is None or not h.ready(t, timeout):
+                fresh = await cx.call(cx.kube.get_or_none, "Host", name)
+                if fresh is not None:
+                    cx.world.observe("Host", "MODIFIED", fresh)
     async with cx.lock:  # admission, placement and the expectations decide together
         obs = observe(cx, m)
         decision = decide(obs, now(), machine_config(cx))
