@@ -14,10 +14,11 @@ from collections.abc import Mapping
 from typing import Any
 
 from ferry.api import constants as c
+from ferry.api.addresses import claim_order, normalize_ip
 from ferry.api.conditions import Condition, find, parse_conditions
 from ferry.api.meta import InvalidSpec, Meta, Named
 from ferry.api.sizes import Resources, resources_for
-from ferry.api.times import EPOCH, parse, parse_any
+from ferry.api.times import EPOCH, fmt, parse, parse_any
 
 
 ZERO = Resources(0, 0, 0)
@@ -140,6 +141,16 @@ class Droplet(Named):
 
     def condition(self, type_: str) -> Condition | None:
         return find(self.conditions, type_)
+
+    @property
+    def address(self) -> str | None:
+        """``spec.ip`` in its normal form (``ferry.api.addresses``); None when absent or invalid."""
+        return normalize_ip(self.ip)
+
+    @property
+    def claim_order(self) -> tuple[str, str, str]:
+        """Who owns an address two droplets claim: the smallest of these (the oldest)."""
+        return claim_order(fmt(self.meta.created) or "", self.namespace, self.name)
 
     @property
     def announced(self) -> bool:

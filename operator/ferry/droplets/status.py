@@ -54,3 +54,48 @@ def droplet_state(d: Droplet, host: Host | None, migrations: Iterable[LiveMigrat
 
 def state_changed(d: Droplet, state: DropletState) -> bool:
     return (d.phase, d.status.get("reason"), d.status.get("message")) != (state.phase, state.reason, state.message)
+
+
+ADDRESS_CONFLICT = "AddressConflict"
+
+
+@dataclasses.dataclass(frozen=True)
+class AddressVerdict:
+    """Whether ``d`` owns its ``spec.ip``: ``conflict`` says it does not, ``owner`` says who does."""
+
+    conflict: bool
+    reason: str
+    message: str
+    owner: str | None = None  # namespace/name of the droplet that owns the address
+
+
+def address_verdict(d: Droplet, claimants: Iterable[Droplet]) -> AddressVerdict:
+    """``d`` against every droplet claiming the same address (``claimants`` may include ``d``).
+
+    The oldest claim owns the address (``ferry.api.addresses``); the metadata endpoint answers
+    for it only, so any other claimant would never see its maintenance events."""
+    addr = d.address
+    if addr is None:
+        return AddressVerdict(False, "NoAddress", "spec.ip is not set")
+    owner = min((o for o in claimants if o.address == addr and not o.meta.deleting),
+                key=lambda o: o.claim_order, default=d)
+    if owner.claim_order < d.claim_order:
+        who = f"{owner.namespace}/{owner.name}"
+        return AddressVerdict(True, "AddressInUse",
+                              f"spec.ip {addr} is already droplet {who}'s (the older claim): the metadata "
+                              f"endpoint answers {addr} for {who} only, so this droplet does not see its "
+                              "maintenance events; give it an address of its own", who)
+    return AddressVerdict(False, "AddressUnique", f"no older droplet claims {addr}")
+
+
+def address_condition(d: Droplet, verdict: AddressVerdict, now: dt.datetime) -> list[dict[str, Any]] | None:
+    """The droplet's conditions with ``AddressConflict`` set, or None when nothing changes.
+    A droplet that never conflicted gets no condition at all (no write for the common case)."""
+    current = d.condition(ADDRESS_CONFLICT)
+    if current is None and not verdict.conflict:
+        return None
+    want = "True" if verdict.conflict else "False"
+    if current is not None and (current.status, current.reason, current.message) == (want, verdict.reason, verdict.message):
+        return None
+    return [c.to_dict() for c in set_condition(d.conditions, ADDRESS_CONFLICT, verdict.conflict, verdict.reason,
+                                               verdict.message, now)]
