@@ -444,3 +444,24 @@ def test_invariants(w, me):
     # at most one driver action of each kind per droplet and per cycle
     seen = [(type(a).__name__, a.key) for a in actions if isinstance(a, p.DRIVER_ACTIONS)]
     assert len(seen) == len(set(seen)), seen
+
+
+def test_a_vm_whose_process_died_is_started_again_with_a_warning_event():
+    dead = vm(state=V.STOPPED, pid=None)
+    dead = p.VMObs(dataclasses.replace(dead.info, crashed=True), dead.stats)
+    actions = run(A, droplets=[droplet(host="a")], vms=[dead])
+    assert summary(actions) == ["warn ns/web", "start ns/web"]
+    assert actions[0].event_reason == p.GUEST_RESTARTED and "reboots" in actions[0].message
+    # a VM stopped on purpose (powerState off, then on) starts without one
+    assert summary(run(A, droplets=[droplet(host="a")], vms=[vm(state=V.STOPPED, pid=None)])) == ["start ns/web"]
+
+
+def test_a_source_vm_that_died_mid_copy_reports_the_source_failed():
+    from ferry.drivers.base import MigrationStats
+
+    dead = vm(state=V.STOPPED, pid=None, st=MigrationStats(migration_id=MID1, state=M.COPYING))
+    dead = p.VMObs(dataclasses.replace(dead.info, crashed=True), dead.stats)
+    actions = run(A, droplets=[droplet(host="a")], migrations=[lm(target_report=LISTEN1)], vms=[dead])
+    # its memory is gone with it: the guest boots again from its disk, and the owner is told
+    assert summary(actions) == ["transfer ns/move#1 Failed", "warn ns/web", "start ns/web"]
+    assert "VM process" in actions[0].status["error"] and "died on source host a" in actions[0].status["error"]

@@ -114,3 +114,33 @@ def test_the_condition_is_written_on_change_only_and_never_for_a_droplet_that_ne
     assert address_condition(flagged, address_verdict(flagged, [OLD, flagged]), NOW) is None
     cleared = address_condition(flagged, address_verdict(flagged, [flagged]), NOW)
     assert cleared is not None and cleared[0]["status"] == "False" and cleared[0]["reason"] == "AddressUnique"
+
+
+# --- a guest that restarted -------------------------------------------------------------------
+
+from ferry.droplets.status import restart_condition  # noqa: E402
+
+
+def host_reporting(restarts: int | None, at: str = "2030-01-01T11:59:00Z") -> Host:
+    vm = {"namespace": "team", "name": "web", "state": "Running"}
+    if restarts:
+        vm.update(restarts=restarts, restartedAt=at)
+    return Host.from_body({"metadata": {"name": "h1"}, "spec": {"datacenter": "nyc3", "capacity": {
+        "cpu": 4, "memoryMiB": 8192, "diskGiB": 100}}, "status": {"agent": {"vms": [vm]}}})
+
+
+def test_guest_restarted_is_set_from_the_host_report_and_moves_with_each_restart():
+    d = droplet(host="h1")
+    assert restart_condition(d, host_reporting(None), NOW) is None
+    conds = restart_condition(d, host_reporting(1), NOW)
+    assert conds is not None
+    c = next(x for x in conds if x["type"] == "GuestRestarted")
+    assert c["status"] == "True" and c["reason"] == "VMProcessDied" and "h1" in c["message"]
+    assert c["lastTransitionTime"] == "2030-01-01T11:59:00Z"
+    once = droplet(host="h1", conditions=conds)
+    assert restart_condition(once, host_reporting(1), NOW) is None  # nothing new: no write
+    again = restart_condition(once, host_reporting(2, "2030-01-01T12:00:00Z"), NOW)
+    c2 = next(x for x in again if x["type"] == "GuestRestarted")
+    assert "2 times" in c2["message"] and c2["lastTransitionTime"] == "2030-01-01T12:00:00Z"
+    # moved away: the new host says nothing of it, the record stays
+    assert restart_condition(once, host_reporting(None), NOW) is None

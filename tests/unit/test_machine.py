@@ -492,7 +492,7 @@ def test_preparing_ignores_older_attempt_report():
     "kw, reason",
     [
         ({"target": TargetReport(1, "Failed", error="disk full")}, "TargetFailed"),
-        ({"transfer": TransferReport(1, "Failed", error="connection reset")}, "TransferFailed"),
+        ({"transfer": TransferReport(1, "Failed", error="VM process died")}, "SourceFailed"),
         ({"target_host_ready": False}, "TargetHostNotReady"),
     ],
 )
@@ -525,7 +525,7 @@ def test_last_attempt_failure_fails_and_asks_for_offline_migration():
     assert d.phase == "Failed" and d.done
     ns = d.new_status
     assert ns.reason == "AttemptsExhausted"
-    assert "after 3 attempts" in ns.failure_reason and "TransferFailed" in ns.failure_reason
+    assert "after 3 attempts" in ns.failure_reason and "SourceFailed" in ns.failure_reason
     assert "offline migration is needed" in ns.failure_reason
     assert "keeps running on h1" in ns.failure_reason
     marks = [a for a in d.actions if isinstance(a, MarkDropletCondition)]
@@ -910,3 +910,40 @@ def test_cancel_withdraws_an_announcement_whose_status_write_was_lost(owned_by_o
     d = decide(o, T0, CFG)
     assert d.phase == "Cancelled"
     assert (ClearAnnouncement("web-1") in d.actions) == cleared
+
+
+
+# --- who failed: a side that only saw its peer go is a witness, not the culprit -------------
+
+PEER = "ConnectionClosed: connection closed by peer"
+
+
+@pytest.mark.parametrize("phase", ["PreCopy", "CutOver"])
+def test_the_side_that_failed_is_named_not_the_one_that_saw_the_connection_drop(phase):
+    died = TransferReport(1, "Failed", error="the VM process died on source host h1")
+    d = decide(obs(phase, transfer=died, target=TargetReport(1, "Failed", error=PEER)), T0)
+    assert d.new_status.attempts[-1].reason == "SourceFailed"
+    assert "VM process died" in d.new_status.message and "target host saw" in d.new_status.message
+    gone = TargetReport(1, "Failed", error="the incoming VM is gone from host h2")
+    d = decide(obs(phase, transfer=TransferReport(1, "Failed", error="BrokenPipeError: [Errno 32] Broken pipe"),
+                   target=gone), T0)
+    assert d.new_status.attempts[-1].reason == "TargetFailed"
+
+
+def test_a_witness_alone_waits_for_the_other_side_then_says_connection_lost():
+    d = decide(obs("PreCopy", transfer=TransferReport(1, "Copying"), target=TargetReport(1, "Failed", error=PEER)), T0)
+    assert d.phase == "PreCopy" and d.new_status.reason == "PeerLost"
+    assert 0 < d.requeue_after <= 5
+    later = decide(obs("PreCopy", st=d.new_status, transfer=TransferReport(1, "Copying"),
+                       target=TargetReport(1, "Failed", error=PEER)), T0 + sec(5))
+    assert later.phase == "Scheduling" and later.new_status.attempts[-1].reason == "ConnectionLost"
+    # the source's own account arrives within the wait: it is named
+    told = decide(obs("PreCopy", st=d.new_status, transfer=TransferReport(1, "Failed", error="VM process died"),
+                      target=TargetReport(1, "Failed", error=PEER)), T0 + sec(2))
+    assert told.new_status.attempts[-1].reason == "SourceFailed"
+
+
+def test_both_sides_losing_the_connection_is_the_link():
+    d = decide(obs("PreCopy", transfer=TransferReport(1, "Failed", error="ConnectionResetError: reset"),
+                   target=TargetReport(1, "Failed", error=PEER)), T0)
+    assert d.new_status.attempts[-1].reason == "ConnectionLost"

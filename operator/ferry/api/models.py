@@ -72,6 +72,9 @@ class AgentReport:
     driver: str | None
     vms: tuple[tuple[str, str, str], ...]  # (namespace, name, state)
     platform: Platform | None = None
+    #: (namespace, name) -> (crash restarts, time of the last) of the VMs that rebooted after
+    #: their process died (``vms[].restarts`` / ``restartedAt``)
+    restarts: Mapping[tuple[str, str], tuple[int, dt.datetime | None]] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,6 +115,10 @@ class Host(Named):
                 vms=tuple((v.get("namespace", ""), v.get("name", ""), v.get("state", ""))
                           for v in agent.get("vms") or []),
                 platform=Platform.from_agent(agent),
+                restarts={(v.get("namespace", ""), v.get("name", "")): (v["restarts"], parse_any(v.get("restartedAt")))
+                          for v in agent.get("vms") or []
+                          if isinstance(v.get("restarts"), int) and not isinstance(v["restarts"], bool)
+                          and v["restarts"] > 0},
             ),
             status=status,
         )

@@ -227,6 +227,18 @@ class TargetReport:
                    parse_any(m.get("updatedAt")))
 
 
+#: How the agents' errors say "my peer went away": the exception names the transfer code and
+#: the qemu driver put first (``ConnectionClosed: ...``), and the kernel's own words. A side
+#: whose error is only this saw the other side (or the link) fail; it did not fail itself.
+PEER_LOST_MARKERS = ("ConnectionClosed", "ConnectionResetError", "BrokenPipeError", "ConnectionAbortedError",
+                     "connection closed by peer", "Connection reset by peer", "Broken pipe")
+
+
+def peer_lost(error: str | None) -> bool:
+    """Whether an agent's error says only that its peer closed or broke the connection."""
+    return bool(error) and any(m in error for m in PEER_LOST_MARKERS)  # type: ignore[operator]
+
+
 #: What a LiveMigration carries while an agent has reported nothing (attempt 0 matches no attempt).
 NO_TRANSFER = TransferReport(0, None)
 NO_TARGET = TargetReport(0, None)

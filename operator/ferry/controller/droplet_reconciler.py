@@ -12,7 +12,7 @@ from ferry.controller.app import Context
 from ferry.api.meta import ObjectKey
 from ferry.api.models import Droplet
 from ferry.droplets.status import (ADDRESS_CONFLICT, address_condition, address_verdict, droplet_state,
-                                   placement_status, state_changed)
+                                   placement_status, restart_condition, state_changed)
 from ferry.placement import DropletRequest, place
 from ferry.storage import Conflict, NotFound
 
@@ -83,6 +83,7 @@ async def _reconcile(cx: Context, key: ObjectKey, logger: logging.Logger) -> Non
     if d.meta.labels.get(c.HOST_LABEL) != d.host:
         await effects.set_host_label(cx, key, d.host)
         d = world.droplets.get(key) or d
+    d = await _note_restart(cx, key, d)
     state = droplet_state(d, world.hosts.get(d.host), world.migrations_of(key), now(),
                           cx.settings.heartbeat_timeout_seconds)
     if state_changed(d, state):
@@ -112,4 +113,20 @@ async def _flag_address(cx: Context, key: ObjectKey, d: Droplet, ref: dict) -> D
         log.warning("droplet %s/%s: %s", *key, verdict.message)
     elif not verdict.conflict and was is not None and was.status == "True":
         await effects.post_event(cx, ref, "Normal", "AddressConflictResolved", verdict.message)
+    return cx.world.droplets.get(key) or d
+
+
+async def _note_restart(cx: Context, key: ObjectKey, d: Droplet) -> Droplet:
+    """``GuestRestarted`` on the droplet once its host reports that its VM process died and was
+    started again (the agent posted the Warning Event when it restarted it)."""
+    conditions = restart_condition(d, cx.world.hosts.get(d.host or ""), now())
+    if conditions is None:
+        return d
+    try:
+        new = await cx.call(cx.kube.patch_status, "Droplet", key[1], {"conditions": conditions}, key[0],
+                            resource_version=d.meta.resource_version)
+    except (Conflict, NotFound) as exc:
+        log.info("GuestRestarted of %s/%s not written (%s); the next event retries", *key, exc)
+        return d
+    cx.world.observe("Droplet", "MODIFIED", new)
     return cx.world.droplets.get(key) or d

@@ -62,6 +62,11 @@ class VMInfo:
     state: VMState
     pid: int | None = None
     migration_id: str | None = None  # the migration this VM is the source/target of
+    #: STOPPED because its process ended without being asked to (killed, OOM, crashed): the
+    #: guest's memory is gone, its disk remains; starting it again is a reboot
+    crashed: bool = False
+    restarts: int = 0  # times the driver started it again after a crash
+    restarted_at: str | None = None  # RFC 3339 time of the last such restart
 
 
 @dataclasses.dataclass(frozen=True)

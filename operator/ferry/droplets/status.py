@@ -9,6 +9,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from ferry.api.conditions import set_condition
+from ferry.api.times import fmt_api
 from ferry.api.livemigration import LiveMigration
 from ferry.api.models import Droplet, Host
 from ferry.api.phases import DropletPhase
@@ -99,3 +100,29 @@ def address_condition(d: Droplet, verdict: AddressVerdict, now: dt.datetime) -> 
         return None
     return [c.to_dict() for c in set_condition(d.conditions, ADDRESS_CONFLICT, verdict.conflict, verdict.reason,
                                                verdict.message, now)]
+
+
+GUEST_RESTARTED = "GuestRestarted"
+
+
+def restart_condition(d: Droplet, host: Host | None, now: dt.datetime) -> list[dict[str, Any]] | None:
+    """``GuestRestarted`` from what the droplet's host reports: True once its VM process died
+    and was started again (a reboot the owner must know of), with the count and the time.
+    None when nothing changes; a droplet whose guest never restarted gets no condition."""
+    if host is None or d.namespace is None or d.name is None:
+        return None
+    seen = host.agent.restarts.get((d.namespace, d.name))
+    if seen is None:
+        return None  # nothing (more) to say: a condition already set stays as the record of it
+    count, at = seen
+    when = f" at {fmt_api(at)}" if at else ""
+    message = (f"the droplet's VM process died on host {d.host} and was started again{when}: the guest rebooted "
+               f"({count} time{'s' if count != 1 else ''} on this host)")
+    current = d.condition(GUEST_RESTARTED)
+    if current is not None and current.status == "True" and current.message == message:
+        return None
+    conds = set_condition(d.conditions, GUEST_RESTARTED, True, "VMProcessDied", message, at or now)
+    if current is not None and current.status == "True":  # a new restart: the transition time moves too
+        conds = tuple(c if c.type != GUEST_RESTARTED else dataclasses.replace(c, last_transition_time=at or now)
+                      for c in conds)
+    return [c.to_dict() for c in conds]

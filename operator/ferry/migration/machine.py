@@ -20,7 +20,7 @@ from ferry.api.constants import transfer_secret_name
 from ferry.api.livemigration import AttemptRecord, Limits, MigrationSpec, MigrationStatus, ProgressMark
 from ferry.api.patch import merge_patch
 from ferry.api.phases import ATTEMPT, TERMINAL, Phase, TargetState, TransferState
-from ferry.api.reports import TargetReport, TransferReport
+from ferry.api.reports import TargetReport, TransferReport, peer_lost
 from ferry.api.times import fmt_api, utc
 from ferry.migration.actions import (
     Action,
@@ -367,22 +367,60 @@ def _attempt_failed(b: _Builder, reason: str, detail: str) -> None:
     b.requeue = delay
 
 
+#: How long one side's "my peer went away" waits for the other side's own account before the
+#: attempt is closed: the side that saw the connection drop did not fail itself.
+WITNESS_SECONDS = 5.0
+
+
 def _failure_reported(b: _Builder, tr: TransferReport | None, tg: TargetReport | None) -> bool:
     """A Failed/Aborted report for this attempt, or the target host NotReady: fail the
-    attempt and return True."""
+    attempt, naming the side that failed, and return True.
+
+    A side whose error says only that its peer closed or broke the connection
+    (``ferry.api.reports.peer_lost``) is a witness, not the culprit: the attempt names the
+    other side when it reports its own failure (``SourceFailed``/``TargetFailed``), waits up
+    to WITNESS_SECONDS for that account, and otherwise says ``ConnectionLost`` (the link, or a
+    side that went silent)."""
     st = b.st
-    if tg is not None and tg.state == TargetState.FAILED:
-        _attempt_failed(b, "TargetFailed", f"target host {st.target_host} failed: {tg.error or 'no reason given'}")
-        return True
-    if tr is not None and tr.failed:
-        _attempt_failed(
-            b, "TransferFailed", f"source host {st.source_host} {tr.state.lower()}: {tr.error or 'no reason given'}"
-        )
+    src_failed = tr is not None and tr.failed
+    tgt_failed = tg is not None and tg.state == TargetState.FAILED
+    source_word = f"source host {st.source_host} {tr.state.lower()}: {tr.error or 'no reason given'}" if src_failed else ""  # type: ignore[union-attr]
+    target_word = f"target host {st.target_host} failed: {tg.error or 'no reason given'}" if tgt_failed else ""  # type: ignore[union-attr]
+    if src_failed or tgt_failed:
+        src_witness = src_failed and peer_lost(tr.error)  # type: ignore[union-attr]
+        tgt_witness = tgt_failed and peer_lost(tg.error)  # type: ignore[union-attr]
+        if src_failed and not src_witness:
+            _attempt_failed(b, "SourceFailed", source_word + (f" (target host saw: {tg.error})" if tgt_failed else ""))  # type: ignore[union-attr]
+        elif tgt_failed and not tgt_witness:
+            _attempt_failed(b, "TargetFailed", target_word + (f" (source host saw: {tr.error})" if src_failed else ""))  # type: ignore[union-attr]
+        elif src_failed and tgt_failed:
+            _attempt_failed(b, "ConnectionLost", f"both sides lost the connection: {source_word}; {target_word}")
+        else:
+            return _await_witness(b, tr, tg, source_word or target_word)
         return True
     if b.obs.target_host_ready is False:
         _attempt_failed(b, "TargetHostNotReady", f"target host {st.target_host} is not ready")
         return True
     return False
+
+
+def _await_witness(b: _Builder, tr: TransferReport | None, tg: TargetReport | None, seen: str) -> bool:
+    """One side saw its peer go: give the other side WITNESS_SECONDS (from when the operator
+    first saw this) to say why, then close the attempt as ConnectionLost."""
+    st, now = b.st, b.now
+    fp = _fingerprint(tr, tg)
+    mark = st.progress_mark
+    if mark is None or mark.attempt != st.attempt or mark.fingerprint != fp:
+        mark = ProgressMark(st.attempt, fp, now)
+        b.set(progress_mark=mark)
+    waited = _secs(now - mark.at)
+    if waited >= WITNESS_SECONDS:
+        _attempt_failed(b, "ConnectionLost", f"{seen}; the other side reported no failure of its own within "
+                                             f"{WITNESS_SECONDS:.0f} s")
+        return True
+    b.wait("PeerLost", f"{seen}; waiting up to {WITNESS_SECONDS:.0f} s for the other side's account "
+                       "before naming the side that failed", WITNESS_SECONDS - waited)
+    return True
 
 
 def _fingerprint(tr: TransferReport | None, tg: TargetReport | None) -> str:

@@ -19,6 +19,7 @@ import sys
 import time
 
 from ferry.api.reports import RoundReport
+from ferry.api.times import fmt, now as utc_now
 from ferry.drivers.base import (
     DriverError,
     MigrationOptions,
@@ -163,8 +164,11 @@ class SimDriver:
                     return None  # it just exited
         raise DriverError(f"{key}: VM process {pid} is alive but its control socket does not answer: {last}")
 
-    def _write_spec(self, spec: VMSpec, incoming: bool = False) -> dict:
+    def _write_spec(self, spec: VMSpec, incoming: bool = False, restarted: bool = False) -> dict:
         disk_bytes, memory_bytes = image_sizes(spec.memory_mib, spec.disk_gib, self.size_scale)
+        before = {} if incoming else self._read_spec(spec.key)
+        restarts = int(before.get("restarts") or 0) + (1 if restarted else 0)
+        restarted_at = fmt(utc_now()) if restarted else before.get("restarted_at")
         data = {
             "key": {"namespace": spec.key.namespace, "name": spec.key.name},
             "cpu": spec.cpu,
@@ -179,6 +183,9 @@ class SimDriver:
             # a target not resumed yet: its images are partial or unconfirmed and must
             # never run as the droplet (cleared by the VM process on `cont`)
             "incoming_pending": incoming,
+            # crash restarts of this copy (a reboot each): kept across starts, reported by list_vms
+            "restarts": restarts,
+            "restarted_at": restarted_at,
         }
         d = self.vm_dir(spec.key)
         os.makedirs(d, exist_ok=True)
@@ -279,15 +286,32 @@ class SimDriver:
         except (OSError, ValueError):
             return False
 
+    def _read_spec(self, key: VMKey) -> dict:
+        try:
+            with open(os.path.join(self.vm_dir(key), SPEC_FILE)) as f:
+                data = json.load(f)
+            return data if isinstance(data, dict) else {}
+        except (OSError, ValueError):
+            return {}
+
+    def _crashed(self, key: VMKey) -> bool:
+        """No live process, but the last one left its pid file: it did not exit cleanly (a
+        clean quit removes it; a new start removes a stale one)."""
+        return (os.path.exists(os.path.join(self.vm_dir(key), PID_FILE)) and self._pid(key) is None
+                and not self._incoming_pending(key))
+
     def _info(self, key: VMKey, status: dict | None) -> VMInfo:
+        spec = self._read_spec(key)
+        restarts = {"restarts": int(spec.get("restarts") or 0), "restarted_at": spec.get("restarted_at")}
         if status is None:
             state = VMState.INCOMING if self._incoming_pending(key) else VMState.STOPPED
-            return VMInfo(key=key, state=state)
+            return VMInfo(key=key, state=state, crashed=state == VMState.STOPPED and self._crashed(key), **restarts)
         return VMInfo(
             key=key,
             state=_STATUS_TO_STATE.get(status.get("status"), VMState.PAUSED),
             pid=status.get("pid"),
             migration_id=status.get("migration_id"),
+            **restarts,
         )
 
     # --- Driver protocol ----------------------------------------------------------
@@ -319,7 +343,8 @@ class SimDriver:
             return self._info(spec.key, status)
         if self._incoming_pending(spec.key):
             raise DriverError(f"{spec.key}: holds an unfinished incoming migration; destroy it first")
-        self._write_spec(spec)
+        restart = self._crashed(spec.key) and spec.power_on
+        self._write_spec(spec, restarted=restart)
         if not spec.power_on:
             return VMInfo(key=spec.key, state=VMState.STOPPED)
         self._spawn(spec.key)

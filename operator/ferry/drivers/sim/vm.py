@@ -268,6 +268,9 @@ class VM:
         if self._corrupt_frame is not None:
             eng.corrupt_data_frame, self._corrupt_frame = self._corrupt_frame, None
         self.source, self.target = eng, None
+        # On disk before a byte moves: if this process dies mid-copy, the agent still learns
+        # which migration it was sending (and says the source failed, not the target).
+        self._persist_migration({**eng.stats(), "state": session.COPYING})
         eng.start()
         log.info("migration %s to %s started (offline=%s, budget %s ms, limit %s B/s)", id, uri, offline, downtime_ms, bandwidth_bps)
         return {}
