@@ -342,3 +342,29 @@ def test_a_guest_that_arrived_migrates_again_a_to_b_to_a(hosts: tuple[QemuDriver
     seen = counters(text["a1"] + text["b"] + serial_text(a.layout(spec.key).serial))
     assert seen == list(range(1, len(seen) + 1)), seen[:5]
     assert (text["a1"] + text["b"] + serial_text(a.layout(spec.key).serial)).count(BOOT_BANNER) == 1
+
+
+def test_a_qemu_killed_from_outside_is_reported_crashed_and_a_restart_is_counted(guest: dict[str, str], tmp_path,
+                                                                                  spec: VMSpec) -> None:
+    from conftest import make_driver
+
+    a = make_driver(guest, tmp_path / "host")
+    try:
+        boot(a, spec, min_counter=1)
+        a.stop(spec.key)  # asked to stop: not a crash
+        [vm] = a.list_vms()
+        assert vm.state == VMState.STOPPED and not vm.crashed
+        info = a.start(spec)
+        assert info.restarts == 0
+        os.kill(info.pid, signal.SIGKILL)  # as the OOM killer would
+        wait_until(lambda: a.list_vms()[0].state == VMState.STOPPED, 10, what="QEMU gone")
+        [vm] = a.list_vms()
+        assert vm.crashed and vm.restarts == 0
+        again = a.start(spec)
+        assert again.state == VMState.RUNNING and again.restarts == 1 and again.restarted_at
+        [vm] = a.list_vms()
+        assert not vm.crashed and vm.restarts == 1
+        a.destroy(spec.key)
+        assert a.list_vms() == []
+    finally:
+        a.close()
