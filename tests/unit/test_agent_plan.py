@@ -465,3 +465,29 @@ def test_a_source_vm_that_died_mid_copy_reports_the_source_failed():
     # its memory is gone with it: the guest boots again from its disk, and the owner is told
     assert summary(actions) == ["transfer ns/move#1 Failed", "warn ns/web", "start ns/web"]
     assert "VM process" in actions[0].status["error"] and "died on source host a" in actions[0].status["error"]
+
+
+def _forced(lm_obj):
+    return dataclasses.replace(lm_obj, spec=dataclasses.replace(lm_obj.spec, force_complete=True))
+
+
+@pytest.mark.parametrize("state,forced,expected", [
+    (M.COPYING, False, True),
+    (M.CONVERGING, False, True),
+    (M.CONVERGING, True, False),  # already forced: not asked again
+    (M.PAUSED, False, False),  # paused already: nothing to force
+    (M.COMPLETED, False, False),
+])
+def test_force_complete_asks_the_running_source_once(state, forced, expected):
+    s = dataclasses.replace(stats(MID1, state), forced=forced)
+    d, m, v = world(droplets=[droplet(host="a")], vms=[vm(mid=MID1, st=s)])
+    mig = _forced(lm(phase="PreCopy", target_report=LISTEN1))
+    acts = p.plan(A, d, {(mig.namespace, mig.name): mig}, v, NOW)
+    assert any(isinstance(a, p.ForceComplete) and a.migration_id == MID1 for a in acts) is expected
+
+
+def test_force_complete_and_the_ceiling_travel_in_the_options():
+    mig = _forced(lm(phase="PreCopy", target_report=LISTEN1, limits={"downtimeMs": 50, "maxDowntimeMs": 400}))
+    d, m, v = world(droplets=[droplet(host="a")], vms=[vm()])
+    [a] = p.plan(A, d, {(mig.namespace, mig.name): mig}, v, NOW)
+    assert a.options.force_complete is True and a.options.max_downtime_ms == 400

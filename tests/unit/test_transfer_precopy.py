@@ -162,3 +162,95 @@ def test_cancel_resumes_the_guest(pair):
     assert guest.calls == ["pause", "resume"]  # offline paused it; the abort resumed it
     tgt.join(10)
     assert tgt.state in (session.FAILED, session.ABORTED)
+
+
+class BusyGuest(FakeGuest):
+    """A guest thread that rewrites every disk block over and over (the throttle does not slow
+    it): the dirty set never shrinks."""
+
+    def __init__(self, src):
+        super().__init__()
+        self.src, self.stop = src, threading.Event()
+        self.thread = threading.Thread(target=self._write, daemon=True)
+
+    def _write(self):
+        n = 0
+        while not self.stop.is_set() and "pause" not in self.calls:
+            n += 1
+            for b in range(32):
+                self.src[0].write(b * BS, bytes([n % 250 + 1]) * BS)
+            self.stop.wait(0.005)
+
+    def pause(self):
+        self.calls.append("pause")
+        self.stop.set()
+        self.thread.join()
+        return True
+
+
+def run_busy(src, dst, **kw):
+    tgt = TargetEngine(disk=dst[0], memory=dst[1], secret=b"k" * 32, migration_id="m")
+    host, port = tgt.listen("127.0.0.1")
+    tgt.start()
+    guest = BusyGuest(src)
+    eng = SourceEngine(disk=src[0], memory=src[1], guest=guest, target=f"{host}:{port}", secret=b"k" * 32,
+                       migration_id="m", bandwidth_bps=32 << 20, **kw)
+    guest.thread.start()
+    try:
+        eng.run()
+    finally:
+        guest.stop.set()
+        guest.thread.join()
+    if eng.state != session.COMPLETED:
+        tgt.cancel("test over")
+    tgt.join(10)
+    return eng, tgt, guest
+
+
+def test_a_guest_that_never_converges_fails_not_converging_after_the_steps(pair):
+    from ferry.transfer.policy import PolicyConfig
+
+    src, dst = pair
+    # 2 MiB rewritten every few ms over a 32 MiB/s link never fits 10 ms: the throttle ramps to
+    # its maximum (it does not slow this guest), the allowed downtime steps up to the 20 ms
+    # ceiling, then the attempt gives up
+    cfg = PolicyConfig(downtime_budget_ms=10, max_downtime_ms=20, downtime_steps=2, rounds_per_step=1)
+    eng, tgt, guest = run_busy(src, dst, policy=cfg)
+    assert eng.state == session.FAILED
+    assert eng.error.startswith("NotConverging:") and "ceiling 20 ms" in eng.error, eng.error
+    st = eng.stats()
+    assert st["downtime_steps"] == 2 and st["allowed_downtime_ms"] == 20 and st["max_throttle_percent"] == 99
+    assert "pause" not in guest.calls and guest.throttle == (0, 0)  # never paused, throttle lifted
+    assert eng.round < 30
+
+
+def test_force_complete_before_start_pauses_after_the_first_round(pair):
+    src, dst = pair
+    eng, tgt, guest = run_busy(src, dst, downtime_budget_ms=1, force_complete=True)
+    assert eng.state == session.COMPLETED, eng.error
+    st = eng.stats()
+    assert st["forced"] is True and st["downtime_ms"] is not None and eng.round == 2
+    assert contents(dst[0]) == contents(src[0]) and eng.digest == tgt.digest
+
+
+def test_force_complete_mid_copy_finishes_a_busy_guest(pair):
+    src, dst = pair
+    box = {}
+
+    def force_at_3(round_no):
+        if round_no == 3:
+            box["eng"].force_complete()
+
+    tgt = TargetEngine(disk=dst[0], memory=dst[1], secret=b"k" * 32, migration_id="m")
+    host, port = tgt.listen("127.0.0.1")
+    tgt.start()
+    guest = BusyGuest(src)
+    eng = SourceEngine(disk=src[0], memory=src[1], guest=guest, target=f"{host}:{port}", secret=b"k" * 32,
+                       migration_id="m", downtime_budget_ms=1, bandwidth_bps=32 << 20, before_round=force_at_3)
+    box["eng"] = eng
+    guest.thread.start()
+    eng.run()
+    tgt.join(10)
+    assert eng.state == session.COMPLETED, eng.error
+    assert eng.forced and guest.calls.count("pause") == 1 and eng.round >= 3
+    assert eng.rounds[-1]["paused"] and contents(dst[0]) == contents(src[0]) and eng.digest == tgt.digest

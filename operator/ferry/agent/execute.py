@@ -176,6 +176,14 @@ class Executor:
                 return False
             log.info("cancelling migration %s of %s (%s); the source resumes", a.migration_id, a.key, a.reason)
             return self._driver_call(a.key, "cancel", lambda: self.driver.cancel_migration(a.key))
+        if isinstance(a, p.ForceComplete):
+            log.info("force-complete of migration %s of %s: pausing the guest now", a.migration_id, a.key)
+            try:
+                self.driver.force_complete(a.key)
+                return True
+            except DriverError as exc:
+                self.warn(a.key, f"force-complete of {a.key} failed: {exc}", event_reason="ForceCompleteFailed")
+                return False
         if isinstance(a, p.PrepareIncoming):
             return self._prepare(a, snap)
         if isinstance(a, p.StartMigration):

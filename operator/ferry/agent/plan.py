@@ -209,6 +209,14 @@ class CancelMigration:
 
 
 @dataclasses.dataclass(frozen=True)
+class ForceComplete:
+    """Source: ``spec.forceComplete`` asked to pause the guest now and finish ``migration_id``."""
+
+    key: VMKey
+    migration_id: str
+
+
+@dataclasses.dataclass(frozen=True)
 class ReportTarget:
     """Merge ``status`` into LiveMigration ``migration``'s status.target."""
 
@@ -239,9 +247,9 @@ class Warn:
 #: because its VM process died
 GUEST_RESTARTED = "GuestRestarted"
 
-Action = Union[StartVM, StopVM, DestroyVM, ResumeVM, PrepareIncoming, StartMigration, CancelMigration,
+Action = Union[StartVM, StopVM, DestroyVM, ResumeVM, PrepareIncoming, StartMigration, CancelMigration, ForceComplete,
                ReportTarget, ReportTransfer, Warn]
-DRIVER_ACTIONS = (StartVM, StopVM, DestroyVM, ResumeVM, PrepareIncoming, StartMigration, CancelMigration)
+DRIVER_ACTIONS = (StartVM, StopVM, DestroyVM, ResumeVM, PrepareIncoming, StartMigration, CancelMigration, ForceComplete)
 
 
 # --- helpers ------------------------------------------------------------------------------
@@ -278,9 +286,12 @@ def migration_options(lm: LiveMigration, default_downtime_ms: int) -> MigrationO
     downtime = limits.downtime_ms or lm.spec.limits.downtime_ms or default_downtime_ms
     bandwidth = limits.bandwidth_mibps or lm.spec.limits.bandwidth_mibps
     mode = lm.status.effective_mode or lm.spec.mode
+    ceiling = limits.max_downtime_ms or lm.spec.limits.max_downtime_ms
     return MigrationOptions(downtime_budget_ms=int(downtime),
                             bandwidth_bps=int(bandwidth) * MiB if bandwidth else None,
-                            offline=mode == "offline")
+                            offline=mode == "offline",
+                            max_downtime_ms=max(int(ceiling), int(downtime)) if ceiling else None,
+                            force_complete=lm.spec.force_complete)
 
 
 def progress_percent(stats: MigrationStats) -> int:
@@ -315,6 +326,13 @@ def transfer_report(stats: MigrationStats, attempt: int, now: dt.datetime) -> Tr
         progress=progress_percent(stats),
         rounds=tuple(stats.rounds),
         downtime_ms=stats.downtime_ms,
+        downtime_budget_ms=stats.downtime_budget_ms,
+        max_downtime_ms=stats.max_downtime_ms,
+        allowed_downtime_ms=stats.allowed_downtime_ms,
+        downtime_steps=stats.downtime_steps,
+        predicted_downtime_ms=stats.predicted_downtime_ms,
+        forced=stats.forced,
+        verify_ms=stats.verify_ms,
         digest=stats.digest,
         error=stats.error,
         updated_at=now,
@@ -584,6 +602,9 @@ def _source(host: HostContext, key: VMKey, lm: LiveMigration, owned: bool, vm: V
         return out, handled
     if lm.phase == Phase.PRECOPY:
         if stats is not None and stats.migration_id == mid:
+            if lm.spec.force_complete and not stats.forced and stats.state in (
+                    MigrationState.COPYING, MigrationState.CONVERGING):
+                out.append(ForceComplete(key, mid))
             out.extend(_report_transfer(host, key, lm, stats, n, now))
             return out, handled
         if lm.transfer.attempt == n and lm.transfer.failed:

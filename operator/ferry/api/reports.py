@@ -130,6 +130,13 @@ class TransferReport:
     progress: int | None = None
     rounds: tuple[RoundReport, ...] = ()
     downtime_ms: int | None = None
+    downtime_budget_ms: int | None = None
+    max_downtime_ms: int | None = None
+    allowed_downtime_ms: int | None = None
+    downtime_steps: int | None = None
+    predicted_downtime_ms: int | None = None
+    forced: bool = False
+    verify_ms: int | None = None
     digest: str | None = None
     error: str | None = None
     updated_at: dt.datetime | None = None
@@ -159,6 +166,13 @@ class TransferReport:
             "progress": self.progress,
             "rounds": [r.to_dict() for r in bounded_rounds(self.rounds)],
             "downtimeMs": self.downtime_ms,
+            "downtimeBudgetMs": self.downtime_budget_ms,
+            "maxDowntimeMs": self.max_downtime_ms,
+            "allowedDowntimeMs": self.allowed_downtime_ms,
+            "downtimeSteps": self.downtime_steps,
+            "predictedDowntimeMs": self.predicted_downtime_ms,
+            "forced": self.forced or None,
+            "verifyMs": self.verify_ms,
             "digest": self.digest,
             "error": self.error,
             "updatedAt": fmt(self.updated_at, fraction=True),
@@ -196,6 +210,13 @@ class TransferReport:
             progress=as_int(m.get("progress")),
             rounds=tuple(RoundReport.from_dict(r) for r in rounds) if isinstance(rounds, list) else (),
             downtime_ms=as_int(m.get("downtimeMs")),
+            downtime_budget_ms=as_int(m.get("downtimeBudgetMs")),
+            max_downtime_ms=as_int(m.get("maxDowntimeMs")),
+            allowed_downtime_ms=as_int(m.get("allowedDowntimeMs")),
+            downtime_steps=as_int(m.get("downtimeSteps")),
+            predicted_downtime_ms=as_int(m.get("predictedDowntimeMs")),
+            forced=m.get("forced") is True,
+            verify_ms=as_int(m.get("verifyMs")),
             digest=as_str(m.get("digest")),
             error=as_str(m.get("error")),
             updated_at=parse_any(m.get("updatedAt")),

@@ -19,7 +19,7 @@ from ferry.api.conditions import set_condition
 from ferry.api.constants import transfer_secret_name
 from ferry.api.livemigration import AttemptRecord, Limits, MigrationSpec, MigrationStatus, ProgressMark
 from ferry.api.patch import merge_patch
-from ferry.api.phases import ATTEMPT, TERMINAL, Phase, TargetState, TransferState
+from ferry.api.phases import ATTEMPT, TERMINAL, TRANSFER_FINAL, Phase, TargetState, TransferState
 from ferry.api.reports import TargetReport, TransferReport, peer_lost
 from ferry.api.times import fmt_api, utc
 from ferry.migration.actions import (
@@ -197,10 +197,12 @@ def decide(obs: Observation, now: dt.datetime, cfg: MachineConfig | None = None)
 def _refresh(b: _Builder) -> None:
     obs, cfg = b.obs, b.cfg
     lim = obs.spec.limits
+    budget = lim.downtime_ms if lim.downtime_ms is not None else cfg.downtime_budget_ms
     eff = Limits(
         lim.bandwidth_mibps,
-        lim.downtime_ms if lim.downtime_ms is not None else cfg.downtime_budget_ms,
+        budget,
         lim.max_attempts if lim.max_attempts is not None else cfg.max_attempts,
+        max(budget, lim.max_downtime_ms or 0),  # the ceiling of the downtime steps; the budget: no steps
     )
     changes: dict[str, Any] = {"effective_limits": eff}
     if obs.generation is not None:
@@ -382,6 +384,16 @@ def _failure_reported(b: _Builder, tr: TransferReport | None, tg: TargetReport |
     to WITNESS_SECONDS for that account, and otherwise says ``ConnectionLost`` (the link, or a
     side that went silent)."""
     st = b.st
+    if tr is not None and tr.state == TransferState.FAILED and (tr.error or "").startswith("NotConverging"):
+        # Another attempt would meet the same guest at the same rate: no retry. The user can
+        # raise limits.maxDowntimeMs, lower the guest's load, or force-complete.
+        _fail(b, "NotConverging",
+              f"source host {st.source_host}: {tr.error}; dirty rate {_mib(tr.dirty_rate_bps)} MiB/s, "
+              f"link {_mib(tr.bandwidth_bps)} MiB/s, throttle {tr.max_throttle_percent or 0}%, "
+              f"{tr.downtime_steps or 0} downtime steps; the droplet keeps running on {st.source_host} "
+              f"(raise spec.limits.maxDowntimeMs, or set spec.forceComplete to pause it and finish)",
+              offline_needed=True)
+        return True
     src_failed = tr is not None and tr.failed
     tgt_failed = tg is not None and tg.state == TargetState.FAILED
     source_word = f"source host {st.source_host} {tr.state.lower()}: {tr.error or 'no reason given'}" if src_failed else ""  # type: ignore[union-attr]
@@ -421,6 +433,10 @@ def _await_witness(b: _Builder, tr: TransferReport | None, tg: TargetReport | No
     b.wait("PeerLost", f"{seen}; waiting up to {WITNESS_SECONDS:.0f} s for the other side's account "
                        "before naming the side that failed", WITNESS_SECONDS - waited)
     return True
+
+
+def _mib(v: int | None) -> str:
+    return f"{(v or 0) / 1048576:.1f}"
 
 
 def _fingerprint(tr: TransferReport | None, tg: TargetReport | None) -> str:
@@ -651,6 +667,7 @@ def _precopy(b: _Builder) -> None:
         return
     if tr is not None and tr.progress is not None:
         b.set(progress=max(0, min(100, int(tr.progress))))
+    _check_outlook(b, tr)
     if _ready_to_flip(b, tr, tg):
         b.transition(
             Phase.CUTOVER,
@@ -678,8 +695,60 @@ def _ready_to_flip(b: _Builder, tr: TransferReport | None, tg: TargetReport | No
     st = b.st
     b.actions.append(FlipRecord(b.obs.spec.droplet, st.source_host, st.target_host))  # type: ignore[arg-type]
     if tr.downtime_ms is not None:
-        b.set(downtime_ms=tr.downtime_ms)
+        _record_downtime(b, tr)
     return True
+
+
+def _record_downtime(b: _Builder, tr: TransferReport) -> None:
+    """The measured downtime next to its budget; ``DowntimeBudgetExceeded`` and a Warning
+    Event when it is over (a forced completion says so; downtime steps name the ceiling)."""
+    st = b.st
+    budget = (st.effective_limits.downtime_ms if st.effective_limits else None) or b.cfg.downtime_budget_ms
+    downtime = int(tr.downtime_ms or 0)
+    b.set(downtime_ms=downtime, downtime_budget_ms=budget)
+    why = []
+    if tr.forced:
+        why.append("force-complete paused the guest whatever the budget")
+    if tr.downtime_steps:
+        why.append(f"{tr.downtime_steps} downtime steps raised the allowed downtime to {tr.allowed_downtime_ms} ms "
+                   f"(ceiling {tr.max_downtime_ms} ms)")
+    if tr.predicted_downtime_ms is not None:
+        why.append(f"{tr.predicted_downtime_ms} ms were expected at the pause")
+    detail = f"downtime {downtime} ms, budget {budget} ms" + (f" ({'; '.join(why)})" if why else "")
+    if tr.forced and (st.condition("ForceCompleted") is None):
+        b.condition("ForceCompleted", True, "ForceCompleted", detail)
+        b.event("Normal", "ForceCompleted", f"force-completed: {detail}")
+    if downtime > budget:
+        over = st.condition("DowntimeBudgetExceeded")
+        if over is None or over.status != "True":
+            b.event("Warning", "DowntimeBudgetExceeded", detail)
+        b.condition("DowntimeBudgetExceeded", True, "ForceCompleted" if tr.forced else "OverBudget", detail)
+    else:
+        b.condition("DowntimeBudgetExceeded", False, "WithinBudget", detail)
+
+
+def _check_outlook(b: _Builder, tr: TransferReport | None) -> None:
+    """During the copy: is the reported ETA still within the attempt's completion budget?
+    ``CompletionAtRisk`` (and one Warning Event) when it is not, cleared when it is again."""
+    if tr is None or tr.attempt != b.st.attempt or tr.eta_seconds is None or tr.state in TRANSFER_FINAL:
+        return
+    attempt = _current_attempt(b.st)
+    if attempt is None:
+        return
+    budget = b.cfg.budget_base_seconds + b.cfg.budget_seconds_per_gib * b.obs.droplet.image_gib
+    used = _secs(b.now - attempt.start_time)
+    left = budget - used
+    cond = b.st.condition("CompletionAtRisk")
+    at_risk = tr.eta_seconds > left
+    if at_risk:
+        msg = (f"ETA {tr.eta_seconds:.0f} s but {max(0.0, left):.0f} s left of the attempt's {budget:.0f} s budget "
+               f"(round {tr.round}, expected downtime {tr.expected_downtime_ms} ms, "
+               f"allowed {tr.allowed_downtime_ms or tr.downtime_budget_ms} ms)")
+        if cond is None or cond.status != "True":
+            b.event("Warning", "CompletionAtRisk", msg)
+            b.condition("CompletionAtRisk", True, "EtaOverBudget", msg)
+    elif cond is not None and cond.status == "True":
+        b.condition("CompletionAtRisk", False, "EtaWithinBudget", f"ETA {tr.eta_seconds:.0f} s, {left:.0f} s left")
 
 
 def _copy_message(tr: TransferReport | None, tg: TargetReport | None) -> str:

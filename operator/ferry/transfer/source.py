@@ -6,7 +6,10 @@ Per attempt::
               (holes skipped via SEEK_DATA/SEEK_HOLE, all-zero blocks skipped)
     round N   take the dirty bitmaps, send what the guest dirtied meanwhile
               (contiguous blocks coalesced into extents of up to 1 MiB)
-    after each round ask ``policy.after_round``: pause / throttle harder / give up
+    after each round ask ``policy.after_round``: pause / throttle harder / raise the
+              allowed downtime one step / give up (NotConverging)
+    force     ``force_complete()``: pause the guest at once (even mid-round), finish the
+              round and the final round whatever the budget
     final     pause the guest, take the bitmaps, send the rest, then DONE with the
               digests of what was sent; the target compares them with the digests of
               what it holds and answers VERDICT. Downtime = pause -> verdict received.
@@ -130,6 +133,8 @@ class SourceEngine:
         secret: bytes,
         migration_id: str,
         downtime_budget_ms: int = 300,
+        max_downtime_ms: int | None = None,
+        force_complete: bool = False,
         bandwidth_bps: int | None = None,
         offline: bool = False,
         policy: PolicyConfig | None = None,
@@ -145,7 +150,7 @@ class SourceEngine:
         self.migration_id = migration_id
         self.offline = offline
         self.bandwidth_limit = bandwidth_bps or 0
-        self.policy = policy or PolicyConfig(downtime_budget_ms=downtime_budget_ms)
+        self.policy = policy or PolicyConfig(downtime_budget_ms=downtime_budget_ms, max_downtime_ms=max_downtime_ms)
         self.io_timeout = io_timeout
         self.connect_timeout = connect_timeout
         self.before_round = before_round  # benchmark hook: before_round(n) just before round n >= 2 takes the bitmaps
@@ -158,6 +163,14 @@ class SourceEngine:
         self.bandwidth_bps = 0.0
         self.dirty_rate_bps = 0.0
         self.expected_downtime_ms = 0.0
+        self.allowed_downtime_ms = float(self.policy.downtime_budget_ms)  # raised by downtime steps
+        self.downtime_steps = 0
+        self.predicted_downtime_ms: int | None = None  # what the policy expected when it paused
+        self.forced = False  # paused by force-complete, not by convergence
+        self._rounds_at_limit = 0
+        self._force = threading.Event()
+        if force_complete:
+            self._force.set()
         self.downtime_ms: int | None = None
         self.digest: str | None = None
         self.target_digest: str | None = None
@@ -209,6 +222,11 @@ class SourceEngine:
                 sock.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
+
+    def force_complete(self) -> None:
+        """Pause the guest now and finish the copy, whatever the downtime budget.
+        Idempotent; no effect once the guest is paused or the attempt ended."""
+        self._force.set()
 
     @property
     def finished(self) -> bool:
@@ -275,6 +293,11 @@ class SourceEngine:
     def _check(self) -> None:
         if self._cancel.is_set():
             raise Cancelled()
+        if self._force.is_set() and self.state in (COPYING, CONVERGING) and not self.offline:
+            self.forced = True
+            self.predicted_downtime_ms = int(round(min(self._expected_if_paused_now(), 1e12)))
+            log.info("migration %s: force-complete, pausing the guest now", self.migration_id)
+            self._pause_guest()
         if self._remote_error:
             raise MigrationFailed(self._remote_error)
 
@@ -339,10 +362,21 @@ class SourceEngine:
                     disk=KindSample(dirty["disk"], prev["disk"], self.disk_throttle),
                     memory=KindSample(dirty["memory"], prev["memory"], self.memory_throttle),
                     bandwidth_bps=self.bandwidth_bps,
+                    allowed_downtime_ms=self.allowed_downtime_ms,
+                    rounds_at_limit=self._rounds_at_limit,
+                    force=self._force.is_set() or self.state == PAUSED,
                 ),
             )
             self.expected_downtime_ms = decision.expected_downtime_ms
+            self._rounds_at_limit = decision.rounds_at_limit
+            if decision.allowed_downtime_ms > self.allowed_downtime_ms:
+                self.downtime_steps += 1
+                self.allowed_downtime_ms = decision.allowed_downtime_ms
+                log.info("round %d: %s", self.round, decision.reason)
             if decision.action is RoundStep.PAUSE:
+                if self.state != PAUSED:
+                    self.forced = self._force.is_set()
+                    self.predicted_downtime_ms = int(round(min(decision.expected_downtime_ms, 1e12)))
                 break
             if decision.action is RoundStep.FAIL:
                 raise MigrationFailed(decision.reason)
@@ -354,7 +388,8 @@ class SourceEngine:
             self._begin_round()
             self._send_round(self._take_dirty(), full=False)
         if not self.offline:
-            self._pause_guest()
+            if self.state != PAUSED:
+                self._pause_guest()
             self._begin_round()
             self._send_round(self._take_dirty(), full=False)
         # verification
@@ -576,6 +611,11 @@ class SourceEngine:
             self.disk_throttle = self.memory_throttle = 0
             self.guest.set_throttle(0, 0)
 
+    def _expected_if_paused_now(self) -> float:
+        remaining = sum(self._progress[n].queued + d.dirty.count() * d.block_size
+                        for n, d in (("disk", self.disk), ("memory", self.memory)))
+        return expected_downtime_ms(remaining, self.bandwidth_bps, self.policy.verify_overhead_ms)
+
     # --- stats -----------------------------------------------------------------
 
     def stats(self) -> dict:
@@ -620,6 +660,12 @@ class SourceEngine:
             "eta_seconds": eta,
             "rounds": list(self.rounds),
             "downtime_ms": self.downtime_ms,
+            "downtime_budget_ms": self.policy.downtime_budget_ms,
+            "max_downtime_ms": self.policy.ceiling_ms,
+            "allowed_downtime_ms": int(round(self.allowed_downtime_ms)),
+            "downtime_steps": self.downtime_steps,
+            "predicted_downtime_ms": self.predicted_downtime_ms,
+            "forced": self.forced,
             "digest": self.digest if self.state == COMPLETED else None,
             "error": self.error,
             "offline": self.offline,

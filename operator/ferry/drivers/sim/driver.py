@@ -74,6 +74,12 @@ def stats_from_dict(d: dict) -> MigrationStats:
                            throttle_percent=r.get("throttle_percent"), paused=bool(r.get("paused")))
                 for r in d.get("rounds") or []],
         downtime_ms=d.get("downtime_ms"),
+        downtime_budget_ms=d.get("downtime_budget_ms"),
+        max_downtime_ms=d.get("max_downtime_ms"),
+        allowed_downtime_ms=d.get("allowed_downtime_ms"),
+        downtime_steps=int(d.get("downtime_steps") or 0),
+        predicted_downtime_ms=d.get("predicted_downtime_ms"),
+        forced=bool(d.get("forced")),
         digest=d.get("digest"),
         error=d.get("error"),
     )
@@ -406,8 +412,15 @@ class SimDriver:
                 "downtime_ms": options.downtime_budget_ms,
                 "bandwidth_bps": options.bandwidth_bps,
                 "offline": options.offline,
+                "max_downtime_ms": options.max_downtime_ms,
+                "force_complete": options.force_complete,
             },
         )
+
+    def force_complete(self, key: VMKey) -> None:
+        if self._status(key) is None:
+            raise DriverError(f"{key}: VM is not running")
+        self.execute(key, "migrate-force-complete")
 
     def query_migration(self, key: VMKey) -> MigrationStats:
         if self._status(key) is not None:

@@ -7,7 +7,8 @@ directory, runs the guest workload thread, and answers a QMP-like JSON line prot
     query-status                          -> {status, running, pid, key, migration_id, role, seq, ...}
     stop / cont                           pause / run the guest (cont on a received target adopts it)
     quit                                  stop everything and exit
-    migrate {uri, secret, id, downtime_ms, bandwidth_bps, offline}
+    migrate {uri, secret, id, downtime_ms, bandwidth_bps, offline, max_downtime_ms, force_complete}
+    migrate-force-complete                pause the guest now and finish the outgoing migration
     migrate-incoming {listen, secret, id} -> {uri}
     query-migrate                         -> MigrationStats fields
     migrate_cancel                        abort the source side (resume the guest)
@@ -238,7 +239,8 @@ class VM:
         return {}
 
     def cmd_migrate(self, uri: str, secret: str, id: str, downtime_ms: int = 300, bandwidth_bps: int | None = None,
-                    offline: bool = False, **_ignored) -> dict:
+                    offline: bool = False, max_downtime_ms: int | None = None, force_complete: bool = False,
+                    **_ignored) -> dict:
         if self.power == "inmigrate":
             raise CommandError("an incoming VM cannot migrate out", "InvalidState")
         if self.source is not None and not self.source.finished:
@@ -261,6 +263,8 @@ class VM:
             secret=key,
             migration_id=id,
             downtime_budget_ms=int(downtime_ms),
+            max_downtime_ms=int(max_downtime_ms) if max_downtime_ms else None,
+            force_complete=bool(force_complete),
             bandwidth_bps=int(bandwidth_bps) if bandwidth_bps else None,
             offline=bool(offline),
             on_finish=self._source_finished,
@@ -278,6 +282,12 @@ class VM:
     def _source_finished(self, eng: SourceEngine) -> None:
         self._persist_migration(eng.stats())
         self._persist_guest()
+
+    def cmd_migrate_force_complete(self) -> dict:
+        if self.source is None or self.source.finished:
+            raise CommandError("no outgoing migration in progress", "InvalidState")
+        self.source.force_complete()
+        return {}
 
     def cmd_migrate_incoming(self, listen: str, secret: str, id: str) -> dict:
         if self.power != "inmigrate":
