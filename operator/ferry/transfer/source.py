@@ -295,7 +295,8 @@ class SourceEngine:
             raise Cancelled()
         if self._force.is_set() and self.state in (COPYING, CONVERGING) and not self.offline:
             self.forced = True
-            self.predicted_downtime_ms = int(round(min(self._expected_if_paused_now(), 1e12)))
+            predicted = self._expected_if_paused_now()
+            self.predicted_downtime_ms = int(round(predicted)) if predicted != float("inf") else None
             log.info("migration %s: force-complete, pausing the guest now", self.migration_id)
             self._pause_guest()
         if self._remote_error:
@@ -376,7 +377,8 @@ class SourceEngine:
             if decision.action is RoundStep.PAUSE:
                 if self.state != PAUSED:
                     self.forced = self._force.is_set()
-                    self.predicted_downtime_ms = int(round(min(decision.expected_downtime_ms, 1e12)))
+                    e = decision.expected_downtime_ms
+                    self.predicted_downtime_ms = int(round(e)) if e != float("inf") else None
                 break
             if decision.action is RoundStep.FAIL:
                 raise MigrationFailed(decision.reason)
@@ -614,7 +616,11 @@ class SourceEngine:
     def _expected_if_paused_now(self) -> float:
         remaining = sum(self._progress[n].queued + d.dirty.count() * d.block_size
                         for n, d in (("disk", self.disk), ("memory", self.memory)))
-        return expected_downtime_ms(remaining, self.bandwidth_bps, self.policy.verify_overhead_ms)
+        bw = self.bandwidth_bps
+        if bw <= 0:  # nothing measured yet (round 1): the current round's rate, else the limit
+            elapsed = time.monotonic() - self._round_started
+            bw = self._round_bytes / elapsed if elapsed > 0.05 and self._round_bytes else float(self.bandwidth_limit)
+        return expected_downtime_ms(remaining, bw, self.policy.verify_overhead_ms)
 
     # --- stats -----------------------------------------------------------------
 
