@@ -11,9 +11,12 @@
 (b) re-copy: the same image with 5 % of its blocks changed: ferry's re-copy round (the
     dirty blocks, verified by digest) vs `rsync --inplace` of the same change to a local
     rsync daemon on 127.0.0.1. Ratio goal >= 2x faster.
-(c) convergence: guest write rates of 0..200 % of a bandwidth-limited link: rounds,
-    bytes sent / image size, throttle time and max %, downtime. Goals: converges in every
-    row; downtime <= 100 ms for rates <= 50 %; bytes <= 1.3x at 25 %.
+(c) convergence: guest write rates of 0..500 % of a bandwidth-limited link: outcome,
+    rounds, bytes sent / image size, throttle time and max %, downtime steps taken and the
+    allowed downtime vs the ceiling, the predicted and the measured downtime vs the budget.
+    Rows with a lower throttle cap model a guest the throttle cannot slow enough: they end
+    Completed after downtime steps, or NotConverging, never stuck. Goals: every row ends;
+    downtime <= budget in rows without steps; bytes <= 1.3x at 25 %.
 
 Every figure is measured in this run; nothing is asserted. Needs rsync for (b) (skipped
 with a note when missing).
@@ -339,14 +342,20 @@ def bench_recopy(root: str, disk_gib: float, memory_mib: int, fraction: float) -
 # --- (c) convergence --------------------------------------------------------------------------
 
 
-def bench_convergence(root: str, disk_mib: int, memory_mib: int, link_mibps: int, budget_ms: int,
-                      rates: list[int], patterns: list[str]) -> list[dict]:
+def bench_convergence(root: str, disk_mib: int, memory_mib: int, link_mibps: int, budget_ms: int, ceiling_ms: int,
+                      rates: list[int], patterns: list[str], caps: list[int], cap_rates: list[int]) -> list[dict]:
+    """Each row: a guest writing at pct % of the link, the throttle capped at cap %.
+
+    The default cap (99 %, QEMU's max-cpu-throttle) slows the sim guest to 1 % of its rate;
+    lower caps model a guest the throttle cannot slow enough, where the downtime steps (up to
+    the ceiling) and NotConverging show."""
     out = []
     scale = disk_mib / 1024
+    runs = [(pct, 99) for pct in rates] + [(pct, cap) for cap in caps if cap != 99 for pct in cap_rates]
     for pattern in patterns:
         rows = []
-        for pct in rates:
-            hosts = Hosts(os.path.join(root, f"c-{pattern}-{pct}"), scale)
+        for pct, cap in runs:
+            hosts = Hosts(os.path.join(root, f"c-{pattern}-{pct}-{cap}"), scale)
             rate_kibps = link_mibps * 1024 * pct / 100
             spec = VMSpec(KEY, 1, int(round(memory_mib / scale)), 1, Workload(pattern, rate_kibps))
             try:
@@ -357,22 +366,34 @@ def bench_convergence(root: str, disk_mib: int, memory_mib: int, link_mibps: int
                 time.sleep(1.0)  # a 1 s window to measure the rate the guest really writes
                 st1 = hosts.src.status(KEY)
                 guest_mibps = (st1["bytes_written"] - st0["bytes_written"]) / (time.monotonic() - t0) / MiB
-                st = hosts.migrate(spec, f"conv-{pct}", MigrationOptions(downtime_budget_ms=budget_ms, bandwidth_bps=link_mibps * MiB))
+                st = hosts.migrate(spec, f"conv-{pct}-{cap}", MigrationOptions(
+                    downtime_budget_ms=budget_ms, bandwidth_bps=link_mibps * MiB, max_downtime_ms=ceiling_ms,
+                    max_throttle_percent=cap))
                 ok = st["state"] == COMPLETED and st["target_digest"] == st["digest"]
+                err = st.get("error") or ""
+                outcome = "Completed" if ok else ("NotConverging" if err.startswith("NotConverging") else f"NO ({err})")
                 sent = st["disk"]["sent"] + st["memory"]["sent"]
                 bw = max((r["bytes"] / r["ms"] * 1000 for r in st["rounds"][:1] if r["ms"]), default=0)
-                rows.append([f"{pct}%", f"{guest_mibps:.1f}", "yes" if ok else f"NO ({st.get('error')})", st["round"],
-                             f"{sent / image:.2f}", st["throttled_ms"], st["max_throttle_percent"], st["downtime_ms"],
+                dt_ms = st["downtime_ms"]
+                vs = "-" if dt_ms is None else f"{dt_ms / budget_ms:.2f}x" + (" OVER" if dt_ms > budget_ms else "")
+                rows.append([f"{pct}%", f"{cap}%", f"{guest_mibps:.1f}", outcome, st["round"], f"{sent / image:.2f}",
+                             st["throttled_ms"], st["max_throttle_percent"], st.get("downtime_steps", 0),
+                             f"{st.get('allowed_downtime_ms')}/{ceiling_ms}", st.get("predicted_downtime_ms", "-"),
+                             "-" if dt_ms is None else dt_ms, budget_ms, vs,
                              f"{st['elapsed_ms'] / 1000:.1f}", f"{bw / MiB:.0f}"])
-                out.append({"pattern": pattern, "pct": pct, "ok": ok, "rounds": st["round"], "bytes_ratio": sent / image,
-                            "downtime_ms": st["downtime_ms"], "max_throttle": st["max_throttle_percent"],
-                            "throttled_ms": st["throttled_ms"]})
+                out.append({"pattern": pattern, "pct": pct, "cap": cap, "ok": ok, "outcome": outcome,
+                            "rounds": st["round"], "bytes_ratio": sent / image, "downtime_ms": dt_ms,
+                            "max_throttle": st["max_throttle_percent"], "throttled_ms": st["throttled_ms"],
+                            "downtime_steps": st.get("downtime_steps", 0),
+                            "allowed_downtime_ms": st.get("allowed_downtime_ms")})
             finally:
                 hosts.cleanup()
         table(f"(c) convergence, pattern {pattern}: image {disk_mib} MiB disk + {memory_mib} MiB memory (fully written), "
-              f"link limited to {link_mibps} MiB/s, downtime budget {budget_ms} ms",
-              ["guest rate", "guest MiB/s", "converged", "rounds", "bytes/image", "throttled ms", "max thr %",
-               "downtime ms", "total s", "round-1 MiB/s"], rows)
+              f"link limited to {link_mibps} MiB/s, downtime budget {budget_ms} ms, ceiling {ceiling_ms} ms "
+              f"(4 steps), post-copy: none (sim driver has none)",
+              ["guest rate", "thr cap", "guest MiB/s", "outcome", "rounds", "bytes/image", "throttled ms", "max thr %",
+               "steps", "allowed/ceiling ms", "predicted ms", "downtime ms", "budget ms", "downtime/budget",
+               "total s", "round-1 MiB/s"], rows)
     return out
 
 
@@ -387,7 +408,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--conv-memory-mib", type=int, default=64, help="(c) memory image size")
     p.add_argument("--link-mibps", type=int, default=64, help="(c) bandwidth limit")
     p.add_argument("--budget-ms", type=int, default=50, help="(c) downtime budget")
-    p.add_argument("--rates", default="0,10,25,50,100,200", help="(c) guest write rates, %% of the link")
+    p.add_argument("--max-downtime-ms", type=int, default=200, help="(c) ceiling of the downtime steps")
+    p.add_argument("--rates", default="0,10,25,50,100,200,300,500", help="(c) guest write rates, %% of the link")
+    p.add_argument("--caps", default="99,50", help="(c) throttle caps; rows below 99 %% run --cap-rates only")
+    p.add_argument("--cap-rates", default="300,500", help="(c) guest write rates for the lower throttle caps")
     p.add_argument("--patterns", default="uniform,hotspot", help="(c) workload patterns")
     p.add_argument("--parts", "--only", dest="parts", default="abc", help="which parts to run, e.g. a or ab")
     p.add_argument("--workdir", default=None, help="where the images go (default: the temp dir)")
@@ -395,7 +419,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         args.disk_gib, args.memory_mib, args.runs = 1 / 64, 1, 1
         args.conv_disk_mib, args.conv_memory_mib, args.link_mibps = 2, 1, 16
-        args.rates, args.patterns = "0,200", "uniform"
+        args.rates, args.patterns, args.cap_rates = "0,200", "uniform", "300"
     rates = [int(x) for x in args.rates.split(",")]
     root = tempfile.mkdtemp(prefix="ferry-bench-", dir=args.workdir)
     t0 = time.monotonic()
@@ -405,8 +429,9 @@ def main(argv: list[str] | None = None) -> int:
         if "b" in args.parts:
             bench_recopy(root, args.disk_gib, args.memory_mib, args.dirty)
         if "c" in args.parts:
-            bench_convergence(root, args.conv_disk_mib, args.conv_memory_mib, args.link_mibps, args.budget_ms, rates,
-                              args.patterns.split(","))
+            bench_convergence(root, args.conv_disk_mib, args.conv_memory_mib, args.link_mibps, args.budget_ms,
+                              args.max_downtime_ms, rates, args.patterns.split(","),
+                              [int(x) for x in args.caps.split(",")], [int(x) for x in args.cap_rates.split(",")])
     finally:
         shutil.rmtree(root, ignore_errors=True)
     print(f"\ntotal benchmark time {time.monotonic() - t0:.0f} s")

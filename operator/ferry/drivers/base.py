@@ -76,6 +76,8 @@ class MigrationOptions:
     offline: bool = False  # one copy of a stopped VM, no rounds, no throttle
     max_downtime_ms: int | None = None  # ceiling of the downtime steps (None: the budget, no steps)
     force_complete: bool = False  # pause now and finish, whatever the budget
+    max_throttle_percent: int = 99  # the throttle's cap (QEMU's max-cpu-throttle); benchmarks lower it to model
+    # a guest the throttle cannot slow enough
 
 
 class MigrationState(str, enum.Enum):

@@ -414,6 +414,7 @@ class SimDriver:
                 "offline": options.offline,
                 "max_downtime_ms": options.max_downtime_ms,
                 "force_complete": options.force_complete,
+                "max_throttle_percent": options.max_throttle_percent,
             },
         )
 

@@ -7,7 +7,8 @@ directory, runs the guest workload thread, and answers a QMP-like JSON line prot
     query-status                          -> {status, running, pid, key, migration_id, role, seq, ...}
     stop / cont                           pause / run the guest (cont on a received target adopts it)
     quit                                  stop everything and exit
-    migrate {uri, secret, id, downtime_ms, bandwidth_bps, offline, max_downtime_ms, force_complete}
+    migrate {uri, secret, id, downtime_ms, bandwidth_bps, offline, max_downtime_ms, force_complete,
+             max_throttle_percent}
     migrate-force-complete                pause the guest now and finish the outgoing migration
     migrate-incoming {listen, secret, id} -> {uri}
     query-migrate                         -> MigrationStats fields
@@ -50,6 +51,7 @@ from ferry.drivers.sim.image import DISK_BLOCK_SIZE, MEMORY_PAGE_SIZE, Image
 from ferry.drivers.sim.workload import Guest, last_logged_seq
 from ferry.transfer import session
 from ferry.transfer.digest import combine, image_root
+from ferry.transfer.policy import PolicyConfig
 from ferry.transfer.source import SourceEngine
 from ferry.transfer.target import TargetEngine
 
@@ -240,7 +242,7 @@ class VM:
 
     def cmd_migrate(self, uri: str, secret: str, id: str, downtime_ms: int = 300, bandwidth_bps: int | None = None,
                     offline: bool = False, max_downtime_ms: int | None = None, force_complete: bool = False,
-                    **_ignored) -> dict:
+                    max_throttle_percent: int = 99, **_ignored) -> dict:
         if self.power == "inmigrate":
             raise CommandError("an incoming VM cannot migrate out", "InvalidState")
         if self.source is not None and not self.source.finished:
@@ -262,8 +264,9 @@ class VM:
             target=uri,
             secret=key,
             migration_id=id,
-            downtime_budget_ms=int(downtime_ms),
-            max_downtime_ms=int(max_downtime_ms) if max_downtime_ms else None,
+            policy=PolicyConfig(downtime_budget_ms=int(downtime_ms),
+                                max_downtime_ms=int(max_downtime_ms) if max_downtime_ms else None,
+                                throttle_max=max(1, min(99, int(max_throttle_percent)))),
             force_complete=bool(force_complete),
             bandwidth_bps=int(bandwidth_bps) if bandwidth_bps else None,
             offline=bool(offline),
