@@ -174,9 +174,25 @@ def test_disk_digest(tmp_path: pathlib.Path) -> None:
     b = tmp_path / "b"
     a.write_bytes(b"x" * 1000 + bytes(24))
     b.write_bytes(b"x" * 1000)  # shorter file: the tail reads as zeros
-    assert disk_digest(a, 1024, "m", 4096) == disk_digest(b, 1024, "m", 4096)
-    assert disk_digest(a, 1024, "m", 4096).startswith("sha256:")
+    assert disk_digest(a, 1024)[0] == disk_digest(b, 1024)[0]
+    assert disk_digest(a, 1024)[0].startswith("sha256:")
     b.write_bytes(b"y" * 1000)
-    assert disk_digest(a, 1024, "m", 4096) != disk_digest(b, 1024, "m", 4096)
-    big = disk_digest(a, 1024, "m", 100)
-    assert big.startswith("token:") and big == disk_digest(b, 1024, "m", 100)
+    assert disk_digest(a, 1024)[0] != disk_digest(b, 1024)[0]
+
+
+def test_disk_digest_of_a_big_sparse_disk_is_real(tmp_path: pathlib.Path) -> None:
+    """No size above which the digest stops looking at the data (the old ``token:``)."""
+    size = 3 << 30
+    a, b = tmp_path / "a", tmp_path / "b"
+    for p in (a, b):
+        with open(p, "wb") as f:
+            f.truncate(size)
+            f.seek(size - (5 << 20))
+            f.write(b"guest data" * 1000)
+    assert disk_digest(a, size)[0] == disk_digest(b, size)[0]
+    with open(b, "r+b") as f:
+        f.seek(size - (5 << 20) + 4321)
+        f.write(b"\x00")
+    assert disk_digest(a, size)[0] != disk_digest(b, size)[0]
+    digest, ms = disk_digest(a, size)
+    assert digest.startswith("sha256:") and not digest.startswith("token:") and ms >= 0

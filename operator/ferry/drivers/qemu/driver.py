@@ -502,6 +502,14 @@ class QemuDriver:
                 meta.update(role=None, migration_id=None, offline_source=False)
                 self._write_meta(layout, meta)
 
+    def force_complete(self, key: VMKey) -> None:
+        """Stop the guest now and let the copy finish with it paused (see sequence.py)."""
+        with self._lock:
+            m = self._migrations.get(key)
+        if not isinstance(m, SourceMigration) or m.finished:
+            raise DriverError(f"{key}: no outgoing migration in progress")
+        m.force_complete()
+
     def _undo_completed(self, key: VMKey, m: SourceMigration | None) -> None:
         """The stream completed but the record did not flip: the source runs again
         (a ``cont`` after ``postmigrate`` re-activates its own disk)."""
