@@ -57,6 +57,7 @@ from typing import Any
 
 from ferry.drivers.base import DriverError, MigrationOptions, MigrationState, MigrationStats
 from ferry.transfer.digest import sparse_image_root
+from ferry.transfer.policy import KindSample, PolicyConfig, PolicyInput, RoundStep, after_round
 
 from .config import (
     PSK_USERNAME,
@@ -284,6 +285,15 @@ class SourceMigration(_Migration):
         self._tls = self._node = self._mirror = self._migrate = recover
         self._force = threading.Event()
         self._forced_at: float | None = None  # when force-complete stopped the guest
+        # downtime steps: ferry's policy decides them per dirty-sync round (QEMU's auto-converge
+        # does the throttle and the switchover itself)
+        self._policy = PolicyConfig(downtime_budget_ms=max(1, int(options.downtime_budget_ms)),
+                                    max_downtime_ms=options.max_downtime_ms,
+                                    throttle_max=max(1, min(99, int(options.max_throttle_percent))))
+        self._allowed_ms = float(self._policy.downtime_budget_ms)
+        self._at_limit = 0
+        self._policy_round = 0
+        self._prev_remaining: int | None = None
         if options.force_complete:
             self._force.set()
 
@@ -412,6 +422,8 @@ class SourceMigration(_Migration):
             status = self._sample()
             if status == "pre-switchover":
                 break
+            if status == "active" and self._forced_at is None:
+                self._downtime_step()
             if status in ("failed", "cancelled", "cancelling"):
                 raise DriverError(f"migration {status}: {self._migration_error()}")
             if self._mirror_job() is None:
@@ -441,6 +453,30 @@ class SourceMigration(_Migration):
             self._sleep(0.05)
         self._settle_downtime()
         self._finish()
+
+    def _downtime_step(self) -> None:
+        """After each new dirty-sync round: raise downtime-limit one step when auto-converge
+        is at its maximum and the rest still does not fit; fail NotConverging at the ceiling."""
+        with self.lock:
+            st = self.tracker.stats
+            rnd, remaining, bw, throttle = st.round, st.memory.remaining, st.bandwidth_bps, st.throttle_percent
+        if rnd <= self._policy_round or rnd < 2:
+            return
+        self._policy_round = rnd
+        d = after_round(self._policy, PolicyInput(
+            round=rnd, disk=KindSample(0, 0), memory=KindSample(remaining, self._prev_remaining, throttle),
+            bandwidth_bps=float(bw), allowed_downtime_ms=self._allowed_ms, rounds_at_limit=self._at_limit))
+        self._prev_remaining = remaining
+        self._at_limit = d.rounds_at_limit
+        if d.action is RoundStep.FAIL and d.not_converging:
+            raise DriverError(d.reason)
+        if d.allowed_downtime_ms > self._allowed_ms:
+            self._allowed_ms = d.allowed_downtime_ms
+            self.qmp.execute("migrate-set-parameters", {"downtime-limit": int(round(self._allowed_ms))})
+            with self.lock:
+                self.tracker.stats.downtime_steps += 1
+                self.tracker.stats.allowed_downtime_ms = int(round(self._allowed_ms))
+            log.info("migration %s: %s", self.migration_id, d.reason)
 
     def _settle_downtime(self) -> None:
         """QEMU sets "completed" a moment before it computes the downtime (it reads 0
