@@ -167,7 +167,7 @@ def test_allowed_downtime_never_exceeds_the_ceiling_nor_drops(rounds, disk, mem,
     start = allowed or STEPS.downtime_budget_ms
     assert d.allowed_downtime_ms >= start
     assert d.allowed_downtime_ms <= max(STEPS.ceiling_ms, start)
-    if d.pause and not d.reason.startswith("force"):
+    if d.pause and not d.reason.startswith("force") and disk + mem > 0:  # nothing dirty: pause, it cannot shrink
         assert d.expected_downtime_ms <= d.allowed_downtime_ms
 
 
