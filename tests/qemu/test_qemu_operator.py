@@ -289,3 +289,50 @@ def test_offline_migration_of_a_stopped_droplet(stack: QemuStack) -> None:
     assert sha256_file(dst_layout.disk) == image
     assert BOOT_BANNER not in serial_text(dst_layout.serial)  # the guest never ran
     stack.assert_gone(a, "db", None)
+
+
+@pytest.mark.timeout(600)
+def test_a_byte_corrupted_on_the_target_of_a_one_gib_disk_fails_the_attempt(stack: QemuStack) -> None:
+    """Through the operator: a 1.1 GiB disk (sparse, 64 MiB of data), one byte flipped on the
+    target after the mirror copied it. The digests differ, the attempt fails DigestMismatch,
+    the record never moves and the guest runs on at the source."""
+    stack.env["FERRY_SIZE_SCALE"] = "0.11"  # s-1vcpu-512mb-10gb: a 1.1 GiB disk
+    data_at, data = 512 << 20, os.urandom(64 << 20)
+    a = stack.host("a")
+    stack.start_operator()
+    stack.wait_hosts_ready()
+    disk = stack.layout(a, "big").disk
+    disk.parent.mkdir(parents=True, exist_ok=True)
+    with open(disk, "wb") as f:
+        f.truncate(int(10 * 0.11 * (1 << 30)))
+        f.seek(data_at)
+        f.write(data)
+    stack.droplet("big", size=SIZE)
+    wait_until(lambda: (stack.get("droplet", "big").get("status") or {}).get("host") == a, 30, what="big placed")
+    b = stack.host("b")
+    wait_until(lambda: stack.agent_vms(a).get("big") == "Running", 60, what="big Running on a")
+    stack.wait_hosts_ready()
+    wait_until(lambda: last_counter(stack.layout(a, "big").serial) >= 3, BOOT_TIMEOUT, what="the guest to count")
+    assert disk.stat().st_size >= 1 << 30
+    stack.migrate("big", limits={"bandwidthMiBps": 16, "maxAttempts": 1})
+    target_disk = stack.layout(b, "big").disk
+
+    def copied() -> bool:
+        try:
+            with open(target_disk, "rb") as f:
+                f.seek(data_at)
+                return f.read(1 << 20) == data[: 1 << 20]
+        except OSError:
+            return False
+    wait_until(copied, 180, interval=0.02, what="the mirror to copy the data's first MiB to the target")
+    with open(target_disk, "r+b") as f:
+        f.seek(data_at + 4321)
+        f.write(bytes([data[4321] ^ 0x01]))
+    st = stack.wait_phase("move", "Failed", timeout=240)
+    assert st["attempts"][-1]["reason"] == "DigestMismatch", st["attempts"]
+    assert "DigestMismatch" in st["failureReason"] and "digest" in st["attempts"][-1].get("reason", "").lower()
+    assert stack.record("big") == (a, a)
+    wait_until(lambda: stack.agent_vms(a).get("big") == "Running", 60, what="big running again on a")
+    stack.keeps_counting(a, "big")
+    print(f"\noperator, qemu 1.1 GiB disk, one target byte corrupted: Failed ({st['attempts'][-1]['reason']}); "
+          f"verification {st['transfer'].get('verifyMs')} ms, downtime {st['transfer'].get('downtimeMs')} ms")
