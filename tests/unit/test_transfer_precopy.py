@@ -164,58 +164,55 @@ def test_cancel_resumes_the_guest(pair):
     assert tgt.state in (session.FAILED, session.ABORTED)
 
 
-class BusyGuest(FakeGuest):
-    """A guest thread that rewrites every disk block over and over (the throttle does not slow
-    it): the dirty set never shrinks."""
+def always_dirty(src, box):
+    """The disk of a guest that rewrites every block all the time (deterministic: the bitmap
+    always counts every block dirty, and every round from the second takes them all)."""
+    import types
 
-    def __init__(self, src):
-        super().__init__()
-        self.src, self.stop = src, threading.Event()
-        self.thread = threading.Thread(target=self._write, daemon=True)
+    class Rewritten:
+        def __init__(self, bitmap):
+            self.bitmap = bitmap
 
-    def _write(self):
-        n = 0
-        while not self.stop.is_set() and "pause" not in self.calls:
-            n += 1
-            for b in range(32):
-                self.src[0].write(b * BS, bytes([n % 250 + 1]) * BS)
-            self.stop.wait(0.005)
+        def count(self):
+            return self.bitmap.nbits
 
-    def pause(self):
-        self.calls.append("pause")
-        self.stop.set()
-        self.thread.join()
-        return True
+        def swap(self):
+            bits = self.bitmap.swap()
+            if box["eng"].round >= 2:  # the swap of round N happens once round N began
+                bits = b"\xff" * len(bits)
+            return bits
 
+        def __getattr__(self, name):
+            return getattr(self.bitmap, name)
 
-def run_busy(src, dst, **kw):
-    tgt = TargetEngine(disk=dst[0], memory=dst[1], secret=b"k" * 32, migration_id="m")
-    host, port = tgt.listen("127.0.0.1")
-    tgt.start()
-    guest = BusyGuest(src)
-    eng = SourceEngine(disk=src[0], memory=src[1], guest=guest, target=f"{host}:{port}", secret=b"k" * 32,
-                       migration_id="m", bandwidth_bps=32 << 20, **kw)
-    guest.thread.start()
-    try:
-        eng.run()
-    finally:
-        guest.stop.set()
-        guest.thread.join()
-    if eng.state != session.COMPLETED:
-        tgt.cancel("test over")
-    tgt.join(10)
-    return eng, tgt, guest
+    d = src[0]
+    for b in range(d.nblocks):
+        d.write(b * d.block_size, b"x" * d.block_size)
+    return types.SimpleNamespace(fd=d.fd, size=d.size, block_size=d.block_size, nblocks=d.nblocks,
+                                 dirty=Rewritten(d.dirty))
 
 
 def test_a_guest_that_never_converges_fails_not_converging_after_the_steps(pair):
     from ferry.transfer.policy import PolicyConfig
 
     src, dst = pair
-    # 2 MiB rewritten every few ms over a 32 MiB/s link never fits 10 ms: the throttle ramps to
-    # its maximum (it does not slow this guest), the allowed downtime steps up to the 20 ms
-    # ceiling, then the attempt gives up
+    # A guest that rewrites every disk block all the time (deterministically: the bitmap always
+    # counts every block dirty and every round takes them all). Over a 32 MiB/s link
+    # the 2 MiB never fit 10 ms: the throttle ramps to its maximum (it does not slow this guest),
+    # the allowed downtime steps up to the 20 ms ceiling, then the attempt gives up.
+    box = {}
+    disk = always_dirty(src, box)
     cfg = PolicyConfig(downtime_budget_ms=10, max_downtime_ms=20, downtime_steps=2, rounds_per_step=1)
-    eng, tgt, guest = run_busy(src, dst, policy=cfg)
+    tgt = TargetEngine(disk=dst[0], memory=dst[1], secret=b"k" * 32, migration_id="m")
+    host, port = tgt.listen("127.0.0.1")
+    tgt.start()
+    guest = FakeGuest()
+    eng = SourceEngine(disk=disk, memory=src[1], guest=guest, target=f"{host}:{port}", secret=b"k" * 32,
+                       migration_id="m", bandwidth_bps=32 << 20, policy=cfg)
+    box["eng"] = eng
+    eng.run()
+    tgt.cancel("test over")
+    tgt.join(10)
     assert eng.state == session.FAILED
     assert eng.error.startswith("NotConverging:") and "ceiling 20 ms" in eng.error, eng.error
     st = eng.stats()
@@ -224,9 +221,19 @@ def test_a_guest_that_never_converges_fails_not_converging_after_the_steps(pair)
     assert eng.round < 30
 
 
-def test_force_complete_before_start_pauses_after_the_first_round(pair):
+def test_force_complete_before_start_pauses_at_once_and_finishes(pair):
     src, dst = pair
-    eng, tgt, guest = run_busy(src, dst, downtime_budget_ms=1, force_complete=True)
+    box = {}
+    tgt = TargetEngine(disk=dst[0], memory=dst[1], secret=b"k" * 32, migration_id="m")
+    host, port = tgt.listen("127.0.0.1")
+    tgt.start()
+    guest = FakeGuest()
+    eng = SourceEngine(disk=always_dirty(src, box), memory=src[1], guest=guest, target=f"{host}:{port}",
+                       secret=b"k" * 32, migration_id="m", downtime_budget_ms=1, bandwidth_bps=32 << 20,
+                       force_complete=True)
+    box["eng"] = eng
+    eng.run()
+    tgt.join(10)
     assert eng.state == session.COMPLETED, eng.error
     st = eng.stats()
     assert st["forced"] is True and st["downtime_ms"] is not None and eng.round == 2
@@ -244,11 +251,11 @@ def test_force_complete_mid_copy_finishes_a_busy_guest(pair):
     tgt = TargetEngine(disk=dst[0], memory=dst[1], secret=b"k" * 32, migration_id="m")
     host, port = tgt.listen("127.0.0.1")
     tgt.start()
-    guest = BusyGuest(src)
-    eng = SourceEngine(disk=src[0], memory=src[1], guest=guest, target=f"{host}:{port}", secret=b"k" * 32,
-                       migration_id="m", downtime_budget_ms=1, bandwidth_bps=32 << 20, before_round=force_at_3)
+    guest = FakeGuest()
+    eng = SourceEngine(disk=always_dirty(src, box), memory=src[1], guest=guest, target=f"{host}:{port}",
+                       secret=b"k" * 32, migration_id="m", downtime_budget_ms=1, bandwidth_bps=32 << 20,
+                       before_round=force_at_3)
     box["eng"] = eng
-    guest.thread.start()
     eng.run()
     tgt.join(10)
     assert eng.state == session.COMPLETED, eng.error

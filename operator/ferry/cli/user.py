@@ -205,7 +205,7 @@ def request_force_complete(s: Session, name: str) -> str:
     if v.phase in (Phase.CUTOVER,) or v.transfer_state in ("Paused", "Completed"):
         return f"migration {v.key}: force-complete requested, but the guest is already paused for the final copy"
     what = ("the guest pauses now and the copy finishes" if v.phase == Phase.PRECOPY
-            else "the guest will pause as soon as the first copy round is done")
+            else "the guest will be paused as soon as its copy starts (the whole copy is then downtime)")
     return (f"migration {v.key}: force-complete requested (phase {v.phase or 'New'}): {what}, whatever the "
             f"downtime budget; the downtime is reported in status.downtimeMs")
 
