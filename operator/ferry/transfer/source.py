@@ -27,7 +27,7 @@ from collections.abc import Callable
 from typing import Protocol
 
 from ferry.api.reports import bounded_rounds
-from ferry.transfer import auth, framing
+from ferry.transfer import auth, framing, session
 from ferry.transfer.channel import AES_256_GCM, read_frame
 from ferry.transfer.bitmap import DirtyBitmap, extents, popcount, split_extents
 from ferry.transfer.digest import HASH_NAME, BlockHashes, block_hashes, combine, zero_hash
@@ -309,7 +309,10 @@ class SourceEngine:
         except auth.AuthError as e:
             raise MigrationFailed(f"authentication with target failed: {e}") from None
         self._chan = hs.open(sock, self.secret, self.migration_id, "source")
-        sock.settimeout(self.io_timeout)
+        if session.BLOCKING_IO:
+            framing.set_kernel_timeouts(sock, self.io_timeout)
+        else:
+            sock.settimeout(self.io_timeout)
         reader = threading.Thread(target=self._reader, name="migrate-reader", daemon=True)
         reader.start()
         self._send(

@@ -1,7 +1,7 @@
 """The receiving end of a migration's pre-copy: runs in the target VM process.
 
-It accepts one authenticated connection, checks every block against its hash as it
-arrives and writes it; on DONE it compares the source's digests with those of what it
+It accepts one authenticated connection (encrypted, or plain where ``allow_plain``), checks
+every block against its hash as it arrives and writes it; on DONE it compares the source's digests with those of what it
 holds and answers VERDICT. It never runs what it received until its VM is told ``cont``.
 """
 
@@ -17,7 +17,7 @@ import zlib
 from collections.abc import Callable
 from typing import Protocol
 
-from ferry.transfer import auth, framing
+from ferry.transfer import auth, framing, session
 from ferry.transfer.digest import HASH_NAME, BlockHashes, combine, first_mismatch
 from ferry.transfer.framing import HASH_SIZE, Kind
 from ferry.transfer.session import (
@@ -183,7 +183,10 @@ class TargetEngine:
                 conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
             except OSError:
                 pass
-            conn.settimeout(self.io_timeout)
+            if session.BLOCKING_IO:
+                framing.set_kernel_timeouts(conn, self.io_timeout)
+            else:
+                conn.settimeout(self.io_timeout)
             return conn
         raise Cancelled()
 
