@@ -11,6 +11,8 @@ variant time) comes from one run. A variant changes one thing of the shipped eng
 its child process only (module attributes, as a patch would):
 
 - ``shipped, plain`` / ``shipped, aes-256-gcm``: the engines as they are.
+- ``aes-256-gcm, one sendmsg per frame``: the source seals a whole frame before it sends
+  it, instead of sending every two records (512 KiB).
 - ``frames 4 MiB``: data frames of up to 4 MiB instead of 1 MiB (larger frames).
 - ``target chunk 1 MiB``: the target receives, checks and writes 1 MiB at a time, not 256 KiB.
 - ``Python socket timeouts``: both sockets in Python's timeout mode (a poll before every
@@ -72,6 +74,12 @@ class IdleGuest:
 
 
 # --- the variants (each applied in a child process only) ---------------------------------
+
+
+def seal_whole_frames(role: str) -> None:
+    from ferry.transfer.channel import SealedChannel
+
+    SealedChannel.FLUSH_BYTES = 64 << 20  # every frame sealed whole, then one sendmsg
 
 
 def frames_4mib(role: str) -> None:
@@ -195,6 +203,7 @@ def sendfile_mmap_hash(role: str) -> None:
 VARIANTS = [
     ("shipped, plain", "plain", None),
     ("shipped, aes-256-gcm", "aes-256-gcm", None),
+    ("aes-256-gcm, one sendmsg per frame", "aes-256-gcm", seal_whole_frames),
     ("frames 4 MiB (plain)", "plain", frames_4mib),
     ("target chunk 1 MiB (plain)", "plain", target_chunk_1mib),
     ("Python socket timeouts (plain)", "plain", python_timeouts),

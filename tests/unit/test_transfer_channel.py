@@ -167,3 +167,20 @@ def test_plain_channel_passes_frames_through():
 
 def test_ktls_probe_answers():
     assert channel.ktls_available() in (True, False)
+
+
+def test_the_setting_defaults_to_encrypted_and_takes_plain_as_an_opt_out():
+    from ferry.settings import Settings, SettingsError
+
+    assert Settings.from_env({}).sim_channel == "aes-256-gcm"
+    assert Settings.from_env({"FERRY_SIM_CHANNEL": "plain"}).sim_channel == "plain"
+    with pytest.raises(SettingsError, match="FERRY_SIM_CHANNEL"):
+        Settings.from_env({"FERRY_SIM_CHANNEL": "rot13"})
+
+
+def test_the_sim_driver_asks_for_the_channel_of_its_setting(tmp_path):
+    from ferry.agent.main import make_driver
+    from ferry.settings import Settings
+
+    assert make_driver("sim", str(tmp_path), Settings.from_env({})).channel == "aes-256-gcm"
+    assert make_driver("sim", str(tmp_path), Settings.from_env({"FERRY_SIM_CHANNEL": "plain"})).channel == "plain"

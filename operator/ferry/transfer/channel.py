@@ -112,12 +112,16 @@ class SealedChannel:
     """Frames in AES-256-GCM records (see the module docstring)."""
 
     name = AES_256_GCM
+    # Sealed bytes are sent once this many wait (or the frame ends): the read buffer, the
+    # sealed copy and what the kernel copies from stay in the CPU cache. (Sealing a whole
+    # 1 MiB frame before one sendmsg cost more: tests/perf/bench_dataplane_ideas.py.)
+    FLUSH_BYTES = 2 * (RECORD_BYTES + RECORD_HEADER.size + TAG_SIZE)
 
     def __init__(self, sock: socket.socket, send_key: bytes, send_iv: bytes, recv_key: bytes, recv_iv: bytes):
         self.sock = sock
         self._tx = _Direction(send_key, send_iv)
         self._rx = _Direction(recv_key, recv_iv)
-        self._out = bytearray(4 * (RECORD_BYTES + RECORD_HEADER.size + TAG_SIZE) + SMALL_PART)
+        self._out = bytearray(self.FLUSH_BYTES + SMALL_PART + RECORD_BYTES)
         self._head = bytearray(RECORD_HEADER.size)
         self._ct = bytearray(RECORD_BYTES + TAG_SIZE)
         self._pt = bytearray(RECORD_BYTES)
@@ -138,7 +142,8 @@ class SealedChannel:
     # --- sending ---------------------------------------------------------------
 
     def send_parts(self, parts: list) -> None:
-        """Seal ``parts`` (one frame) into records and send them with one sendmsg."""
+        """Seal ``parts`` (one frame) into records and send them (a sendmsg per
+        ``FLUSH_BYTES`` of sealed records)."""
         records: list[memoryview] = []
         for p in parts:
             mv = memoryview(p).cast("B")
@@ -158,18 +163,23 @@ class SealedChannel:
             pieces.append(r)
         if small:
             pieces.append(b"".join(small))
-        need = sum(len(x) + RECORD_HEADER.size + TAG_SIZE for x in pieces)
+        need = min(sum(len(x) + RECORD_HEADER.size + TAG_SIZE for x in pieces),
+                   self.FLUSH_BYTES + max(len(x) for x in pieces) + RECORD_HEADER.size + TAG_SIZE)
         if len(self._out) < need:
             self._out = bytearray(need)
         out = memoryview(self._out)
         pos = 0
         for pt in pieces:
             n = len(pt) + TAG_SIZE
+            if pos and pos + RECORD_HEADER.size + n > self.FLUSH_BYTES:
+                framing.send_parts(self.sock, [out[:pos]])
+                pos = 0
             RECORD_HEADER.pack_into(out, pos, n)
             head = bytes(out[pos : pos + RECORD_HEADER.size])
             self._tx.aead.encrypt_into(self._tx.nonce(), pt, head, out[pos + RECORD_HEADER.size : pos + RECORD_HEADER.size + n])
             pos += RECORD_HEADER.size + n
-        framing.send_parts(self.sock, [out[:pos]])
+        if pos:
+            framing.send_parts(self.sock, [out[:pos]])
 
     # --- receiving -------------------------------------------------------------
 
