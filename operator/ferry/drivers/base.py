@@ -114,6 +114,7 @@ class MigrationStats:
     downtime_ms: int | None = None
     digest: str | None = None
     error: str | None = None
+    channel: str | None = None  # what protects the data channel (sim: aes-256-gcm or plain); None: not said
 
     @property
     def bytes_total(self) -> int:
