@@ -301,6 +301,8 @@ def test_transfer_report_fields():
     assert (r["dirtyRateBps"], r["bandwidthBps"], r["throttlePercent"], r["maxThrottlePercent"], r["throttledMs"],
             r["expectedDowntimeMs"], r["etaSeconds"]) == (5, 7, 20, 40, 99, 12, 1.235)
     assert r["digest"] is None and r["error"] is None  # None clears a stale value in a merge patch
+    assert r["channel"] is None  # the driver did not say
+    assert p.transfer_status(dataclasses.replace(s, channel="aes-256-gcm"), 1, NOW)["channel"] == "aes-256-gcm"
 
 
 @pytest.mark.parametrize("state,sent,remaining,expected", [

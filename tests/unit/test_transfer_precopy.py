@@ -43,8 +43,9 @@ def pair(tmp_path):
         img.close()
 
 
-def run(src, dst, before_round=None, secret=b"k" * 32, target_secret=None, **kw):
-    tgt = TargetEngine(disk=dst[0], memory=dst[1], secret=target_secret or secret, migration_id="m")
+def run(src, dst, before_round=None, secret=b"k" * 32, target_secret=None, allow_plain=False, **kw):
+    tgt = TargetEngine(disk=dst[0], memory=dst[1], secret=target_secret or secret, migration_id="m",
+                       allow_plain=allow_plain)
     host, port = tgt.listen("127.0.0.1")
     tgt.start()
     guest = FakeGuest()
@@ -261,3 +262,32 @@ def test_force_complete_mid_copy_finishes_a_busy_guest(pair):
     assert eng.state == session.COMPLETED, eng.error
     assert eng.forced and guest.calls.count("pause") == 1 and eng.round >= 3
     assert eng.rounds[-1]["paused"] and contents(dst[0]) == contents(src[0]) and eng.digest == tgt.digest
+
+
+def test_the_channel_is_encrypted_by_default_and_plain_only_where_both_ends_opt_out(pair):
+    src, dst = pair
+    src[0].write(3 * BS, b"a" * BS)
+    src[1].write(5 * PS, b"m" * PS)
+    eng, tgt, _ = run(src, dst)
+    assert eng.state == session.COMPLETED and tgt.state == session.RECEIVED
+    assert eng.stats()["channel"] == tgt.stats()["channel"] == "aes-256-gcm"
+    assert contents(dst[0]) == contents(src[0]) and contents(dst[1]) == contents(src[1])
+
+
+def test_a_plain_source_is_refused_by_a_target_that_encrypts(pair):
+    src, dst = pair
+    src[0].write(3 * BS, b"a" * BS)
+    eng, tgt, guest = run(src, dst, channel="plain")
+    assert eng.state == session.FAILED and "encrypted channels only" in eng.error
+    assert tgt.auth_failures == 1
+    assert "pause" not in guest.calls
+
+
+def test_plain_channel_when_both_ends_opt_out(pair):
+    src, dst = pair
+    src[0].write(3 * BS, b"a" * BS)
+    src[1].write(5 * PS, b"m" * PS)
+    eng, tgt, _ = run(src, dst, channel="plain", allow_plain=True)
+    assert eng.state == session.COMPLETED and tgt.state == session.RECEIVED
+    assert eng.stats()["channel"] == tgt.stats()["channel"] == "plain"
+    assert contents(dst[0]) == contents(src[0]) and eng.digest == tgt.digest

@@ -24,7 +24,8 @@ def make_driver(name: str, data_dir: str, settings: Settings, environ: dict[str,
     if name == "sim":
         from ferry.drivers.sim import SimDriver
 
-        return SimDriver(data_dir, size_scale=settings.size_scale, write_log=env.get("FERRY_SIM_WRITE_LOG") == "1")
+        return SimDriver(data_dir, size_scale=settings.size_scale, write_log=env.get("FERRY_SIM_WRITE_LOG") == "1",
+                         channel=settings.sim_channel)
     if name == "qemu":
         from ferry.drivers.qemu import QemuDriver  # heavy and optional: only when asked for
 

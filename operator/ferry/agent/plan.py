@@ -336,6 +336,7 @@ def transfer_report(stats: MigrationStats, attempt: int, now: dt.datetime) -> Tr
         digest=stats.digest,
         error=stats.error,
         updated_at=now,
+        channel=stats.channel,
     )
 
 

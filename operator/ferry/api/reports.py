@@ -140,6 +140,7 @@ class TransferReport:
     digest: str | None = None
     error: str | None = None
     updated_at: dt.datetime | None = None
+    channel: str | None = None  # what protects the data channel: aes-256-gcm | plain (sim)
 
     @property
     def failed(self) -> bool:
@@ -176,6 +177,7 @@ class TransferReport:
             "digest": self.digest,
             "error": self.error,
             "updatedAt": fmt(self.updated_at, fraction=True),
+            "channel": self.channel,
         }
 
     @classmethod
@@ -219,6 +221,7 @@ class TransferReport:
             verify_ms=as_int(m.get("verifyMs")),
             digest=as_str(m.get("digest")),
             error=as_str(m.get("error")),
+            channel=as_str(m.get("channel")),
             updated_at=parse_any(m.get("updatedAt")),
         )
 

@@ -125,6 +125,7 @@ class MigrationStats:
     verify_ms: int | None = None  # time spent verifying the copy (qemu: hashing both disks)
     digest: str | None = None
     error: str | None = None
+    channel: str | None = None  # what protects the data channel (sim: aes-256-gcm or plain); None: not said
 
     @property
     def bytes_total(self) -> int:

@@ -30,7 +30,8 @@ from collections.abc import Callable
 from typing import Protocol
 
 from ferry.api.reports import bounded_rounds
-from ferry.transfer import auth, framing
+from ferry.transfer import auth, framing, session
+from ferry.transfer.channel import AES_256_GCM, read_frame
 from ferry.transfer.bitmap import DirtyBitmap, extents, popcount, split_extents
 from ferry.transfer.digest import HASH_NAME, BlockHashes, block_hashes, combine, zero_hash
 from ferry.transfer.framing import HASH_SIZE, Kind
@@ -142,12 +143,14 @@ class SourceEngine:
         connect_timeout: float = 10.0,
         before_round: Callable[[int], None] | None = None,
         on_finish: Callable[["SourceEngine"], None] | None = None,
+        channel: str = AES_256_GCM,
     ):
         self.disk, self.memory, self.guest = disk, memory, guest
         self.on_finish = on_finish  # called in the engine's thread once the attempt ended
         self.target = target
         self.secret = bytes(secret)
         self.migration_id = migration_id
+        self.channel = channel  # asked for: ferry.transfer.channel.AES_256_GCM (default) or PLAIN
         self.offline = offline
         self.bandwidth_limit = bandwidth_bps or 0
         self.policy = policy or PolicyConfig(downtime_budget_ms=downtime_budget_ms, max_downtime_ms=max_downtime_ms)
@@ -192,6 +195,7 @@ class SourceEngine:
         self._verdict: dict | None = None
         self._remote_error: str | None = None
         self._sock: socket.socket | None = None
+        self._chan = None  # the channel frames go through, once the handshake agreed on it
         self._we_paused = False
         self._paused_at: float | None = None
         self._data_frames = 0
@@ -273,11 +277,11 @@ class SourceEngine:
                     log.exception("on_finish hook failed")
 
     def _send_abort(self, reason: str) -> None:
-        sock = self._sock
-        if sock is not None:
+        sock, chan = self._sock, self._chan
+        if sock is not None and chan is not None:
             try:
                 sock.settimeout(1.0)
-                sock.sendall(framing.control_frame(Kind.ABORT, {"reason": reason}))
+                chan.send_parts([framing.control_frame(Kind.ABORT, {"reason": reason})])
             except OSError:
                 pass
 
@@ -324,10 +328,15 @@ class SourceEngine:
         if self._cancel.is_set():
             raise Cancelled()
         try:
-            auth.client_handshake(sock, self.secret, self.migration_id, timeout=self.connect_timeout)
+            hs = auth.client_handshake(sock, self.secret, self.migration_id, timeout=self.connect_timeout,
+                                       channel=self.channel)
         except auth.AuthError as e:
             raise MigrationFailed(f"authentication with target failed: {e}") from None
-        sock.settimeout(self.io_timeout)
+        self._chan = hs.open(sock, self.secret, self.migration_id, "source")
+        if session.BLOCKING_IO:
+            framing.set_kernel_timeouts(sock, self.io_timeout)
+        else:
+            sock.settimeout(self.io_timeout)
         reader = threading.Thread(target=self._reader, name="migrate-reader", daemon=True)
         reader.start()
         self._send(
@@ -558,11 +567,11 @@ class SourceEngine:
         self._send_parts([data])
 
     def _send_parts(self, parts: list) -> None:
-        sock = self._sock
-        if sock is None:
+        chan = self._chan
+        if self._sock is None or chan is None:
             raise Cancelled()
         try:
-            framing.send_parts(sock, parts)
+            chan.send_parts(parts)
         except OSError as e:
             if self._cancel.is_set():
                 raise Cancelled() from None
@@ -573,10 +582,10 @@ class SourceEngine:
             raise MigrationFailed(f"connection to target lost: {failure_reason(e)}") from None
 
     def _reader(self) -> None:
-        sock = self._sock
+        sock, chan = self._sock, self._chan
         try:
             while sock is not None and not self._done.is_set():
-                kind, _index, check, payload = framing.read_frame(sock, should_stop=self._done.is_set)
+                kind, _index, check, payload = read_frame(chan, should_stop=self._done.is_set)
                 body = framing.parse_control(payload, check) if kind in framing.CONTROL_KINDS else {}
                 if kind is Kind.VERDICT:
                     self._verdict = body
@@ -675,5 +684,6 @@ class SourceEngine:
             "digest": self.digest if self.state == COMPLETED else None,
             "error": self.error,
             "offline": self.offline,
+            "channel": self._chan.name if self._chan is not None else None,
             "elapsed_ms": int(((self.finished_at or time.monotonic()) - self.started_at) * 1000),
         }

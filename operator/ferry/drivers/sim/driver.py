@@ -34,6 +34,7 @@ from ferry.drivers.base import (
 from ferry.drivers.sim import control
 from ferry.drivers.sim.image import image_sizes
 from ferry.drivers.sim.layout import LOG_FILE, MIGRATION_FILE, PID_FILE, SOCKET_FILE, SPEC_FILE
+from ferry.transfer.channel import AES_256_GCM, CHANNELS
 
 _STATUS_TO_STATE = {
     "running": VMState.RUNNING,
@@ -82,6 +83,7 @@ def stats_from_dict(d: dict) -> MigrationStats:
         forced=bool(d.get("forced")),
         digest=d.get("digest"),
         error=d.get("error"),
+        channel=d.get("channel"),
     )
 
 
@@ -111,9 +113,12 @@ class SimDriver:
         return None  # a sim VM's vCPUs are a number, not threads
 
     def __init__(self, data_dir: str, size_scale: float = 1.0, write_log: bool = False, *,
-                 python: str | None = None, start_timeout: float = 15.0):
+                 python: str | None = None, start_timeout: float = 15.0, channel: str = AES_256_GCM):
         if size_scale <= 0:
             raise ValueError("size_scale must be > 0")
+        if channel not in CHANNELS:
+            raise ValueError(f"channel must be one of {', '.join(CHANNELS)}")
+        self.channel = channel  # the data channel migrations ask for (and, for plain, also take)
         self.data_dir = os.path.realpath(data_dir)
         self.vms_dir = os.path.join(self.data_dir, "vms")
         self.size_scale = size_scale
@@ -390,7 +395,8 @@ class SimDriver:
         self._spawn(spec.key, "--incoming")
         host = bind_host or "127.0.0.1"
         listen = f"[{host}]:0" if ":" in host else f"{host}:0"
-        ret = self.execute(spec.key, "migrate-incoming", {"listen": listen, "secret": bytes(secret).hex(), "id": migration_id})
+        ret = self.execute(spec.key, "migrate-incoming", {"listen": listen, "secret": bytes(secret).hex(), "id": migration_id,
+                                                              "channel": self.channel})
         return ret["uri"] if ":" not in host else f"[{host}]:{ret['uri'].rpartition(':')[2]}"
 
     def start_migration(self, key: VMKey, target: str, secret: bytes, migration_id: str, options: MigrationOptions) -> None:
@@ -415,6 +421,7 @@ class SimDriver:
                 "max_downtime_ms": options.max_downtime_ms,
                 "force_complete": options.force_complete,
                 "max_throttle_percent": options.max_throttle_percent,
+                "channel": self.channel,
             },
         )
 
