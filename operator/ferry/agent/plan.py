@@ -484,8 +484,11 @@ def _power(key: VMKey, d: Droplet, vm: VMObs | None, lms: list[LiveMigration], m
             if expecting:
                 return [Warn(key, f"the droplet's record names this host but the incoming VM of "
                                   f"{expecting[0].namespace}/{expecting[0].name} is missing; not starting an empty one")]
-            if any(lm.status.source_host == me and lm.phase in (Phase.PRECOPY, Phase.CUTOVER) for lm in lms):
-                return []  # no VM to send: the migration fails first (reported), an empty VM would hide that
+        if any(lm.status.source_host == me and lm.phase in (Phase.PRECOPY, Phase.CUTOVER) for lm in lms):
+            # No VM to send, or a source VM that died mid-migration: never boot it again while the
+            # attempt may still commit its copy (the target then runs the guest, and a rebooted
+            # source would run it too). The attempt fails first (reported) or the record moves.
+            return []
         if not d.power_on:  # define it (images, no guest): a powered-off droplet has a disk too
             return [StartVM(vm_spec(d), "placed on this host, powered off")]
         return [StartVM(vm_spec(d), "powerState on" if vm is not None else "placed on this host")]
