@@ -83,7 +83,10 @@ def compare_with_replay(driver: SimDriver, key: VMKey, dirs: dict[str, Any]) -> 
     try:
         vm_dir = driver.vm_dir(key)
         with tempfile.TemporaryDirectory() as tmp:
-            n, seqs = merged_log(write_logs(dirs, key.namespace, key.name), os.path.join(tmp, "all.log"))
+            try:
+                n, seqs = merged_log(write_logs(dirs, key.namespace, key.name), os.path.join(tmp, "all.log"))
+            except (AssertionError, ValueError) as exc:
+                return False, str(exc)
             disk_size = os.path.getsize(os.path.join(vm_dir, "disk.img"))
             mem_size = os.path.getsize(os.path.join(vm_dir, "mem.img"))
             replay(os.path.join(tmp, "all.log"), os.path.join(tmp, "disk"), os.path.join(tmp, "mem"), disk_size, mem_size)
@@ -118,12 +121,16 @@ def format_table(rows: list[dict]) -> str:
         inv = r.get("invariants", {})
         table.append([r["case"], r["component"], r["fault"], r["outcome"], r["final_host"],
                       *[_mark(inv.get(i)) for i in INVARIANTS], f"{r['seconds']:.0f}"])
+    notes = [f"  {r['case']}: {r.get('injected') or 'not injected'}; "
+             + "; ".join(f"{k}: {v[1]}" for k, v in r.get("invariants", {}).items() if v is not None and not v[0])
+             for r in rows]
     widths = [max(len(str(row[i])) for row in table) for i in range(len(cols))]
     lines = ["  ".join(str(v).ljust(w) for v, w in zip(row, widths)).rstrip() for row in table]
     lines.insert(1, "  ".join("-" * w for w in widths))
     total = sum(r["seconds"] for r in rows)
     bad = [r["case"] for r in rows if any(v is not None and not v[0] for v in r.get("invariants", {}).values())]
     lines.append(f"{len(rows)} cases, {total:.0f} s of cases; invariants broken in: {', '.join(bad) or 'none'}")
+    lines += ["what was injected (and what broke):", *[n.rstrip("; ") for n in notes]]
     return "\n".join(lines)
 
 
@@ -133,11 +140,12 @@ def _mark(v) -> str:
     return "ok" if v[0] else "FAIL"
 
 
-def kill_ss(port: int) -> str:
-    """Abort every established TCP connection to or from ``port`` (both ends see a reset)."""
-    out = []
+def kill_ss(port: int) -> int:
+    """Abort every established TCP connection to or from ``port`` (both ends see a reset);
+    returns how many sockets the kernel closed (ss prints one line each, after its header)."""
+    n = 0
     for side in ("dport", "sport"):
         r = subprocess.run(["ss", "-K", "-t", "-n", "state", "established", f"( {side} = :{port} )"],
-                           capture_output=True, text=True, timeout=10)
-        out.append(r.stdout.strip())
-    return "\n".join(out)
+                           capture_output=True, text=True, timeout=10, check=True)
+        n += max(0, len(r.stdout.strip().splitlines()) - 1)
+    return n

@@ -140,8 +140,14 @@ def test_crash_case(case: Case, stack: Stack, kubectl, kubeconfig):
     stack.start_agent(a, env=_fp_env(case, "source-agent") | _fp_env(case, "source-vm"))
     operators = _start_operators(stack, case, kubectl)
     stack.wait_hosts_ready()
-    stack.droplet("web", write_kibps=256)
+    if case.slow_copy:  # a disk full of data and a 1 MiB/s link: the copy lasts seconds
+        stack.droplet("web", write_kibps=768, pattern="sequential")
+    else:
+        stack.droplet("web", write_kibps=256)
     assert stack.wait_running("web") == a
+    if case.slow_copy:
+        wait_until(lambda: (_driver(stack, a).status(key) or {}).get("bytes_written", 0) >= 4 << 20, 60,
+                   what="4 MiB written by the guest")
     b = stack.host("b", agent=False)
     stack.start_agent(b, env=_fp_env(case, "target-agent") | _fp_env(case, "target-vm"))
     stack.wait_hosts_ready()
@@ -203,7 +209,7 @@ def test_crash_case(case: Case, stack: Stack, kubectl, kubeconfig):
     inv["no-orphans"] = _no_orphans(stack, kubectl, a, b, host)
 
     final = {a: "a (source)", b: "b (target)"}.get(host, str(host))
-    ROWS.append({"case": case.id, "component": case.component, "fault": case.fault,
+    ROWS.append({"case": case.id, "component": case.component, "fault": case.fault, "injected": crashed,
                  "outcome": f"{outcome}, {attempts} att." + (f" ({', '.join(failed)} failed)" if failed else "")
                             + (", record returned" if returned else "") + ("" if crashed else ", NOT FIRED"),
                  "final_host": final, "invariants": inv, "seconds": time.monotonic() - t0})
@@ -251,15 +257,31 @@ def _inject(case: Case, stack: Stack, kubeconfig: str, a: str, b: str, operators
     if case.component == "apiserver":
         return _stop_apiserver(case, stack, kubeconfig)
     if case.component == "data-channel":
-        wait_until(lambda: _lm(stack).get("phase") == "PreCopy" and
-                   int((_lm(stack).get("transfer") or {}).get("bytesSent") or 0) > 0, 90, interval=0.1,
-                   what="the copy under way")
+        _await_copying(stack)
         port = int(_lm(stack)["target"]["address"].rpartition(":")[2])
-        out = kill_ss(port)
-        return f"cut connections of port {port}" if "ESTAB" in out else ""
+        where = _progress(stack)
+        n = kill_ss(port)
+        return f"{n} socket(s) aborted at {where}" if n else ""
     if case.fault.startswith("SIGKILL"):
         return _kill_vm(case, stack, a, b)
     return _await_failpoint(case, stack, a, b, operators)
+
+
+def _copying(stack: Stack) -> bool:
+    st = _lm(stack)
+    tr = st.get("transfer") or {}
+    return (st.get("phase") == "PreCopy" and tr.get("state") in ("Copying", "Converging")
+            and int(tr.get("bytesSent") or 0) > 0 and int(tr.get("progress") or 0) < 80)
+
+
+def _await_copying(stack: Stack) -> None:
+    wait_until(lambda: _copying(stack), 90, interval=0.05, what="the copy under way (under 80 %)")
+
+
+def _progress(stack: Stack) -> str:
+    st = _lm(stack)
+    tr = st.get("transfer") or {}
+    return f"{st.get('phase')} {tr.get('state')} {tr.get('progress')}%"
 
 
 def _fired_in_vm_log(stack: Stack, host: str, name: str) -> bool:
@@ -320,13 +342,11 @@ def _await_failpoint(case: Case, stack: Stack, a: str, b: str, operators: list) 
 def _stop_apiserver(case: Case, stack: Stack, kubeconfig: str) -> str:
     pid = _apiserver_pid(kubeconfig)
     if "PreCopy" in case.fault:
-        wait_until(lambda: _lm(stack).get("phase") == "PreCopy" and
-                   int((_lm(stack).get("transfer") or {}).get("bytesSent") or 0) > 0, 90, interval=0.1,
-                   what="the copy under way")
+        _await_copying(stack)
     else:
         wait_until(lambda: (_lm(stack).get("target") or {}).get("state") in ("Received", "Running"), 90,
                    interval=0.05, what="the copy verified")
-    phase = _lm(stack).get("phase")
+    phase = _progress(stack)
     os.kill(pid, signal.SIGSTOP)
     try:
         time.sleep(20)  # the fault itself lasts 20 s (not a wait for a condition)
@@ -339,8 +359,7 @@ def _kill_vm(case: Case, stack: Stack, a: str, b: str) -> str:
     host = a if case.component == "source-vm" else b
     lm = lambda: _lm(stack)  # noqa: E731
     if "PreCopy" in case.fault:
-        wait_until(lambda: lm().get("phase") == "PreCopy" and int((lm().get("transfer") or {}).get("bytesSent") or 0) > 0,
-                   90, interval=0.1, what="the copy under way")
+        _await_copying(stack)
     elif case.component == "source-vm":
         wait_until(lambda: (lm().get("transfer") or {}).get("state") == "Completed", 90, interval=0.05,
                    what="the source reported Completed")
@@ -350,5 +369,6 @@ def _kill_vm(case: Case, stack: Stack, a: str, b: str) -> str:
     pid = _vm_pid(stack, host)
     if pid is None:
         return ""
+    where = _progress(stack)
     os.kill(pid, signal.SIGKILL)
-    return f"killed {case.component} pid {pid} in {lm().get('phase')}"
+    return f"killed at {where}"
