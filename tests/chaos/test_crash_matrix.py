@@ -164,7 +164,7 @@ def test_crash_case(case: Case, stack: Stack, kubectl, kubeconfig):
         return st if st.get("phase") in TERMINAL else None
     try:
         st = wait_until(terminal, 180, interval=0.5, what="the migration Completed or Failed")
-    except AssertionError:
+    except (AssertionError, pytest.fail.Exception):  # stuck: the row says so, the test fails below
         st = _lm(stack)
     outcome = st.get("phase") or "none"
     attempts = len(st.get("attempts") or [])
@@ -182,7 +182,7 @@ def test_crash_case(case: Case, stack: Stack, kubectl, kubeconfig):
         return len(procs) == 1 and procs[0][0] == host and not orphan and running
     try:
         wait_until(settled, 60, interval=0.5, what="one running copy, on the host of the record")
-    except AssertionError:
+    except (AssertionError, pytest.fail.Exception):
         pass
 
     inv: dict[str, tuple[bool, str] | None] = {}
@@ -195,7 +195,8 @@ def test_crash_case(case: Case, stack: Stack, kubectl, kubeconfig):
     inv["record=label"] = (host == label and host in (a, b), f"record {host}, label {label}")
     status = _driver(stack, host).status(key) if host in (a, b) else None
     boot = (status or {}).get("boot")
-    if case.reboot_ok:
+    # a target killed after it ran took the guest's newer writes with it: its reboot is right
+    if case.reboot_ok or "after the target ran" in crashed:
         inv["no-reboot"] = (boot is not None, f"boot {boot} (a reboot is allowed: no copy with the memory was left)")
     else:
         inv["no-reboot"] = (boot == 1, f"boot {boot}")
@@ -238,13 +239,13 @@ def _no_orphans(stack: Stack, kubectl, a: str, b: str, host: str | None) -> tupl
         return int(alloc.get("cpu") or 0) == 0
     try:
         wait_until(released, 15, what="nothing allocated or reserved on the other host")
-    except AssertionError:
+    except (AssertionError, pytest.fail.Exception):
         problems.append(f"{other} still counts capacity for it")
     kubectl("delete", "livemigration", "move", "-n", stack.ns, "--wait=false", check=False)
     try:
         wait_until(lambda: kubectl("get", "livemigration", "move", "-n", stack.ns, check=False).returncode != 0, 30,
                    what="the finished migration deletable (no finalizer left)")
-    except AssertionError:
+    except (AssertionError, pytest.fail.Exception):
         problems.append("the migration's finalizer holds it")
     return (not problems, "; ".join(problems) or "none")
 
@@ -330,12 +331,14 @@ def _await_failpoint(case: Case, stack: Stack, a: str, b: str, operators: list) 
         if st.get("phase") in TERMINAL:  # a point after the end (e.g. the source's destroy) may still come
             ended.append(time.monotonic())
             if ended[-1] - ended[0] > 20:
-                raise AssertionError(f"{case.fault} never fired: the migration ended {st.get('phase')}")
+                return True  # it never fired: the migration ended without reaching it
         return None
     try:
         wait_until(step, 150, interval=0.1, what=f"failpoint {case.fault} fired")
-    except AssertionError as exc:
-        return "" if not fired else "; ".join(fired) + f" (but: {exc})"
+    except (AssertionError, pytest.fail.Exception):
+        pass
+    if (case.component, case.fault) in pending:
+        return ""
     return "; ".join(fired)
 
 
@@ -369,6 +372,8 @@ def _kill_vm(case: Case, stack: Stack, a: str, b: str) -> str:
     pid = _vm_pid(stack, host)
     if pid is None:
         return ""
+    before = lm()
     where = _progress(stack)
     os.kill(pid, signal.SIGKILL)
-    return f"killed at {where}"
+    ran = (before.get("target") or {}).get("state") == "Running" or before.get("phase") == "Completed"
+    return f"killed at {where}" + (" (after the target ran)" if ran and case.component == "target-vm" else "")
