@@ -178,6 +178,9 @@ def test_whole_migration_between_two_agents(kube, clock, net):
     step(kube, clock, a, b)
     assert b.driver.vms[KEY].state == VMState.RUNNING
     assert lm_status(kube)["target"]["state"] == "Running"
+    # the source keeps its paused copy until it sees the target report Running (a target that
+    # died before that hands the droplet back to it), then destroys it
+    step(kube, clock, a, b)
     assert KEY not in a.driver.vms
     set_phase(kube, "Completed")
     calls_before = len(a.driver.calls) + len(b.driver.calls)

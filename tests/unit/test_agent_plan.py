@@ -230,9 +230,27 @@ CASES = [
      ["cancel ns/web ns/move#1"]),
     ("source migration of an unknown migration: wait", A,
      dict(droplets=[droplet(host="a")], vms=[vm(mid=MID1, st=stats(MID1, M.COPYING))]), []),
-    ("record flipped: the source copy is destroyed", A,
-     dict(droplets=[droplet(host="b")], migrations=[lm(phase="CutOver")],
+    ("source VM died after its copy completed: not booted again while the migration may commit it", A,
+     dict(droplets=[droplet(host="a")], migrations=[lm(phase="PreCopy", target_report=treport(1, "Received"))],
+          vms=[vm(state=V.STOPPED, pid=None, st=stats(MID1, M.COMPLETED))]), ["transfer ns/move#1 Completed"]),
+    ("source VM died, the attempt failed: booted again", A,
+     dict(droplets=[droplet(host="a")], migrations=[lm(phase="Scheduling", attempt=2, target_report=treport(1, "Failed"))],
+          vms=[vm(state=V.STOPPED, pid=None, st=stats(MID1, M.FAILED))]), ["start ns/web"]),
+    ("record flipped, target not running yet: the source keeps its paused copy", A,
+     dict(droplets=[droplet(host="b")], migrations=[lm(phase="CutOver", target_report=treport(1, "Received"))],
+          vms=[vm(state=V.PAUSED, mid=MID1, st=stats(MID1, M.COMPLETED))]), []),
+    ("record flipped, target runs: the source copy is destroyed", A,
+     dict(droplets=[droplet(host="b")], migrations=[lm(phase="CutOver", target_report=treport(1, "Running"))],
           vms=[vm(state=V.PAUSED, mid=MID1, st=stats(MID1, M.COMPLETED))]), ["destroy ns/web"]),
+    ("record flipped, migration Completed: the source copy is destroyed", A,
+     dict(droplets=[droplet(host="b")], migrations=[lm(phase="Completed", target_report=treport(1, "Running"))],
+          vms=[vm(state=V.PAUSED, mid=MID1, st=stats(MID1, M.COMPLETED))]), ["destroy ns/web"]),
+    ("record moved back (target failed): the source resumes", A,
+     dict(droplets=[droplet(host="a")], migrations=[lm(phase="Scheduling", attempt=2, target_report=treport(1, "Failed"))],
+          vms=[vm(state=V.PAUSED, mid=MID1, st=stats(MID1, M.COMPLETED))]), ["cancel ns/web ns/move#1"]),
+    ("target's received copy lost its process before it ran: Failed, even after the flip", B,
+     dict(droplets=[droplet(host="b")], migrations=[lm(phase="CutOver", target_report=treport(1, "Received"))],
+          vms=[vm(state=V.INCOMING, mid=None, st=stats(MID1, M.RECEIVED), pid=None)]), ["target ns/move#1 Failed"]),
     ("record unknown after the flip: keep the source copy", A,
      dict(migrations=[lm(phase="CutOver")], vms=[vm(state=V.PAUSED, mid=MID1, st=stats(MID1, M.COMPLETED))]), []),
     ("source busy, powered off meanwhile: no stop", A,
@@ -464,8 +482,8 @@ def test_a_source_vm_that_died_mid_copy_reports_the_source_failed():
     dead = vm(state=V.STOPPED, pid=None, st=MigrationStats(migration_id=MID1, state=M.COPYING))
     dead = p.VMObs(dataclasses.replace(dead.info, crashed=True), dead.stats)
     actions = run(A, droplets=[droplet(host="a")], migrations=[lm(target_report=LISTEN1)], vms=[dead])
-    # its memory is gone with it: the guest boots again from its disk, and the owner is told
-    assert summary(actions) == ["transfer ns/move#1 Failed", "warn ns/web", "start ns/web"]
+    # not booted again while the attempt may still commit (the operator fails it first)
+    assert summary(actions) == ["transfer ns/move#1 Failed"]
     assert "VM process" in actions[0].status["error"] and "died on source host a" in actions[0].status["error"]
 
 

@@ -194,3 +194,36 @@ def test_only_the_replica_that_reconciles_serves_the_fleet(stack, monkeypatch):
             task.cancel()
 
     asyncio.run(run())
+
+
+def test_a_standby_that_takes_over_drops_what_was_deleted_while_it_waited(stack):
+    """Issue 13: a standby's world is loaded at its start and kept by watch events; kopf's
+    re-list after a takeover never reports the objects deleted meanwhile. A migration deleted
+    while it waited must not keep its concurrency slot or its reservation."""
+    kube, cx = stack
+    ghost = {"kind": "LiveMigration", "apiVersion": "ferry.dev/v1alpha1",
+             "metadata": {"name": "ghost", "namespace": NS, "uid": "u-ghost", "resourceVersion": "5",
+                          "finalizers": ["ferry.dev/migration"], "creationTimestamp": "2029-01-01T00:00:00Z"},
+             "spec": {"droplet": "web"},
+             "status": {"phase": "PreCopy", "sourceHost": "h1", "targetHost": "h2", "attempt": 1}}
+    cx.world.observe("LiveMigration", None, ghost)  # seen at the standby's start; deleted since
+    assert [m.name for m in cx.world.in_flight()] == ["ghost"] and cx.world.reservations()
+    cx.reconciled_at = time.monotonic()  # the active replica: no re-list, nothing changes
+    asyncio.run(app.ensure_current(cx))
+    assert ("team", "ghost") in cx.world.migrations
+    cx.reconciled_at = time.monotonic() - app.ACTIVE_SECONDS - 1  # it waited as a standby
+    reconcile(cx)  # accepted: Pending
+    assert ("team", "ghost") not in cx.world.migrations
+    assert not [r for r in cx.world.reservations() if r.host == "h2"]
+    m = reconcile(cx)
+    assert m.phase == "Announced"  # the droplet is not owned by the ghost any more (DropletBusy before)
+
+
+def test_resync_replaces_a_kind_whole():
+    w = World()
+    a = {"metadata": {"name": "a", "resourceVersion": "1"}, "spec": {"datacenter": "x", "capacity": {"cpu": 1, "memoryMiB": 1, "diskGiB": 1}}}
+    b = {"metadata": {"name": "b", "resourceVersion": "2"}, "spec": {"datacenter": "x", "capacity": {"cpu": 1, "memoryMiB": 1, "diskGiB": 1}}}
+    w.observe("Host", None, a)
+    w.observe("Host", None, b)
+    w.resync("Host", [b])
+    assert set(w.hosts) == {"b"}

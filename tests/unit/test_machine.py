@@ -709,12 +709,19 @@ def test_cancel_after_flip_is_ignored_once(kw):
     assert d3.phase == "Completed"
 
 
-def test_target_resume_failure_after_flip_waits_and_warns_once():
+def test_target_failed_before_running_after_flip_moves_the_record_back_and_the_attempt_fails():
+    """The target reports Failed only when its copy never ran: the source still holds the paused
+    guest with its memory, so the record goes back to it (no reboot) and the attempt fails."""
+    from ferry.migration.actions import ReturnRecord
+
     d = decide(flipped(target=TargetReport(1, "Failed", error="qemu died")), T0)
-    assert d.phase == "CutOver" and d.new_status.reason == "TargetResumeFailed"
+    assert d.phase == "CutOver" and d.new_status.reason == "RecordReturned"
+    assert [a for a in d.actions if isinstance(a, ReturnRecord)] == [ReturnRecord("web-1", "h2", "h1")]
     assert [e.type for e in events(d)] == ["Warning"]
-    d2 = decide(flipped(st=d.new_status, target=TargetReport(1, "Failed", error="qemu died")), T0)
-    assert events(d2) == []
+    # the record is back at the source: the attempt fails as any before the flip (retry after backoff)
+    d2 = decide(flipped(st=d.new_status, droplet=droplet(host="h1"), target=TargetReport(1, "Failed", error="qemu died")), T0)
+    assert d2.phase == "Scheduling" and d2.new_status.attempts[-1].result == "Failed"
+    assert not any(isinstance(a, ReturnRecord) for a in d2.actions)
 
 
 # ---------------------------------------------------------------- terminal and misc

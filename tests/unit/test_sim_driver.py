@@ -207,3 +207,37 @@ def test_long_names_beyond_the_unix_socket_path_limit(driver):
     assert [v.key for v in driver.list_vms()] == [key]
     driver.destroy(key)
     assert driver.list_vms() == []
+
+
+def test_a_crashed_vm_boots_again_from_disk_with_empty_memory(driver, tmp_path):
+    """Like a real guest: SIGKILL loses the memory (the disk survives), the guest boots again
+    with a new boot number, and the write log says where the memory was lost, so a replay
+    of every acknowledged write still rebuilds exactly what runs."""
+    from ferry.drivers.sim.workload import MEMORY_LOST, read_log, replay
+
+    info = driver.start(spec(rate=4096))
+    wait_until(lambda: driver.status(KEY)["seq"] > 200, what="guest writes")
+    assert driver.status(KEY)["boot"] == 1
+    d = driver.vm_dir(KEY)
+    os.kill(info.pid, 9)
+    wait_until(lambda: driver.status(KEY) is None, what="the VM process gone")
+    disk_before = open(os.path.join(d, "disk.img"), "rb").read()
+    assert any(open(os.path.join(d, "mem.img"), "rb").read())
+    driver.start(spec(rate=0))  # no new writes: what runs is exactly what was left
+    st = driver.status(KEY)
+    assert st["boot"] == 2 and st["memory_lost"] is True
+    assert not any(open(os.path.join(d, "mem.img"), "rb").read()), "the memory survived the crash"
+    assert open(os.path.join(d, "disk.img"), "rb").read() == disk_before, "the disk must survive"
+    kinds = [r[1] for r in read_log(os.path.join(d, "writes.log"))]
+    assert kinds[-1] == MEMORY_LOST and kinds.count(MEMORY_LOST) == 1
+    replay(os.path.join(d, "writes.log"), str(tmp_path / "rd"), str(tmp_path / "rm"), len(disk_before),
+           os.path.getsize(os.path.join(d, "mem.img")))
+    assert (tmp_path / "rm").read_bytes() == open(os.path.join(d, "mem.img"), "rb").read()
+    # an orderly stop is a managed save: the memory stays, no new boot
+    driver.set_workload(KEY, write_rate_kibps=4096)
+    wait_until(lambda: driver.status(KEY)["seq"] > st["seq"] + 100, what="guest writes again")
+    driver.stop(KEY)
+    mem = open(os.path.join(d, "mem.img"), "rb").read()
+    driver.start(spec(rate=0))
+    assert driver.status(KEY)["boot"] == 2 and driver.status(KEY)["memory_lost"] is False
+    assert open(os.path.join(d, "mem.img"), "rb").read() == mem

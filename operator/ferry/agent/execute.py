@@ -16,6 +16,7 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
+from ferry import failpoints
 from ferry.agent import plan as p
 from ferry.agent.observe import Observer, Snapshot
 from ferry.api import constants as c
@@ -148,6 +149,9 @@ class Executor:
             if exists and (record is None or record == self.host):
                 log.info("not destroying %s: its record names %s", a.key, record or "no host")
                 return False
+            vm = snap.vms.get(a.key)
+            if vm is not None and vm.state != VMState.INCOMING:
+                failpoints.hit("source-agent.before-destroy")
             log.info("destroying %s (%s)", a.key, a.reason)
             return self._driver_call(a.key, "destroy", lambda: self.driver.destroy(a.key))
         if isinstance(a, p.StartVM):
@@ -170,11 +174,16 @@ class Executor:
             if not self._require_owned(a.key, "resuming"):
                 return False
             log.info("resuming %s after cut-over of %s (%s)", a.key, a.migration_id, a.reason)
-            return self._driver_call(a.key, "resume", lambda: self.driver.resume(a.key))
+            failpoints.hit("target-agent.before-resume")
+            ok = self._driver_call(a.key, "resume", lambda: self.driver.resume(a.key))
+            if ok:
+                failpoints.hit("target-agent.after-resume")
+            return ok
         if isinstance(a, p.CancelMigration):
             if not self._require_owned(a.key, "resuming the source of"):
                 return False
             log.info("cancelling migration %s of %s (%s); the source resumes", a.migration_id, a.key, a.reason)
+            failpoints.hit("source-agent.before-cancel")
             return self._driver_call(a.key, "cancel", lambda: self.driver.cancel_migration(a.key))
         if isinstance(a, p.ForceComplete):
             log.info("force-complete of migration %s of %s: pausing the guest now", a.migration_id, a.key)
@@ -231,6 +240,7 @@ class Executor:
         log.info("migrating %s to %s for %s (%s, downtime budget %d ms, bandwidth %s)", a.key, a.target, mid,
                  "offline" if o.offline else "live", o.downtime_budget_ms,
                  f"{o.bandwidth_bps // p.MiB} MiB/s" if o.bandwidth_bps else "unlimited")
+        failpoints.hit("source-agent.before-start-migration")
         try:
             self.driver.start_migration(a.key, a.target, secret, mid, o)
         except DriverError as exc:
@@ -247,6 +257,10 @@ class Executor:
         lm = snap.migrations.get(a.migration)
         previous = getattr(lm, field) if lm is not None else None
         changed = previous is None or previous.state != status.get("state") or previous.attempt != status.get("attempt")
+        if changed and field == "transfer" and status.get("state") == "Completed":
+            failpoints.hit("source-agent.before-report-completed")
+        elif changed and field == "target" and status.get("state") == "Received":
+            failpoints.hit("target-agent.before-report-received")
         try:
             body = self.kube.patch_status("LiveMigration", name, {field: status}, ns)
         except NotFound:

@@ -461,14 +461,31 @@ def _plan_droplet(host: HostContext, key: VMKey, droplets: Mapping[VMKey, Drople
         if owned and source_mid not in handled and _orphaned(me, source_mid, migrations):
             out.append(CancelMigration(key, source_mid, "its migration is gone"))
 
-    # 4. The lock rule, then power management.
-    if vm is not None and elsewhere and not destroyed and vm.state != VMState.INCOMING:
+    # 4. The lock rule, then power management. A source copy held paused for a cut-over stays
+    #    until the target reports it runs: if the target dies first, the operator moves the
+    #    record back and this copy (the only one with the guest's memory) resumes.
+    if (vm is not None and elsewhere and not destroyed and vm.state != VMState.INCOMING
+            and not (d is not None and _held_for_cutover(me, vm, lms))):
         where = f"its record names {d.host}" if d is not None else "its droplet was deleted"
         out.append(DestroyVM(key, where))
     elif owned and not claimed and not any(isinstance(a, DRIVER_ACTIONS) for a in out):
         assert d is not None
         out.extend(_power(key, d, vm, lms, me))
     return out
+
+
+def _held_for_cutover(me: str, vm: VMObs, lms: list[LiveMigration]) -> bool:
+    """This VM is the paused source of the current attempt of a migration in PreCopy/CutOver
+    whose target has not reported Running yet."""
+    ref = parse_migration_id(vm.source_busy_mid)
+    if ref is None:
+        return False
+    for lm in lms:
+        if ((lm.namespace, lm.name) == (ref[0], ref[1]) and lm.status.source_host == me
+                and lm.status.attempt == ref[2] and lm.phase in (Phase.PRECOPY, Phase.CUTOVER)
+                and not (lm.target.attempt == ref[2] and lm.target.state == TargetState.RUNNING)):
+            return True
+    return False
 
 
 def _orphaned(me: str, mid: str, migrations: Mapping[MigKey, LiveMigration | None]) -> bool:
@@ -491,8 +508,11 @@ def _power(key: VMKey, d: Droplet, vm: VMObs | None, lms: list[LiveMigration], m
             if expecting:
                 return [Warn(key, f"the droplet's record names this host but the incoming VM of "
                                   f"{expecting[0].namespace}/{expecting[0].name} is missing; not starting an empty one")]
-            if any(lm.status.source_host == me and lm.phase in (Phase.PRECOPY, Phase.CUTOVER) for lm in lms):
-                return []  # no VM to send: the migration fails first (reported), an empty VM would hide that
+        if any(lm.status.source_host == me and lm.phase in (Phase.PRECOPY, Phase.CUTOVER) for lm in lms):
+            # No VM to send, or a source VM that died mid-migration: never boot it again while the
+            # attempt may still commit its copy (the target then runs the guest, and a rebooted
+            # source would run it too). The attempt fails first (reported) or the record moves.
+            return []
         if not d.power_on:  # define it (images, no guest): a powered-off droplet has a disk too
             return [StartVM(vm_spec(d), "placed on this host, powered off")]
         if vm is not None and vm.info.crashed:
@@ -543,7 +563,15 @@ def _target(host: HostContext, key: VMKey, lm: LiveMigration, d: Droplet | None,
         st = vm.migration_state
         stats = vm.stats
         if vm.state == VMState.INCOMING:
-            if st == MigrationState.RECEIVED:
+            if st == MigrationState.RECEIVED and vm.info.pid is None:
+                # received, never resumed, and its process is gone: so is the guest's memory.
+                # Failed (even after the flip): the operator moves the record back and the
+                # source, which still holds its paused copy, resumes.
+                if not _same_target(lm, n, TargetState.FAILED):
+                    out.append(ReportTarget(key, ref, target_status(
+                        n, TargetState.FAILED, now, address=rep.address if rep.attempt == n else None,
+                        error=f"the incoming VM of {mid} died on host {me} before it ran")))
+            elif st == MigrationState.RECEIVED:
                 if owned and lm.phase in (Phase.CUTOVER, Phase.COMPLETED):
                     out.append(ResumeVM(key, mid, f"the record names {me}"))
                     if d is not None and not d.power_on:

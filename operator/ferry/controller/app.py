@@ -40,6 +40,7 @@ class Context:
     #: monotonic time of the last reconcile: only the active replica of a peering reconciles, and
     #: a standby's world is frozen at its start, so a standby must not serve the fleet's gauges
     reconciled_at: float = 0.0
+    reloading: asyncio.Lock = dataclasses.field(default_factory=asyncio.Lock)
 
     def object_lock(self, key: Any) -> asyncio.Lock:
         lock = self.object_locks.get(key)
@@ -77,19 +78,40 @@ async def start(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: loggin
     if cfg.metrics_port > 0:
         metrics.serve(cfg.metrics_port, log)
     world = World()
-    # Load the whole world before any handler decides: after a restart, a migration must never
-    # be judged against a world that has not seen its droplet or its hosts yet.
-    for kind in ("Host", "Droplet", "LiveMigration"):
-        items = await asyncio.to_thread(kube.list, kind, None if kind == "Host" else (cfg.namespace or None))
-        for body in items:
-            body.setdefault("kind", kind)
-            world.observe(kind, None, body)
     cx = memo["ferry"] = Context(settings=cfg, kube=kube, world=world, metrics=metrics, lock=asyncio.Lock(),
                                  object_locks={})
+    # Load the whole world before any handler decides: after a restart, a migration must never
+    # be judged against a world that has not seen its droplet or its hosts yet.
+    await load_world(cx)
+    cx.reconciled_at = time.monotonic()
     if cfg.metrics_port > 0:
         refresh_metrics(cx)
         memo["ferry_metrics_task"] = asyncio.create_task(_refresh_metrics_forever(cx), name="ferry-metrics")
     logger.info("ferry operator starting: %s", cfg)
+
+
+async def load_world(cx: Context) -> None:
+    """List every kind and make the world exactly that (objects deleted meanwhile dropped)."""
+    for kind in ("Host", "Droplet", "LiveMigration"):
+        items = await asyncio.to_thread(cx.kube.list, kind, None if kind == "Host" else (cx.settings.namespace or None))
+        for body in items:
+            body.setdefault("kind", kind)
+        cx.world.resync(kind, items)
+
+
+async def ensure_current(cx: Context) -> None:
+    """Before deciding: a replica that reconciled nothing for ACTIVE_SECONDS was a standby (its
+    world is as old as its start, and kopf's re-list after the takeover never reports what was
+    deleted meanwhile) or idle: list the world again first. The active replica never pays."""
+    if time.monotonic() - cx.reconciled_at <= ACTIVE_SECONDS:
+        return
+    async with cx.reloading:
+        if time.monotonic() - cx.reconciled_at <= ACTIVE_SECONDS:
+            return  # another handler reloaded it while this one waited
+        log.info("reconciling again after %.0fs without: listing the world afresh",
+                 time.monotonic() - cx.reconciled_at)
+        await load_world(cx)
+        cx.reconciled_at = time.monotonic()
 
 
 METRICS_REFRESH_SECONDS = 1.0

@@ -7,6 +7,7 @@ import logging
 import os
 from typing import Any
 
+from ferry import failpoints
 from ferry.api import constants as c
 from ferry.api.conditions import parse_conditions, set_condition
 from ferry.api.livemigration import LiveMigration
@@ -68,9 +69,10 @@ async def apply(cx: Context, m: LiveMigration, action: a.Action, logger: logging
                       {c.DROPLET_LABEL: m.droplet})
         cx.world.expect.secret_created(key)
     elif isinstance(action, a.DeleteSecret):
+        failpoints.hit("operator.before-secret-delete")
         await cx.call(kube.delete_secret, ns, action.name)
         cx.world.expect.secret_deleted(key)
-    elif isinstance(action, a.FlipRecord):
+    elif isinstance(action, (a.FlipRecord, a.ReturnRecord)):
         await flip_record(cx, ns, action)
     elif isinstance(action, a.EmitEvent):
         if action.on == "droplet":
@@ -95,29 +97,39 @@ async def apply(cx: Context, m: LiveMigration, action: a.Action, logger: logging
     return None
 
 
-async def flip_record(cx: Context, ns: str, action: a.FlipRecord) -> None:
+async def flip_record(cx: Context, ns: str, action: a.FlipRecord | a.ReturnRecord) -> None:
     """The commit point of a migration (DESIGN invariant 1).
 
     ``status.host`` is the placement record: it moves in one write guarded by the droplet's
     resourceVersion, read fresh, and only from ``from_host``. The ``ferry.dev/host`` label
     follows in a second write (Kubernetes cannot change a label and a status subresource in
     one request); it is an index only, and the droplet reconciler repairs it if the operator
-    dies between the two writes.
+    dies between the two writes. ``ReturnRecord`` (the target failed before it ran) is the
+    same write the other way.
     """
+    back = isinstance(action, a.ReturnRecord)
     body = await cx.call(cx.kube.get, "Droplet", action.droplet, ns)
     current = Droplet.from_body(body).host
     if current != action.to_host:
         if current != action.from_host:
             raise StorageError(f"record of droplet {ns}/{action.droplet} names {current}, not {action.from_host}")
+        failpoints.hit("operator.before-record-return" if back else "operator.before-record-write")
         body = await cx.call(cx.kube.patch_status, "Droplet", action.droplet,
-                             {"host": action.to_host, "phase": DropletPhase.MIGRATING, "reason": "RecordMoved",
-                              "message": f"record moved from {action.from_host} to {action.to_host}"},
+                             {"host": action.to_host, "phase": DropletPhase.MIGRATING,
+                              "reason": "RecordReturned" if back else "RecordMoved",
+                              "message": f"record {'moved back' if back else 'moved'} from {action.from_host} "
+                                         f"to {action.to_host}"},
                              ns, resource_version=body["metadata"]["resourceVersion"])
-        log.info("record of droplet %s/%s moved %s -> %s", ns, action.droplet, action.from_host, action.to_host)
+        log.info("record of droplet %s/%s moved %s%s -> %s", ns, action.droplet, "back " if back else "",
+                 action.from_host, action.to_host)
     cx.world.observe("Droplet", "MODIFIED", body)
+    if not back:
+        failpoints.hit("operator.after-record-write")
     labels = (body.get("metadata") or {}).get("labels") or {}
     if labels.get(c.HOST_LABEL) != action.to_host:
         await set_host_label(cx, (ns, action.droplet), action.to_host)
+    if not back:
+        failpoints.hit("operator.after-label-write")
 
 
 async def mark_droplet_condition(cx: Context, ns: str, action: a.MarkDropletCondition) -> None:

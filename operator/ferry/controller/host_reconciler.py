@@ -11,7 +11,7 @@ from ferry.api.phases import HostPhase
 from ferry.api.sizes import Resources
 from ferry.api.times import now
 from ferry.controller import effects
-from ferry.controller.app import Context
+from ferry.controller.app import Context, ensure_current
 from ferry.hosts.status import evacuation_plan, evacuation_withdrawals, host_status, status_changed
 from ferry.storage import Conflict, NotFound
 
@@ -35,6 +35,7 @@ async def on_event(cx: Context, event_type: str | None, body: dict, logger: logg
 
 
 async def reconcile_host(cx: Context, name: str, logger: logging.Logger) -> None:
+    await ensure_current(cx)
     cx.reconciled_at = time.monotonic()
     async with cx.object_lock(("Host", name)):
         world = cx.world

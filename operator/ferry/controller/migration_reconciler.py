@@ -15,12 +15,13 @@ import time
 
 import kopf
 
+from ferry import failpoints
 from ferry.api import constants as c
 from ferry.api.livemigration import LiveMigration, MigrationStatus
 from ferry.api.phases import OWNING, QUEUED, TERMINAL, Phase
 from ferry.api.times import now
 from ferry.controller import effects
-from ferry.controller.app import Context
+from ferry.controller.app import Context, ensure_current
 from ferry.controller.droplet_reconciler import reconcile_droplet
 from ferry.controller.host_reconciler import reconcile_host
 from ferry.api.meta import ObjectKey
@@ -161,6 +162,7 @@ def _admission_refs(cx: Context, t) -> list[MigrationRef]:
 
 
 async def reconcile(cx: Context, key: ObjectKey, logger: logging.Logger) -> None:
+    await ensure_current(cx)
     cx.reconciled_at = time.monotonic()
     async with cx.object_lock(("LiveMigration", key)):
         for _ in range(3):  # a decision made on a stale view is retried on a fresh read
@@ -224,6 +226,8 @@ async def _reconcile_once(cx: Context, key: ObjectKey, logger: logging.Logger) -
         cx.world.expect.forget_migration(key)
         return True
     if decision.status:
+        if decision.new_status.phase in TERMINAL:
+            failpoints.hit("operator.before-release")
         try:
             new = await cx.call(cx.kube.patch_status, "LiveMigration", key[1], decision.status, key[0],
                                 resource_version=rv)

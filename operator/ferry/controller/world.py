@@ -59,6 +59,24 @@ class World:
         table[k] = parsed
         self._saw(kind, key, parsed)
 
+    def resync(self, kind: str, items: Iterable[dict]) -> None:
+        """A whole fresh list of ``kind``: take each item in, and drop what the list no longer
+        holds. Watch events alone never say what was deleted while nobody watched (a standby
+        replica's world, frozen at its start): without this a deleted migration would keep its
+        concurrency slot and its reservation."""
+        table: dict = {"Host": self.hosts, "Droplet": self.droplets, "LiveMigration": self.migrations}[kind]
+        present = set()
+        for body in items:
+            meta = body.get("metadata", {})
+            key: ObjectKey = (meta.get("namespace") or "", meta.get("name", ""))
+            present.add(key[1] if kind == "Host" else key)
+            self.observe(kind, None, body)
+        for k in [k for k in table if k not in present]:
+            table.pop(k, None)
+            self._saw(kind, ("", k) if kind == "Host" else k, None)
+        for ik in [ik for ik in self.invalid if ik[0] == kind and (ik[1][1] if kind == "Host" else ik[1]) not in present]:
+            del self.invalid[ik]
+
     def _saw(self, kind: str, key: ObjectKey, parsed) -> None:
         if kind == "LiveMigration":
             self.expect.saw_migration(key, parsed)

@@ -64,6 +64,17 @@ class FlipRecord:
 
 
 @dataclasses.dataclass(frozen=True)
+class ReturnRecord:
+    """Undo a flip whose target failed before it ran the droplet: move ``status.host`` (and
+    the label) from ``from_host`` (the target) back to ``to_host`` (the source, which still
+    holds its paused copy), guarded as ``FlipRecord``."""
+
+    droplet: str
+    from_host: str
+    to_host: str
+
+
+@dataclasses.dataclass(frozen=True)
 class EmitEvent:
     """Post a Kubernetes Event (``type`` Normal | Warning) on the migration or the droplet."""
 
@@ -110,6 +121,7 @@ Action = Union[
     CreateSecret,
     DeleteSecret,
     FlipRecord,
+    ReturnRecord,
     EmitEvent,
     MarkDropletCondition,
     RecordLastMigration,

@@ -33,6 +33,7 @@ from ferry.migration.actions import (
     MarkDropletCondition,
     RecomputeAllocations,
     RecordLastMigration,
+    ReturnRecord,
     SetLabels,
 )
 from ferry.migration.observation import MachineConfig, Observation
@@ -795,11 +796,12 @@ def _after_flip(b: _Builder) -> None:
         _complete(b, tr)
         return
     if tg is not None and tg.state == TargetState.FAILED:
-        b.wait(
-            "TargetResumeFailed",
-            f"record names {st.target_host} but its VM failed to resume: {tg.error or 'no reason given'}",
-            None,
-            warn=True,
-        )
+        # The target says its copy never ran (it reports Failed only then): the source still
+        # holds the paused guest with its memory, so the record goes back and the source resumes
+        # (the attempt then fails as any before the flip). Never reboot a guest that has a copy.
+        msg = (f"target host {st.target_host} failed before it ran the droplet ({tg.error or 'no reason given'}); "
+               f"moving the record back to {st.source_host}, which resumes it")
+        b.actions.append(ReturnRecord(obs.spec.droplet, st.target_host, st.source_host))  # type: ignore[arg-type]
+        b.wait("RecordReturned", msg, None, warn=True)
         return
     b.wait("WaitingForResume", f"waiting for target host {st.target_host} to resume the droplet", None)

@@ -33,7 +33,7 @@ from ferry.drivers.base import (
 )
 from ferry.drivers.sim import control
 from ferry.drivers.sim.image import image_sizes
-from ferry.drivers.sim.layout import LOG_FILE, MIGRATION_FILE, PID_FILE, SOCKET_FILE, SPEC_FILE
+from ferry.drivers.sim.layout import LOG_FILE, MIGRATION_FILE, PID_FILE, SOCKET_FILE, SPEC_FILE, WRITE_LOG
 from ferry.transfer.channel import AES_256_GCM, CHANNELS
 
 _STATUS_TO_STATE = {
@@ -372,7 +372,19 @@ class SimDriver:
         pid = self._pid(key)
         if pid is not None:
             self._kill(pid)
+        self._keep_write_log(key)
         shutil.rmtree(self.vm_dir(key), ignore_errors=True)
+
+    def _keep_write_log(self, key: VMKey) -> None:
+        """With ``write_log`` (a test feature), a destroyed VM's log of acknowledged writes is
+        kept under ``<data_dir>/writelogs/`` so a checker can replay a droplet's whole history
+        across hosts (the source's part of a migrated guest is destroyed with its copy)."""
+        log_path = os.path.join(self.vm_dir(key), WRITE_LOG)
+        if not self.write_log or not os.path.exists(log_path) or os.path.getsize(log_path) == 0:
+            return
+        keep = os.path.join(self.data_dir, "writelogs")
+        os.makedirs(keep, exist_ok=True)
+        os.replace(log_path, os.path.join(keep, f"{key.dirname}.{time.time_ns()}.log"))
 
     def prepare_incoming(self, spec: VMSpec, bind_host: str, secret: bytes, migration_id: str) -> str:
         status = self._status(spec.key)

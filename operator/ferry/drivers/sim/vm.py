@@ -36,7 +36,7 @@ import socketserver
 import sys
 import threading
 
-from ferry import logs
+from ferry import failpoints, logs
 from ferry.drivers.sim.layout import (
     DISK_FILE,
     GUEST_FILE,
@@ -49,7 +49,7 @@ from ferry.drivers.sim.layout import (
     WRITE_LOG,
 )
 from ferry.drivers.sim.image import DISK_BLOCK_SIZE, MEMORY_PAGE_SIZE, Image
-from ferry.drivers.sim.workload import Guest, last_logged_seq
+from ferry.drivers.sim.workload import Guest, last_logged_seq, log_memory_lost
 from ferry.transfer import session
 from ferry.transfer.channel import AES_256_GCM, CHANNELS, PLAIN
 from ferry.transfer.digest import combine, image_root
@@ -81,7 +81,9 @@ class _EngineGuest:
         self.vm = vm
 
     def pause(self) -> bool:
-        return self.vm.guest.pause()
+        was = self.vm.guest.pause()
+        failpoints.hit("vm.source-paused")
+        return was
 
     def resume(self) -> None:
         if self.vm.power == "running":
@@ -91,7 +93,7 @@ class _EngineGuest:
         self.vm.guest.set_throttle(disk_percent, memory_percent)
 
     def export_state(self) -> dict:
-        return self.vm.guest.export_state()
+        return {**self.vm.guest.export_state(), "boot": self.vm.boot}
 
 
 class VM:
@@ -99,17 +101,29 @@ class VM:
         self.dir = vm_dir
         with open(self.path(SPEC_FILE)) as f:
             self.spec = json.load(f)
-        fresh = incoming
-        self.disk = Image(self.path(DISK_FILE), self.spec["disk_bytes"], DISK_BLOCK_SIZE, fresh=fresh)
-        self.memory = Image(self.path(MEMORY_FILE), self.spec["memory_bytes"], MEMORY_PAGE_SIZE, fresh=fresh)
-        workload = dict(self.spec.get("workload") or {})
-        seq = 0
+        saved: dict = {}
         if not incoming and os.path.exists(self.path(GUEST_FILE)):
             with open(self.path(GUEST_FILE)) as f:
                 saved = json.load(f)
-            seq = int(saved.get("seq", 0))  # the workload itself comes from the spec
+        # The guest file says "clean" only after an orderly quit (close). Without it the last
+        # process died (SIGKILL, a crash): like a real guest, the memory is gone and the guest
+        # boots again from its disk, with a new boot number. An orderly stop keeps the memory
+        # image (the sim's power-off is a managed save: a shortcut, see docs/failpoints.md).
+        crashed = bool(saved) and not saved.get("clean", False)
+        fresh = incoming
+        self.disk = Image(self.path(DISK_FILE), self.spec["disk_bytes"], DISK_BLOCK_SIZE, fresh=fresh)
+        self.memory = Image(self.path(MEMORY_FILE), self.spec["memory_bytes"], MEMORY_PAGE_SIZE,
+                            fresh=fresh or crashed)
+        workload = dict(self.spec.get("workload") or {})
+        seq = int(saved.get("seq", 0))  # the workload itself comes from the spec
+        #: boot number of the guest: 1 at creation, +1 each time it boots again from disk; it
+        #: travels with a migration (a moved guest did not reboot); 0 for an incoming VM
+        self.boot = 0 if incoming else int(saved.get("boot", 1)) + (1 if crashed else 0)
+        self.memory_lost = crashed
         if not incoming and self.spec.get("write_log"):
             seq = max(seq, last_logged_seq(self.path(WRITE_LOG)))  # after a crash: never reuse a number
+            if crashed:
+                log_memory_lost(self.path(WRITE_LOG), seq, self.boot)
         if incoming:
             for stale in (MIGRATION_FILE, GUEST_FILE):
                 try:
@@ -130,6 +144,10 @@ class VM:
         self._lock = threading.RLock()
         self._corrupt_frame: int | None = None
         self.quit_event = threading.Event()
+        if not incoming:
+            self._persist_guest()  # not clean from now on: a crash from here loses the memory
+            if crashed:
+                log.warning("the last VM process died: memory lost, guest boots from disk (boot %d)", self.boot)
         if not incoming and not stopped:
             self.power = "running"
             self.guest.run()
@@ -153,8 +171,11 @@ class VM:
     def _engine(self):
         return self.source or self.target
 
+    def _guest_state(self, clean: bool = False) -> dict:
+        return {**self.guest.export_state(), "boot": self.boot, "clean": clean}
+
     def _persist_guest(self) -> None:
-        _write_json(self.path(GUEST_FILE), self.guest.export_state())
+        _write_json(self.path(GUEST_FILE), self._guest_state())
 
     def _persist_migration(self, stats: dict) -> None:
         try:
@@ -187,6 +208,8 @@ class VM:
             "role": "source" if self.source else "target" if self.target else None,
             "migration_state": eng.state if eng else None,
             "seq": self.guest.seq,
+            "boot": self.boot,
+            "memory_lost": self.memory_lost,
             "workload": {"pattern": self.guest.pattern, "write_rate_kibps": self.guest.rate_kibps},
             "throttle": {"disk": self.guest.disk_throttle, "memory": self.guest.memory_throttle},
             "bytes_written": self.guest.bytes_written,
@@ -206,10 +229,13 @@ class VM:
             tgt = self.target
             if tgt is None or tgt.state != session.RECEIVED:
                 raise CommandError("incoming migration not received and verified yet", "MigrationNotReceived")
+            failpoints.hit("vm.target-before-resume")
             state = tgt.guest_state or {}
             self.guest.seq = int(state.get("seq", self.guest.seq))
+            self.boot = int(state.get("boot", 1))  # the same guest, still in its boot
             if state.get("pattern"):
                 self.guest.set_workload(state["pattern"], float(state.get("write_rate_kibps") or 0))
+            self._persist_guest()  # before the spec says it is ours: a crash from here reboots it, never renumbers
             self.spec["incoming_pending"] = False
             _write_json(self.path(SPEC_FILE), self.spec)
             self.power = "running"
@@ -290,6 +316,8 @@ class VM:
     def _source_finished(self, eng: SourceEngine) -> None:
         self._persist_migration(eng.stats())
         self._persist_guest()
+        if eng.state == session.COMPLETED:
+            failpoints.hit("vm.source-completed")
 
     def cmd_migrate_force_complete(self) -> dict:
         if self.source is None or self.source.finished:
@@ -317,7 +345,7 @@ class VM:
             raise CommandError(f"channel must be one of {', '.join(CHANNELS)}", "InvalidParameter")
         eng = TargetEngine(
             disk=self.disk, memory=self.memory, secret=key, migration_id=id, allow_plain=channel == PLAIN,
-            on_finish=lambda e: self._persist_migration(e.stats()),
+            on_finish=self._target_finished,
         )
         try:
             addr = eng.listen(host, int(port or 0))
@@ -327,6 +355,11 @@ class VM:
         eng.start()
         log.info("waiting for migration %s on %s:%s", id, *addr)
         return {"uri": f"{addr[0]}:{addr[1]}"}
+
+    def _target_finished(self, eng: TargetEngine) -> None:
+        self._persist_migration(eng.stats())
+        if eng.state == session.RECEIVED:
+            failpoints.hit("vm.target-received")
 
     def cmd_query_migrate(self) -> dict:
         eng = self._engine()
@@ -375,7 +408,7 @@ class VM:
         was_running = self.guest.running
         self.guest.shutdown()
         if self.power != "inmigrate":
-            state = self.guest.export_state()
+            state = self._guest_state(clean=True)
             state["was_running"] = was_running
             _write_json(self.path(GUEST_FILE), state)
         self.disk.close()

@@ -28,6 +28,9 @@ from ferry.drivers.sim.image import Image
 
 PATTERNS = ("uniform", "hotspot", "sequential")
 DISK, MEMORY = 0, 1
+#: a write-log record of this kind says: the VM process died, its memory was lost here and
+#: the guest booted again (offset = the new boot number); replay zeroes the memory image
+MEMORY_LOST = 2
 DISK_SHARE = 0.7
 MAGIC = 0x59525245465F4D53  # arbitrary, never zero
 _RECORD = struct.Struct("<QQQQ")
@@ -179,6 +182,15 @@ class Guest:
             self._wake.clear()
 
 
+def log_memory_lost(path: str, seq: int, boot: int) -> None:
+    """Append a MEMORY_LOST record (after the last write ``seq``) to a write log."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    try:
+        os.write(fd, LOG_RECORD.pack(seq, MEMORY_LOST, boot, 0, 0))
+    finally:
+        os.close(fd)
+
+
 def read_log(path: str):
     """Yield (seq, kind, offset, length, crc) records of a write log."""
     with open(path, "rb") as f:
@@ -215,6 +227,10 @@ def replay(log_path: str, disk_path: str, memory_path: str, disk_size: int, memo
             fds.append(fd)
         n = 0
         for seq, kind, offset, length, crc in read_log(log_path):
+            if kind == MEMORY_LOST:
+                os.ftruncate(fds[MEMORY], 0)
+                os.ftruncate(fds[MEMORY], memory_size)
+                continue
             data = content(seq, kind, offset, length)
             if zlib.crc32(data) != crc:
                 raise ValueError(f"write {seq}: content does not match its logged crc")
