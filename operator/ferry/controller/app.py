@@ -28,6 +28,17 @@ RESOURCES = {
 
 
 @dataclasses.dataclass
+class SlotVerdicts:
+    """The slot gate's verdicts for every queued migration, as of ``version`` (see
+    ``migration_reconciler.admission``)."""
+
+    version: Any = None
+    verdicts: dict[str, Any] = dataclasses.field(default_factory=dict)
+    valid_until: Any = None  # the next notBefore still ahead: then queued() changes
+    computed: int = 0
+
+
+@dataclasses.dataclass
 class Context:
     """Everything handlers share."""
 
@@ -40,6 +51,7 @@ class Context:
     #: monotonic time of the last reconcile: only the active replica of a peering reconciles, and
     #: a standby's world is frozen at its start, so a standby must not serve the fleet's gauges
     reconciled_at: float = 0.0
+    slot_verdicts: SlotVerdicts = dataclasses.field(default_factory=SlotVerdicts)
 
     def object_lock(self, key: Any) -> asyncio.Lock:
         lock = self.object_locks.get(key)

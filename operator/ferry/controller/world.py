@@ -31,6 +31,12 @@ class World:
         self.migrations: dict[ObjectKey, LiveMigration] = {}
         self.invalid: dict[tuple[str, ObjectKey], str] = {}
         self.expect = Expectations()
+        #: droplet -> its migrations (keys, in the order first seen): a droplet's migrations
+        #: without a scan of every migration
+        self.by_droplet: dict[ObjectKey, dict[ObjectKey, None]] = {}
+        #: bumped whenever something admission reads changes (a migration's phase, droplet,
+        #: hosts, notBefore; a droplet's host): cached admission verdicts stay valid until then
+        self.admission_version = 0
 
     # --- watch events and own writes ------------------------------------------------------
     def observe(self, kind: str, event_type: str | None, body: dict) -> None:
@@ -39,7 +45,10 @@ class World:
         table: dict = {"Host": self.hosts, "Droplet": self.droplets, "LiveMigration": self.migrations}[kind]
         k = key[1] if kind == "Host" else key
         if event_type == "DELETED":
-            table.pop(k, None)
+            gone = table.pop(k, None)
+            if kind == "LiveMigration" and gone is not None:
+                self._unindex(gone)
+                self.admission_version += 1
             self._saw(kind, key, None)
             return
         current = table.get(k)
@@ -49,11 +58,31 @@ class World:
             parsed = PARSERS[kind](body)
         except InvalidSpec as exc:
             self.invalid[(kind, key)] = str(exc)
-            table.pop(k, None)
+            gone = table.pop(k, None)
+            if kind == "LiveMigration" and gone is not None:
+                self._unindex(gone)
+                self.admission_version += 1
             return
         self.invalid.pop((kind, key), None)
         table[k] = parsed
+        if kind == "LiveMigration":
+            if current is None or current.droplet != parsed.droplet:
+                if current is not None:
+                    self._unindex(current)
+                self.by_droplet.setdefault((parsed.namespace, parsed.droplet), {})[parsed.key] = None
+            if current is None or _admission_view(current) != _admission_view(parsed):
+                self.admission_version += 1
+        elif kind == "Droplet" and (current is None or current.host != parsed.host) and self.by_droplet.get(key):
+            self.admission_version += 1  # the source host of its migrations
         self._saw(kind, key, parsed)
+
+    def _unindex(self, m: LiveMigration) -> None:
+        d = (m.namespace, m.droplet)
+        keys = self.by_droplet.get(d)
+        if keys is not None:
+            keys.pop(m.key, None)
+            if not keys:
+                del self.by_droplet[d]
 
     def _saw(self, kind: str, key: ObjectKey, parsed) -> None:
         if kind == "LiveMigration":
@@ -124,8 +153,13 @@ class World:
         ]
 
     def migrations_of(self, droplet: ObjectKey) -> Iterable[LiveMigration]:
-        ns, name = droplet
-        return (m for m in self.migrations.values() if m.namespace == ns and m.droplet == name)
+        return [self.migrations[k] for k in self.by_droplet.get(droplet, ()) if k in self.migrations]
+
+
+def _admission_view(m: LiveMigration) -> tuple:
+    """What admission reads of a migration (``ferry.migration.admission.MigrationRef``)."""
+    return (m.phase, m.droplet, m.meta.created, m.status.source_host, m.status.target_host, m.spec.target_host,
+            m.status.not_before)
 
 
 def _older(candidate: str | None, current: str | None) -> bool:
