@@ -13,6 +13,7 @@ import kopf
 
 from ferry.api import constants as c
 from ferry.api.times import now
+from ferry.controller.events import EventRecorder
 from ferry.controller.metrics import Metrics
 from ferry.controller.world import World
 from ferry.settings import Settings
@@ -52,6 +53,8 @@ class Context:
     #: a standby's world is frozen at its start, so a standby must not serve the fleet's gauges
     reconciled_at: float = 0.0
     slot_verdicts: SlotVerdicts = dataclasses.field(default_factory=SlotVerdicts)
+    #: Events queued and correlated as Kubernetes' recorder does; None: posted at once
+    events: EventRecorder | None = None
 
     def object_lock(self, key: Any) -> asyncio.Lock:
         lock = self.object_locks.get(key)
@@ -98,6 +101,8 @@ async def start(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: loggin
             world.observe(kind, None, body)
     cx = memo["ferry"] = Context(settings=cfg, kube=kube, world=world, metrics=metrics, lock=asyncio.Lock(),
                                  object_locks={})
+    cx.events = EventRecorder(kube, cx.call)
+    memo["ferry_events_task"] = asyncio.create_task(cx.events.run(), name="ferry-events")
     if cfg.metrics_port > 0:
         refresh_metrics(cx)
         memo["ferry_metrics_task"] = asyncio.create_task(_refresh_metrics_forever(cx), name="ferry-metrics")
