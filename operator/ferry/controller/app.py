@@ -55,6 +55,8 @@ class Context:
     slot_verdicts: SlotVerdicts = dataclasses.field(default_factory=SlotVerdicts)
     #: Events queued and correlated as Kubernetes' recorder does; None: posted at once
     events: EventRecorder | None = None
+    #: monotonic time of each host's last status write (counts are written at most once a second)
+    host_written: dict[str, float] = dataclasses.field(default_factory=dict)
 
     def object_lock(self, key: Any) -> asyncio.Lock:
         lock = self.object_locks.get(key)
