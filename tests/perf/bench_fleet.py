@@ -463,6 +463,9 @@ def main() -> None:
     ap.add_argument("--scenarios", default="maintenance,migrations")
     ap.add_argument("--baseline-src", default=None,
                     help="the operator/ directory of another checkout, measured first as 'baseline'")
+    ap.add_argument("--this-src", default=str(ROOT / "operator"),
+                    help="the operator/ directory measured as 'this' (default: this tree's); the metadata "
+                         "endpoint and the fake agents always run this tree's code")
     ap.add_argument("--only-baseline", action="store_true", help="measure --baseline-src only")
     ap.add_argument("--repeat", type=int, default=1)
     ap.add_argument("--timeout", type=float, default=1800, help="seconds a scenario may take")
@@ -474,7 +477,7 @@ def main() -> None:
 
     versions = [("baseline", str(pathlib.Path(args.baseline_src).resolve()))] if args.baseline_src else []
     if not args.only_baseline:
-        versions.append(("this", str(ROOT / "operator")))
+        versions.append(("this", str(pathlib.Path(args.this_src).resolve())))
     kubeconfig, teardown = cluster()
     results = []
     try:
