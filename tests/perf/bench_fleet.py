@@ -277,7 +277,7 @@ def run_once(kubeconfig: str, label: str, src: str, scenario: str, args: argpars
                                     stderr=subprocess.STDOUT)
         procs.append(metadata)
         wait_for("hosts Ready", lambda: all((h.get("status") or {}).get("phase") == "Ready"
-                                            for h in kube.list("Host", selector=f"bench={ns}")), 120, 0.5)
+                                            for h in kube.list("Host", selector=f"bench={ns}")), 600, 0.5)
 
         def droplet(i: int) -> None:
             # A fleet that exists already: placed round-robin by the benchmark (record and label
@@ -370,6 +370,10 @@ def run_once(kubeconfig: str, label: str, src: str, scenario: str, args: argpars
                     p.kill()
         for h in hosts:
             kube.delete("Host", h)
+            try:  # kopf's finalizer, if the operator left before it saw the deletion
+                kube.patch("Host", h, {"metadata": {"finalizers": None}})
+            except Exception:  # noqa: BLE001 - gone already
+                pass
         kube._call("delete", f"/api/v1/namespaces/{ns}", "delete ns")
 
 
