@@ -12,6 +12,7 @@ from typing import Any
 import kopf
 
 from ferry.api import constants as c
+from ferry.api.phases import QUEUED
 from ferry.api.times import now
 from ferry.controller.events import EventRecorder
 from ferry.controller.metrics import Metrics
@@ -57,6 +58,7 @@ class Context:
     events: EventRecorder | None = None
     #: monotonic time of each host's last status write (counts are written at most once a second)
     host_written: dict[str, float] = dataclasses.field(default_factory=dict)
+    gauges_at: float = -1e9  # monotonic time the migration gauges were last counted
 
     def object_lock(self, key: Any) -> asyncio.Lock:
         lock = self.object_locks.get(key)
@@ -118,6 +120,9 @@ def refresh_metrics(cx: Context) -> None:
     """The fleet's gauges from the world as it is now (in the loop: the world is not shared)."""
     w = cx.world
     cx.metrics.refresh(w.hosts.values(), w.migrations.values(), now(), cx.settings.heartbeat_timeout_seconds)
+    # also kept by the migration events, at most twice a second: here the last change is never missed
+    cx.metrics.queued.set(sum(1 for m in w.migrations.values() if m.phase in (None, *QUEUED)))
+    cx.metrics.in_flight.set(sum(1 for m in w.migrations.values() if m.in_flight))
 
 
 #: A replica that reconciled nothing for this long serves no fleet gauges (it is a standby;

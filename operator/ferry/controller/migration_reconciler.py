@@ -87,7 +87,16 @@ def _in_open_window(cx: Context, m: LiveMigration) -> bool:
     return host is not None and maintenance_window(host) == window_of(m)
 
 
+#: the queued/in-flight gauges are counted over every migration: at most this often, not on
+#: every watch event (a thousand migrations send thousands of events)
+GAUGES_MIN_INTERVAL_SECONDS = 0.5
+
+
 def _update_gauges(cx: Context) -> None:
+    t = time.monotonic()
+    if t - cx.gauges_at < GAUGES_MIN_INTERVAL_SECONDS:
+        return
+    cx.gauges_at = t
     ms = cx.world.migrations.values()
     cx.metrics.queued.set(sum(1 for m in ms if m.phase in (None, *QUEUED)))
     cx.metrics.in_flight.set(sum(1 for m in ms if m.in_flight))
