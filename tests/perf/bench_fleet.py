@@ -126,7 +126,8 @@ def operator_process(src: str, ns: str, control: str) -> None:
     ctl = pathlib.Path(control)
     max_queue = 0
     cpu0 = 0.0
-    with KopfRunner(["run", "--standalone", "-n", ns, "-m", "ferry.controller.handlers"]) as runner:
+    runner = KopfRunner(["run", "--standalone", "-n", ns, "-m", "ferry.controller.handlers"], reraise=False)
+    with runner:
         while not (ctl / "stop").exists():
             if not measuring["on"] and (ctl / "count").exists():
                 cpu0 = _cpu_seconds()
@@ -142,15 +143,23 @@ def operator_process(src: str, ns: str, control: str) -> None:
             time.sleep(0.05)
         cpu = _cpu_seconds() - cpu0
         counter.enabled = False
+        # written before kopf stops: stopping a thousand objects' workers may take long
+        _write_stats(ctl, counter, cpu, latencies, max_queue, status_writes, None, None)
+    _write_stats(ctl, counter, cpu, latencies, max_queue, status_writes, runner.exit_code, runner.exception)
+
+
+def _write_stats(ctl, counter, cpu, latencies, max_queue, status_writes, exit_code, exception) -> None:
     lat = sorted(latencies)
     stats = {
         "by_verb": dict(counter.by_verb), "by_kind": dict(counter.by_kind), "cpu_seconds": cpu,
         "max_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "reconciles": len(lat), "reconcile_p50_ms": _pct(lat, 0.50) * 1000, "reconcile_p99_ms": _pct(lat, 0.99) * 1000,
-        "max_queue": max_queue, "status_writes": dict(status_writes), "exit_code": runner.exit_code,
-        "exception": repr(runner.exception) if runner.exception else None,
+        "max_queue": max_queue, "status_writes": dict(status_writes), "exit_code": exit_code,
+        "exception": repr(exception) if exception else None,
     }
-    (ctl / "stats.json").write_text(json.dumps(stats))
+    tmp = ctl / "stats.json.tmp"
+    tmp.write_text(json.dumps(stats))
+    tmp.replace(ctl / "stats.json")
 
 
 def _cpu_seconds() -> float:
@@ -255,7 +264,7 @@ def run_once(kubeconfig: str, label: str, src: str, scenario: str, args: argpars
     limit = str(max(args.droplets, args.migrations))
     env = {**os.environ, "KUBECONFIG": kubeconfig, "FERRY_NOTICE_SECONDS": "0", "FERRY_METRICS_PORT": "0",
            "FERRY_MAX_PARALLEL": limit, "FERRY_MAX_OUTBOUND_PER_HOST": limit, "FERRY_MAX_INBOUND_PER_HOST": limit,
-           "FERRY_HEARTBEAT_TIMEOUT_SECONDS": "60", "FERRY_PROGRESS_TIMEOUT_SECONDS": "3600",
+           "FERRY_HEARTBEAT_TIMEOUT_SECONDS": "600", "FERRY_PROGRESS_TIMEOUT_SECONDS": "3600",
            "FERRY_BUDGET_BASE_SECONDS": "3600"}
     ctl = pathlib.Path(tempfile.mkdtemp(prefix="fleet-ctl-"))
     stop_agents, agent_count = tempfile.mktemp(), tempfile.mktemp()
@@ -352,7 +361,11 @@ def run_once(kubeconfig: str, label: str, src: str, scenario: str, args: argpars
         if t_announced is None and heard:
             t_announced = max(heard.values())
         (ctl / "stop").write_text("")
-        operator.wait(timeout=120)
+        wait_for("the operator's figures", lambda: (ctl / "stats.json").exists(), 300, 0.2)
+        try:
+            operator.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            operator.kill()  # kopf still stopping its workers; the figures are written
         stats = json.loads((ctl / "stats.json").read_text())
         return {"label": label, "scenario": scenario, "migrations": len(want), "completed": phases.get("Completed", 0),
                 "create_s": t_created, "announced_s": t_announced, "announced": len(heard), "missed": len(want) - len(heard),
