@@ -3,8 +3,10 @@
     .venv/bin/python tests/perf/bench_fleet.py [--droplets 1000] [--hosts 100]
         [--maintenance-hosts 10] [--migrations 1000] [--baseline-src DIR] [--repeat 1]
 
-Full size (the figures of issue 16; about 20 minutes on 2 shared cores), with the code of
-another checkout (e.g. main) measured in the same run as the baseline:
+Full size (the figures of issue 16), with the code of another checkout (e.g. main)
+measured in the same run as the baseline. It takes long: each run places and settles 1,000
+droplets first, and on 2 cores shared with other work a scenario may hit `--timeout` (then
+the table says how many completed); `--scenarios` runs one at a time:
 
     git worktree add --detach /tmp/ferry-base main
     .venv/bin/python tests/perf/bench_fleet.py --baseline-src /tmp/ferry-base/operator
