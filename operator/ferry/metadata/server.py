@@ -148,18 +148,16 @@ class Endpoint:
         self.secret = secret if secret is not None else os.urandom(16)
         self.max_timeout = max_timeout
         self.max_waiters_per_address = max_waiters_per_address
-        # address -> one future per parked long-poll, each resolved on the address's next change
-        # (its own future: a long-poll that times out cancels nothing another one waits on)
-        self._changed: dict[str, list[asyncio.Future]] = {}
+        self._changed: dict[str, asyncio.Future] = {}  # address -> resolved on its next change
         self._waiting: dict[str, int] = {}  # address -> long-polls in progress
         self._closing = False
 
     # listener: called by the cache (on the loop thread) with the changed addresses
     def on_change(self, addresses: set[str]) -> None:
         for ip in addresses:
-            for fut in self._changed.pop(ip, ()):
-                if not fut.done():
-                    fut.set_result(None)
+            fut = self._changed.pop(ip, None)
+            if fut is not None and not fut.done():
+                fut.set_result(None)
 
     def wake_all(self) -> None:
         self._closing = True
@@ -210,23 +208,13 @@ class Endpoint:
                 remaining = deadline - loop.time()
                 if remaining <= 0:
                     break
-                fut = loop.create_future()
-                self._changed.setdefault(ip, []).append(fut)
+                fut = self._changed.get(ip)
+                if fut is None or fut.done():
+                    fut = self._changed[ip] = loop.create_future()
                 try:
-                    async with asyncio.timeout(remaining):  # one timer, no shield, no extra task
-                        await fut
+                    await asyncio.wait_for(asyncio.shield(fut), remaining)
                 except TimeoutError:
                     break
-                finally:
-                    if not fut.done():  # timed out or cancelled (the client left): forget it
-                        parked = self._changed.get(ip)
-                        if parked is not None:
-                            try:
-                                parked.remove(fut)
-                            except ValueError:
-                                pass
-                            if not parked:
-                                del self._changed[ip]
                 current = self.cache.lookup(ip)
                 if current is None or self.etag(ip, kind, current) != seen:
                     return current
@@ -534,16 +522,4 @@ def run(
     logs.for_server()
     parse_listen(listen)  # fail before touching the API
     source = Kube.connect(kubeconfig, context=context).list_watch("Droplet", namespace)
-    run_loop(serve(listen, source, watch_timeout_seconds=watch_timeout_seconds))
-
-
-def run_loop(main) -> None:
-    """Run the endpoint's coroutine on uvloop (libuv's loop: a wave of long-polls woken by
-    one change is answered several times faster than on asyncio's own loop), or on asyncio's
-    where uvloop is not installed."""
-    try:
-        import uvloop
-    except ImportError:  # pragma: no cover - a pinned dependency; plain asyncio still works
-        asyncio.run(main)
-        return
-    uvloop.run(main)
+    asyncio.run(serve(listen, source, watch_timeout_seconds=watch_timeout_seconds))
