@@ -53,11 +53,17 @@ def droplet_ip(i: int) -> str:
 # ---- server process --------------------------------------------------------------------
 
 
-def _server_main(droplets: int, conn) -> None:
+def _server_main(droplets: int, conn, src: str | None = None) -> None:
     import logging
 
+    if src:
+        sys.path.insert(0, src)  # another checkout's endpoint (the baseline of --wake-compare)
+    from ferry.metadata import server as server_module
     from ferry.metadata.cache import DropletCache, DropletRecord, MaintenanceState
     from ferry.metadata.server import MetadataServer
+
+    if src:
+        assert server_module.__file__.startswith(src), server_module.__file__
 
     logging.disable(logging.WARNING)
     live = MaintenanceState("live_migrate", "2030-01-01T00:00:00Z", "2030-01-01T00:10:00Z")
@@ -108,14 +114,15 @@ def _server_main(droplets: int, conn) -> None:
         await done.wait()
         await server.stop()
 
-    asyncio.run(main())
+    # the endpoint's own loop (`ferry metadata` runs on it), asyncio's where it has none
+    getattr(server_module, "run_loop", asyncio.run)(main())
 
 
 class ServerProcess:
-    def __init__(self, droplets: int):
+    def __init__(self, droplets: int, src: str | None = None):
         ctx = mp.get_context("spawn")
         self.conn, child = ctx.Pipe()
-        self.proc = ctx.Process(target=_server_main, args=(droplets, child), daemon=True)
+        self.proc = ctx.Process(target=_server_main, args=(droplets, child, src), daemon=True)
         self.proc.start()
         kind, self.port = self.conn.recv()
         assert kind == "port"
@@ -395,6 +402,44 @@ def print_table(rows: list[Row]) -> None:
     print("server process per request (robust to other load on the machine, unlike req/s).")
 
 
+def wake_compare(sizes: list[int], rounds: int, baseline_src: str, this_src: str | None = None) -> None:
+    """Long-poll wake-ups only: for each size W, W droplets park a long-poll each and one
+    change wakes them all; the endpoint of `baseline_src` (another checkout's operator/) and
+    this tree's, alternating round by round on the same machine, the same client."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # 10,000 waiters: 20,000 sockets
+    try:
+        import uvloop
+
+        runner = uvloop.run  # the client too: the instrument must not be the bottleneck
+    except ImportError:
+        runner = asyncio.run
+    print(f"{'waiters':>8}{'server':>10}{'answers':>9}{'p50 ms':>9}{'p99 ms':>9}{'max ms':>9}"
+          f"{'over 1 s':>9}{'p99 vs baseline':>17}")
+    for w in sizes:
+        lat: dict[str, list[float]] = {"baseline": [], "this": []}
+        servers = {"baseline": ServerProcess(w, baseline_src), "this": ServerProcess(w, this_src)}
+        try:
+            for _ in range(rounds):
+                for label, server in servers.items():
+                    row, _ = runner(_wake(server, w, 1, w))
+                    lat[label].extend(row.latencies)
+        finally:
+            for server in servers.values():
+                server.stop()
+        p99 = {}
+        for label, xs in lat.items():
+            r = Row("wake", w, len(xs), 1.0, xs)
+            p99[label] = r.pct(0.99)
+            ratio = f"{p99[label] / p99['baseline']:.2f}x" if label == "this" else "-"
+            print(f"{w:>8}{label:>10}{len(xs):>9}{r.pct(0.50):>9.1f}{r.pct(0.99):>9.1f}{max(xs) * 1000:>9.1f}"
+                  f"{sum(1 for x in xs if x > 1.0):>9}{ratio:>17}", flush=True)
+    print("latency: from the change command sent to the server process to each answer read by the client")
+    print("(one client process for all waiters, on uvloop where installed).")
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--droplets", type=int, default=10_000)
@@ -404,7 +449,16 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--waiters", type=int, default=1000, help="parked long-polls (distinct droplets)")
     p.add_argument("--rounds", type=int, default=3, help="wake rounds")
     p.add_argument("--no-wrk", action="store_true")
+    p.add_argument("--wake-compare", default=None, metavar="BASELINE_SRC",
+                   help="only the long-poll wake-ups, for --wake-sizes, against the endpoint of this "
+                        "operator/ directory of another checkout (e.g. a worktree of main)")
+    p.add_argument("--wake-sizes", default="1000,10000")
     args = p.parse_args(argv)
+    if args.wake_compare:
+        print(f"metadata endpoint long-poll wake-ups, loopback, {os.cpu_count()} cores, "
+              f"python {sys.version.split()[0]}, {args.rounds} rounds each")
+        wake_compare([int(x) for x in args.wake_sizes.split(",")], args.rounds, args.wake_compare)
+        return
     print(f"metadata endpoint, loopback, {os.cpu_count()} cores, python {sys.version.split()[0]}")
     rows = run_bench(args.droplets, args.duration, args.concurrency, args.sources, args.waiters, args.rounds,
                      use_wrk=not args.no_wrk)

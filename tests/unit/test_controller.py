@@ -227,3 +227,57 @@ def test_resync_replaces_a_kind_whole():
     w.observe("Host", None, b)
     w.resync("Host", [b])
     assert set(w.hosts) == {"b"}
+
+
+def _lm(name: str, droplet: str, created: str, phase: str, **status) -> dict:
+    return {"kind": "LiveMigration", "apiVersion": "ferry.dev/v1alpha1",
+            "metadata": {"name": name, "namespace": NS, "uid": "u-" + name, "resourceVersion": "1",
+                         "finalizers": ["ferry.dev/migration"], "creationTimestamp": created},
+            "spec": {"droplet": droplet}, "status": {"phase": phase, **status}}
+
+
+def test_admission_verdicts_follow_the_world_without_judging_everything_each_time():
+    """migration_reconciler.admission: the same verdicts as admit() over every migration, the
+    slot gate computed once per change of what it reads, and recomputed when that changes."""
+    from ferry.migration.admission import ConcurrencyLimits, MigrationRef, admit
+
+    world = World()
+    world.observe("Host", None, host("h1"))
+    for d in ("d1", "d2", "d3"):
+        world.observe("Droplet", None, {"kind": "Droplet", "apiVersion": "ferry.dev/v1alpha1",
+                                        "metadata": {"name": d, "namespace": NS, "uid": "u-" + d},
+                                        "spec": {"size": "s-1vcpu-1gb", "datacenter": "nyc3"},
+                                        "status": {"host": "h1"}})
+    past = "2030-01-01T00:00:00Z"
+    for i, d in enumerate(("d1", "d2", "d3")):
+        world.observe("LiveMigration", None, _lm(f"m{i}", d, f"2030-01-01T00:00:0{i}Z", "Announced", notBefore=past))
+    world.observe("LiveMigration", None, _lm("p", "d1", "2030-01-01T00:00:09Z", "Pending"))
+    cx = Context(settings=Settings(notice_seconds=0, metrics_port=0, max_parallel=1), kube=FakeKube(), world=world,
+                 metrics=Metrics(), lock=asyncio.Lock(), object_locks={})
+    t = dt.datetime(2030, 1, 2, tzinfo=dt.timezone.utc)
+    limits = ConcurrencyLimits(1, 2, 2)
+
+    def everything() -> dict:
+        refs = [MigrationRef(f"{m.namespace}/{m.name}", f"{m.namespace}/{m.droplet}", world.expect.phase_of(m),
+                             m.meta.created, m.status.source_host or "h1", m.status.target_host,
+                             m.status.not_before) for m in world.migrations.values()]
+        v = admit(refs, limits, t)
+        return {f"{NS}/{m.name}": v.get(f"{NS}/{m.name}") for m in world.migrations.values()}
+
+    def verdicts() -> dict:
+        return {f"{NS}/{m.name}": migrations.admission(cx, m, t) for m in world.migrations.values()}
+
+    assert verdicts() == everything()
+    assert [verdicts()[f"{NS}/m{i}"].admitted for i in range(3)] == [True, False, False]
+    assert verdicts()[f"{NS}/p"].reason == "DropletBusy"
+    computed = cx.slot_verdicts.computed
+    verdicts()
+    assert cx.slot_verdicts.computed == computed  # nothing changed: not judged again
+    world.expect.admitted((NS, "m0"))  # m0 took the slot
+    assert verdicts() == everything() and not verdicts()[f"{NS}/m1"].admitted
+    world.observe("LiveMigration", "MODIFIED", {**_lm("m0", "d1", "2030-01-01T00:00:00Z", "Completed"),
+                                                "metadata": {**_lm("m0", "d1", "2030-01-01T00:00:00Z", "Completed")[
+                                                    "metadata"], "resourceVersion": "2"}})
+    assert verdicts() == everything()
+    assert verdicts()[f"{NS}/m1"].admitted and not verdicts()[f"{NS}/m2"].admitted  # the slot is free again
+    assert verdicts()[f"{NS}/p"].admitted  # its droplet's migration finished

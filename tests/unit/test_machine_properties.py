@@ -857,3 +857,18 @@ def test_evacuation_of_twenty_droplets_is_told_at_once():
     # with Announced holding a slot (the old rule) the last wave would have been told at
     # T0 + 3 waves; now the whole evacuation ends within one notice plus the copy time
     assert max(x.ms.phase_times["Completed"] for x in lms) - T0 < 2 * notice
+
+
+@settings(max_examples=n(400), deadline=None)
+@given(refs=migration_refs(), limits=LIMITS, clock=st.sampled_from([None, T0, T0 + dt.timedelta(seconds=60)]))
+def test_admit_split_by_gate_is_the_same_verdict(refs, limits, clock):
+    """The operator asks admission without judging every migration (controller
+    ``migration_reconciler.admission``): a Pending one with its droplet's migrations only, an
+    Announced one with the Announced and in-flight ones only. Both give admit()'s verdict."""
+    v = admit(refs, limits, clock)
+    slot = admit([r for r in refs if r.phase in OWNING], limits, clock)
+    for r in refs:
+        if r.phase in (None, "Pending"):
+            assert admit([o for o in refs if o.droplet == r.droplet], limits, clock).get(r.key) == v.get(r.key)
+        elif r.phase == "Announced":
+            assert slot.get(r.key) == v.get(r.key)

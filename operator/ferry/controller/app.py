@@ -12,7 +12,9 @@ from typing import Any
 import kopf
 
 from ferry.api import constants as c
+from ferry.api.phases import QUEUED
 from ferry.api.times import now
+from ferry.controller.events import EventRecorder
 from ferry.controller.metrics import Metrics
 from ferry.controller.world import World
 from ferry.settings import Settings
@@ -25,6 +27,17 @@ RESOURCES = {
     "Droplet": (c.GROUP, c.VERSION, "droplets"),
     "LiveMigration": (c.GROUP, c.VERSION, "livemigrations"),
 }
+
+
+@dataclasses.dataclass
+class SlotVerdicts:
+    """The slot gate's verdicts for every queued migration, as of ``version`` (see
+    ``migration_reconciler.admission``)."""
+
+    version: Any = None
+    verdicts: dict[str, Any] = dataclasses.field(default_factory=dict)
+    valid_until: Any = None  # the next notBefore still ahead: then queued() changes
+    computed: int = 0
 
 
 @dataclasses.dataclass
@@ -41,6 +54,12 @@ class Context:
     #: a standby's world is frozen at its start, so a standby must not serve the fleet's gauges
     reconciled_at: float = 0.0
     reloading: asyncio.Lock = dataclasses.field(default_factory=asyncio.Lock)
+    slot_verdicts: SlotVerdicts = dataclasses.field(default_factory=SlotVerdicts)
+    #: Events queued and correlated as Kubernetes' recorder does; None: posted at once
+    events: EventRecorder | None = None
+    #: monotonic time of each host's last status write (counts are written at most once a second)
+    host_written: dict[str, float] = dataclasses.field(default_factory=dict)
+    gauges_at: float = -1e9  # monotonic time the migration gauges were last counted
 
     def object_lock(self, key: Any) -> asyncio.Lock:
         lock = self.object_locks.get(key)
@@ -84,6 +103,8 @@ async def start(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: loggin
     # be judged against a world that has not seen its droplet or its hosts yet.
     await load_world(cx)
     cx.reconciled_at = time.monotonic()
+    cx.events = EventRecorder(kube, cx.call)
+    memo["ferry_events_task"] = asyncio.create_task(cx.events.run(), name="ferry-events")
     if cfg.metrics_port > 0:
         refresh_metrics(cx)
         memo["ferry_metrics_task"] = asyncio.create_task(_refresh_metrics_forever(cx), name="ferry-metrics")
@@ -121,6 +142,9 @@ def refresh_metrics(cx: Context) -> None:
     """The fleet's gauges from the world as it is now (in the loop: the world is not shared)."""
     w = cx.world
     cx.metrics.refresh(w.hosts.values(), w.migrations.values(), now(), cx.settings.heartbeat_timeout_seconds)
+    # also kept by the migration events, at most twice a second: here the last change is never missed
+    cx.metrics.queued.set(sum(1 for m in w.migrations.values() if m.phase in (None, *QUEUED)))
+    cx.metrics.in_flight.set(sum(1 for m in w.migrations.values() if m.in_flight))
 
 
 #: A replica that reconciled nothing for this long serves no fleet gauges (it is a standby;

@@ -32,7 +32,12 @@ def ref(kind: str, name: str, namespace: str | None, uid: str | None) -> dict[st
 
 
 async def post_event(cx: Context, obj: dict[str, Any], type_: str, reason: str, message: str) -> None:
-    await cx.call(cx.kube.event, obj, type_, reason, message)
+    """Through the recorder (queued, correlated: ``controller.events``) when the operator runs
+    one; posted at once otherwise."""
+    if cx.events is not None:
+        cx.events.record(obj, type_, reason, message)
+    else:
+        await cx.call(cx.kube.event, obj, type_, reason, message)
 
 
 async def set_host_label(cx: Context, key: ObjectKey, host: str) -> None:

@@ -38,13 +38,17 @@ class Expectations:
         self._admitted: set[ObjectKey] = set()  # Announced -> Scheduling (took a concurrency slot)
         self._announcing: set[ObjectKey] = set()  # Pending -> Announced (owns its droplet)
         self._secrets_deleted: set[ObjectKey] = set()  # transfer Secrets deleted
+        #: bumped when a phase that ``phase_of`` reports changes (cached admission verdicts)
+        self.version = 0
 
     # --- what this operator just decided --------------------------------------------------
     def announced(self, key: ObjectKey) -> None:
         self._announcing.add(key)
+        self.version += 1
 
     def admitted(self, key: ObjectKey) -> None:
         self._admitted.add(key)
+        self.version += 1
 
     def reserved(self, key: ObjectKey, host: str, droplet: ObjectKey, resources: Resources) -> None:
         self._reservations[key] = ExpectedReservation(host, droplet, resources)
@@ -61,8 +65,10 @@ class Expectations:
     def forget_migration(self, key: ObjectKey) -> None:
         """The write that carried a decision failed: it never happened."""
         self._reservations.pop(key, None)
-        self._admitted.discard(key)
-        self._announcing.discard(key)
+        if key in self._admitted or key in self._announcing:
+            self._admitted.discard(key)
+            self._announcing.discard(key)
+            self.version += 1
 
     def forget_placement(self, key: ObjectKey) -> None:
         self._placements.pop(key, None)
@@ -77,10 +83,12 @@ class Expectations:
         r = self._reservations.get(key)
         if r is not None and (m.terminal or m.status.target_host == r.host):
             del self._reservations[key]
-        if m.phase not in (None, *QUEUED):
+        if m.phase not in (None, *QUEUED) and key in self._admitted:
             self._admitted.discard(key)
-        if m.phase not in (None, Phase.PENDING):
+            self.version += 1
+        if m.phase not in (None, Phase.PENDING) and key in self._announcing:
             self._announcing.discard(key)
+            self.version += 1
 
     def saw_droplet(self, key: ObjectKey, d: Droplet | None) -> None:
         if d is None or d.host:

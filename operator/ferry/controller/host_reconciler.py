@@ -17,6 +17,22 @@ from ferry.storage import Conflict, NotFound
 
 log = logging.getLogger("ferry.operator")
 
+#: A host's status that changed only in its counts (allocated, droplets, the evacuation's
+#: counts) is written at most this often; phase, conditions and a new maintenance window at
+#: once. Decisions read the world, not these counts: they are the UI, and a drain of a hundred
+#: droplets would otherwise rewrite its host after every step of every migration.
+COUNTS_MIN_INTERVAL_SECONDS = 1.0
+_COUNTS = frozenset({"allocated", "droplets", "evacuation"})
+
+
+def _write_now(cx: Context, name: str, current: dict, desired: dict) -> bool:
+    changed = {k for k, v in desired.items() if current.get(k) != v}
+    if not changed <= _COUNTS:
+        return True
+    if (desired.get("evacuation") or {}).get("window") != (current.get("evacuation") or {}).get("window"):
+        return True  # a window is recorded before any of its migrations is created
+    return time.monotonic() - cx.host_written.get(name, 0.0) >= COUNTS_MIN_INTERVAL_SECONDS
+
 
 async def on_event(cx: Context, event_type: str | None, body: dict, logger: logging.Logger) -> list[ObjectKey]:
     """Returns the droplets whose VM restarts the host now reports differently (their
@@ -50,7 +66,7 @@ async def reconcile_host(cx: Context, name: str, logger: logging.Logger) -> None
         droplets = list(world.droplets.values())
         migrations = list(world.migrations.values())
         desired = host_status(host, droplets, migrations, allocated, t, cx.settings.heartbeat_timeout_seconds)
-        if status_changed(host.status, desired):
+        if status_changed(host.status, desired) and _write_now(cx, name, host.status, desired):
             if host.status.get("phase") != desired["phase"]:
                 log.info("host %s: %s -> %s", name, host.status.get("phase"), desired["phase"])
                 not_ready = desired["phase"] == HostPhase.NOT_READY
@@ -59,6 +75,7 @@ async def reconcile_host(cx: Context, name: str, logger: logging.Logger) -> None
                                          desired["conditions"][0]["message"] if not_ready
                                          else f"host is {desired['phase']}")
             new = await cx.call(cx.kube.patch_status, "Host", name, desired)
+            cx.host_written[name] = time.monotonic()
             world.observe("Host", "MODIFIED", new)
         # The window is planned only once the status that records it is written.
         window = (desired.get("evacuation") or {}).get("window")

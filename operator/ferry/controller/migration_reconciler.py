@@ -10,6 +10,7 @@ Deletion is held by a finalizer until the machine has reached a terminal phase.
 from __future__ import annotations
 
 import dataclasses
+import datetime as dt
 import logging
 import time
 
@@ -87,7 +88,16 @@ def _in_open_window(cx: Context, m: LiveMigration) -> bool:
     return host is not None and maintenance_window(host) == window_of(m)
 
 
+#: the queued/in-flight gauges are counted over every migration: at most this often, not on
+#: every watch event (a thousand migrations send thousands of events)
+GAUGES_MIN_INTERVAL_SECONDS = 0.5
+
+
 def _update_gauges(cx: Context) -> None:
+    t = time.monotonic()
+    if t - cx.gauges_at < GAUGES_MIN_INTERVAL_SECONDS:
+        return
+    cx.gauges_at = t
     ms = cx.world.migrations.values()
     cx.metrics.queued.set(sum(1 for m in ms if m.phase in (None, *QUEUED)))
     cx.metrics.in_flight.set(sum(1 for m in ms if m.in_flight))
@@ -125,8 +135,7 @@ def observe(cx: Context, m: LiveMigration) -> Observation:
     # may it take a concurrency slot. Asked without a clock (every Announced one), because
     # decide() runs with a slightly later now() than t.
     if needs_admission(obs):
-        limits = ConcurrencyLimits(s.max_parallel, s.max_outbound_per_host, s.max_inbound_per_host)
-        verdict = admit(_admission_refs(cx, t), limits, t).get(f"{m.namespace}/{m.name}")
+        verdict = admission(cx, m, t)
         # None: Announced, notice not over at t (decide does not read it unless it ended since)
         obs = dataclasses.replace(obs, admission=verdict or Admission(False, "ConcurrencyLimitReached",
                                                                       "waiting for a slot"))
@@ -148,17 +157,43 @@ def _failed_targets(m: LiveMigration) -> dict[str, str]:
             if a.result == "Failed" and a.target_host}
 
 
-def _admission_refs(cx: Context, t) -> list[MigrationRef]:
+def admission(cx: Context, m: LiveMigration, t: dt.datetime) -> Admission | None:
+    """``admit``'s verdict for ``m``, without judging every migration on every reconcile.
+
+    ``admit`` over all migrations is O(n log n), and each of n migrations asks every second:
+    O(n^2). Its two gates need less: the announce gate (Pending) reads only the migrations of
+    the same droplet, and the slot gate (Announced) only the Announced and in-flight ones,
+    judged together oldest first. So a Pending migration is judged with its droplet's
+    migrations alone (the same verdict), and the slot gate's verdicts for all are computed
+    once and reused until something admission reads changes (``World.admission_version``,
+    ``Expectations.version``) or the next notice ends.
+    """
     world = cx.world
-    refs = []
-    for m in world.migrations.values():
-        d = world.droplets.get((m.namespace, m.droplet))
-        refs.append(MigrationRef(
-            key=f"{m.namespace}/{m.name}", droplet=f"{m.namespace}/{m.droplet}",
-            phase=world.expect.phase_of(m), created_at=m.meta.created or t,
-            source_host=m.status.source_host or (d.host if d else None),
-            target_host=m.status.target_host or m.spec.target_host, not_before=m.status.not_before))
-    return refs
+    s = cx.settings
+    limits = ConcurrencyLimits(s.max_parallel, s.max_outbound_per_host, s.max_inbound_per_host)
+    key = f"{m.namespace}/{m.name}"
+    if world.expect.phase_of(m) in (None, Phase.PENDING):
+        return admit([_ref(cx, x, t) for x in world.migrations_of((m.namespace, m.droplet))], limits, t).get(key)
+    cache = cx.slot_verdicts
+    version = (world.admission_version, world.expect.version, limits)
+    if cache.version != version or (cache.valid_until is not None and t >= cache.valid_until):
+        refs = [_ref(cx, x, t) for x in world.migrations.values() if world.expect.phase_of(x) in OWNING]
+        cache.verdicts = admit(refs, limits, t)
+        cache.version = version
+        cache.valid_until = min((r.not_before for r in refs if r.phase == Phase.ANNOUNCED and r.not_before
+                                 and r.not_before > t), default=None)
+        cache.computed += 1
+    return cache.verdicts.get(key)
+
+
+def _ref(cx: Context, m: LiveMigration, t: dt.datetime) -> MigrationRef:
+    world = cx.world
+    d = world.droplets.get((m.namespace, m.droplet))
+    return MigrationRef(
+        key=f"{m.namespace}/{m.name}", droplet=f"{m.namespace}/{m.droplet}",
+        phase=world.expect.phase_of(m), created_at=m.meta.created or t,
+        source_host=m.status.source_host or (d.host if d else None),
+        target_host=m.status.target_host or m.spec.target_host, not_before=m.status.not_before)
 
 
 async def reconcile(cx: Context, key: ObjectKey, logger: logging.Logger) -> None:

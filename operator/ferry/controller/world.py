@@ -33,6 +33,12 @@ class World:
         self.expect = Expectations()
         self._by_address: dict[str, set[ObjectKey]] = {}  # spec.ip (normal form) -> droplets claiming it
         self._address: dict[ObjectKey, str] = {}
+        #: droplet -> its migrations (keys, in the order first seen): a droplet's migrations
+        #: without a scan of every migration
+        self.by_droplet: dict[ObjectKey, dict[ObjectKey, None]] = {}
+        #: bumped whenever something admission reads changes (a migration's phase, droplet,
+        #: hosts, notBefore; a droplet's host): cached admission verdicts stay valid until then
+        self.admission_version = 0
 
     # --- watch events and own writes ------------------------------------------------------
     def observe(self, kind: str, event_type: str | None, body: dict) -> None:
@@ -41,7 +47,7 @@ class World:
         table: dict = {"Host": self.hosts, "Droplet": self.droplets, "LiveMigration": self.migrations}[kind]
         k = key[1] if kind == "Host" else key
         if event_type == "DELETED":
-            table.pop(k, None)
+            self._drop(kind, key)
             self._saw(kind, key, None)
             return
         current = table.get(k)
@@ -51,12 +57,21 @@ class World:
             parsed = PARSERS[kind](body)
         except InvalidSpec as exc:
             self.invalid[(kind, key)] = str(exc)
-            table.pop(k, None)
+            self._drop(kind, key)
             if kind == "Droplet":
                 self._index_address(key, None)
             return
         self.invalid.pop((kind, key), None)
         table[k] = parsed
+        if kind == "LiveMigration":
+            if current is None or current.droplet != parsed.droplet:
+                if current is not None:
+                    self._unindex(current)
+                self.by_droplet.setdefault((parsed.namespace, parsed.droplet), {})[parsed.key] = None
+            if current is None or _admission_view(current) != _admission_view(parsed):
+                self.admission_version += 1
+        elif kind == "Droplet" and (current is None or current.host != parsed.host) and self.by_droplet.get(key):
+            self.admission_version += 1  # the source host of its migrations
         self._saw(kind, key, parsed)
 
     def resync(self, kind: str, items: Iterable[dict]) -> None:
@@ -72,10 +87,27 @@ class World:
             present.add(key[1] if kind == "Host" else key)
             self.observe(kind, None, body)
         for k in [k for k in table if k not in present]:
-            table.pop(k, None)
-            self._saw(kind, ("", k) if kind == "Host" else k, None)
+            gone_key = ("", k) if kind == "Host" else k
+            self._drop(kind, gone_key)
+            self._saw(kind, gone_key, None)
         for ik in [ik for ik in self.invalid if ik[0] == kind and (ik[1][1] if kind == "Host" else ik[1]) not in present]:
             del self.invalid[ik]
+
+    def _drop(self, kind: str, key: ObjectKey) -> None:
+        """Forget one object and what is indexed on it (deleted, unusable, or gone from a re-list)."""
+        table: dict = {"Host": self.hosts, "Droplet": self.droplets, "LiveMigration": self.migrations}[kind]
+        gone = table.pop(key[1] if kind == "Host" else key, None)
+        if kind == "LiveMigration" and gone is not None:
+            self._unindex(gone)
+            self.admission_version += 1
+
+    def _unindex(self, m: LiveMigration) -> None:
+        d = (m.namespace, m.droplet)
+        keys = self.by_droplet.get(d)
+        if keys is not None:
+            keys.pop(m.key, None)
+            if not keys:
+                del self.by_droplet[d]
 
     def _saw(self, kind: str, key: ObjectKey, parsed) -> None:
         if kind == "LiveMigration":
@@ -166,8 +198,13 @@ class World:
         return [self.droplets[k] for k in sorted(keys) if k in self.droplets]
 
     def migrations_of(self, droplet: ObjectKey) -> Iterable[LiveMigration]:
-        ns, name = droplet
-        return (m for m in self.migrations.values() if m.namespace == ns and m.droplet == name)
+        return [self.migrations[k] for k in self.by_droplet.get(droplet, ()) if k in self.migrations]
+
+
+def _admission_view(m: LiveMigration) -> tuple:
+    """What admission reads of a migration (``ferry.migration.admission.MigrationRef``)."""
+    return (m.phase, m.droplet, m.meta.created, m.status.source_host, m.status.target_host, m.spec.target_host,
+            m.status.not_before)
 
 
 def _older(candidate: str | None, current: str | None) -> bool:

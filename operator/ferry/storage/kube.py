@@ -191,8 +191,9 @@ class Kube:
 
     # --- events -------------------------------------------------------------------------
     def event(self, obj: Mapping[str, Any], type_: str, reason: str, message: str,
-              component: str = "ferry-operator") -> None:
-        """Post a core/v1 Event about ``obj``; failures are logged, never raised."""
+              component: str = "ferry-operator") -> str | None:
+        """Post a core/v1 Event about ``obj``; its name (None if it failed: failures are
+        logged, never raised)."""
         meta = obj.get("metadata", {})
         namespace = meta.get("namespace") or "default"
         t = fmt(now(), fraction=True)
@@ -212,6 +213,18 @@ class Kube:
                        data=json.dumps(body), headers={"Content-Type": "application/json"})
         except StorageError as exc:
             log.warning("could not post event %s on %s: %s", reason, meta.get("name"), exc)
+            return None
+        return body["metadata"]["name"]
+
+    def event_repeat(self, namespace: str, name: str, count: int) -> None:
+        """The Event ``name`` happened again: its ``count`` and ``lastTimestamp`` (client-go's
+        event correlation). Failures are logged, never raised."""
+        try:
+            self._call("patch", f"/api/v1/namespaces/{namespace}/events/{name}", "update event",
+                       data=json.dumps({"count": count, "lastTimestamp": fmt(now())}),
+                       headers={"Content-Type": "application/merge-patch+json"})
+        except StorageError as exc:
+            log.warning("could not update event %s: %s", name, exc)
 
 
 class ListWatch:
