@@ -1013,3 +1013,19 @@ def test_eta_over_the_completion_budget_is_flagged_during_the_copy():
     ok = dataclasses.replace(tr, eta_seconds=5.0, bytes_sent=6)
     d2 = decide(obs("PreCopy", st=d.new_status, transfer=ok), T0 + sec(1))
     assert d2.new_status.condition("CompletionAtRisk").status == "False"
+
+
+@pytest.mark.parametrize("phase", ["Announced", "PreCopy"])
+def test_a_source_host_silent_for_a_while_is_waited_for_not_failed_at_once(phase):
+    """After an API server outage every heartbeat is stale at once: wait (one Warning Event),
+    and call the host lost only after host_lost_seconds of silence."""
+    cfg = MachineConfig()
+    quiet = droplet(host_ready=False, host_silent_seconds=25.0)
+    d = decide(obs(phase, droplet=quiet), T0, cfg)
+    assert d.phase == phase and d.new_status.reason == "SourceHostNotReady"
+    assert 0 < d.requeue_after <= cfg.poll_seconds
+    assert [(e.type, e.reason) for e in events(d)] == [("Warning", "SourceHostNotReady")]
+    again = decide(obs(phase, st=d.new_status, droplet=quiet), T0 + sec(1), cfg)
+    assert not events(again)  # said once
+    lost = decide(obs(phase, droplet=droplet(host_ready=False, host_silent_seconds=cfg.host_lost_seconds)), T0, cfg)
+    assert lost.phase == "Failed" and lost.new_status.reason == "HostNotReady"

@@ -110,6 +110,7 @@ def machine_config(cx: Context) -> MachineConfig:
         retry_backoff_seconds=s.retry_backoff_seconds, progress_timeout_seconds=s.progress_timeout_seconds,
         budget_seconds_per_gib=s.budget_seconds_per_gib, budget_base_seconds=s.budget_base_seconds,
         poll_seconds=min(30.0, max(1.0, s.heartbeat_timeout_seconds)),
+        host_lost_seconds=max(60.0, 5 * s.heartbeat_timeout_seconds),
     )
 
 
@@ -123,7 +124,9 @@ def observe(cx: Context, m: LiveMigration) -> Observation:
     obs = Observation(
         name=m.name, spec=m.spec, created_at=m.meta.created or t, status=m.status,
         droplet=DropletObs.from_droplet(d, host_ready=bool(source and source.ready(t, timeout)),
-                                        size_scale=s.size_scale),
+                                        size_scale=s.size_scale,
+                                        host_silent_seconds=(t - source.agent.heartbeat).total_seconds()
+                                        if source is not None and source.agent.heartbeat else None),
         deleting=m.meta.deleting, generation=m.meta.generation,
         transfer=m.transfer, target=m.target,
         target_host_ready=bool(target and target.ready(t, timeout)) if m.status.target_host else None,

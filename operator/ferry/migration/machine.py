@@ -172,6 +172,8 @@ def decide(obs: Observation, now: dt.datetime, cfg: MachineConfig | None = None)
     if obs.spec.cancel or obs.deleting:
         _cancel(b)
         return b.build()
+    if _source_host_silent(b):
+        return b.build()
     problem = _droplet_problem(obs)
     if problem is not None:
         reason, message = problem
@@ -221,6 +223,21 @@ def _effective_mode(obs: Observation) -> str:
 
 def _flipped(obs: Observation) -> bool:
     return obs.status.phase in (Phase.PRECOPY, Phase.CUTOVER) and obs.record_at_target
+
+
+def _source_host_silent(b: _Builder) -> bool:
+    """The droplet's host looks NotReady but has been silent for less than
+    ``host_lost_seconds``: wait (a Warning Event once) rather than fail for good. After an API
+    server outage every heartbeat is stale at once; the agents catch up within a beat."""
+    d, cfg = b.obs.droplet, b.cfg
+    if not d.exists or d.deleting or not d.host or d.host_ready or d.host_silent_seconds is None:
+        return False
+    left = cfg.host_lost_seconds - d.host_silent_seconds
+    if left <= 0:
+        return False
+    b.wait("SourceHostNotReady", f"source host {d.host} sends no heartbeat; it is called lost (HostNotReady) "
+                                 f"after {cfg.host_lost_seconds:.0f} s of silence", left, warn=True)
+    return True
 
 
 def _droplet_problem(obs: Observation) -> tuple[str, str] | None:

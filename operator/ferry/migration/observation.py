@@ -35,6 +35,9 @@ class MachineConfig:
     budget_base_seconds: float = 120.0
     poll_seconds: float = 30.0
     no_host_timeout_seconds: float = 600.0
+    #: a source host silent this long is lost (the migration fails HostNotReady); before that
+    #: the machine waits: stale heartbeats after an API server outage are everyone's, not a host's
+    host_lost_seconds: float = 150.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,13 +59,16 @@ class DropletObs:
     nested_virtualization: bool = False
     image_gib: float = 0.0
     maintenance_since: dt.datetime | None = None
+    #: seconds since that host's last heartbeat (None: it never sent one, or it is unknown)
+    host_silent_seconds: float | None = None
 
     @classmethod
     def missing(cls) -> DropletObs:
         return cls(exists=False)
 
     @classmethod
-    def from_droplet(cls, d: Droplet | None, *, host_ready: bool, size_scale: float = 1.0) -> DropletObs:
+    def from_droplet(cls, d: Droplet | None, *, host_ready: bool, size_scale: float = 1.0,
+                     host_silent_seconds: float | None = None) -> DropletObs:
         """From the droplet's view (None: the droplet is gone)."""
         if d is None:
             return cls.missing()
@@ -71,6 +77,7 @@ class DropletObs:
             deleting=d.meta.deleting,
             host=d.host,
             host_ready=host_ready,
+            host_silent_seconds=host_silent_seconds,
             power_state="on" if d.power_on else "off",
             nested_virtualization=d.nested_virtualization,
             image_gib=d.resources.image_gib * size_scale,
