@@ -216,7 +216,13 @@ class SimDriver:
         return env
 
     def _kill(self, key: VMKey, timeout: float = 30.0) -> None:
+        """End the VM process now; returns when it no longer holds its lock."""
         self.launcher.kill(key, self.vm_dir(key), timeout)
+        deadline = time.monotonic() + timeout
+        while self._alive(key):
+            if time.monotonic() >= deadline:
+                raise DriverError(f"{key}: VM process still alive {timeout:.0f}s after it was killed")
+            time.sleep(0.05)
 
     def _quit(self, key: VMKey, timeout: float = 10.0) -> None:
         if not self._alive(key):
