@@ -433,6 +433,7 @@ def test_operator_rules_are_exactly_what_it_needs(helm: str) -> None:
         ("ferry.dev", ["hosts", "droplets"], ["get", "list", "watch", "patch"]),
         ("ferry.dev", ["livemigrations"], ["get", "list", "watch", "patch", "create", "delete"]),
         ("ferry.dev", ["livemigrations/finalizers"], ["update"]),
+        ("", ["nodes"], ["get", "list", "watch"]),
         ("ferry.dev", ["hosts/status", "droplets/status", "livemigrations/status"], ["get", "patch"]),
         ("apiextensions.k8s.io", ["customresourcedefinitions"], ["get", "list", "watch"]),
         ("kopf.dev", ["clusterkopfpeerings"], ["list", "watch"]),
