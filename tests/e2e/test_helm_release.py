@@ -40,7 +40,7 @@ def test_helm_upgrade_rolls_every_agent_while_droplets_run_and_one_migration_cop
         create_droplet(e2e, ns, name, size="s-1vcpu-1gb", ip=f"127.0.3.{i + 1}", rate_kibps=256)
     create_droplet(e2e, ns, "roll-mover", ip="127.0.3.99")
     for name in [*names, "roll-mover"]:
-        wait_until(lambda n=name: running_pod(e2e, ns, n), 120, what=f"{ns}/{n} running in its pod")
+        wait_until(lambda n=name: running_pod(e2e, ns, n), 120, what=f"{ns}/{name} running in its pod")
     before = guests(e2e, ns, names)
     mover_source = e2e.kubectl("get", "-n", ns, "droplet", "roll-mover", "-o", "jsonpath={.status.host}").stdout
     # 1 MiB/s: the example's 80 MiB disk keeps the copy in PreCopy through the roll.

@@ -35,7 +35,7 @@ def test_each_droplet_has_a_pod_on_its_host_asking_its_size_times_the_scale(e2e,
         create_droplet(e2e, ns, f"size-{i}", size=size, ip=f"127.0.4.{i + 1}")
     for i, (size, (cpu, mem)) in enumerate(SIZES.items()):
         name = f"size-{i}"
-        pod = wait_until(lambda n=name: running_pod(e2e, ns, n), 120, what=f"{ns}/{n} in its pod")
+        pod = wait_until(lambda n=name: running_pod(e2e, ns, n), 120, what=f"{ns}/{name} in its pod")
         droplet = json.loads(e2e.kubectl("get", "-n", ns, "droplet", name, "-o", "json").stdout)
         # owned by the Droplet, on the node its placement record names
         [owner] = pod["metadata"]["ownerReferences"]
@@ -76,7 +76,7 @@ def test_agent_pod_force_deleted_mid_precopy(e2e, ns):
         create_droplet(e2e, ns, name, size="s-1vcpu-1gb", ip=f"127.0.5.{i + 1}", rate_kibps=256)
     create_droplet(e2e, ns, "fd-mover", size="s-1vcpu-2gb", ip="127.0.5.99")
     for name in [*names, "fd-mover"]:
-        wait_until(lambda n=name: running_pod(e2e, ns, n), 120, what=f"{ns}/{n} running in its pod")
+        wait_until(lambda n=name: running_pod(e2e, ns, n), 120, what=f"{ns}/{name} running in its pod")
     source = e2e.kubectl("get", "-n", ns, "droplet", "fd-mover", "-o", "jsonpath={.status.host}").stdout
     bystanders = [n for n in names if running_pod(e2e, ns, n)["spec"]["nodeName"] == source] or names
     before = guests(e2e, ns, names)
@@ -107,3 +107,50 @@ def test_agent_pod_force_deleted_mid_precopy(e2e, ns):
     figure(e2e, f"agent pod of {source} force-deleted mid-PreCopy: migration {st['phase']} {st.get('reason') or ''} "
                 f"after {clock():.0f}s, downtime {st.get('downtimeMs')} ms; {len(names)} guests "
                 f"({len(bystanders)} on {source}) still running, restarts {restarts}")
+
+
+def test_kubectl_drain_migrates_every_droplet_off_the_node(e2e, ns):
+    """`kubectl drain NODE`: the cordon puts the Host into maintenance, ferry live-migrates its
+    droplets, each launcher pod (kept from eviction by its PodDisruptionBudget) goes when its
+    droplet has left, and drain ends with the node empty; no guest rebooted; uncordon ends the
+    maintenance."""
+    e2e.require_cluster("kubectl drain of a host node")
+    apply_example_hosts(e2e)
+    names = [f"dr-{i}" for i in range(4)]
+    for i, name in enumerate(names):
+        create_droplet(e2e, ns, name, size="s-1vcpu-1gb", ip=f"127.0.6.{i + 1}", rate_kibps=256)
+    for name in names:
+        wait_until(lambda n=name: running_pod(e2e, ns, n), 120, what=f"{ns}/{name} running in its pod")
+    before = guests(e2e, ns, names)
+    nodes = [node for _, node, _, _ in before.values()]
+    node = max(set(nodes), key=nodes.count)
+    on_node = [n for n in names if before[n][1] == node]
+    clock = Stopwatch()
+    try:
+        proc = e2e.kubectl("drain", node, "--ignore-daemonsets", "--delete-emptydir-data", "--timeout=300s",
+                           timeout=330, check=False)
+        drained = clock()
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        host = json.loads(e2e.kubectl("get", "host", node, "-o", "json").stdout)
+        assert (host["spec"].get("maintenance") or {}).get("reason") == "node cordoned"
+        outcomes = []
+        for name in on_node:
+            record = e2e.kubectl("get", "-n", ns, "droplet", name, "-o", "jsonpath={.status.host}").stdout
+            assert record and record != node, f"{name} still on {node}"
+            wait_until(lambda n=name, r=record: [p["spec"]["nodeName"] for p in vm_pods(e2e, ns, n)] == [r], 60,
+                       what=f"{name}'s one pod on {record}")
+            last = json.loads(e2e.kubectl("get", "-n", ns, "droplet", name, "-o", "json").stdout)["status"] \
+                .get("lastMigration") or {}
+            outcomes.append(f"{name} {node}->{record} downtime {last.get('downtimeMs')} ms")
+        assert not vm_pods(e2e, ns) or all(p["spec"]["nodeName"] != node for p in vm_pods(e2e, ns))
+        # the moved guests went on where they were (their write counters continued), the others untouched
+        after = guests(e2e, ns, names)
+        assert all(after[n][3] > before[n][3] for n in names), (before, after)
+        assert_no_guest_restarted({n: v for n, v in before.items() if n not in on_node},
+                                  {n: v for n, v in after.items() if n not in on_node})
+        figure(e2e, f"kubectl drain {node}: {len(on_node)} droplets migrated off in {drained:.0f}s "
+                    f"(drain to completion); " + "; ".join(outcomes))
+    finally:
+        e2e.kubectl("uncordon", node, check=False)
+    wait_until(lambda: not json.loads(e2e.kubectl("get", "host", node, "-o", "json").stdout)["spec"].get("maintenance"),
+               60, what=f"uncordon ended {node}'s maintenance")
