@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import time
 
-from steps import example_droplet
+from steps import example_droplet, migration
 
 QUERY_SEQ = ("import json,socket;s=socket.socket(socket.AF_UNIX);s.connect('control.sock');"
              "s.sendall(b'{\"execute\": \"query-status\"}\\n');b=b''\n"
@@ -88,3 +88,9 @@ class Stopwatch:
 
     def __call__(self) -> float:
         return time.monotonic() - self.t0
+
+
+def finished(e2e, ns: str, name: str) -> dict | None:
+    """The migration's status once it reached a terminal phase, else None."""
+    st = migration(e2e, ns, name).get("status") or {}
+    return st if st.get("phase") in ("Completed", "Failed", "Cancelled") else None

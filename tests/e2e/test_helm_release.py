@@ -7,7 +7,8 @@ from __future__ import annotations
 import json
 
 import pytest
-from pods import Stopwatch, assert_no_guest_restarted, create_droplet, figure, guests, running_pod, vm_pods
+from pods import (Stopwatch, assert_no_guest_restarted, create_droplet, figure, finished, guests, running_pod,
+                  vm_pods)
 from steps import apply_example_hosts, migration, place
 from support import wait_until
 
@@ -79,9 +80,7 @@ def test_helm_upgrade_rolls_every_agent_while_droplets_run_and_one_migration_cop
     restarts = assert_no_guest_restarted(before, after)
     assert all(after[n][3] > before[n][3] for n in names), "a guest stopped writing"
 
-    e2e.kubectl("wait", "-n", ns, f"livemigration/{lm}", "--for=jsonpath={.status.phase}=Completed",
-                "--timeout=240s", timeout=250, check=False)
-    st = migration(e2e, ns, lm)["status"]
+    st = wait_until(lambda: finished(e2e, ns, lm), 240, interval=1, what=f"{lm} finished")
     assert st["phase"] in ("Completed", "Failed"), st
     record = e2e.kubectl("get", "-n", ns, "droplet", "roll-mover", "-o", "jsonpath={.status.host}").stdout
     if st["phase"] == "Failed":

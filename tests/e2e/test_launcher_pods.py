@@ -6,7 +6,8 @@ from __future__ import annotations
 import json
 
 import pytest
-from pods import Stopwatch, assert_no_guest_restarted, create_droplet, figure, guests, running_pod, vm_pods
+from pods import (Stopwatch, assert_no_guest_restarted, create_droplet, figure, finished, guests, running_pod,
+                  vm_pods)
 from steps import apply_example_hosts, migration
 from support import wait_until
 
@@ -93,9 +94,7 @@ def test_agent_pod_force_deleted_mid_precopy(e2e, ns):
     [agent] = [a for a in agent if not a["metadata"].get("deletionTimestamp")]
     clock = Stopwatch()
     e2e.kubectl("delete", "pod", "-n", e2e.namespace, agent["metadata"]["name"], "--grace-period=0", "--force")
-    e2e.kubectl("wait", "-n", ns, f"livemigration/{lm}", "--for=jsonpath={.status.phase}=Completed",
-                "--timeout=240s", timeout=250, check=False)
-    st = migration(e2e, ns, lm)["status"]
+    st = wait_until(lambda: finished(e2e, ns, lm), 240, interval=1, what=f"{lm} finished")
     assert st["phase"] in ("Completed", "Failed"), st
     record = e2e.kubectl("get", "-n", ns, "droplet", "fd-mover", "-o", "jsonpath={.status.host}").stdout
     assert record == (st["targetHost"] if st["phase"] == "Completed" else source)

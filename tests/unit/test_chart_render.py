@@ -335,7 +335,8 @@ def test_agent_daemonset_serves_the_node_it_runs_on(helm: str) -> None:
     assert spec["hostNetwork"] is True
     assert spec["nodeSelector"] == {"ferry.dev/host": "true"}
     # VMs live in launcher pods, so agents roll like any DaemonSet
-    assert ds["spec"]["updateStrategy"] == {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 1}}
+    assert ds["spec"]["updateStrategy"] == {"type": "RollingUpdate",
+                                              "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}}
     [c] = spec["containers"]
     assert c["args"] == ["agent", "--host", "$(NODE_NAME)", "--data-dir", "/var/lib/ferry",
                          "--driver", "sim", "--address", "$(HOST_IP)"]

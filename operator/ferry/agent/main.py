@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import signal
@@ -57,16 +58,49 @@ def make_driver(name: str, data_dir: str, settings: Settings, environ: Mapping[s
     raise ValueError(f"unknown driver {name!r} (choose one of {', '.join(DRIVERS)})")
 
 
+AGENT_LOCK = "agent.lock"
+
+
+def wait_for_host_lock(data_dir: str, host: str, stop: threading.Event) -> int | None:
+    """Hold the host's agent lock (a flock in its data directory) for this process's life.
+
+    One agent orchestrates a host at a time. A rolling update surges: the new agent pod starts
+    (imports, connects) while the old one still works, then waits here until the old one has
+    exited, so the host goes without an agent only for the moment between them. Returns the
+    lock's fd, or None if stopped while waiting."""
+    fd = os.open(os.path.join(data_dir, AGENT_LOCK), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    waited = False
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            if waited:
+                log.info("agent of host %s: the previous agent exited; taking over", host)
+            return fd
+        except BlockingIOError:
+            if not waited:
+                log.info("agent of host %s: another agent of this host still runs; waiting for it to exit", host)
+                waited = True
+            if stop.wait(0.1):
+                os.close(fd)
+                return None
+
+
 def run(host: str, data_dir: str, driver: str, address: str, kubeconfig: str | None, settings: Settings) -> int:
     """Run the agent of ``host``; returns 0 after SIGTERM/SIGINT."""
     logs.for_server()
     os.makedirs(data_dir, exist_ok=True)
+    stop = threading.Event()
+    early = {s: signal.signal(s, lambda *_: stop.set()) for s in (signal.SIGTERM, signal.SIGINT)}
+    lock = wait_for_host_lock(data_dir, host, stop)
+    for s, handler in early.items():
+        signal.signal(s, handler)
+    if lock is None:
+        return 0
     kube = Kube.connect(kubeconfig)
     drv = make_driver(driver, data_dir, settings, launcher=make_launcher(host, data_dir, kube, os.environ))
     agent = Agent(host, drv, kube, settings, address=address, connect=lambda: Kube.connect(kubeconfig))
     if settings.agent_metrics_port > 0:
         agent.metrics.serve(settings.agent_metrics_port, log)
-    stop = threading.Event()
 
     def on_signal(signum: int, _frame: Any) -> None:
         log.info("agent of host %s stopping (%s); VM processes keep running", host, signal.Signals(signum).name)
