@@ -182,8 +182,10 @@ def test_agent_reads_everything_it_serves_but_writes_no_droplet_and_creates_no_m
     # Secrets: by name only (cannot enumerate them), never write them.
     agent.denied_by_rbac("list", "get", "secrets", "-n", ns)
     agent.denied_by_rbac("create", "create", "secret", "generic", "x", "-n", ns, "--from-literal=a=b")
-    # Nothing else in the cluster.
-    agent.denied_by_rbac("list", "get", "pods", "-n", ns)
+    # Pods: its droplets' VM pods (the admission policy holds it to its own node); nothing else.
+    agent.allowed("get", "pods", "-n", ns)
+    agent.denied_by_rbac("list", "get", "configmaps", "-n", ns)
+    agent.denied_by_rbac("list", "get", "deployments", "-n", ns)
     agent.denied_by_rbac("create", "create", "clusterrolebinding", f"{chart.release}-escalate",
                          "--clusterrole=cluster-admin", f"--user={agent.ident.username}")
 
