@@ -527,6 +527,9 @@ class FakeDriver:
             v.mstate = MigrationState.ABORTED
             v.state = VMState.RUNNING
 
+    def force_complete(self, key: VMKey) -> None:
+        self._check("force_complete", key)
+
     def resume(self, key: VMKey) -> None:
         self._check("resume", key)
         v = self.vms[key]

@@ -41,6 +41,7 @@ class Settings:
     cpu_flags: str = ""  # agents: the CPU flags reported, space or comma separated (empty: this machine's)
     namespace: str = ""  # empty: all namespaces
     log_format: str = "text"  # text | json (ferry.logs reads it before the settings are parsed)
+    sim_channel: str = "aes-256-gcm"  # agents, sim driver: the migration data channel (aes-256-gcm | plain: opt-out)
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None, **overrides: Any) -> Settings:
@@ -68,6 +69,8 @@ class Settings:
         for name in ("metrics_port", "agent_metrics_port"):
             if not 0 <= getattr(self, name) <= 65535:
                 raise SettingsError(f"FERRY_{name.upper()} must be a port number (0: off)")
+        if self.sim_channel not in ("aes-256-gcm", "plain"):
+            raise SettingsError(f"FERRY_SIM_CHANNEL must be aes-256-gcm or plain, not {self.sim_channel!r}")
         if self.driver not in ("sim", "qemu"):
             raise SettingsError(f"FERRY_DRIVER must be sim or qemu, not {self.driver!r}")
         for name in ("max_parallel", "max_outbound_per_host", "max_inbound_per_host", "max_attempts"):

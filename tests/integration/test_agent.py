@@ -249,6 +249,7 @@ def test_live_migration_between_two_agents(kubectl, namespace, agents):
     assert x["attempt"] == 1 and x["progress"] == 100 and x["bytesTotal"] > 0 and x["bytesSent"] > 0
     assert x["digest"] and x["digest"] == t["digest"]
     assert x["rounds"] and len(x["rounds"]) <= 20 and x["downtimeMs"] is not None
+    assert x["channel"] == "aes-256-gcm"  # encrypted by default, and status says so
     assert agents.vms(a) == {f"{namespace}/web": "Paused"}  # held for the cut-over
 
     cut_over(kubectl, agents, namespace, a, b)
@@ -264,6 +265,30 @@ def fill_disk(agents: Agents, host: str, ns: str) -> None:
     drv.set_workload(key, pattern="sequential", write_rate_kibps=8192)
     wait_until(lambda: drv.status(key)["bytes_written"] >= disk, 30, what="the guest to fill its disk")
     drv.set_workload(key, pattern="hotspot", write_rate_kibps=64)
+
+
+@pytest.mark.parametrize("target_channel", ["plain", "aes-256-gcm"])
+def test_plain_channel_only_when_both_hosts_opt_out(kubectl, namespace, agents, target_channel):
+    """FERRY_SIM_CHANNEL=plain is an opt-out of both ends: a target that encrypts refuses it."""
+    a, b = agents.host("src"), agents.host("dst")
+    agents.start(a, env={"FERRY_SIM_CHANNEL": "plain"}), agents.start(b, env={"FERRY_SIM_CHANNEL": target_channel})
+    create_droplet(kubectl, namespace, "web", a)
+    wait_until(lambda: agents.vms(a) == {f"{namespace}/web": "Running"}, 30, what="web on the source")
+    start_migration(kubectl, namespace, a, b)
+    wait_listening(kubectl, namespace)
+    set_lm_status(kubectl, namespace, {"phase": "PreCopy"})
+    if target_channel == "plain":
+        s = wait_copied(kubectl, namespace)
+        assert s["transfer"]["channel"] == "plain" and s["transfer"]["digest"] == s["target"]["digest"]
+        return
+
+    def refused():
+        x = lm_status(kubectl, namespace).get("transfer") or {}
+        return x if x.get("state") == "Failed" else None
+
+    x = wait_until(refused, 30, what="the source to fail against a target that encrypts")
+    assert "encrypted channels only" in x["error"]
+    assert agents.vms(a) == {f"{namespace}/web": "Running"}  # the guest never paused for it
 
 
 def test_source_agent_killed_mid_copy(kubectl, namespace, agents):

@@ -86,7 +86,7 @@ def test_migrate_creates_a_well_formed_migration(kubeconfig, kubectl, namespace,
     at = dt.datetime.fromisoformat(lm["spec"].pop("scheduledAt").replace("Z", "+00:00"))
     assert dt.timedelta(minutes=10) - dt.timedelta(seconds=1) <= at - before <= dt.timedelta(minutes=10, seconds=30)
     assert lm["spec"] == {"droplet": "web-1", "targetHost": hosts[1], "mode": "offline", "cancel": False,
-                          "limits": {"bandwidthMiBps": 40, "downtimeMs": 120, "maxAttempts": 2}}
+                          "forceComplete": False, "limits": {"bandwidthMiBps": 40, "downtimeMs": 120, "maxAttempts": 2}}
 
 
 def test_migrate_defaults_to_the_kubeconfigs_namespace(kubeconfig, kubectl, namespace, droplet, tmp_path):
@@ -99,7 +99,7 @@ def test_migrate_defaults_to_the_kubeconfigs_namespace(kubeconfig, kubectl, name
     assert r.returncode == 0, r.stderr
     assert r.stdout == "by-default\n"
     lm = get(kubectl, "livemigration", "by-default", namespace)
-    assert lm["spec"] == {"droplet": "web-1", "mode": "live", "cancel": False}
+    assert lm["spec"] == {"droplet": "web-1", "mode": "live", "cancel": False, "forceComplete": False}
 
 
 def test_migrate_argument_error_creates_nothing(kubeconfig, kubectl, namespace, droplet):
@@ -361,5 +361,6 @@ def test_ctrl_c_leaves_the_migration_running(kubeconfig, kubectl, namespace, dro
     assert proc.returncode == 130
     assert err_path.read_text().strip() == (
         f"stopped watching; migration {namespace}/m keeps running "
-        "(`ferry watch m` to follow it, `ferry cancel m` to cancel it)")
+        "(`ferry watch m` to follow it, `ferry cancel m` to cancel it, "
+        "`ferry complete m` to pause it now and finish)")
     assert get(kubectl, "livemigration", "m", namespace)["spec"]["cancel"] is False

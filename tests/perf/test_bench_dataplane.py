@@ -22,5 +22,7 @@ def test_bench_dataplane_quick(tmp_path, capsys):
     assert "(c) convergence" in out
     conv = out[out.index("(c) convergence"):]
     rows = [line for line in conv.splitlines() if line.strip().endswith(tuple("0123456789")) and "%" in line.split()[0]]
-    assert len(rows) == 2 and all(" yes " in r for r in rows), conv
+    assert len(rows) == 3, conv  # 0 % and 200 % at the 99 % cap, 300 % at the 50 % cap
+    assert all(" Completed " in r or " NotConverging " in r for r in rows), conv
+    assert " Completed " in rows[0] and "downtime/budget" in conv
     assert list(tmp_path.iterdir()) == []  # cleaned up

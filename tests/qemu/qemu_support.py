@@ -80,3 +80,9 @@ CLOCK = re.compile(r"^ferry-clock (\d+)\r?\n", re.MULTILINE)
 def clocks(path: pathlib.Path) -> list[int]:
     """The guest's own wall clock (unix seconds) on whole "ferry-clock" lines of a serial log."""
     return [int(m) for m in CLOCK.findall(serial_text(path))]
+
+
+def memsums(path: pathlib.Path | str) -> list[str]:
+    """The guest's "ferry-memsum <md5>" lines: the checksum of a RAM region it wrote once."""
+    text = serial_text(path) if isinstance(path, pathlib.Path) else path
+    return re.findall(r"ferry-memsum ([0-9a-f]{32})", text)

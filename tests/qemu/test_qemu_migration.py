@@ -20,6 +20,7 @@ from support import wait_until
 from ferry.drivers.base import MigrationOptions, MigrationState, VMSpec, VMState
 from ferry.drivers.qemu import QemuDriver
 from ferry.drivers.qemu.qmp import QMPClient
+from ferry.transfer.digest import image_root
 
 pytestmark = [pytest.mark.qemu, pytest.mark.timeout(180)]
 
@@ -186,7 +187,12 @@ def test_offline_migration_of_a_stopped_vm(hosts: tuple[QemuDriver, QemuDriver],
     assert src.state == MigrationState.COMPLETED, src.error
     dst = wait_migration(b, spec, {MigrationState.RECEIVED, MigrationState.FAILED})
     assert dst.state == MigrationState.RECEIVED, dst.error
-    assert src.digest == dst.digest == "sha256:" + image
+    fd = os.open(a.layout(spec.key).disk, os.O_RDONLY)
+    try:  # the digest is the image's, as an independent full read computes it
+        expected = "sha256:" + image_root(fd, a.guest_size(spec).disk_bytes, 1 << 20).hex()
+    finally:
+        os.close(fd)
+    assert src.digest == dst.digest == expected
     assert sha256(b.layout(spec.key).disk) == image
     assert src.disk.sent == src.disk.total >= a.guest_size(spec).disk_bytes
     assert src.rounds == [] and src.downtime_ms is None and src.max_throttle_percent == 0
@@ -342,3 +348,29 @@ def test_a_guest_that_arrived_migrates_again_a_to_b_to_a(hosts: tuple[QemuDriver
     seen = counters(text["a1"] + text["b"] + serial_text(a.layout(spec.key).serial))
     assert seen == list(range(1, len(seen) + 1)), seen[:5]
     assert (text["a1"] + text["b"] + serial_text(a.layout(spec.key).serial)).count(BOOT_BANNER) == 1
+
+
+def test_a_qemu_killed_from_outside_is_reported_crashed_and_a_restart_is_counted(guest: dict[str, str], tmp_path,
+                                                                                  spec: VMSpec) -> None:
+    from conftest import make_driver
+
+    a = make_driver(guest, tmp_path / "host")
+    try:
+        boot(a, spec, min_counter=1)
+        a.stop(spec.key)  # asked to stop: not a crash
+        [vm] = a.list_vms()
+        assert vm.state == VMState.STOPPED and not vm.crashed
+        info = a.start(spec)
+        assert info.restarts == 0
+        os.kill(info.pid, signal.SIGKILL)  # as the OOM killer would
+        wait_until(lambda: a.list_vms()[0].state == VMState.STOPPED, 10, what="QEMU gone")
+        [vm] = a.list_vms()
+        assert vm.crashed and vm.restarts == 0
+        again = a.start(spec)
+        assert again.state == VMState.RUNNING and again.restarts == 1 and again.restarted_at
+        [vm] = a.list_vms()
+        assert not vm.crashed and vm.restarts == 1
+        a.destroy(spec.key)
+        assert a.list_vms() == []
+    finally:
+        a.close()

@@ -50,6 +50,17 @@ def sha256_file(path: pathlib.Path) -> str:
     return h.hexdigest()
 
 
+def ferry_digest(path: pathlib.Path) -> str:
+    """The digest the qemu driver reports, by an independent full read of the image."""
+    from ferry.transfer.digest import image_root
+
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return "sha256:" + image_root(fd, os.fstat(fd).st_size, 1 << 20).hex()
+    finally:
+        os.close(fd)
+
+
 class QemuStack(Stack):
     """A Stack whose agents run the qemu driver on the test guest."""
 
@@ -166,7 +177,8 @@ def test_live_migration_moves_the_running_guest(stack: QemuStack) -> None:
         assert src_mon["status"] == "postmigrate" and dst_mon["status"] == "paused", (src_mon, dst_mon)
         image = sha256_file(src_layout.disk)
         assert sha256_file(dst_layout.disk) == image, "the disks differ at the switchover"
-        assert st["transfer"]["digest"] == st["target"]["digest"] == "sha256:" + image
+        digest = ferry_digest(src_layout.disk)
+        assert st["transfer"]["digest"] == st["target"]["digest"] == digest
         source_console = serial_text(src_layout.serial)  # final: the source never runs again
         frozen = last_counter(src_layout.serial)
         assert frozen >= 3
@@ -175,7 +187,7 @@ def test_live_migration_moves_the_running_guest(stack: QemuStack) -> None:
 
     st = stack.wait_phase("move", "Completed", timeout=60)
     assert st["sourceHost"] == a and st["targetHost"] == b
-    assert st["transfer"]["digest"] == st["target"]["digest"] == "sha256:" + image
+    assert st["transfer"]["digest"] == st["target"]["digest"] == digest
     assert st["target"]["state"] == "Running" and st["progress"] == 100
     assert st["transfer"]["downtimeMs"] is not None and st["transfer"]["bytesSent"] > DISK_BYTES
     assert stack.record("web") == (b, b)
@@ -261,13 +273,14 @@ def test_offline_migration_of_a_stopped_droplet(stack: QemuStack) -> None:
     assert stack.qemu_pid(a, "db") is None  # powered off: an image, no process
     fill_file(src_layout.disk)  # what the droplet wrote before it was powered off
     image = sha256_file(src_layout.disk)
+    digest = ferry_digest(src_layout.disk)
     assert src_layout.disk.stat().st_size == DISK_BYTES
 
     stack.migrate("db")
     st = stack.wait_phase("move", "Completed", timeout=90)
     assert st["effectiveMode"] == "offline"
     assert st["sourceHost"] == a and st["targetHost"] == b
-    assert st["transfer"]["digest"] == st["target"]["digest"] == "sha256:" + image
+    assert st["transfer"]["digest"] == st["target"]["digest"] == digest
     assert stack.record("db") == (b, b)
 
     dst_layout = stack.layout(b, "db")
@@ -276,3 +289,50 @@ def test_offline_migration_of_a_stopped_droplet(stack: QemuStack) -> None:
     assert sha256_file(dst_layout.disk) == image
     assert BOOT_BANNER not in serial_text(dst_layout.serial)  # the guest never ran
     stack.assert_gone(a, "db", None)
+
+
+@pytest.mark.timeout(600)
+def test_a_byte_corrupted_on_the_target_of_a_one_gib_disk_fails_the_attempt(stack: QemuStack) -> None:
+    """Through the operator: a 1.1 GiB disk (sparse, 64 MiB of data), one byte flipped on the
+    target after the mirror copied it. The digests differ, the attempt fails DigestMismatch,
+    the record never moves and the guest runs on at the source."""
+    stack.env["FERRY_SIZE_SCALE"] = "0.11"  # s-1vcpu-512mb-10gb: a 1.1 GiB disk
+    data_at, data = 512 << 20, os.urandom(64 << 20)
+    a = stack.host("a")
+    stack.start_operator()
+    stack.wait_hosts_ready()
+    disk = stack.layout(a, "big").disk
+    disk.parent.mkdir(parents=True, exist_ok=True)
+    with open(disk, "wb") as f:
+        f.truncate(int(10 * 0.11 * (1 << 30)))
+        f.seek(data_at)
+        f.write(data)
+    stack.droplet("big", size=SIZE)
+    wait_until(lambda: (stack.get("droplet", "big").get("status") or {}).get("host") == a, 30, what="big placed")
+    b = stack.host("b")
+    wait_until(lambda: stack.agent_vms(a).get("big") == "Running", 60, what="big Running on a")
+    stack.wait_hosts_ready()
+    wait_until(lambda: last_counter(stack.layout(a, "big").serial) >= 3, BOOT_TIMEOUT, what="the guest to count")
+    assert disk.stat().st_size >= 1 << 30
+    stack.migrate("big", limits={"bandwidthMiBps": 16, "maxAttempts": 1})
+    target_disk = stack.layout(b, "big").disk
+
+    def copied() -> bool:
+        try:
+            with open(target_disk, "rb") as f:
+                f.seek(data_at)
+                return f.read(1 << 20) == data[: 1 << 20]
+        except OSError:
+            return False
+    wait_until(copied, 180, interval=0.02, what="the mirror to copy the data's first MiB to the target")
+    with open(target_disk, "r+b") as f:
+        f.seek(data_at + 4321)
+        f.write(bytes([data[4321] ^ 0x01]))
+    st = stack.wait_phase("move", "Failed", timeout=240)
+    assert st["attempts"][-1]["reason"] == "DigestMismatch", st["attempts"]
+    assert "DigestMismatch" in st["failureReason"] and "digest" in st["attempts"][-1].get("reason", "").lower()
+    assert stack.record("big") == (a, a)
+    wait_until(lambda: stack.agent_vms(a).get("big") == "Running", 60, what="big running again on a")
+    stack.keeps_counting(a, "big")
+    print(f"\noperator, qemu 1.1 GiB disk, one target byte corrupted: Failed ({st['attempts'][-1]['reason']}); "
+          f"verification {st['transfer'].get('verifyMs')} ms, downtime {st['transfer'].get('downtimeMs')} ms")

@@ -301,6 +301,8 @@ def test_transfer_report_fields():
     assert (r["dirtyRateBps"], r["bandwidthBps"], r["throttlePercent"], r["maxThrottlePercent"], r["throttledMs"],
             r["expectedDowntimeMs"], r["etaSeconds"]) == (5, 7, 20, 40, 99, 12, 1.235)
     assert r["digest"] is None and r["error"] is None  # None clears a stale value in a merge patch
+    assert r["channel"] is None  # the driver did not say
+    assert p.transfer_status(dataclasses.replace(s, channel="aes-256-gcm"), 1, NOW)["channel"] == "aes-256-gcm"
 
 
 @pytest.mark.parametrize("state,sent,remaining,expected", [
@@ -444,3 +446,50 @@ def test_invariants(w, me):
     # at most one driver action of each kind per droplet and per cycle
     seen = [(type(a).__name__, a.key) for a in actions if isinstance(a, p.DRIVER_ACTIONS)]
     assert len(seen) == len(set(seen)), seen
+
+
+def test_a_vm_whose_process_died_is_started_again_with_a_warning_event():
+    dead = vm(state=V.STOPPED, pid=None)
+    dead = p.VMObs(dataclasses.replace(dead.info, crashed=True), dead.stats)
+    actions = run(A, droplets=[droplet(host="a")], vms=[dead])
+    assert summary(actions) == ["warn ns/web", "start ns/web"]
+    assert actions[0].event_reason == p.GUEST_RESTARTED and "reboots" in actions[0].message
+    # a VM stopped on purpose (powerState off, then on) starts without one
+    assert summary(run(A, droplets=[droplet(host="a")], vms=[vm(state=V.STOPPED, pid=None)])) == ["start ns/web"]
+
+
+def test_a_source_vm_that_died_mid_copy_reports_the_source_failed():
+    from ferry.drivers.base import MigrationStats
+
+    dead = vm(state=V.STOPPED, pid=None, st=MigrationStats(migration_id=MID1, state=M.COPYING))
+    dead = p.VMObs(dataclasses.replace(dead.info, crashed=True), dead.stats)
+    actions = run(A, droplets=[droplet(host="a")], migrations=[lm(target_report=LISTEN1)], vms=[dead])
+    # its memory is gone with it: the guest boots again from its disk, and the owner is told
+    assert summary(actions) == ["transfer ns/move#1 Failed", "warn ns/web", "start ns/web"]
+    assert "VM process" in actions[0].status["error"] and "died on source host a" in actions[0].status["error"]
+
+
+def _forced(lm_obj):
+    return dataclasses.replace(lm_obj, spec=dataclasses.replace(lm_obj.spec, force_complete=True))
+
+
+@pytest.mark.parametrize("state,forced,expected", [
+    (M.COPYING, False, True),
+    (M.CONVERGING, False, True),
+    (M.CONVERGING, True, False),  # already forced: not asked again
+    (M.PAUSED, False, False),  # paused already: nothing to force
+    (M.COMPLETED, False, False),
+])
+def test_force_complete_asks_the_running_source_once(state, forced, expected):
+    s = dataclasses.replace(stats(MID1, state), forced=forced)
+    d, m, v = world(droplets=[droplet(host="a")], vms=[vm(mid=MID1, st=s)])
+    mig = _forced(lm(phase="PreCopy", target_report=LISTEN1))
+    acts = p.plan(A, d, {(mig.namespace, mig.name): mig}, v, NOW)
+    assert any(isinstance(a, p.ForceComplete) and a.migration_id == MID1 for a in acts) is expected
+
+
+def test_force_complete_and_the_ceiling_travel_in_the_options():
+    mig = _forced(lm(phase="PreCopy", target_report=LISTEN1, limits={"downtimeMs": 50, "maxDowntimeMs": 400}))
+    d, m, v = world(droplets=[droplet(host="a")], vms=[vm()])
+    [a] = p.plan(A, d, {(mig.namespace, mig.name): mig}, v, NOW)
+    assert a.options.force_complete is True and a.options.max_downtime_ms == 400

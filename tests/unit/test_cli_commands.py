@@ -234,6 +234,31 @@ def test_cancel_unknown(kube):
     one_line_error(run("cancel", "nope"), "migration team/nope not found")
 
 
+def test_complete_sets_force_complete_once(kube):
+    run("migrate", "web-1", "--name", "m", "--max-downtime", "900")
+    assert kube.objects[("LiveMigration", "team", "m")]["spec"]["limits"] == {"maxDowntimeMs": 900}
+    kube.set_status("LiveMigration", "m", "team", {"phase": "PreCopy", "sourceHost": "host-a"})
+    r = run("complete", "m")
+    assert r.exit_code == 0, r.output
+    assert kube.patches == [("LiveMigration", "team", "m", {"spec": {"forceComplete": True}})]
+    assert r.stdout.startswith("migration team/m: force-complete requested (phase PreCopy): the guest pauses now")
+    r = run("complete", "m")
+    assert r.exit_code == 0 and "already requested" in r.stdout
+    assert len(kube.patches) == 1
+
+
+def test_complete_a_finished_migration_explains(kube):
+    run("migrate", "web-1", "--name", "m")
+    kube.set_status("LiveMigration", "m", "team", {"phase": "Completed"})
+    one_line_error(run("complete", "m"), "migration team/m already ended (Completed); there is nothing to complete")
+    assert kube.patches == []
+
+
+def test_force_after_needs_wait(kube):
+    one_line_error(run("migrate", "web-1", "--force-after", "30"),
+                   "--force-after needs --wait (or run `ferry complete NAME` later)")
+
+
 # --- drain / uncordon -------------------------------------------------------------------------------
 
 def test_drain_sets_maintenance_and_uncordon_clears_it(kube):
@@ -368,7 +393,7 @@ def test_missing_crds_are_named(kube, server_says):
 def test_every_user_command_is_registered():
     r = run("--help")
     listed = {line.split()[0] for line in r.stdout.split("Commands:")[1].splitlines() if line.strip()}
-    assert {"migrate", "watch", "cancel", "drain", "uncordon", "status", "explain", "report"} <= listed
+    assert {"migrate", "watch", "complete", "cancel", "drain", "uncordon", "status", "explain", "report"} <= listed
 
 
 # --- report -----------------------------------------------------------------------------------------

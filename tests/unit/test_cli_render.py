@@ -212,3 +212,17 @@ def test_placement_lines_name_incompatible_and_avoided_hosts():
                                     "avoided": {"bad": "attempt 1 failed there: TargetFailed"}})
     assert "  incompatible old: CPU lacks 1 flag(s) the guest uses: avx2" in lines
     assert "  avoided bad: attempt 1 failed there: TargetFailed" in lines
+
+
+def test_report_subtitle_puts_downtime_next_to_budget_prediction_and_steps():
+    from ferry.api.livemigration import LiveMigration
+    from ferry.cli.render import report_subtitle
+
+    body = {"metadata": {"name": "m", "namespace": "ns"}, "spec": {"droplet": "web"},
+            "status": {"phase": "Completed", "attempt": 1, "downtimeMs": 180, "downtimeBudgetMs": 50,
+                       "transfer": {"attempt": 1, "state": "Completed", "round": 9, "downtimeMs": 180,
+                                    "predictedDowntimeMs": 160, "downtimeSteps": 3, "allowedDowntimeMs": 162,
+                                    "maxDowntimeMs": 200, "forced": True}}}
+    line = report_subtitle(LiveMigration.from_body(body))
+    assert "downtime 180 ms (budget 50 ms, predicted 160 ms)" in line
+    assert "3 downtime steps to 162 ms (ceiling 200 ms)" in line and "force-completed" in line

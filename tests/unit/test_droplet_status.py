@@ -58,3 +58,89 @@ def test_placement_status_placed_and_unschedulable():
     st = placement_status(d, none, NOW)
     assert "host" not in st and st["phase"] == "Unschedulable" and st["reason"] == "NoHostFits"
     assert st["conditions"][0]["status"] == "False"
+
+
+# --- addresses: the oldest claim owns spec.ip -----------------------------------------------
+
+from ferry.droplets.status import address_condition, address_verdict  # noqa: E402
+
+
+def claimant(name: str, created: str | None, ip: str | None = "10.0.0.5", deleting: bool = False,
+             conditions: list | None = None) -> Droplet:
+    meta: dict = {"name": name, "namespace": "team"}
+    if created:
+        meta["creationTimestamp"] = created
+    if deleting:
+        meta["deletionTimestamp"] = "2030-01-01T00:00:00Z"
+    spec = {"size": "s-1vcpu-1gb", "datacenter": "nyc3", **({"ip": ip} if ip else {})}
+    return Droplet.from_body({"metadata": meta, "spec": spec, "status": {"conditions": conditions or []}})
+
+
+OLD = claimant("old", "2030-01-01T10:00:00Z")
+NEW = claimant("new", "2030-01-01T11:00:00Z")
+
+
+def test_the_newer_claim_conflicts_and_names_the_owner():
+    v = address_verdict(NEW, [OLD, NEW])
+    assert v.conflict and v.reason == "AddressInUse" and v.owner == "team/old"
+    assert "10.0.0.5" in v.message and "team/old" in v.message
+    assert not address_verdict(OLD, [OLD, NEW]).conflict
+
+
+def test_the_same_address_in_another_spelling_conflicts_too():
+    mapped = claimant("mapped", "2030-01-01T12:00:00Z", ip="::ffff:10.0.0.5")
+    assert address_verdict(mapped, [OLD, mapped]).conflict
+
+
+def test_age_decides_not_the_order_of_arrival_and_unknown_age_never_wins():
+    assert address_verdict(NEW, [NEW, OLD]).conflict
+    ageless = claimant("aaa", None)
+    assert address_verdict(ageless, [ageless, NEW]).conflict
+    same_time = [claimant("b", "2030-01-01T10:00:00Z"), claimant("a", "2030-01-01T10:00:00Z")]
+    assert [address_verdict(d, same_time).conflict for d in same_time] == [True, False]
+
+
+def test_a_deleting_owner_or_another_address_is_no_conflict():
+    assert not address_verdict(NEW, [claimant("old", "2030-01-01T10:00:00Z", deleting=True), NEW]).conflict
+    assert not address_verdict(NEW, [claimant("old", "2030-01-01T10:00:00Z", ip="10.0.0.6"), NEW]).conflict
+    assert address_verdict(claimant("x", "2030-01-01T10:00:00Z", ip=None), [OLD]).reason == "NoAddress"
+
+
+def test_the_condition_is_written_on_change_only_and_never_for_a_droplet_that_never_conflicted():
+    assert address_condition(OLD, address_verdict(OLD, [OLD, NEW]), NOW) is None
+    conds = address_condition(NEW, address_verdict(NEW, [OLD, NEW]), NOW)
+    assert conds is not None and conds[0]["type"] == "AddressConflict" and conds[0]["status"] == "True"
+    flagged = claimant("new", "2030-01-01T11:00:00Z", conditions=conds)
+    assert address_condition(flagged, address_verdict(flagged, [OLD, flagged]), NOW) is None
+    cleared = address_condition(flagged, address_verdict(flagged, [flagged]), NOW)
+    assert cleared is not None and cleared[0]["status"] == "False" and cleared[0]["reason"] == "AddressUnique"
+
+
+# --- a guest that restarted -------------------------------------------------------------------
+
+from ferry.droplets.status import restart_condition  # noqa: E402
+
+
+def host_reporting(restarts: int | None, at: str = "2030-01-01T11:59:00Z") -> Host:
+    vm = {"namespace": "team", "name": "web", "state": "Running"}
+    if restarts:
+        vm.update(restarts=restarts, restartedAt=at)
+    return Host.from_body({"metadata": {"name": "h1"}, "spec": {"datacenter": "nyc3", "capacity": {
+        "cpu": 4, "memoryMiB": 8192, "diskGiB": 100}}, "status": {"agent": {"vms": [vm]}}})
+
+
+def test_guest_restarted_is_set_from_the_host_report_and_moves_with_each_restart():
+    d = droplet(host="h1")
+    assert restart_condition(d, host_reporting(None), NOW) is None
+    conds = restart_condition(d, host_reporting(1), NOW)
+    assert conds is not None
+    c = next(x for x in conds if x["type"] == "GuestRestarted")
+    assert c["status"] == "True" and c["reason"] == "VMProcessDied" and "h1" in c["message"]
+    assert c["lastTransitionTime"] == "2030-01-01T11:59:00Z"
+    once = droplet(host="h1", conditions=conds)
+    assert restart_condition(once, host_reporting(1), NOW) is None  # nothing new: no write
+    again = restart_condition(once, host_reporting(2, "2030-01-01T12:00:00Z"), NOW)
+    c2 = next(x for x in again if x["type"] == "GuestRestarted")
+    assert "2 times" in c2["message"] and c2["lastTransitionTime"] == "2030-01-01T12:00:00Z"
+    # moved away: the new host says nothing of it, the record stays
+    assert restart_condition(once, host_reporting(None), NOW) is None

@@ -51,7 +51,7 @@ def status(phase: str | None, **kw) -> MigrationStatus:
             source_host="h1",
             announced_at=ANNOUNCED_AT,
             not_before=ANNOUNCED_AT + sec(600),
-            effective_limits=Limits(None, 300, 3),
+            effective_limits=Limits(None, 300, 3, 300),
             effective_mode="live",
             phase_times={"Pending": ANNOUNCED_AT, "Announced": ANNOUNCED_AT},
             conditions=(Condition("Announced", "True", "MaintenanceEventPublished", "", ANNOUNCED_AT),),
@@ -110,7 +110,7 @@ def test_new_migration_becomes_pending():
     assert d.new_status.phase_times == {"Pending": T0}
     assert d.status["phase"] == "Pending"
     assert d.status["observedGeneration"] == 4
-    assert d.status["effectiveLimits"] == {"downtimeMs": 300, "maxAttempts": 3}
+    assert d.status["effectiveLimits"] == {"downtimeMs": 300, "maxAttempts": 3, "maxDowntimeMs": 300}
     assert d.status["effectiveMode"] == "live"
     assert [e.reason for e in events(d)] == ["Accepted"]
     assert d.requeue_after == 0 and not d.done
@@ -119,7 +119,7 @@ def test_new_migration_becomes_pending():
 
 def test_spec_limits_override_defaults():
     d = decide(obs(None, spec=spec(limits=Limits(50, 100, 7))), T0)
-    assert d.new_status.effective_limits == Limits(50, 100, 7)
+    assert d.new_status.effective_limits == Limits(50, 100, 7, 100)
 
 
 @pytest.mark.parametrize(
@@ -492,7 +492,7 @@ def test_preparing_ignores_older_attempt_report():
     "kw, reason",
     [
         ({"target": TargetReport(1, "Failed", error="disk full")}, "TargetFailed"),
-        ({"transfer": TransferReport(1, "Failed", error="connection reset")}, "TransferFailed"),
+        ({"transfer": TransferReport(1, "Failed", error="VM process died")}, "SourceFailed"),
         ({"target_host_ready": False}, "TargetHostNotReady"),
     ],
 )
@@ -525,7 +525,7 @@ def test_last_attempt_failure_fails_and_asks_for_offline_migration():
     assert d.phase == "Failed" and d.done
     ns = d.new_status
     assert ns.reason == "AttemptsExhausted"
-    assert "after 3 attempts" in ns.failure_reason and "TransferFailed" in ns.failure_reason
+    assert "after 3 attempts" in ns.failure_reason and "SourceFailed" in ns.failure_reason
     assert "offline migration is needed" in ns.failure_reason
     assert "keeps running on h1" in ns.failure_reason
     marks = [a for a in d.actions if isinstance(a, MarkDropletCondition)]
@@ -910,3 +910,99 @@ def test_cancel_withdraws_an_announcement_whose_status_write_was_lost(owned_by_o
     d = decide(o, T0, CFG)
     assert d.phase == "Cancelled"
     assert (ClearAnnouncement("web-1") in d.actions) == cleared
+
+
+
+# --- who failed: a side that only saw its peer go is a witness, not the culprit -------------
+
+PEER = "ConnectionClosed: connection closed by peer"
+
+
+@pytest.mark.parametrize("phase", ["PreCopy", "CutOver"])
+def test_the_side_that_failed_is_named_not_the_one_that_saw_the_connection_drop(phase):
+    died = TransferReport(1, "Failed", error="the VM process died on source host h1")
+    d = decide(obs(phase, transfer=died, target=TargetReport(1, "Failed", error=PEER)), T0)
+    assert d.new_status.attempts[-1].reason == "SourceFailed"
+    assert "VM process died" in d.new_status.message and "target host saw" in d.new_status.message
+    gone = TargetReport(1, "Failed", error="the incoming VM is gone from host h2")
+    d = decide(obs(phase, transfer=TransferReport(1, "Failed", error="BrokenPipeError: [Errno 32] Broken pipe"),
+                   target=gone), T0)
+    assert d.new_status.attempts[-1].reason == "TargetFailed"
+
+
+def test_a_witness_alone_waits_for_the_other_side_then_says_connection_lost():
+    d = decide(obs("PreCopy", transfer=TransferReport(1, "Copying"), target=TargetReport(1, "Failed", error=PEER)), T0)
+    assert d.phase == "PreCopy" and d.new_status.reason == "PeerLost"
+    assert 0 < d.requeue_after <= 5
+    later = decide(obs("PreCopy", st=d.new_status, transfer=TransferReport(1, "Copying"),
+                       target=TargetReport(1, "Failed", error=PEER)), T0 + sec(5))
+    assert later.phase == "Scheduling" and later.new_status.attempts[-1].reason == "ConnectionLost"
+    # the source's own account arrives within the wait: it is named
+    told = decide(obs("PreCopy", st=d.new_status, transfer=TransferReport(1, "Failed", error="VM process died"),
+                      target=TargetReport(1, "Failed", error=PEER)), T0 + sec(2))
+    assert told.new_status.attempts[-1].reason == "SourceFailed"
+
+
+def test_both_sides_losing_the_connection_is_the_link():
+    d = decide(obs("PreCopy", transfer=TransferReport(1, "Failed", error="ConnectionResetError: reset"),
+                   target=TargetReport(1, "Failed", error=PEER)), T0)
+    assert d.new_status.attempts[-1].reason == "ConnectionLost"
+
+
+# ------------------------------------------- downtime budget, force-complete, NotConverging
+
+
+def test_downtime_within_budget_is_recorded_next_to_it():
+    d = decide(obs("PreCopy", **done_reports()), T0)
+    assert d.status["downtimeMs"] == 87 and d.status["downtimeBudgetMs"] == 300
+    c = d.new_status.condition("DowntimeBudgetExceeded")
+    assert c.status == "False" and c.reason == "WithinBudget"
+    assert not [e for e in events(d) if e.reason == "DowntimeBudgetExceeded"]
+
+
+def test_downtime_over_budget_sets_condition_and_warns_once():
+    tr = TransferReport(1, "Completed", round=9, bytes_sent=5, progress=100, digest="sha256:aa", downtime_ms=420,
+                        downtime_steps=2, allowed_downtime_ms=450, max_downtime_ms=500, predicted_downtime_ms=400)
+    o = obs("PreCopy", transfer=tr, target=TargetReport(1, "Received", "a:1", digest="sha256:aa"))
+    d = decide(o, T0)
+    c = d.new_status.condition("DowntimeBudgetExceeded")
+    assert c.status == "True" and c.reason == "OverBudget"
+    assert "downtime 420 ms, budget 300 ms" in c.message and "2 downtime steps" in c.message and "ceiling 500" in c.message
+    warns = [e for e in events(d) if e.reason == "DowntimeBudgetExceeded"]
+    assert len(warns) == 1 and warns[0].type == "Warning"
+    # CutOver waits for the flip to be seen: the same decision again posts no second Event
+    again = decide(dataclasses.replace(o, status=d.new_status), T0 + sec(1))
+    assert not [e for e in events(again) if e.reason == "DowntimeBudgetExceeded"]
+
+
+def test_force_completed_copy_says_so():
+    tr = TransferReport(1, "Completed", round=3, bytes_sent=5, progress=100, digest="sha256:aa", downtime_ms=900,
+                        forced=True)
+    d = decide(obs("PreCopy", transfer=tr, target=TargetReport(1, "Received", "a:1", digest="sha256:aa")), T0)
+    assert d.phase == "CutOver"
+    assert d.new_status.condition("ForceCompleted").status == "True"
+    assert d.new_status.condition("DowntimeBudgetExceeded").reason == "ForceCompleted"
+    reasons = {e.reason: e.type for e in events(d)}
+    assert reasons["ForceCompleted"] == "Normal" and reasons["DowntimeBudgetExceeded"] == "Warning"
+
+
+def test_not_converging_fails_at_once_with_figures_and_a_warning():
+    tr = TransferReport(1, "Failed", round=14, error="NotConverging: expected downtime 905 ms > 500 ms allowed",
+                        dirty_rate_bps=192 << 20, bandwidth_bps=64 << 20, max_throttle_percent=99, downtime_steps=4)
+    d = decide(obs("PreCopy", transfer=tr), T0)
+    assert d.phase == "Failed" and d.new_status.reason == "NotConverging"
+    assert "192.0 MiB/s" in d.new_status.failure_reason and "64.0 MiB/s" in d.new_status.failure_reason
+    assert "4 downtime steps" in d.new_status.failure_reason
+    assert any(e.type == "Warning" and e.reason == "NotConverging" for e in events(d))
+
+
+def test_eta_over_the_completion_budget_is_flagged_during_the_copy():
+    budget = CFG.budget_base_seconds + CFG.budget_seconds_per_gib * 10.0  # droplet() has 10 GiB
+    tr = TransferReport(1, "Converging", round=5, bytes_sent=5, progress=40, eta_seconds=budget * 2)
+    d = decide(obs("PreCopy", transfer=tr), T0)
+    assert d.phase == "PreCopy"
+    assert d.new_status.condition("CompletionAtRisk").status == "True"
+    assert [e.type for e in events(d) if e.reason == "CompletionAtRisk"] == ["Warning"]
+    ok = dataclasses.replace(tr, eta_seconds=5.0, bytes_sent=6)
+    d2 = decide(obs("PreCopy", st=d.new_status, transfer=ok), T0 + sec(1))
+    assert d2.new_status.condition("CompletionAtRisk").status == "False"

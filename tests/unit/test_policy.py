@@ -100,3 +100,87 @@ def test_invariants(disk, disk_prev, mem, mem_prev, dt, mt, bw, rnd):
         assert d.disk_throttle_percent == dt
     if mem == 0:
         assert d.memory_throttle_percent == mt
+
+
+# --- downtime steps, the ceiling, NotConverging, force-complete --------------------------------
+
+STEPS = PolicyConfig(downtime_budget_ms=100, verify_overhead_ms=5, max_downtime_ms=500, downtime_steps=4, rounds_per_step=2)
+
+
+def at_max(disk, disk_prev, *, allowed=None, at_limit=0, round=10, cfg=STEPS, bw=100 * MB):
+    return after_round(cfg, PolicyInput(round, KindSample(disk, disk_prev, 99), KindSample(0, 0, 0), bw,
+                                        allowed_downtime_ms=allowed, rounds_at_limit=at_limit))
+
+
+def test_force_pauses_whatever_the_budget():
+    d = after_round(CFG, PolicyInput(2, KindSample(900 * MB, 900 * MB, 0), KindSample(0, None), 100 * MB, force=True))
+    assert d.pause and "force" in d.reason and d.expected_downtime_ms > 9000
+
+
+def test_throttle_at_max_waits_rounds_per_step_before_a_step():
+    d = at_max(30 * MB, 30 * MB)
+    assert d.action is RoundStep.CONTINUE and d.rounds_at_limit == 1 and d.allowed_downtime_ms == 100
+
+
+def test_step_raises_allowed_downtime_by_one_step():
+    d = at_max(30 * MB, 30 * MB, at_limit=1)  # 305 ms expected > 200 ms after one step
+    assert d.action is RoundStep.CONTINUE and d.allowed_downtime_ms == 200 and d.rounds_at_limit == 0, d.reason
+
+
+def test_step_pauses_when_the_remainder_fits_the_raised_limit():
+    d = at_max(15 * MB, 15 * MB, at_limit=1)  # 155 ms <= 200 ms
+    assert d.pause and d.allowed_downtime_ms == 200
+
+
+def test_an_allowed_limit_already_raised_is_kept():
+    d = at_max(30 * MB, 30 * MB, allowed=400)  # 305 ms fits 400
+    assert d.pause and d.allowed_downtime_ms == 400
+
+
+def test_steps_stop_at_the_ceiling_then_not_converging_with_figures():
+    d = at_max(90 * MB, 90 * MB, allowed=450, at_limit=1)
+    assert d.action is RoundStep.CONTINUE and d.allowed_downtime_ms == 500
+    d = at_max(90 * MB, 90 * MB, allowed=500, at_limit=1)
+    assert d.action is RoundStep.FAIL and d.not_converging
+    assert d.reason.startswith("NotConverging:") and "905 ms" in d.reason and "ceiling 500 ms" in d.reason
+
+
+def test_no_ceiling_means_no_steps():
+    d = at_max(30 * MB, 30 * MB, at_limit=1, cfg=CFG)
+    assert d.action is RoundStep.FAIL and d.not_converging
+
+
+def test_shrinking_at_max_throttle_is_left_to_converge():
+    d = at_max(30 * MB, 100 * MB, at_limit=1)
+    assert d.action is RoundStep.CONTINUE and d.allowed_downtime_ms == 100
+
+
+@given(
+    rounds=st.integers(1, 400),
+    disk=st.integers(0, 10**10), mem=st.integers(0, 10**10), bw=st.floats(0, 10**10),
+    allowed=st.one_of(st.none(), st.floats(1, 600)), at_limit=st.integers(0, 5),
+    dt=st.integers(0, 99), mt=st.integers(0, 99),
+)
+def test_allowed_downtime_never_exceeds_the_ceiling_nor_drops(rounds, disk, mem, bw, allowed, at_limit, dt, mt):
+    d = after_round(STEPS, PolicyInput(rounds, KindSample(disk, disk, dt), KindSample(mem, mem, mt), bw,
+                                       allowed_downtime_ms=allowed, rounds_at_limit=at_limit))
+    start = allowed or STEPS.downtime_budget_ms
+    assert d.allowed_downtime_ms >= start
+    assert d.allowed_downtime_ms <= max(STEPS.ceiling_ms, start)
+    if d.pause and not d.reason.startswith("force") and disk + mem > 0:  # nothing dirty: pause, it cannot shrink
+        assert d.expected_downtime_ms <= d.allowed_downtime_ms
+
+
+def test_a_guest_the_throttle_cannot_slow_ends_within_bounded_rounds():
+    """Simulated rounds: the guest dirties 3x what the link moves per round, throttle or not."""
+    cfg = PolicyConfig(downtime_budget_ms=50, max_downtime_ms=200, throttle_max=99)
+    bw, dirty, prev = 64 * MB, 64 * MB, None
+    state = dict(dt=0, allowed=None, at_limit=0)
+    for r in range(1, cfg.max_rounds + 1):
+        d = after_round(cfg, PolicyInput(r, KindSample(dirty, prev, state["dt"]), KindSample(0, None), bw,
+                                         allowed_downtime_ms=state["allowed"], rounds_at_limit=state["at_limit"]))
+        if d.action is not RoundStep.CONTINUE:
+            break
+        state = dict(dt=d.disk_throttle_percent, allowed=d.allowed_downtime_ms, at_limit=d.rounds_at_limit)
+        prev = dirty
+    assert d.action is RoundStep.FAIL and d.not_converging and r < 30, (r, d)

@@ -174,9 +174,77 @@ def test_disk_digest(tmp_path: pathlib.Path) -> None:
     b = tmp_path / "b"
     a.write_bytes(b"x" * 1000 + bytes(24))
     b.write_bytes(b"x" * 1000)  # shorter file: the tail reads as zeros
-    assert disk_digest(a, 1024, "m", 4096) == disk_digest(b, 1024, "m", 4096)
-    assert disk_digest(a, 1024, "m", 4096).startswith("sha256:")
+    assert disk_digest(a, 1024)[0] == disk_digest(b, 1024)[0]
+    assert disk_digest(a, 1024)[0].startswith("sha256:")
     b.write_bytes(b"y" * 1000)
-    assert disk_digest(a, 1024, "m", 4096) != disk_digest(b, 1024, "m", 4096)
-    big = disk_digest(a, 1024, "m", 100)
-    assert big.startswith("token:") and big == disk_digest(b, 1024, "m", 100)
+    assert disk_digest(a, 1024)[0] != disk_digest(b, 1024)[0]
+
+
+def test_disk_digest_of_a_big_sparse_disk_is_real(tmp_path: pathlib.Path) -> None:
+    """No size above which the digest stops looking at the data (the old ``token:``)."""
+    size = 3 << 30
+    a, b = tmp_path / "a", tmp_path / "b"
+    for p in (a, b):
+        with open(p, "wb") as f:
+            f.truncate(size)
+            f.seek(size - (5 << 20))
+            f.write(b"guest data" * 1000)
+    assert disk_digest(a, size)[0] == disk_digest(b, size)[0]
+    with open(b, "r+b") as f:
+        f.seek(size - (5 << 20) + 4321)
+        f.write(b"\x00")
+    assert disk_digest(a, size)[0] != disk_digest(b, size)[0]
+    digest, ms = disk_digest(a, size)
+    assert digest.startswith("sha256:") and not digest.startswith("token:") and ms >= 0
+
+
+class _RecordingQMP:
+    def __init__(self):
+        self.calls = []
+
+    def execute(self, command, args=None, **_kw):
+        self.calls.append((command, args))
+        return {}
+
+
+def _source(tmp_path, **options):
+    from ferry.drivers.base import MigrationOptions
+    from ferry.drivers.qemu.config import QemuConfig, VMLayout
+    from ferry.drivers.qemu.sequence import SourceMigration
+
+    qmp = _RecordingQMP()
+    m = SourceMigration(migration_id="ns/m#1", layout=VMLayout(tmp_path), config=QemuConfig(), qmp=qmp,
+                        target_host="127.0.0.1", target_port=1, secret=b"k" * 32,
+                        options=MigrationOptions(**options), disk_bytes=1 << 20, offline=False,
+                        stop_vm=lambda: None)
+    return m, qmp
+
+
+def _round(m, rnd, remaining, throttle, bw=10 << 20):
+    from ferry.drivers.base import TransferCounters
+
+    st = m.tracker.stats
+    st.round, st.memory, st.bandwidth_bps, st.throttle_percent = rnd, TransferCounters(1, 1, remaining), bw, throttle
+    m._downtime_step()
+
+
+def test_qemu_downtime_steps_then_not_converging(tmp_path):
+    """Auto-converge at 99 % and the rest still 3 s at the link: the downtime-limit goes up in
+    steps to the ceiling (migrate-set-parameters), then the attempt fails NotConverging."""
+    from ferry.drivers.base import DriverError
+
+    m, qmp = _source(tmp_path, downtime_budget_ms=100, max_downtime_ms=500)
+    limits = []
+    with pytest.raises(DriverError, match="^NotConverging: .*ceiling 500 ms"):
+        for rnd in range(2, 40):
+            _round(m, rnd, 30 << 20, 99)
+            limits = [a["downtime-limit"] for c, a in qmp.calls if c == "migrate-set-parameters"]
+    assert limits == [200, 300, 400, 500]
+    assert m.tracker.stats.downtime_steps == 4 and m.tracker.stats.allowed_downtime_ms == 500
+
+
+def test_qemu_no_steps_while_auto_converge_still_ramps(tmp_path):
+    m, qmp = _source(tmp_path, downtime_budget_ms=100, max_downtime_ms=500)
+    for rnd, thr in zip(range(2, 10), (20, 30, 40, 50, 60, 70, 80, 90)):
+        _round(m, rnd, 30 << 20, thr)
+    assert qmp.calls == [] and m.tracker.stats.downtime_steps == 0

@@ -176,7 +176,8 @@ def test_happy_path_follows_libvirts_sequence(tmp_path: pathlib.Path) -> None:
     assert args["migrate"] == {"uri": "tcp:127.0.0.1:4000"}
     assert args["block-job-cancel"] == {"device": IDS["job"]}  # soft: completes the READY mirror
     assert args["migrate-continue"] == {"state": "pre-switchover"}
-    assert stats.downtime_ms == 42 and stats.digest and stats.disk.remaining == 0
+    # QEMU's pause, plus the verification the guest waits for (it stays down meanwhile)
+    assert stats.downtime_ms == 42 + stats.verify_ms and stats.digest and stats.disk.remaining == 0
     assert "cont" not in q.names()  # the source stays paused for the cut-over
     assert not m.layout.tls_dir(MID).exists()  # the PSK file is gone
 
@@ -284,4 +285,4 @@ def test_downtime_is_read_once_qemu_computed_it(tmp_path: pathlib.Path) -> None:
     m = make(tmp_path, q)
     run(m)
     assert m.snapshot().state == MigrationState.COMPLETED
-    assert m.snapshot().downtime_ms == 42
+    assert m.snapshot().downtime_ms == 42 + m.snapshot().verify_ms

@@ -30,13 +30,15 @@ class Tap:
         self.client.wire = self.server.wire = self.wire
 
 
-def run_pair(server_secret, client_secret, server_id="lm-1", client_id="lm-1"):
+def run_pair(server_secret, client_secret, server_id="lm-1", client_id="lm-1", channel="aes-256-gcm",
+             allow_plain=False):
     tap = Tap()
     result = {}
 
     def server():
         try:
-            auth.server_handshake(tap.server, server_secret, server_id, timeout=5)
+            result["server_hs"] = auth.server_handshake(tap.server, server_secret, server_id, timeout=5,
+                                                        allow_plain=allow_plain)
             result["server"] = "ok"
         except auth.AuthError as e:
             result["server"] = e
@@ -45,7 +47,7 @@ def run_pair(server_secret, client_secret, server_id="lm-1", client_id="lm-1"):
     t = threading.Thread(target=server)
     t.start()
     try:
-        auth.client_handshake(tap.client, client_secret, client_id, timeout=5)
+        result["client_hs"] = auth.client_handshake(tap.client, client_secret, client_id, timeout=5, channel=channel)
         result["client"] = "ok"
     except auth.AuthError as e:
         result["client"] = e
@@ -55,7 +57,10 @@ def run_pair(server_secret, client_secret, server_id="lm-1", client_id="lm-1"):
 
 def test_right_secret_authenticates_both_sides():
     result, tap = run_pair(SECRET, SECRET)
-    assert result == {"server": "ok", "client": "ok"}
+    assert (result["server"], result["client"]) == ("ok", "ok")
+    # both ends agree on the channel and on the nonces its keys come from
+    assert result["server_hs"] == result["client_hs"]
+    assert result["client_hs"].channel == "aes-256-gcm"
     assert SECRET not in bytes(tap.wire), "the secret must never be on the wire"
     assert SECRET.hex().encode() not in bytes(tap.wire)
 
@@ -98,7 +103,7 @@ def test_replayed_claim_fails_with_a_fresh_nonce():
     assert result["client"] == "ok"
     wire = bytes(tap.wire)
     hello_len = len(auth.PROTOCOL) + auth.NONCE_SIZE
-    claim = wire[hello_len : hello_len + 32 + 2 + len("lm-1") + 32]
+    claim = wire[hello_len : hello_len + 32 + 2 + len("lm-1") + 1 + 32]
     c, s = socket.socketpair()
     out = {}
 
@@ -133,3 +138,80 @@ def test_short_secret_rejected():
     a, b = socket.socketpair()
     with pytest.raises(ValueError):
         auth.client_handshake(a, b"short", "x")
+
+
+def test_plain_channel_is_refused_unless_the_target_allows_it():
+    result, _ = run_pair(SECRET, SECRET, channel="plain")
+    assert isinstance(result["server"], auth.AuthError) and "plain" in str(result["server"])
+    assert isinstance(result["client"], auth.AuthError) and "encrypted channels only" in str(result["client"])
+    result, _ = run_pair(SECRET, SECRET, channel="plain", allow_plain=True)
+    assert (result["server"], result["client"]) == ("ok", "ok")
+    assert result["server_hs"].channel == result["client_hs"].channel == "plain"
+    # a target that allows plain still takes an encrypted channel
+    result, _ = run_pair(SECRET, SECRET, allow_plain=True)
+    assert result["server_hs"].channel == "aes-256-gcm"
+
+
+def test_the_channel_asked_for_cannot_be_changed_on_the_wire():
+    """An attacker turning the channel byte from encrypted to plain breaks the MAC."""
+    c, mitm_c = socket.socketpair()
+    mitm_s, s = socket.socketpair()
+    out = {}
+
+    def server():
+        try:
+            out["r"] = auth.server_handshake(s, SECRET, "lm-1", timeout=5, allow_plain=True)
+        except auth.AuthError as e:
+            out["r"] = e
+            s.close()
+
+    def mitm():
+        hello = mitm_s.recv(len(auth.PROTOCOL) + auth.NONCE_SIZE)
+        mitm_c.sendall(hello)
+        claim = bytearray(mitm_c.recv(1024))
+        claim[32 + 2 + len("lm-1")] = 0  # aes-256-gcm -> plain
+        mitm_s.sendall(bytes(claim))
+        try:
+            mitm_c.sendall(mitm_s.recv(1024))
+        except OSError:
+            pass
+        mitm_c.close()
+
+    threads = [threading.Thread(target=server), threading.Thread(target=mitm)]
+    for t in threads:
+        t.start()
+    with pytest.raises(auth.AuthError):
+        auth.client_handshake(c, SECRET, "lm-1", timeout=5)
+    for t in threads:
+        t.join(5)
+    assert isinstance(out["r"], auth.AuthError) and "bad credentials" in str(out["r"])
+
+
+def _v1_claim(secret, server_nonce, client_nonce, mid=b"lm-1"):
+    mac = auth._mac(secret, b"ferry-client", server_nonce, client_nonce, mid)
+    return client_nonce + len(mid).to_bytes(2, "big") + mid + mac
+
+
+@pytest.mark.parametrize("allow_plain", [False, True])
+def test_a_first_version_source_is_plain_and_taken_only_where_plain_is_allowed(allow_plain):
+    c, s = socket.socketpair()
+    out = {}
+
+    def server():
+        try:
+            out["r"] = auth.server_handshake(s, SECRET, "lm-1", timeout=5, allow_plain=allow_plain)
+        except auth.AuthError as e:
+            out["r"] = e
+            s.close()
+
+    t = threading.Thread(target=server)
+    t.start()
+    hello = c.recv(len(auth.PROTOCOL) + auth.NONCE_SIZE)
+    c.sendall(_v1_claim(SECRET, hello[len(auth.PROTOCOL):], os.urandom(32)))
+    t.join(5)
+    if allow_plain:
+        assert out["r"].channel == "plain" and out["r"].version == 1
+        assert c.recv(2) == b"OK"
+    else:
+        assert isinstance(out["r"], auth.AuthError) and "FERRY-AUTH/1" in str(out["r"])
+        assert c.recv(1) == b""

@@ -121,3 +121,36 @@ def test_mask_reports_dirty_blocks_of_a_range():
     assert bm.mask(5, 5) == 0
     assert bm.mask(10, 8) == 0b10000001
     assert bm.mask(17, 23) == 1
+
+
+def test_sparse_image_root_equals_the_full_read(tmp_path):
+    import os as _os
+
+    from ferry.transfer.digest import image_root, sparse_image_root
+
+    bs = 64 << 10
+    p = tmp_path / "img"
+    size = 64 * bs + 123  # a short last block
+    with open(p, "wb") as f:
+        f.truncate(size)
+        f.seek(3 * bs + 5)
+        f.write(b"data")
+        f.seek(40 * bs)
+        f.write(_os.urandom(3 * bs))
+        f.seek(size - 10)
+        f.write(b"tail")
+    fd = _os.open(p, _os.O_RDONLY)
+    try:
+        full = image_root(fd, size, bs)
+        assert sparse_image_root(fd, size, bs) == full
+    finally:
+        _os.close(fd)
+    with open(p, "r+b") as f:  # one byte changed in the data: a different root
+        f.seek(41 * bs + 7)
+        f.write(b"\xff")
+    fd = _os.open(p, _os.O_RDONLY)
+    try:
+        assert sparse_image_root(fd, size, bs) != full
+        assert sparse_image_root(fd, size, bs) == image_root(fd, size, bs)
+    finally:
+        _os.close(fd)

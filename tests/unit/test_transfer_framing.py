@@ -136,3 +136,24 @@ def test_block_hashes_and_first_mismatch():
     data[3 * bs + 100] ^= 1  # one flipped bit in block 3
     assert first_mismatch(data, bs, hl) == 3
     assert first_mismatch(data, bs, hl[:HASH_SIZE] + bytes(HASH_SIZE) + hl[2 * HASH_SIZE :]) == 1
+
+
+def test_kernel_timeouts_block_and_still_time_out():
+    a, b = socket.socketpair()
+    with a, b:
+        framing.set_kernel_timeouts(b, 0.2)
+        assert b.gettimeout() is None  # blocking: no poll() before every call
+        buf = bytearray(10)
+        with pytest.raises(TimeoutError):
+            framing.recv_exact_into(b, memoryview(buf))
+        # a reader told to keep waiting gets what arrives after its first timeout
+        waits = []
+
+        def keep_waiting():
+            waits.append(1)
+            if len(waits) == 1:
+                a.sendall(b"0123456789")
+            return False
+
+        framing.recv_exact_into(b, memoryview(buf), should_stop=keep_waiting)
+        assert bytes(buf) == b"0123456789" and waits

@@ -43,8 +43,9 @@ def pair(tmp_path):
         img.close()
 
 
-def run(src, dst, before_round=None, secret=b"k" * 32, target_secret=None, **kw):
-    tgt = TargetEngine(disk=dst[0], memory=dst[1], secret=target_secret or secret, migration_id="m")
+def run(src, dst, before_round=None, secret=b"k" * 32, target_secret=None, allow_plain=False, **kw):
+    tgt = TargetEngine(disk=dst[0], memory=dst[1], secret=target_secret or secret, migration_id="m",
+                       allow_plain=allow_plain)
     host, port = tgt.listen("127.0.0.1")
     tgt.start()
     guest = FakeGuest()
@@ -162,3 +163,131 @@ def test_cancel_resumes_the_guest(pair):
     assert guest.calls == ["pause", "resume"]  # offline paused it; the abort resumed it
     tgt.join(10)
     assert tgt.state in (session.FAILED, session.ABORTED)
+
+
+def always_dirty(src, box):
+    """The disk of a guest that rewrites every block all the time (deterministic: the bitmap
+    always counts every block dirty, and every round from the second takes them all)."""
+    import types
+
+    class Rewritten:
+        def __init__(self, bitmap):
+            self.bitmap = bitmap
+
+        def count(self):
+            return self.bitmap.nbits
+
+        def swap(self):
+            bits = self.bitmap.swap()
+            if box["eng"].round >= 2:  # the swap of round N happens once round N began
+                bits = b"\xff" * len(bits)
+            return bits
+
+        def __getattr__(self, name):
+            return getattr(self.bitmap, name)
+
+    d = src[0]
+    for b in range(d.nblocks):
+        d.write(b * d.block_size, b"x" * d.block_size)
+    return types.SimpleNamespace(fd=d.fd, size=d.size, block_size=d.block_size, nblocks=d.nblocks,
+                                 dirty=Rewritten(d.dirty))
+
+
+def test_a_guest_that_never_converges_fails_not_converging_after_the_steps(pair):
+    from ferry.transfer.policy import PolicyConfig
+
+    src, dst = pair
+    # A guest that rewrites every disk block all the time (deterministically: the bitmap always
+    # counts every block dirty and every round takes them all). Over a 32 MiB/s link
+    # the 2 MiB never fit 10 ms: the throttle ramps to its maximum (it does not slow this guest),
+    # the allowed downtime steps up to the 20 ms ceiling, then the attempt gives up.
+    box = {}
+    disk = always_dirty(src, box)
+    cfg = PolicyConfig(downtime_budget_ms=10, max_downtime_ms=20, downtime_steps=2, rounds_per_step=1)
+    tgt = TargetEngine(disk=dst[0], memory=dst[1], secret=b"k" * 32, migration_id="m")
+    host, port = tgt.listen("127.0.0.1")
+    tgt.start()
+    guest = FakeGuest()
+    eng = SourceEngine(disk=disk, memory=src[1], guest=guest, target=f"{host}:{port}", secret=b"k" * 32,
+                       migration_id="m", bandwidth_bps=32 << 20, policy=cfg)
+    box["eng"] = eng
+    eng.run()
+    tgt.cancel("test over")
+    tgt.join(10)
+    assert eng.state == session.FAILED
+    assert eng.error.startswith("NotConverging:") and "ceiling 20 ms" in eng.error, eng.error
+    st = eng.stats()
+    assert st["downtime_steps"] == 2 and st["allowed_downtime_ms"] == 20 and st["max_throttle_percent"] == 99
+    assert "pause" not in guest.calls and guest.throttle == (0, 0)  # never paused, throttle lifted
+    assert eng.round < 30
+
+
+def test_force_complete_before_start_pauses_at_once_and_finishes(pair):
+    src, dst = pair
+    box = {}
+    tgt = TargetEngine(disk=dst[0], memory=dst[1], secret=b"k" * 32, migration_id="m")
+    host, port = tgt.listen("127.0.0.1")
+    tgt.start()
+    guest = FakeGuest()
+    eng = SourceEngine(disk=always_dirty(src, box), memory=src[1], guest=guest, target=f"{host}:{port}",
+                       secret=b"k" * 32, migration_id="m", downtime_budget_ms=1, bandwidth_bps=32 << 20,
+                       force_complete=True)
+    box["eng"] = eng
+    eng.run()
+    tgt.join(10)
+    assert eng.state == session.COMPLETED, eng.error
+    st = eng.stats()
+    assert st["forced"] is True and st["downtime_ms"] is not None and eng.round == 2
+    assert contents(dst[0]) == contents(src[0]) and eng.digest == tgt.digest
+
+
+def test_force_complete_mid_copy_finishes_a_busy_guest(pair):
+    src, dst = pair
+    box = {}
+
+    def force_at_3(round_no):
+        if round_no == 3:
+            box["eng"].force_complete()
+
+    tgt = TargetEngine(disk=dst[0], memory=dst[1], secret=b"k" * 32, migration_id="m")
+    host, port = tgt.listen("127.0.0.1")
+    tgt.start()
+    guest = FakeGuest()
+    eng = SourceEngine(disk=always_dirty(src, box), memory=src[1], guest=guest, target=f"{host}:{port}",
+                       secret=b"k" * 32, migration_id="m", downtime_budget_ms=1, bandwidth_bps=32 << 20,
+                       before_round=force_at_3)
+    box["eng"] = eng
+    eng.run()
+    tgt.join(10)
+    assert eng.state == session.COMPLETED, eng.error
+    assert eng.forced and guest.calls.count("pause") == 1 and eng.round >= 3
+    assert eng.rounds[-1]["paused"] and contents(dst[0]) == contents(src[0]) and eng.digest == tgt.digest
+
+
+def test_the_channel_is_encrypted_by_default_and_plain_only_where_both_ends_opt_out(pair):
+    src, dst = pair
+    src[0].write(3 * BS, b"a" * BS)
+    src[1].write(5 * PS, b"m" * PS)
+    eng, tgt, _ = run(src, dst)
+    assert eng.state == session.COMPLETED and tgt.state == session.RECEIVED
+    assert eng.stats()["channel"] == tgt.stats()["channel"] == "aes-256-gcm"
+    assert contents(dst[0]) == contents(src[0]) and contents(dst[1]) == contents(src[1])
+
+
+def test_a_plain_source_is_refused_by_a_target_that_encrypts(pair):
+    src, dst = pair
+    src[0].write(3 * BS, b"a" * BS)
+    eng, tgt, guest = run(src, dst, channel="plain")
+    assert eng.state == session.FAILED and "encrypted channels only" in eng.error
+    assert tgt.auth_failures == 1
+    assert "pause" not in guest.calls
+
+
+def test_plain_channel_when_both_ends_opt_out(pair):
+    src, dst = pair
+    src[0].write(3 * BS, b"a" * BS)
+    src[1].write(5 * PS, b"m" * PS)
+    eng, tgt, _ = run(src, dst, channel="plain", allow_plain=True)
+    assert eng.state == session.COMPLETED and tgt.state == session.RECEIVED
+    assert eng.stats()["channel"] == tgt.stats()["channel"] == "plain"
+    assert contents(dst[0]) == contents(src[0]) and eng.digest == tgt.digest

@@ -57,6 +57,11 @@ class Warnings:
             self.kube.event(obj, "Warning", event_reason, f"host {self.host}: {message}", component="ferry-agent")
 
 
+def _vm_view(infos: list[VMInfo]) -> list[tuple[VMKey, str, int]]:
+    """What a heartbeat says of the VMs: a change of any of it is worth a beat now."""
+    return sorted((i.key, i.state.value, i.restarts) for i in infos)
+
+
 def _backoff_name(action: p.Action) -> str:
     mid = getattr(action, "migration_id", None)
     return f"{type(action).__name__}:{mid}" if mid else type(action).__name__
@@ -132,7 +137,7 @@ class Executor:
     # --- one action ---------------------------------------------------------------------
     def _do(self, a: p.Action, snap: Snapshot) -> bool:
         if isinstance(a, p.Warn):
-            self.warn(a.key, a.message)
+            self.warn(a.key, a.message, a.event_reason)
             return True
         if isinstance(a, p.ReportTarget):
             return self._report(a, "target", snap)
@@ -171,6 +176,14 @@ class Executor:
                 return False
             log.info("cancelling migration %s of %s (%s); the source resumes", a.migration_id, a.key, a.reason)
             return self._driver_call(a.key, "cancel", lambda: self.driver.cancel_migration(a.key))
+        if isinstance(a, p.ForceComplete):
+            log.info("force-complete of migration %s of %s: pausing the guest now", a.migration_id, a.key)
+            try:
+                self.driver.force_complete(a.key)
+                return True
+            except DriverError as exc:
+                self.warn(a.key, f"force-complete of {a.key} failed: {exc}", event_reason="ForceCompleteFailed")
+                return False
         if isinstance(a, p.PrepareIncoming):
             return self._prepare(a, snap)
         if isinstance(a, p.StartMigration):
@@ -282,7 +295,7 @@ class Heartbeat:
         self.now = now
         self.clock = clock
         self.due = False  # beat after this cycle: the VMs changed since the last beat
-        self._last_vms: list[tuple[VMKey, str]] | None = None
+        self._last_vms: list[tuple[VMKey, str, int]] | None = None
         self._host_missing_since: float | None = None
         self._host_missing_logged = 0.0
         self._beats = 0
@@ -294,7 +307,7 @@ class Heartbeat:
 
     def note_vms(self, infos: list[VMInfo]) -> None:
         """The VMs seen this cycle: a beat is due if they differ from the last beat's."""
-        if sorted((i.key, i.state.value) for i in infos) != self._last_vms:
+        if _vm_view(infos) != self._last_vms:
             self.due = True
 
     def beat(self) -> bool:
@@ -325,6 +338,6 @@ class Heartbeat:
                      self.period, self.ctx.address, status["driver"], len(infos))
         self._host_missing_since = None
         self._beats += 1
-        self._last_vms = sorted((i.key, i.state.value) for i in infos)
+        self._last_vms = _vm_view(infos)
         self.due = False
         return True

@@ -50,7 +50,7 @@ def make_driver(name: str, data_dir: str, settings: Settings, environ: Mapping[s
 
         pods = launcher is not None and launcher.name == "pod"
         return SimDriver(data_dir, size_scale=settings.size_scale, write_log=env.get("FERRY_SIM_WRITE_LOG") == "1",
-                         launcher=launcher, start_timeout=120.0 if pods else 15.0)
+                         channel=settings.sim_channel, launcher=launcher, start_timeout=120.0 if pods else 15.0)
     if name == "qemu":
         from ferry.drivers.qemu import QemuDriver  # heavy and optional: only when asked for
 

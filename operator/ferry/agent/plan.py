@@ -209,6 +209,14 @@ class CancelMigration:
 
 
 @dataclasses.dataclass(frozen=True)
+class ForceComplete:
+    """Source: ``spec.forceComplete`` asked to pause the guest now and finish ``migration_id``."""
+
+    key: VMKey
+    migration_id: str
+
+
+@dataclasses.dataclass(frozen=True)
 class ReportTarget:
     """Merge ``status`` into LiveMigration ``migration``'s status.target."""
 
@@ -232,11 +240,16 @@ class Warn:
 
     key: VMKey
     message: str
+    event_reason: str | None = None  # also a Warning Event with this reason on the droplet
 
 
-Action = Union[StartVM, StopVM, DestroyVM, ResumeVM, PrepareIncoming, StartMigration, CancelMigration,
+#: the Warning Event (and, from the operator, the Droplet condition) of a guest that rebooted
+#: because its VM process died
+GUEST_RESTARTED = "GuestRestarted"
+
+Action = Union[StartVM, StopVM, DestroyVM, ResumeVM, PrepareIncoming, StartMigration, CancelMigration, ForceComplete,
                ReportTarget, ReportTransfer, Warn]
-DRIVER_ACTIONS = (StartVM, StopVM, DestroyVM, ResumeVM, PrepareIncoming, StartMigration, CancelMigration)
+DRIVER_ACTIONS = (StartVM, StopVM, DestroyVM, ResumeVM, PrepareIncoming, StartMigration, CancelMigration, ForceComplete)
 
 
 # --- helpers ------------------------------------------------------------------------------
@@ -273,9 +286,12 @@ def migration_options(lm: LiveMigration, default_downtime_ms: int) -> MigrationO
     downtime = limits.downtime_ms or lm.spec.limits.downtime_ms or default_downtime_ms
     bandwidth = limits.bandwidth_mibps or lm.spec.limits.bandwidth_mibps
     mode = lm.status.effective_mode or lm.spec.mode
+    ceiling = limits.max_downtime_ms or lm.spec.limits.max_downtime_ms
     return MigrationOptions(downtime_budget_ms=int(downtime),
                             bandwidth_bps=int(bandwidth) * MiB if bandwidth else None,
-                            offline=mode == "offline")
+                            offline=mode == "offline",
+                            max_downtime_ms=max(int(ceiling), int(downtime)) if ceiling else None,
+                            force_complete=lm.spec.force_complete)
 
 
 def progress_percent(stats: MigrationStats) -> int:
@@ -310,9 +326,17 @@ def transfer_report(stats: MigrationStats, attempt: int, now: dt.datetime) -> Tr
         progress=progress_percent(stats),
         rounds=tuple(stats.rounds),
         downtime_ms=stats.downtime_ms,
+        downtime_budget_ms=stats.downtime_budget_ms,
+        max_downtime_ms=stats.max_downtime_ms,
+        allowed_downtime_ms=stats.allowed_downtime_ms,
+        downtime_steps=stats.downtime_steps,
+        predicted_downtime_ms=stats.predicted_downtime_ms,
+        forced=stats.forced,
+        verify_ms=stats.verify_ms,
         digest=stats.digest,
         error=stats.error,
         updated_at=now,
+        channel=stats.channel,
     )
 
 
@@ -471,6 +495,9 @@ def _power(key: VMKey, d: Droplet, vm: VMObs | None, lms: list[LiveMigration], m
                 return []  # no VM to send: the migration fails first (reported), an empty VM would hide that
         if not d.power_on:  # define it (images, no guest): a powered-off droplet has a disk too
             return [StartVM(vm_spec(d), "placed on this host, powered off")]
+        if vm is not None and vm.info.crashed:
+            why = f"the VM process of droplet {key} died on host {me}: starting it again, the guest reboots"
+            return [Warn(key, why, GUEST_RESTARTED), StartVM(vm_spec(d), "its VM process died")]
         return [StartVM(vm_spec(d), "powerState on" if vm is not None else "placed on this host")]
     if vm.state == VMState.RUNNING and not d.power_on:
         return [StopVM(key, "powerState off")]
@@ -568,8 +595,17 @@ def _source(host: HostContext, key: VMKey, lm: LiveMigration, owned: bool, vm: V
     if not owned:
         return out, handled  # the record moved (or is unknown): nothing to send, nothing to resume
 
+    if lm.phase in (Phase.PRECOPY, Phase.CUTOVER) and _died_sending(vm, mid):
+        if not (lm.transfer.attempt == n and lm.transfer.failed):
+            out.append(ReportTransfer(key, ref, transfer_failed(
+                n, f"the VM process of droplet {key} died on source host {host.name} while sending "
+                   f"({stats.state.value.lower() if stats else 'copying'}); the guest's memory is lost", now)))
+        return out, handled
     if lm.phase == Phase.PRECOPY:
         if stats is not None and stats.migration_id == mid:
+            if lm.spec.force_complete and not stats.forced and stats.state in (
+                    MigrationState.COPYING, MigrationState.CONVERGING):
+                out.append(ForceComplete(key, mid))
             out.extend(_report_transfer(host, key, lm, stats, n, now))
             return out, handled
         if lm.transfer.attempt == n and lm.transfer.failed:
@@ -603,6 +639,15 @@ def _source(host: HostContext, key: VMKey, lm: LiveMigration, owned: bool, vm: V
     return out, handled
 
 
+def _died_sending(vm: VMObs | None, mid: str) -> bool:
+    """The VM was sending ``mid`` (its last stats say so) and has no live process any more:
+    it died mid-migration (an exit it was not asked for)."""
+    if vm is None or vm.state != VMState.STOPPED or vm.info.pid is not None or vm.stats is None:
+        return False
+    return vm.stats.migration_id == mid and vm.stats.state in (MigrationState.COPYING, MigrationState.CONVERGING,
+                                                                MigrationState.PAUSED)
+
+
 def _report_transfer(host: HostContext, key: VMKey, lm: LiveMigration, stats: MigrationStats, attempt: int,
                      now: dt.datetime) -> list[Action]:
     new = transfer_status(stats, attempt, now)
@@ -622,11 +667,18 @@ def agent_status(host: HostContext, driver: str, version: str, vms: Iterable[VMI
         "heartbeatTime": fmt(now, fraction=True),
         "driver": driver,
         "version": version,
-        "vms": [{"namespace": v.key.namespace, "name": v.key.name, "state": v.state.value}
-                for v in sorted(vms, key=lambda v: v.key)],
+        "vms": [_vm_entry(v) for v in sorted(vms, key=lambda v: v.key)],
     }
     if platform is not None:
         out["platform"] = dict(platform)
+    return out
+
+
+def _vm_entry(v: VMInfo) -> dict[str, Any]:
+    out: dict[str, Any] = {"namespace": v.key.namespace, "name": v.key.name, "state": v.state.value}
+    if v.restarts:
+        out["restarts"] = v.restarts
+        out["restartedAt"] = v.restarted_at
     return out
 
 

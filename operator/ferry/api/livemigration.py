@@ -34,16 +34,18 @@ class Limits:
     bandwidth_mibps: int | None = None
     downtime_ms: int | None = None
     max_attempts: int | None = None
+    max_downtime_ms: int | None = None  # ceiling of the downtime steps (resolved: never below downtime_ms)
 
     def to_dict(self) -> dict[str, int]:
         out = {"bandwidthMiBps": self.bandwidth_mibps, "downtimeMs": self.downtime_ms,
-               "maxAttempts": self.max_attempts}
+               "maxAttempts": self.max_attempts, "maxDowntimeMs": self.max_downtime_ms}
         return {k: v for k, v in out.items() if v is not None}
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any] | None) -> Limits:
         m = as_map(d)
-        return cls(as_int(m.get("bandwidthMiBps")), as_int(m.get("downtimeMs")), as_int(m.get("maxAttempts")))
+        return cls(as_int(m.get("bandwidthMiBps")), as_int(m.get("downtimeMs")), as_int(m.get("maxAttempts")),
+                   as_int(m.get("maxDowntimeMs")))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,6 +58,7 @@ class MigrationSpec:
     mode: str = "live"
     limits: Limits = Limits()
     cancel: bool = False
+    force_complete: bool = False  # pause now and finish the copy, whatever the downtime budget
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any] | None) -> MigrationSpec:
@@ -73,6 +76,7 @@ class MigrationSpec:
             mode=d.get("mode") or "live",
             limits=Limits.from_dict(d.get("limits")),
             cancel=bool(d.get("cancel", False)),
+            force_complete=d.get("forceComplete") is True,
         )
 
 
@@ -151,6 +155,7 @@ class MigrationStatus:
     phase_times: Mapping[str, dt.datetime] = dataclasses.field(default_factory=dict)
     progress: int | None = None
     downtime_ms: int | None = None
+    downtime_budget_ms: int | None = None  # the budget downtime_ms is measured against
     progress_mark: ProgressMark | None = None
     conditions: tuple[Condition, ...] = ()
 
@@ -185,6 +190,7 @@ class MigrationStatus:
             "progressText": f"{self.progress}%" if self.progress is not None else None,
             "downtimeMs": self.downtime_ms,
             "downtimeText": f"{self.downtime_ms}ms" if self.downtime_ms is not None else None,
+            "downtimeBudgetMs": self.downtime_budget_ms,
             "progressMark": self.progress_mark.to_dict() if self.progress_mark else None,
             "conditions": [c.to_dict() for c in self.conditions] or None,
         }
@@ -218,6 +224,7 @@ class MigrationStatus:
             phase_times={k: t for k, v in as_map(d.get("phaseTimes")).items() if (t := parse_any(v))},
             progress=as_int(d.get("progress")),
             downtime_ms=as_int(d.get("downtimeMs")),
+            downtime_budget_ms=as_int(d.get("downtimeBudgetMs")),
             progress_mark=ProgressMark.from_dict(d.get("progressMark")),
             conditions=parse_conditions(d.get("conditions") if isinstance(d.get("conditions"), list) else None),
         )

@@ -14,10 +14,11 @@ from collections.abc import Mapping
 from typing import Any
 
 from ferry.api import constants as c
+from ferry.api.addresses import claim_order, normalize_ip
 from ferry.api.conditions import Condition, find, parse_conditions
 from ferry.api.meta import InvalidSpec, Meta, Named
 from ferry.api.sizes import Resources, resources_for
-from ferry.api.times import EPOCH, parse, parse_any
+from ferry.api.times import EPOCH, fmt, parse, parse_any
 
 
 ZERO = Resources(0, 0, 0)
@@ -71,6 +72,9 @@ class AgentReport:
     driver: str | None
     vms: tuple[tuple[str, str, str], ...]  # (namespace, name, state)
     platform: Platform | None = None
+    #: (namespace, name) -> (crash restarts, time of the last) of the VMs that rebooted after
+    #: their process died (``vms[].restarts`` / ``restartedAt``)
+    restarts: Mapping[tuple[str, str], tuple[int, dt.datetime | None]] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,6 +115,10 @@ class Host(Named):
                 vms=tuple((v.get("namespace", ""), v.get("name", ""), v.get("state", ""))
                           for v in agent.get("vms") or []),
                 platform=Platform.from_agent(agent),
+                restarts={(v.get("namespace", ""), v.get("name", "")): (v["restarts"], parse_any(v.get("restartedAt")))
+                          for v in agent.get("vms") or []
+                          if isinstance(v.get("restarts"), int) and not isinstance(v["restarts"], bool)
+                          and v["restarts"] > 0},
             ),
             status=status,
         )
@@ -140,6 +148,16 @@ class Droplet(Named):
 
     def condition(self, type_: str) -> Condition | None:
         return find(self.conditions, type_)
+
+    @property
+    def address(self) -> str | None:
+        """``spec.ip`` in its normal form (``ferry.api.addresses``); None when absent or invalid."""
+        return normalize_ip(self.ip)
+
+    @property
+    def claim_order(self) -> tuple[str, str, str]:
+        """Who owns an address two droplets claim: the smallest of these (the oldest)."""
+        return claim_order(fmt(self.meta.created) or "", self.namespace, self.name)
 
     @property
     def announced(self) -> bool:

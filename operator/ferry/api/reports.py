@@ -130,9 +130,17 @@ class TransferReport:
     progress: int | None = None
     rounds: tuple[RoundReport, ...] = ()
     downtime_ms: int | None = None
+    downtime_budget_ms: int | None = None
+    max_downtime_ms: int | None = None
+    allowed_downtime_ms: int | None = None
+    downtime_steps: int | None = None
+    predicted_downtime_ms: int | None = None
+    forced: bool = False
+    verify_ms: int | None = None
     digest: str | None = None
     error: str | None = None
     updated_at: dt.datetime | None = None
+    channel: str | None = None  # what protects the data channel: aes-256-gcm | plain (sim)
 
     @property
     def failed(self) -> bool:
@@ -159,9 +167,17 @@ class TransferReport:
             "progress": self.progress,
             "rounds": [r.to_dict() for r in bounded_rounds(self.rounds)],
             "downtimeMs": self.downtime_ms,
+            "downtimeBudgetMs": self.downtime_budget_ms,
+            "maxDowntimeMs": self.max_downtime_ms,
+            "allowedDowntimeMs": self.allowed_downtime_ms,
+            "downtimeSteps": self.downtime_steps,
+            "predictedDowntimeMs": self.predicted_downtime_ms,
+            "forced": self.forced or None,
+            "verifyMs": self.verify_ms,
             "digest": self.digest,
             "error": self.error,
             "updatedAt": fmt(self.updated_at, fraction=True),
+            "channel": self.channel,
         }
 
     @classmethod
@@ -196,8 +212,16 @@ class TransferReport:
             progress=as_int(m.get("progress")),
             rounds=tuple(RoundReport.from_dict(r) for r in rounds) if isinstance(rounds, list) else (),
             downtime_ms=as_int(m.get("downtimeMs")),
+            downtime_budget_ms=as_int(m.get("downtimeBudgetMs")),
+            max_downtime_ms=as_int(m.get("maxDowntimeMs")),
+            allowed_downtime_ms=as_int(m.get("allowedDowntimeMs")),
+            downtime_steps=as_int(m.get("downtimeSteps")),
+            predicted_downtime_ms=as_int(m.get("predictedDowntimeMs")),
+            forced=m.get("forced") is True,
+            verify_ms=as_int(m.get("verifyMs")),
             digest=as_str(m.get("digest")),
             error=as_str(m.get("error")),
+            channel=as_str(m.get("channel")),
             updated_at=parse_any(m.get("updatedAt")),
         )
 
@@ -225,6 +249,18 @@ class TargetReport:
             return None
         return cls(attempt, state, as_str(m.get("address")), as_str(m.get("digest")), as_str(m.get("error")),
                    parse_any(m.get("updatedAt")))
+
+
+#: How the agents' errors say "my peer went away": the exception names the transfer code and
+#: the qemu driver put first (``ConnectionClosed: ...``), and the kernel's own words. A side
+#: whose error is only this saw the other side (or the link) fail; it did not fail itself.
+PEER_LOST_MARKERS = ("ConnectionClosed", "ConnectionResetError", "BrokenPipeError", "ConnectionAbortedError",
+                     "connection closed by peer", "Connection reset by peer", "Broken pipe")
+
+
+def peer_lost(error: str | None) -> bool:
+    """Whether an agent's error says only that its peer closed or broke the connection."""
+    return bool(error) and any(m in error for m in PEER_LOST_MARKERS)  # type: ignore[operator]
 
 
 #: What a LiveMigration carries while an agent has reported nothing (attempt 0 matches no attempt).

@@ -126,6 +126,12 @@ class MigrationView:
     finished: dt.datetime | None
     next_attempt_at: dt.datetime | None
     not_before: dt.datetime | None
+    downtime_budget_ms: int | None = None
+    expected_downtime_ms: int | None = None
+    downtime_steps: int | None = None
+    forced: bool = False
+    force_requested: bool = False
+    slow: bool = False  # not converging yet: throttle at its maximum, downtime steps taken, or ETA over budget
 
     @property
     def key(self) -> str:
@@ -174,6 +180,14 @@ def migration_view(body: Mapping[str, Any]) -> MigrationView:
         finished=st.phase_times.get(phase) if phase in TERMINAL else None,
         next_attempt_at=st.next_attempt_at,
         not_before=st.not_before,
+        downtime_budget_ms=st.downtime_budget_ms or tr.downtime_budget_ms or limits.downtime_ms,
+        expected_downtime_ms=tr.expected_downtime_ms,
+        downtime_steps=tr.downtime_steps,
+        forced=tr.forced,
+        force_requested=lm.spec.force_complete,
+        slow=phase == Phase.PRECOPY and tr.state in ("Copying", "Converging") and (
+            (tr.throttle_percent or 0) >= 99 or bool(tr.downtime_steps)
+            or (st.condition("CompletionAtRisk") is not None and st.condition("CompletionAtRisk").status == "True")),
     )
 
 
@@ -219,6 +233,13 @@ def migration_detail(view: MigrationView) -> str:
             parts.append(f"data moves from {_clock(view.not_before)}")
         elif view.next_attempt_at and view.phase == "Scheduling":
             parts.append(f"next attempt at {_clock(view.next_attempt_at)}")
+    if view.downtime_steps:
+        parts.append(f"{view.downtime_steps} downtime step{'s' if view.downtime_steps != 1 else ''}")
+    if view.force_requested:
+        parts.append("force-complete requested")
+    elif view.slow:
+        parts.append(f"not converging yet: `ferry complete {view.name}` pauses it now"
+                     + (f" (about {view.expected_downtime_ms} ms down)" if view.expected_downtime_ms else ""))
     if view.cancel_requested:
         parts.append("cancel requested")
     return " · ".join(parts)
@@ -247,7 +268,8 @@ def migration_summary(view: MigrationView, now: dt.datetime) -> list[str]:
     if view.bytes_sent is not None or view.bytes_total is not None:
         facts.append(f"sent {human_bytes(view.bytes_sent or 0)} of {human_bytes(view.bytes_total)}")
     if view.downtime_ms is not None:
-        facts.append(f"downtime {view.downtime_ms} ms")
+        budget = f" (budget {view.downtime_budget_ms} ms)" if view.downtime_budget_ms else ""
+        facts.append(f"downtime {view.downtime_ms} ms{budget}" + (", force-completed" if view.forced else ""))
     lines = [head]
     if facts:
         lines.append("  " + ", ".join(facts))

@@ -299,7 +299,16 @@ def report_subtitle(m: LiveMigration) -> str:
         facts.append(f"throttle up to {tr.max_throttle_percent}%")
     downtime = tr.downtime_ms if tr.downtime_ms is not None else m.status.downtime_ms
     if downtime is not None:
-        facts.append(f"downtime {downtime} ms")
+        budget = m.status.downtime_budget_ms or tr.downtime_budget_ms
+        extra = [f"budget {budget} ms" if budget else "",
+                 f"predicted {tr.predicted_downtime_ms} ms" if tr.predicted_downtime_ms is not None else "",
+                 f"verification {tr.verify_ms} ms" if tr.verify_ms is not None else ""]
+        extra = [x for x in extra if x]
+        facts.append(f"downtime {downtime} ms" + (f" ({', '.join(extra)})" if extra else ""))
+    if tr.downtime_steps:
+        facts.append(f"{tr.downtime_steps} downtime steps to {tr.allowed_downtime_ms} ms (ceiling {tr.max_downtime_ms} ms)")
+    if tr.forced:
+        facts.append("force-completed")
     return ", ".join(facts)
 
 

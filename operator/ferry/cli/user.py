@@ -1,4 +1,4 @@
-"""The user's commands: migrate, watch, cancel, drain, uncordon, status, explain.
+"""The user's commands: migrate, watch, complete, cancel, drain, uncordon, status, explain.
 
 Pure functions first (``--at`` parsing, request bodies, which migration to explain), then
 the click commands: thin shells that read through ``ferry.storage.Kube`` and print the text
@@ -12,6 +12,7 @@ import datetime as dt
 import functools
 import re
 import sys
+import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -19,6 +20,7 @@ import click
 
 from ferry.api import constants as c
 from ferry.api.livemigration import LiveMigration
+from ferry.api.phases import Phase
 from ferry.api.times import fmt, now as utcnow, parse
 from ferry.cli import progress as pg
 from ferry.cli import chart, render
@@ -61,7 +63,7 @@ def parse_when(text: str, now: dt.datetime) -> dt.datetime:
 def migration_request(droplet: str, *, name: str | None = None, target: str | None = None,
                       at: dt.datetime | None = None, bandwidth_mibps: int | None = None,
                       downtime_ms: int | None = None, max_attempts: int | None = None,
-                      offline: bool = False) -> dict[str, Any]:
+                      offline: bool = False, max_downtime_ms: int | None = None) -> dict[str, Any]:
     """The LiveMigration body `ferry migrate` creates (namespace set by the caller's URL)."""
     meta: dict[str, Any] = {"name": name} if name else {"generateName": f"{droplet}-"}
     if _LABEL_VALUE.match(droplet) and len(droplet) <= 63:
@@ -72,7 +74,7 @@ def migration_request(droplet: str, *, name: str | None = None, target: str | No
     if at is not None:
         spec["scheduledAt"] = fmt(at)
     limits = {k: v for k, v in (("bandwidthMiBps", bandwidth_mibps), ("downtimeMs", downtime_ms),
-                                ("maxAttempts", max_attempts)) if v is not None}
+                                ("maxAttempts", max_attempts), ("maxDowntimeMs", max_downtime_ms)) if v is not None}
     if limits:
         spec["limits"] = limits
     return {"apiVersion": c.API_VERSION, "kind": "LiveMigration", "metadata": meta, "spec": spec}
@@ -192,12 +194,39 @@ def _interrupted(message: str) -> None:
     sys.exit(130)
 
 
-def _follow_migration(s: Session, name: str) -> int:
-    """Show a migration's progress until it ends; return 0/1/2 (Completed/Failed/Cancelled)."""
+def request_force_complete(s: Session, name: str) -> str:
+    """Set spec.forceComplete on MIGRATION; return what to tell the user."""
+    v = pg.migration_view(s.get("LiveMigration", name))
+    if v.terminal:
+        raise CliError(f"migration {v.key} already ended ({v.phase}); there is nothing to complete")
+    if v.force_requested:
+        return f"migration {v.key}: force-complete already requested (phase {v.phase or 'New'})"
+    s.kube.patch("LiveMigration", name, {"spec": {"forceComplete": True}}, s.namespace)
+    if v.phase in (Phase.CUTOVER,) or v.transfer_state in ("Paused", "Completed"):
+        return f"migration {v.key}: force-complete requested, but the guest is already paused for the final copy"
+    what = ("the guest pauses now and the copy finishes" if v.phase == Phase.PRECOPY
+            else "the guest will be paused as soon as its copy starts (the whole copy is then downtime)")
+    return (f"migration {v.key}: force-complete requested (phase {v.phase or 'New'}): {what}, whatever the "
+            f"downtime budget; the downtime is reported in status.downtimeMs")
+
+
+def _follow_migration(s: Session, name: str, force_after: float | None = None) -> int:
+    """Show a migration's progress until it ends; return 0/1/2 (Completed/Failed/Cancelled).
+    ``force_after``: seconds of copying after which force-complete is requested."""
     qual = f"{s.namespace}/{name}"
+    copying_since: list[float] = []
 
     def fetch() -> dict[str, Any]:
-        return s.kube.get("LiveMigration", name, s.namespace)
+        body = s.kube.get("LiveMigration", name, s.namespace)
+        if force_after is not None:
+            v = pg.migration_view(body)
+            if v.phase == Phase.PRECOPY and not copying_since:
+                copying_since.append(time.monotonic())
+            if (copying_since and not v.force_requested and v.phase == Phase.PRECOPY
+                    and time.monotonic() - copying_since[0] >= force_after):
+                click.echo(f"copying for {force_after:.0f} s: " + request_force_complete(s, name), err=True)
+                body = s.kube.get("LiveMigration", name, s.namespace)
+        return body
 
     def warn(exc: Exception) -> None:
         click.echo(f"ferry: warning: {' '.join(str(exc).split())}; retrying", err=True)
@@ -217,7 +246,8 @@ def _follow_migration(s: Session, name: str) -> int:
         raise CliError(f"migration {qual} was deleted") from None
     except KeyboardInterrupt:
         _interrupted(f"stopped watching; migration {qual} keeps running "
-                     f"(`{_prog()} watch {name}` to follow it, `{_prog()} cancel {name}` to cancel it)")
+                     f"(`{_prog()} watch {name}` to follow it, `{_prog()} cancel {name}` to cancel it, "
+                     f"`{_prog()} complete {name}` to pause it now and finish)")
     for line in pg.migration_summary(pg.migration_view(body), utcnow()):
         click.echo(line)
     return code
@@ -243,14 +273,22 @@ def _when(value: str | None) -> dt.datetime | None:
 @click.option("--bandwidth", type=click.IntRange(1, 100000), metavar="MiBps", help="Limit the copy rate (MiB/s).")
 @click.option("--downtime", type=click.IntRange(1, 60000), metavar="MS", help="Downtime budget in ms (default 300).")
 @click.option("--max-attempts", type=click.IntRange(1, 10), help="Attempts before giving up (default 3).")
+@click.option("--max-downtime", type=click.IntRange(1, 60000), metavar="MS",
+              help="Ceiling of the downtime steps when the guest does not converge (default: the budget, no steps).")
 @click.option("--offline", is_flag=True, help="Stop the droplet and copy it once instead of live.")
 @click.option("--name", metavar="NAME", help="Name of the LiveMigration (default: <droplet>-<random>).")
 @click.option("--wait", is_flag=True,
-              help="Follow the migration until it ends; exit 0 Completed, 1 Failed, 2 Cancelled.")
+              help="Follow the migration until it ends; exit 0 Completed, 1 Failed, 2 Cancelled. A copy that "
+                   "does not converge shows how to force-complete it.")
+@click.option("--force-after", type=click.FloatRange(0), metavar="SECONDS",
+              help="With --wait: force-complete (pause now and finish) after this long copying.")
 @_one_line_errors
 def migrate(droplet: str, target: str | None, at: str | None, bandwidth: int | None, downtime: int | None,
-            max_attempts: int | None, offline: bool, name: str | None, wait: bool) -> None:
+            max_attempts: int | None, max_downtime: int | None, offline: bool, name: str | None, wait: bool,
+            force_after: float | None) -> None:
     """Live-migrate DROPLET to another host; prints the LiveMigration's name."""
+    if force_after is not None and not wait:
+        raise CliError("--force-after needs --wait (or run `ferry complete NAME` later)")
     when = _when(at)
     s = _connect()
     d = s.get("Droplet", droplet)
@@ -259,7 +297,8 @@ def migrate(droplet: str, target: str | None, at: str | None, bandwidth: int | N
         if _map(d.get("status")).get("host") == target:
             raise CliError(f"droplet {s.namespace}/{droplet} already runs on {target}")
     body = migration_request(droplet, name=name, target=target, at=when, bandwidth_mibps=bandwidth,
-                             downtime_ms=downtime, max_attempts=max_attempts, offline=offline)
+                             downtime_ms=downtime, max_attempts=max_attempts, offline=offline,
+                             max_downtime_ms=max_downtime)
     try:
         created = s.kube.create("LiveMigration", body, s.namespace)
     except Conflict as exc:
@@ -269,7 +308,7 @@ def migrate(droplet: str, target: str | None, at: str | None, bandwidth: int | N
     mname = created["metadata"]["name"]
     click.echo(mname)
     if wait:
-        sys.exit(_follow_migration(s, mname))
+        sys.exit(_follow_migration(s, mname, force_after))
 
 
 @click.command()
@@ -280,6 +319,15 @@ def watch(migration: str) -> None:
     s = _connect()
     s.get("LiveMigration", migration)
     sys.exit(_follow_migration(s, migration))
+
+
+@click.command()
+@click.argument("migration")
+@_one_line_errors
+def complete(migration: str) -> None:
+    """Force-complete MIGRATION: pause the guest now and finish the copy, whatever the downtime budget."""
+    s = _connect()
+    click.echo(request_force_complete(s, migration))
 
 
 @click.command()

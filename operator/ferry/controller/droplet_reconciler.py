@@ -10,7 +10,9 @@ from ferry.api.times import now
 from ferry.controller import effects
 from ferry.controller.app import Context
 from ferry.api.meta import ObjectKey
-from ferry.droplets.status import droplet_state, placement_status, state_changed
+from ferry.api.models import Droplet
+from ferry.droplets.status import (ADDRESS_CONFLICT, address_condition, address_verdict, droplet_state,
+                                   placement_status, restart_condition, state_changed)
 from ferry.placement import DropletRequest, place
 from ferry.storage import Conflict, NotFound
 
@@ -18,10 +20,17 @@ log = logging.getLogger("ferry.operator")
 
 
 async def on_event(cx: Context, event_type: str | None, body: dict, logger: logging.Logger) -> None:
+    meta = body["metadata"]
+    key = (meta.get("namespace") or "", meta["name"])
+    before = cx.world.address_of(key)
     cx.world.observe("Droplet", event_type, body)
     if event_type != "DELETED":
-        meta = body["metadata"]
-        await reconcile_droplet(cx, (meta.get("namespace") or "", meta["name"]), logger)
+        await reconcile_droplet(cx, key, logger)
+    # An address this droplet gave up (deleted, or spec.ip changed) may now belong to another.
+    after = cx.world.address_of(key)
+    if before is not None and before != after:
+        for other in cx.world.claimants(before):
+            await reconcile_droplet(cx, other.key, logger)
 
 
 async def reconcile_droplet(cx: Context, key: ObjectKey, logger: logging.Logger) -> None:
@@ -39,6 +48,7 @@ async def _reconcile(cx: Context, key: ObjectKey, logger: logging.Logger) -> Non
     if d is None or d.meta.deleting:
         return
     ref = effects.ref("Droplet", key[1], key[0], d.meta.uid)
+    d = await _flag_address(cx, key, d, ref)
     if not d.host:
         if world.expect.is_placing(key):
             return  # placed a moment ago; the watch has not shown it back yet
@@ -73,6 +83,7 @@ async def _reconcile(cx: Context, key: ObjectKey, logger: logging.Logger) -> Non
     if d.meta.labels.get(c.HOST_LABEL) != d.host:
         await effects.set_host_label(cx, key, d.host)
         d = world.droplets.get(key) or d
+    d = await _note_restart(cx, key, d)
     state = droplet_state(d, world.hosts.get(d.host), world.migrations_of(key), now(),
                           cx.settings.heartbeat_timeout_seconds)
     if state_changed(d, state):
@@ -80,3 +91,42 @@ async def _reconcile(cx: Context, key: ObjectKey, logger: logging.Logger) -> Non
                             {"phase": state.phase, "reason": state.reason, "message": state.message,
                              "observedGeneration": d.meta.generation}, key[0])
         world.observe("Droplet", "MODIFIED", new)
+
+
+async def _flag_address(cx: Context, key: ObjectKey, d: Droplet, ref: dict) -> Droplet:
+    """Set ``AddressConflict`` when an older droplet owns this one's spec.ip (and clear it when
+    that ends); a Warning Event when it turns True. Returns the droplet as written."""
+    verdict = address_verdict(d, cx.world.claimants(d.address))
+    conditions = address_condition(d, verdict, now())
+    if conditions is None:
+        return d
+    try:
+        new = await cx.call(cx.kube.patch_status, "Droplet", key[1], {"conditions": conditions}, key[0],
+                            resource_version=d.meta.resource_version)
+    except (Conflict, NotFound) as exc:
+        log.info("%s of %s/%s not written (%s); the next event retries", ADDRESS_CONFLICT, *key, exc)
+        return d
+    cx.world.observe("Droplet", "MODIFIED", new)
+    was = d.condition(ADDRESS_CONFLICT)
+    if verdict.conflict and (was is None or was.status != "True"):
+        await effects.post_event(cx, ref, "Warning", ADDRESS_CONFLICT, verdict.message)
+        log.warning("droplet %s/%s: %s", *key, verdict.message)
+    elif not verdict.conflict and was is not None and was.status == "True":
+        await effects.post_event(cx, ref, "Normal", "AddressConflictResolved", verdict.message)
+    return cx.world.droplets.get(key) or d
+
+
+async def _note_restart(cx: Context, key: ObjectKey, d: Droplet) -> Droplet:
+    """``GuestRestarted`` on the droplet once its host reports that its VM process died and was
+    started again (the agent posted the Warning Event when it restarted it)."""
+    conditions = restart_condition(d, cx.world.hosts.get(d.host or ""), now())
+    if conditions is None:
+        return d
+    try:
+        new = await cx.call(cx.kube.patch_status, "Droplet", key[1], {"conditions": conditions}, key[0],
+                            resource_version=d.meta.resource_version)
+    except (Conflict, NotFound) as exc:
+        log.info("GuestRestarted of %s/%s not written (%s); the next event retries", *key, exc)
+        return d
+    cx.world.observe("Droplet", "MODIFIED", new)
+    return cx.world.droplets.get(key) or d

@@ -78,7 +78,8 @@ async def droplet_timer(body: kopf.Body, memo: kopf.Memo, logger: logging.Logger
 
 @kopf.on.event(*HOST)
 async def host_event(type: str | None, body: kopf.Body, memo: kopf.Memo, logger: logging.Logger, **_: Any) -> None:
-    await host_reconciler.on_event(ctx(memo), type, dict(body), logger)
+    for droplet in await host_reconciler.on_event(ctx(memo), type, dict(body), logger):
+        await droplet_reconciler.reconcile_droplet(ctx(memo), droplet, logger)  # its guest restarted
 
 
 @kopf.timer(*HOST, interval=2.0, initial_delay=3.0)

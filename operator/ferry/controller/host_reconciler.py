@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import time
 
+from ferry.api.meta import ObjectKey
 from ferry.api.phases import HostPhase
 from ferry.api.sizes import Resources
 from ferry.api.times import now
@@ -17,7 +18,9 @@ from ferry.storage import Conflict, NotFound
 log = logging.getLogger("ferry.operator")
 
 
-async def on_event(cx: Context, event_type: str | None, body: dict, logger: logging.Logger) -> None:
+async def on_event(cx: Context, event_type: str | None, body: dict, logger: logging.Logger) -> list[ObjectKey]:
+    """Returns the droplets whose VM restarts the host now reports differently (their
+    ``GuestRestarted`` condition is due)."""
     name = body["metadata"]["name"]
     before = cx.world.hosts.get(name)
     cx.world.observe("Host", event_type, body)
@@ -25,6 +28,10 @@ async def on_event(cx: Context, event_type: str | None, body: dict, logger: logg
     # React at once to spec changes (maintenance on/off); heartbeats are handled by the timer.
     if after is not None and (before is None or before.meta.generation != after.meta.generation):
         await reconcile_host(cx, name, logger)
+    if after is None:
+        return []
+    was = before.agent.restarts if before is not None else {}
+    return [k for k, v in after.agent.restarts.items() if was.get(k) != v]
 
 
 async def reconcile_host(cx: Context, name: str, logger: logging.Logger) -> None:

@@ -31,7 +31,7 @@ GIB = 1 << 30
 OUTCOMES = (("Completed", "Completed"), ("Cancelled", "Cancelled"), ("Failed", "AttemptsExhausted"))
 #: Attempt results and the reasons the state machine gives a failed attempt.
 ATTEMPT_OUTCOMES = (("Succeeded", "Completed"), ("Cancelled", "Cancelled"),
-                    *(("Failed", r) for r in ("TransferFailed", "TargetFailed", "TargetHostNotReady", "NoProgress",
+                    *(("Failed", r) for r in ("SourceFailed", "TargetFailed", "ConnectionLost", "TargetHostNotReady", "NoProgress",
                                               "BudgetExceeded", "DigestMismatch")))
 
 #: name -> (help, label names) of the snapshot's gauges.

@@ -31,6 +31,8 @@ class World:
         self.migrations: dict[ObjectKey, LiveMigration] = {}
         self.invalid: dict[tuple[str, ObjectKey], str] = {}
         self.expect = Expectations()
+        self._by_address: dict[str, set[ObjectKey]] = {}  # spec.ip (normal form) -> droplets claiming it
+        self._address: dict[ObjectKey, str] = {}
 
     # --- watch events and own writes ------------------------------------------------------
     def observe(self, kind: str, event_type: str | None, body: dict) -> None:
@@ -50,6 +52,8 @@ class World:
         except InvalidSpec as exc:
             self.invalid[(kind, key)] = str(exc)
             table.pop(k, None)
+            if kind == "Droplet":
+                self._index_address(key, None)
             return
         self.invalid.pop((kind, key), None)
         table[k] = parsed
@@ -60,6 +64,18 @@ class World:
             self.expect.saw_migration(key, parsed)
         elif kind == "Droplet":
             self.expect.saw_droplet(key, parsed)
+            self._index_address(key, parsed)
+
+    def _index_address(self, key: ObjectKey, d: Droplet | None) -> None:
+        old, new = self._address.pop(key, None), d.address if d is not None else None
+        if old is not None and old != new:
+            keys = self._by_address.get(old, set())
+            keys.discard(key)
+            if not keys:
+                self._by_address.pop(old, None)
+        if new is not None:
+            self._address[key] = new
+            self._by_address.setdefault(new, set()).add(key)
 
     # --- derived views --------------------------------------------------------------------
     def droplet_host(self, key: ObjectKey) -> str | None:
@@ -122,6 +138,14 @@ class World:
             )
             for h in self.hosts.values()
         ]
+
+    def address_of(self, key: ObjectKey) -> str | None:
+        return self._address.get(key)
+
+    def claimants(self, address: str | None) -> list[Droplet]:
+        """The droplets whose spec.ip is ``address`` (normal form)."""
+        keys = self._by_address.get(address, ()) if address else ()
+        return [self.droplets[k] for k in sorted(keys) if k in self.droplets]
 
     def migrations_of(self, droplet: ObjectKey) -> Iterable[LiveMigration]:
         ns, name = droplet

@@ -62,6 +62,11 @@ class VMInfo:
     state: VMState
     pid: int | None = None
     migration_id: str | None = None  # the migration this VM is the source/target of
+    #: STOPPED because its process ended without being asked to (killed, OOM, crashed): the
+    #: guest's memory is gone, its disk remains; starting it again is a reboot
+    crashed: bool = False
+    restarts: int = 0  # times the driver started it again after a crash
+    restarted_at: str | None = None  # RFC 3339 time of the last such restart
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,6 +74,10 @@ class MigrationOptions:
     downtime_budget_ms: int = 300
     bandwidth_bps: int | None = None  # None: unlimited
     offline: bool = False  # one copy of a stopped VM, no rounds, no throttle
+    max_downtime_ms: int | None = None  # ceiling of the downtime steps (None: the budget, no steps)
+    force_complete: bool = False  # pause now and finish, whatever the budget
+    max_throttle_percent: int = 99  # the throttle's cap (QEMU's max-cpu-throttle); benchmarks lower it to model
+    # a guest the throttle cannot slow enough
 
 
 class MigrationState(str, enum.Enum):
@@ -107,8 +116,16 @@ class MigrationStats:
     eta_seconds: float | None = None
     rounds: list[RoundReport] = dataclasses.field(default_factory=list)  # as status.transfer.rounds has them
     downtime_ms: int | None = None
+    downtime_budget_ms: int | None = None  # the budget this attempt was given
+    max_downtime_ms: int | None = None  # the ceiling of the downtime steps
+    allowed_downtime_ms: int | None = None  # the downtime allowed at the end (budget + steps taken)
+    downtime_steps: int = 0  # steps taken (the throttle was at its maximum and it still did not fit)
+    predicted_downtime_ms: int | None = None  # what was expected when the guest was paused
+    forced: bool = False  # paused by force-complete
+    verify_ms: int | None = None  # time spent verifying the copy (qemu: hashing both disks)
     digest: str | None = None
     error: str | None = None
+    channel: str | None = None  # what protects the data channel (sim: aes-256-gcm or plain); None: not said
 
     @property
     def bytes_total(self) -> int:
@@ -159,6 +176,9 @@ class Driver(Protocol):
 
     def resume(self, key: VMKey) -> None:
         """Target side, after the placement record names this host: run the guest."""
+
+    def force_complete(self, key: VMKey) -> None:
+        """Source side: pause the guest now and finish the copy whatever the budget. Idempotent."""
 
 
 def host_cpu(cpuinfo: str = "/proc/cpuinfo") -> tuple[str | None, frozenset[str]]:

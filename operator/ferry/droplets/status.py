@@ -9,6 +9,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from ferry.api.conditions import set_condition
+from ferry.api.times import fmt_api
 from ferry.api.livemigration import LiveMigration
 from ferry.api.models import Droplet, Host
 from ferry.api.phases import DropletPhase
@@ -54,3 +55,74 @@ def droplet_state(d: Droplet, host: Host | None, migrations: Iterable[LiveMigrat
 
 def state_changed(d: Droplet, state: DropletState) -> bool:
     return (d.phase, d.status.get("reason"), d.status.get("message")) != (state.phase, state.reason, state.message)
+
+
+ADDRESS_CONFLICT = "AddressConflict"
+
+
+@dataclasses.dataclass(frozen=True)
+class AddressVerdict:
+    """Whether ``d`` owns its ``spec.ip``: ``conflict`` says it does not, ``owner`` says who does."""
+
+    conflict: bool
+    reason: str
+    message: str
+    owner: str | None = None  # namespace/name of the droplet that owns the address
+
+
+def address_verdict(d: Droplet, claimants: Iterable[Droplet]) -> AddressVerdict:
+    """``d`` against every droplet claiming the same address (``claimants`` may include ``d``).
+
+    The oldest claim owns the address (``ferry.api.addresses``); the metadata endpoint answers
+    for it only, so any other claimant would never see its maintenance events."""
+    addr = d.address
+    if addr is None:
+        return AddressVerdict(False, "NoAddress", "spec.ip is not set")
+    owner = min((o for o in claimants if o.address == addr and not o.meta.deleting),
+                key=lambda o: o.claim_order, default=d)
+    if owner.claim_order < d.claim_order:
+        who = f"{owner.namespace}/{owner.name}"
+        return AddressVerdict(True, "AddressInUse",
+                              f"spec.ip {addr} is already droplet {who}'s (the older claim): the metadata "
+                              f"endpoint answers {addr} for {who} only, so this droplet does not see its "
+                              "maintenance events; give it an address of its own", who)
+    return AddressVerdict(False, "AddressUnique", f"no older droplet claims {addr}")
+
+
+def address_condition(d: Droplet, verdict: AddressVerdict, now: dt.datetime) -> list[dict[str, Any]] | None:
+    """The droplet's conditions with ``AddressConflict`` set, or None when nothing changes.
+    A droplet that never conflicted gets no condition at all (no write for the common case)."""
+    current = d.condition(ADDRESS_CONFLICT)
+    if current is None and not verdict.conflict:
+        return None
+    want = "True" if verdict.conflict else "False"
+    if current is not None and (current.status, current.reason, current.message) == (want, verdict.reason, verdict.message):
+        return None
+    return [c.to_dict() for c in set_condition(d.conditions, ADDRESS_CONFLICT, verdict.conflict, verdict.reason,
+                                               verdict.message, now)]
+
+
+GUEST_RESTARTED = "GuestRestarted"
+
+
+def restart_condition(d: Droplet, host: Host | None, now: dt.datetime) -> list[dict[str, Any]] | None:
+    """``GuestRestarted`` from what the droplet's host reports: True once its VM process died
+    and was started again (a reboot the owner must know of), with the count and the time.
+    None when nothing changes; a droplet whose guest never restarted gets no condition."""
+    if host is None or d.namespace is None or d.name is None:
+        return None
+    seen = host.agent.restarts.get((d.namespace, d.name))
+    if seen is None:
+        return None  # nothing (more) to say: a condition already set stays as the record of it
+    count, at = seen
+    when = f" at {fmt_api(at)}" if at else ""
+    message = (f"the droplet's VM process died on host {d.host} and was started again{when}: the guest rebooted "
+               f"({count} time{'s' if count != 1 else ''} on this host)")
+    current = d.condition(GUEST_RESTARTED)
+    if current is not None and current.status == "True" and current.message == message:
+        return None
+    conds = set_condition(d.conditions, GUEST_RESTARTED, True, "VMProcessDied", message, at or now)
+    if current is not None and current.status == "True":  # a new restart: the transition time moves too
+        conds = tuple(c if c.type != GUEST_RESTARTED else dataclasses.replace(c, last_transition_time=at or now)
+                      for c in conds)
+    return [c.to_dict() for c in conds]

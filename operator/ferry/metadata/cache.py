@@ -5,9 +5,10 @@ and an index ip -> the droplet that answers for that address. It is fed by a lis
 (`replace`) and by watch events (`apply`); both return the set of addresses whose
 answer changed, so the server can wake the long-polls waiting on exactly those.
 
-Two droplets claiming the same ip: the OLDEST claim answers (creationTimestamp, then
-namespace, then name), whatever order the events arrive in. A later droplet cannot take
-over the answers of an address that already belongs to another one.
+Two droplets claiming the same ip: the OLDEST claim answers (``ferry.api.addresses``:
+creationTimestamp, then namespace, then name), whatever order the events arrive in. A later
+droplet cannot take over the answers of an address that already belongs to another one; the
+operator flags it with the ``AddressConflict`` condition.
 
 Revisions: every change of an address's answer takes the next number of one counter
 for the whole cache, so a (address, revision) pair is never reused within a process;
@@ -17,12 +18,12 @@ repeat across restarts and leak nothing about other droplets).
 
 from __future__ import annotations
 
-import ipaddress
 import re
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Callable, Iterable, Mapping
 
+from ferry.api.addresses import claim_order, normalize_ip
 from ferry.api.meta import ObjectKey
 from ferry.api import constants as c
 from ferry.api.models import Droplet
@@ -78,8 +79,7 @@ class DropletRecord:
 
     @property
     def claim_order(self) -> tuple[str, str, str]:
-        # Missing timestamps sort last: a droplet of unknown age never wins a conflict.
-        return (self.created or "~", self.namespace, self.name)
+        return claim_order(self.created, self.namespace, self.name)
 
 
 @dataclass(frozen=True)
@@ -90,19 +90,6 @@ class Answer:
     state: MaintenanceState
     text_rev: int  # last change of the plain-text body
     json_rev: int  # last change of any field of the JSON body
-
-
-def normalize_ip(value: object) -> str | None:
-    """Canonical text of an IP address, IPv4-mapped IPv6 folded to IPv4; None if invalid."""
-    if not isinstance(value, str) or not value or len(value) > 64:
-        return None
-    try:
-        addr = ipaddress.ip_address(value.strip().split("%", 1)[0])
-    except ValueError:
-        return None
-    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
-        addr = addr.ipv4_mapped
-    return str(addr)
 
 
 def _timestamp(value: object) -> str | None:

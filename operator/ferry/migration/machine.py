@@ -19,8 +19,8 @@ from ferry.api.conditions import set_condition
 from ferry.api.constants import transfer_secret_name
 from ferry.api.livemigration import AttemptRecord, Limits, MigrationSpec, MigrationStatus, ProgressMark
 from ferry.api.patch import merge_patch
-from ferry.api.phases import ATTEMPT, TERMINAL, Phase, TargetState, TransferState
-from ferry.api.reports import TargetReport, TransferReport
+from ferry.api.phases import ATTEMPT, TERMINAL, TRANSFER_FINAL, Phase, TargetState, TransferState
+from ferry.api.reports import TargetReport, TransferReport, peer_lost
 from ferry.api.times import fmt_api, utc
 from ferry.migration.actions import (
     Action,
@@ -197,10 +197,12 @@ def decide(obs: Observation, now: dt.datetime, cfg: MachineConfig | None = None)
 def _refresh(b: _Builder) -> None:
     obs, cfg = b.obs, b.cfg
     lim = obs.spec.limits
+    budget = lim.downtime_ms if lim.downtime_ms is not None else cfg.downtime_budget_ms
     eff = Limits(
         lim.bandwidth_mibps,
-        lim.downtime_ms if lim.downtime_ms is not None else cfg.downtime_budget_ms,
+        budget,
         lim.max_attempts if lim.max_attempts is not None else cfg.max_attempts,
+        max(budget, lim.max_downtime_ms or 0),  # the ceiling of the downtime steps; the budget: no steps
     )
     changes: dict[str, Any] = {"effective_limits": eff}
     if obs.generation is not None:
@@ -367,22 +369,74 @@ def _attempt_failed(b: _Builder, reason: str, detail: str) -> None:
     b.requeue = delay
 
 
+#: How long one side's "my peer went away" waits for the other side's own account before the
+#: attempt is closed: the side that saw the connection drop did not fail itself.
+WITNESS_SECONDS = 5.0
+
+
 def _failure_reported(b: _Builder, tr: TransferReport | None, tg: TargetReport | None) -> bool:
     """A Failed/Aborted report for this attempt, or the target host NotReady: fail the
-    attempt and return True."""
+    attempt, naming the side that failed, and return True.
+
+    A side whose error says only that its peer closed or broke the connection
+    (``ferry.api.reports.peer_lost``) is a witness, not the culprit: the attempt names the
+    other side when it reports its own failure (``SourceFailed``/``TargetFailed``), waits up
+    to WITNESS_SECONDS for that account, and otherwise says ``ConnectionLost`` (the link, or a
+    side that went silent)."""
     st = b.st
-    if tg is not None and tg.state == TargetState.FAILED:
-        _attempt_failed(b, "TargetFailed", f"target host {st.target_host} failed: {tg.error or 'no reason given'}")
+    if tr is not None and tr.state == TransferState.FAILED and (tr.error or "").startswith("NotConverging"):
+        # Another attempt would meet the same guest at the same rate: no retry. The user can
+        # raise limits.maxDowntimeMs, lower the guest's load, or force-complete.
+        _fail(b, "NotConverging",
+              f"source host {st.source_host}: {tr.error}; dirty rate {_mib(tr.dirty_rate_bps)} MiB/s, "
+              f"link {_mib(tr.bandwidth_bps)} MiB/s, throttle {tr.max_throttle_percent or 0}%, "
+              f"{tr.downtime_steps or 0} downtime steps; the droplet keeps running on {st.source_host} "
+              f"(raise spec.limits.maxDowntimeMs, or set spec.forceComplete to pause it and finish)",
+              offline_needed=True)
         return True
-    if tr is not None and tr.failed:
-        _attempt_failed(
-            b, "TransferFailed", f"source host {st.source_host} {tr.state.lower()}: {tr.error or 'no reason given'}"
-        )
+    src_failed = tr is not None and tr.failed
+    tgt_failed = tg is not None and tg.state == TargetState.FAILED
+    source_word = f"source host {st.source_host} {tr.state.lower()}: {tr.error or 'no reason given'}" if src_failed else ""  # type: ignore[union-attr]
+    target_word = f"target host {st.target_host} failed: {tg.error or 'no reason given'}" if tgt_failed else ""  # type: ignore[union-attr]
+    if src_failed or tgt_failed:
+        src_witness = src_failed and peer_lost(tr.error)  # type: ignore[union-attr]
+        tgt_witness = tgt_failed and peer_lost(tg.error)  # type: ignore[union-attr]
+        if src_failed and not src_witness:
+            _attempt_failed(b, "SourceFailed", source_word + (f" (target host saw: {tg.error})" if tgt_failed else ""))  # type: ignore[union-attr]
+        elif tgt_failed and not tgt_witness:
+            _attempt_failed(b, "TargetFailed", target_word + (f" (source host saw: {tr.error})" if src_failed else ""))  # type: ignore[union-attr]
+        elif src_failed and tgt_failed:
+            _attempt_failed(b, "ConnectionLost", f"both sides lost the connection: {source_word}; {target_word}")
+        else:
+            return _await_witness(b, tr, tg, source_word or target_word)
         return True
     if b.obs.target_host_ready is False:
         _attempt_failed(b, "TargetHostNotReady", f"target host {st.target_host} is not ready")
         return True
     return False
+
+
+def _await_witness(b: _Builder, tr: TransferReport | None, tg: TargetReport | None, seen: str) -> bool:
+    """One side saw its peer go: give the other side WITNESS_SECONDS (from when the operator
+    first saw this) to say why, then close the attempt as ConnectionLost."""
+    st, now = b.st, b.now
+    fp = _fingerprint(tr, tg)
+    mark = st.progress_mark
+    if mark is None or mark.attempt != st.attempt or mark.fingerprint != fp:
+        mark = ProgressMark(st.attempt, fp, now)
+        b.set(progress_mark=mark)
+    waited = _secs(now - mark.at)
+    if waited >= WITNESS_SECONDS:
+        _attempt_failed(b, "ConnectionLost", f"{seen}; the other side reported no failure of its own within "
+                                             f"{WITNESS_SECONDS:.0f} s")
+        return True
+    b.wait("PeerLost", f"{seen}; waiting up to {WITNESS_SECONDS:.0f} s for the other side's account "
+                       "before naming the side that failed", WITNESS_SECONDS - waited)
+    return True
+
+
+def _mib(v: int | None) -> str:
+    return f"{(v or 0) / 1048576:.1f}"
 
 
 def _fingerprint(tr: TransferReport | None, tg: TargetReport | None) -> str:
@@ -613,6 +667,7 @@ def _precopy(b: _Builder) -> None:
         return
     if tr is not None and tr.progress is not None:
         b.set(progress=max(0, min(100, int(tr.progress))))
+    _check_outlook(b, tr)
     if _ready_to_flip(b, tr, tg):
         b.transition(
             Phase.CUTOVER,
@@ -640,8 +695,60 @@ def _ready_to_flip(b: _Builder, tr: TransferReport | None, tg: TargetReport | No
     st = b.st
     b.actions.append(FlipRecord(b.obs.spec.droplet, st.source_host, st.target_host))  # type: ignore[arg-type]
     if tr.downtime_ms is not None:
-        b.set(downtime_ms=tr.downtime_ms)
+        _record_downtime(b, tr)
     return True
+
+
+def _record_downtime(b: _Builder, tr: TransferReport) -> None:
+    """The measured downtime next to its budget; ``DowntimeBudgetExceeded`` and a Warning
+    Event when it is over (a forced completion says so; downtime steps name the ceiling)."""
+    st = b.st
+    budget = (st.effective_limits.downtime_ms if st.effective_limits else None) or b.cfg.downtime_budget_ms
+    downtime = int(tr.downtime_ms or 0)
+    b.set(downtime_ms=downtime, downtime_budget_ms=budget)
+    why = []
+    if tr.forced:
+        why.append("force-complete paused the guest whatever the budget")
+    if tr.downtime_steps:
+        why.append(f"{tr.downtime_steps} downtime steps raised the allowed downtime to {tr.allowed_downtime_ms} ms "
+                   f"(ceiling {tr.max_downtime_ms} ms)")
+    if tr.predicted_downtime_ms is not None:
+        why.append(f"{tr.predicted_downtime_ms} ms were expected at the pause")
+    detail = f"downtime {downtime} ms, budget {budget} ms" + (f" ({'; '.join(why)})" if why else "")
+    if tr.forced and (st.condition("ForceCompleted") is None):
+        b.condition("ForceCompleted", True, "ForceCompleted", detail)
+        b.event("Normal", "ForceCompleted", f"force-completed: {detail}")
+    if downtime > budget:
+        over = st.condition("DowntimeBudgetExceeded")
+        if over is None or over.status != "True":
+            b.event("Warning", "DowntimeBudgetExceeded", detail)
+        b.condition("DowntimeBudgetExceeded", True, "ForceCompleted" if tr.forced else "OverBudget", detail)
+    else:
+        b.condition("DowntimeBudgetExceeded", False, "WithinBudget", detail)
+
+
+def _check_outlook(b: _Builder, tr: TransferReport | None) -> None:
+    """During the copy: is the reported ETA still within the attempt's completion budget?
+    ``CompletionAtRisk`` (and one Warning Event) when it is not, cleared when it is again."""
+    if tr is None or tr.attempt != b.st.attempt or tr.eta_seconds is None or tr.state in TRANSFER_FINAL:
+        return
+    attempt = _current_attempt(b.st)
+    if attempt is None:
+        return
+    budget = b.cfg.budget_base_seconds + b.cfg.budget_seconds_per_gib * b.obs.droplet.image_gib
+    used = _secs(b.now - attempt.start_time)
+    left = budget - used
+    cond = b.st.condition("CompletionAtRisk")
+    at_risk = tr.eta_seconds > left
+    if at_risk:
+        msg = (f"ETA {tr.eta_seconds:.0f} s but {max(0.0, left):.0f} s left of the attempt's {budget:.0f} s budget "
+               f"(round {tr.round}, expected downtime {tr.expected_downtime_ms} ms, "
+               f"allowed {tr.allowed_downtime_ms or tr.downtime_budget_ms} ms)")
+        if cond is None or cond.status != "True":
+            b.event("Warning", "CompletionAtRisk", msg)
+            b.condition("CompletionAtRisk", True, "EtaOverBudget", msg)
+    elif cond is not None and cond.status == "True":
+        b.condition("CompletionAtRisk", False, "EtaWithinBudget", f"ETA {tr.eta_seconds:.0f} s, {left:.0f} s left")
 
 
 def _copy_message(tr: TransferReport | None, tg: TargetReport | None) -> str:

@@ -1,6 +1,8 @@
 """The agent-to-agent (VM-to-VM) migration data channel.
 
-- ``auth``: challenge-response over a per-migration secret (HMAC-SHA256, both nonces, id)
+- ``auth``: challenge-response over a per-migration secret (HMAC-SHA256, both nonces, id,
+  the channel asked for)
+- ``channel``: what frames travel in: AES-256-GCM records (default) or plain
 - ``framing``: frame header with kind, block index, length, checksums
 - ``bitmap``: dirty bitmaps and extent coalescing
 - ``digest``: per-block hashes and image digests

@@ -142,17 +142,28 @@ def data_count(length: int, block_size: int) -> int:
 # --- socket helpers -----------------------------------------------------------------
 
 
+def set_kernel_timeouts(sock: socket.socket, seconds: float) -> None:
+    """Make ``sock`` block in the kernel, ``seconds`` at most per send or receive
+    (SO_SNDTIMEO/SO_RCVTIMEO): no poll() before every call as in Python's timeout mode."""
+    tv = struct.pack("@ll", int(seconds), int((seconds - int(seconds)) * 1e6))
+    sock.settimeout(None)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, tv)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, tv)
+
+
 def recv_exact_into(sock: socket.socket, view: memoryview, should_stop=None) -> None:
     """Fill ``view`` from ``sock``. Retries on socket timeouts while ``should_stop()``
-    is false (so a reader with a timeout can wait for a peer that is busy)."""
+    is false (so a reader with a timeout can wait for a peer that is busy). A blocking
+    socket (``set_kernel_timeouts``) waits in the kernel for all of it (MSG_WAITALL)."""
     got = 0
     n = len(view)
+    flags = socket.MSG_WAITALL if sock.gettimeout() is None else 0
     while got < n:
         try:
-            r = sock.recv_into(view[got:], n - got)
-        except TimeoutError:
+            r = sock.recv_into(view[got:], n - got, flags)
+        except (TimeoutError, BlockingIOError):  # BlockingIOError: SO_RCVTIMEO expired
             if should_stop is None or should_stop():
-                raise
+                raise TimeoutError("timed out waiting for the peer") from None
             continue
         if r == 0:
             raise ConnectionClosed("connection closed by peer")
@@ -170,7 +181,10 @@ def send_parts(sock: socket.socket, parts: list) -> None:
     """Send all of ``parts`` (bytes-like) with as few syscalls as possible."""
     views = [memoryview(p).cast("B") for p in parts if len(p)]
     while views:
-        sent = sock.sendmsg(views)
+        try:
+            sent = sock.sendmsg(views)
+        except BlockingIOError:  # SO_SNDTIMEO expired
+            raise TimeoutError("timed out sending to the peer") from None
         while sent:
             if sent >= len(views[0]):
                 sent -= len(views[0])

@@ -14,6 +14,11 @@ from ferry.transfer import framing
 # each (the target writes runs of zeros in pieces of the same size).
 MAX_EXTENT_BYTES = 1 << 20
 
+# Data sockets block in the kernel, with SO_RCVTIMEO/SO_SNDTIMEO as their timeout, and the
+# receiver waits for whole chunks (MSG_WAITALL): Python's timeout mode would poll() before
+# every send and recv. (tests/perf/bench_dataplane_ideas.py measures both.)
+BLOCKING_IO = True
+
 # states (the values of ferry.drivers.base.MigrationState)
 NONE, COPYING, CONVERGING, PAUSED, COMPLETED, RECEIVED, FAILED, ABORTED = (
     "None",

@@ -6,7 +6,10 @@ Per attempt::
               (holes skipped via SEEK_DATA/SEEK_HOLE, all-zero blocks skipped)
     round N   take the dirty bitmaps, send what the guest dirtied meanwhile
               (contiguous blocks coalesced into extents of up to 1 MiB)
-    after each round ask ``policy.after_round``: pause / throttle harder / give up
+    after each round ask ``policy.after_round``: pause / throttle harder / raise the
+              allowed downtime one step / give up (NotConverging)
+    force     ``force_complete()``: pause the guest at once (even mid-round), finish the
+              round and the final round whatever the budget
     final     pause the guest, take the bitmaps, send the rest, then DONE with the
               digests of what was sent; the target compares them with the digests of
               what it holds and answers VERDICT. Downtime = pause -> verdict received.
@@ -27,7 +30,8 @@ from collections.abc import Callable
 from typing import Protocol
 
 from ferry.api.reports import bounded_rounds
-from ferry.transfer import auth, framing
+from ferry.transfer import auth, framing, session
+from ferry.transfer.channel import AES_256_GCM, read_frame
 from ferry.transfer.bitmap import DirtyBitmap, extents, popcount, split_extents
 from ferry.transfer.digest import HASH_NAME, BlockHashes, block_hashes, combine, zero_hash
 from ferry.transfer.framing import HASH_SIZE, Kind
@@ -130,6 +134,8 @@ class SourceEngine:
         secret: bytes,
         migration_id: str,
         downtime_budget_ms: int = 300,
+        max_downtime_ms: int | None = None,
+        force_complete: bool = False,
         bandwidth_bps: int | None = None,
         offline: bool = False,
         policy: PolicyConfig | None = None,
@@ -137,15 +143,17 @@ class SourceEngine:
         connect_timeout: float = 10.0,
         before_round: Callable[[int], None] | None = None,
         on_finish: Callable[["SourceEngine"], None] | None = None,
+        channel: str = AES_256_GCM,
     ):
         self.disk, self.memory, self.guest = disk, memory, guest
         self.on_finish = on_finish  # called in the engine's thread once the attempt ended
         self.target = target
         self.secret = bytes(secret)
         self.migration_id = migration_id
+        self.channel = channel  # asked for: ferry.transfer.channel.AES_256_GCM (default) or PLAIN
         self.offline = offline
         self.bandwidth_limit = bandwidth_bps or 0
-        self.policy = policy or PolicyConfig(downtime_budget_ms=downtime_budget_ms)
+        self.policy = policy or PolicyConfig(downtime_budget_ms=downtime_budget_ms, max_downtime_ms=max_downtime_ms)
         self.io_timeout = io_timeout
         self.connect_timeout = connect_timeout
         self.before_round = before_round  # benchmark hook: before_round(n) just before round n >= 2 takes the bitmaps
@@ -158,6 +166,14 @@ class SourceEngine:
         self.bandwidth_bps = 0.0
         self.dirty_rate_bps = 0.0
         self.expected_downtime_ms = 0.0
+        self.allowed_downtime_ms = float(self.policy.downtime_budget_ms)  # raised by downtime steps
+        self.downtime_steps = 0
+        self.predicted_downtime_ms: int | None = None  # what the policy expected when it paused
+        self.forced = False  # paused by force-complete, not by convergence
+        self._rounds_at_limit = 0
+        self._force = threading.Event()
+        if force_complete:
+            self._force.set()
         self.downtime_ms: int | None = None
         self.digest: str | None = None
         self.target_digest: str | None = None
@@ -179,6 +195,7 @@ class SourceEngine:
         self._verdict: dict | None = None
         self._remote_error: str | None = None
         self._sock: socket.socket | None = None
+        self._chan = None  # the channel frames go through, once the handshake agreed on it
         self._we_paused = False
         self._paused_at: float | None = None
         self._data_frames = 0
@@ -209,6 +226,11 @@ class SourceEngine:
                 sock.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
+
+    def force_complete(self) -> None:
+        """Pause the guest now and finish the copy, whatever the downtime budget.
+        Idempotent; no effect once the guest is paused or the attempt ended."""
+        self._force.set()
 
     @property
     def finished(self) -> bool:
@@ -255,11 +277,11 @@ class SourceEngine:
                     log.exception("on_finish hook failed")
 
     def _send_abort(self, reason: str) -> None:
-        sock = self._sock
-        if sock is not None:
+        sock, chan = self._sock, self._chan
+        if sock is not None and chan is not None:
             try:
                 sock.settimeout(1.0)
-                sock.sendall(framing.control_frame(Kind.ABORT, {"reason": reason}))
+                chan.send_parts([framing.control_frame(Kind.ABORT, {"reason": reason})])
             except OSError:
                 pass
 
@@ -275,6 +297,12 @@ class SourceEngine:
     def _check(self) -> None:
         if self._cancel.is_set():
             raise Cancelled()
+        if self._force.is_set() and self.state in (COPYING, CONVERGING) and not self.offline:
+            self.forced = True
+            predicted = self._expected_if_paused_now()
+            self.predicted_downtime_ms = int(round(predicted)) if predicted != float("inf") else None
+            log.info("migration %s: force-complete, pausing the guest now", self.migration_id)
+            self._pause_guest()
         if self._remote_error:
             raise MigrationFailed(self._remote_error)
 
@@ -300,10 +328,15 @@ class SourceEngine:
         if self._cancel.is_set():
             raise Cancelled()
         try:
-            auth.client_handshake(sock, self.secret, self.migration_id, timeout=self.connect_timeout)
+            hs = auth.client_handshake(sock, self.secret, self.migration_id, timeout=self.connect_timeout,
+                                       channel=self.channel)
         except auth.AuthError as e:
             raise MigrationFailed(f"authentication with target failed: {e}") from None
-        sock.settimeout(self.io_timeout)
+        self._chan = hs.open(sock, self.secret, self.migration_id, "source")
+        if session.BLOCKING_IO:
+            framing.set_kernel_timeouts(sock, self.io_timeout)
+        else:
+            sock.settimeout(self.io_timeout)
         reader = threading.Thread(target=self._reader, name="migrate-reader", daemon=True)
         reader.start()
         self._send(
@@ -339,10 +372,22 @@ class SourceEngine:
                     disk=KindSample(dirty["disk"], prev["disk"], self.disk_throttle),
                     memory=KindSample(dirty["memory"], prev["memory"], self.memory_throttle),
                     bandwidth_bps=self.bandwidth_bps,
+                    allowed_downtime_ms=self.allowed_downtime_ms,
+                    rounds_at_limit=self._rounds_at_limit,
+                    force=self._force.is_set() or self.state == PAUSED,
                 ),
             )
             self.expected_downtime_ms = decision.expected_downtime_ms
+            self._rounds_at_limit = decision.rounds_at_limit
+            if decision.allowed_downtime_ms > self.allowed_downtime_ms:
+                self.downtime_steps += 1
+                self.allowed_downtime_ms = decision.allowed_downtime_ms
+                log.info("round %d: %s", self.round, decision.reason)
             if decision.action is RoundStep.PAUSE:
+                if self.state != PAUSED:
+                    self.forced = self._force.is_set()
+                    e = decision.expected_downtime_ms
+                    self.predicted_downtime_ms = int(round(e)) if e != float("inf") else None
                 break
             if decision.action is RoundStep.FAIL:
                 raise MigrationFailed(decision.reason)
@@ -354,7 +399,8 @@ class SourceEngine:
             self._begin_round()
             self._send_round(self._take_dirty(), full=False)
         if not self.offline:
-            self._pause_guest()
+            if self.state != PAUSED:
+                self._pause_guest()
             self._begin_round()
             self._send_round(self._take_dirty(), full=False)
         # verification
@@ -521,11 +567,11 @@ class SourceEngine:
         self._send_parts([data])
 
     def _send_parts(self, parts: list) -> None:
-        sock = self._sock
-        if sock is None:
+        chan = self._chan
+        if self._sock is None or chan is None:
             raise Cancelled()
         try:
-            framing.send_parts(sock, parts)
+            chan.send_parts(parts)
         except OSError as e:
             if self._cancel.is_set():
                 raise Cancelled() from None
@@ -536,10 +582,10 @@ class SourceEngine:
             raise MigrationFailed(f"connection to target lost: {failure_reason(e)}") from None
 
     def _reader(self) -> None:
-        sock = self._sock
+        sock, chan = self._sock, self._chan
         try:
             while sock is not None and not self._done.is_set():
-                kind, _index, check, payload = framing.read_frame(sock, should_stop=self._done.is_set)
+                kind, _index, check, payload = read_frame(chan, should_stop=self._done.is_set)
                 body = framing.parse_control(payload, check) if kind in framing.CONTROL_KINDS else {}
                 if kind is Kind.VERDICT:
                     self._verdict = body
@@ -575,6 +621,15 @@ class SourceEngine:
         if self.disk_throttle or self.memory_throttle:
             self.disk_throttle = self.memory_throttle = 0
             self.guest.set_throttle(0, 0)
+
+    def _expected_if_paused_now(self) -> float:
+        remaining = sum(self._progress[n].queued + d.dirty.count() * d.block_size
+                        for n, d in (("disk", self.disk), ("memory", self.memory)))
+        bw = self.bandwidth_bps
+        if bw <= 0:  # nothing measured yet (round 1): the current round's rate, else the limit
+            elapsed = time.monotonic() - self._round_started
+            bw = self._round_bytes / elapsed if elapsed > 0.05 and self._round_bytes else float(self.bandwidth_limit)
+        return expected_downtime_ms(remaining, bw, self.policy.verify_overhead_ms)
 
     # --- stats -----------------------------------------------------------------
 
@@ -620,8 +675,15 @@ class SourceEngine:
             "eta_seconds": eta,
             "rounds": list(self.rounds),
             "downtime_ms": self.downtime_ms,
+            "downtime_budget_ms": self.policy.downtime_budget_ms,
+            "max_downtime_ms": self.policy.ceiling_ms,
+            "allowed_downtime_ms": int(round(self.allowed_downtime_ms)),
+            "downtime_steps": self.downtime_steps,
+            "predicted_downtime_ms": self.predicted_downtime_ms,
+            "forced": self.forced,
             "digest": self.digest if self.state == COMPLETED else None,
             "error": self.error,
             "offline": self.offline,
+            "channel": self._chan.name if self._chan is not None else None,
             "elapsed_ms": int(((self.finished_at or time.monotonic()) - self.started_at) * 1000),
         }

@@ -1,7 +1,7 @@
 """The receiving end of a migration's pre-copy: runs in the target VM process.
 
-It accepts one authenticated connection, checks every block against its hash as it
-arrives and writes it; on DONE it compares the source's digests with those of what it
+It accepts one authenticated connection (encrypted, or plain where ``allow_plain``), checks
+every block against its hash as it arrives and writes it; on DONE it compares the source's digests with those of what it
 holds and answers VERDICT. It never runs what it received until its VM is told ``cont``.
 """
 
@@ -17,7 +17,7 @@ import zlib
 from collections.abc import Callable
 from typing import Protocol
 
-from ferry.transfer import auth, framing
+from ferry.transfer import auth, framing, session
 from ferry.transfer.digest import HASH_NAME, BlockHashes, combine, first_mismatch
 from ferry.transfer.framing import HASH_SIZE, Kind
 from ferry.transfer.session import (
@@ -62,12 +62,15 @@ class TargetEngine:
         migration_id: str,
         io_timeout: float = 120.0,
         on_finish: Callable[["TargetEngine"], None] | None = None,
+        allow_plain: bool = False,
     ):
         self.disk, self.memory = disk, memory
         self.secret = bytes(secret)
         self.migration_id = migration_id
         self.io_timeout = io_timeout
         self.on_finish = on_finish
+        self.allow_plain = allow_plain  # take a plain channel if the source asks for one (else encrypted only)
+        self._chan = None
         self.state = NONE
         self.error: str | None = None
         self.round = 0
@@ -141,12 +144,12 @@ class TargetEngine:
             return
         self._conn = conn
         try:
-            self._serve(conn)
+            self._serve(self._chan)
         except Exception as e:  # noqa: BLE001
             reason = "stopped" if self._stop.is_set() else failure_reason(e)
             log.warning("incoming migration %s failed: %s", self.migration_id, reason)
             self._finish(FAILED, reason)
-            self._send_error_and_drain(conn, reason)
+            self._send_error_and_drain(conn, self._chan, reason)
         finally:
             try:
                 conn.close()
@@ -158,7 +161,7 @@ class TargetEngine:
         while not self._stop.is_set():
             conn, peer = ls.accept()
             try:
-                auth.server_handshake(conn, self.secret, self.migration_id)
+                hs = auth.server_handshake(conn, self.secret, self.migration_id, allow_plain=self.allow_plain)
             except (auth.AuthError, OSError) as e:
                 self.auth_failures += 1
                 log.warning("refused data connection from %s for migration %s: %s", peer, self.migration_id, e)
@@ -167,7 +170,9 @@ class TargetEngine:
                 except OSError:
                     pass
                 continue
-            log.info("authenticated data connection from %s for migration %s", peer, self.migration_id)
+            self._chan = hs.open(conn, self.secret, self.migration_id, "target")
+            log.info("authenticated data connection from %s for migration %s (channel %s)", peer, self.migration_id,
+                     self._chan.name)
             try:
                 ls.close()
             except OSError:
@@ -178,14 +183,17 @@ class TargetEngine:
                 conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
             except OSError:
                 pass
-            conn.settimeout(self.io_timeout)
+            if session.BLOCKING_IO:
+                framing.set_kernel_timeouts(conn, self.io_timeout)
+            else:
+                conn.settimeout(self.io_timeout)
             return conn
         raise Cancelled()
 
-    def _send_error_and_drain(self, conn: socket.socket, reason: str) -> None:
+    def _send_error_and_drain(self, conn: socket.socket, chan, reason: str) -> None:
         try:
             conn.settimeout(2.0)
-            conn.sendall(framing.control_frame(Kind.ERROR, {"error": reason}))
+            chan.send_parts([framing.control_frame(Kind.ERROR, {"error": reason})])
             conn.shutdown(socket.SHUT_WR)
             deadline = time.monotonic() + 2.0
             while time.monotonic() < deadline and conn.recv(1 << 16):
@@ -204,7 +212,7 @@ class TargetEngine:
             except Exception:  # noqa: BLE001
                 log.exception("on_finish hook failed")
 
-    def _serve(self, conn: socket.socket) -> None:
+    def _serve(self, chan) -> None:
         self.state = COPYING
         stop = self._stop.is_set
         devs = {Kind.DISK: ("disk", self.disk), Kind.MEMORY: ("memory", self.memory),
@@ -214,7 +222,7 @@ class TargetEngine:
         bufv = memoryview(self._buf)
         got_info = False
         while True:
-            framing.recv_exact_into(conn, headv, stop)
+            chan.recv_into(headv, stop)
             kind, _flags, length, index, check = framing.decode_header(headv)
             if not got_info and kind is not Kind.INFO:
                 raise framing.FrameError(f"expected INFO, got {kind.name}")
@@ -228,7 +236,7 @@ class TargetEngine:
                 if len(self._hl_buf) < hl_len:
                     self._hl_buf = bytearray(hl_len)
                 hlv = memoryview(self._hl_buf)[:hl_len]
-                framing.recv_exact_into(conn, hlv, stop)
+                chan.recv_into(hlv, stop)
                 if zlib.crc32(hlv) != check:
                     raise framing.ChecksumError(f"checksum mismatch in {name} frame at block {index}")
                 hl = bytes(hlv)
@@ -240,7 +248,7 @@ class TargetEngine:
                 for c0 in range(0, count, per):
                     n = min(per, count - c0)
                     data = bufv[: n * bs]
-                    framing.recv_exact_into(conn, data, stop)
+                    chan.recv_into(data, stop)
                     bad = first_mismatch(data, bs, hl[c0 * HASH_SIZE : (c0 + n) * HASH_SIZE])
                     if bad is not None:
                         raise framing.ChecksumError(f"checksum mismatch in {name} frame at block {index + c0 + bad}")
@@ -249,7 +257,7 @@ class TargetEngine:
                 self._hashes[name].set_run(index, hl)
                 self._received[name] += count * bs
                 continue
-            payload = framing.recv_exact(conn, length, stop)
+            payload = chan.recv_exact(length, stop)
             if kind in framing.ZERO_KINDS:
                 name, dev = devs[kind]
                 count = framing.parse_zero(payload, check)
@@ -265,7 +273,7 @@ class TargetEngine:
             elif kind is Kind.ROUND:
                 self.round = index
             elif kind is Kind.DONE:
-                self._verify(conn, body)
+                self._verify(chan, body)
                 return
             elif kind is Kind.ABORT:
                 self._finish(ABORTED, f"source aborted: {body.get('reason', '')}".rstrip(": "))
@@ -296,7 +304,7 @@ class TargetEngine:
             os.pwrite(dev.fd, zero[:n] if n < len(zero) else zero, off)
             off += n
 
-    def _verify(self, conn: socket.socket, body: dict) -> None:
+    def _verify(self, chan, body: dict) -> None:
         disk_root, mem_root = self._hashes["disk"].root(), self._hashes["memory"].root()
         self.digest = combine(disk_root, mem_root)
         ok = body.get("digest") == self.digest and body.get("disk_root") == disk_root.hex() and body.get("memory_root") == mem_root.hex()
@@ -308,7 +316,7 @@ class TargetEngine:
             self._finish(RECEIVED)
         else:
             self._finish(FAILED, f"digest mismatch: source {body.get('digest')}, target {self.digest}")
-        conn.sendall(framing.control_frame(Kind.VERDICT, verdict))
+        chan.send_parts([framing.control_frame(Kind.VERDICT, verdict)])
 
     def stats(self) -> dict:
         out = {}
@@ -336,5 +344,6 @@ class TargetEngine:
             "error": self.error,
             "offline": self.offline,
             "auth_failures": self.auth_failures,
+            "channel": self._chan.name if self._chan is not None else None,
             "address": f"{self.address[0]}:{self.address[1]}" if self.address else None,
         }

@@ -42,7 +42,6 @@ class QemuConfig:
     min_disk_mib: int = 16
     max_vcpus: int = dataclasses.field(default_factory=lambda: os.cpu_count() or 1)
     tb_size_mib: int = 64  # TCG translation cache (QEMU's default is 1 GiB)
-    digest_max_bytes: int = 256 * MIB  # larger disks get a token digest (see digest.py)
     mirror_copy_mode: str = "background"  # or "write-blocking" (libvirt's synchronous writes)
     qmp_timeout: float = 10.0
     stop_timeout: float = 10.0
@@ -64,7 +63,6 @@ class QemuConfig:
             "FERRY_SIZE_SCALE": ("size_scale", float),
             "FERRY_QEMU_MIN_MEMORY_MIB": ("min_memory_mib", int),
             "FERRY_QEMU_MAX_VCPUS": ("max_vcpus", int),
-            "FERRY_QEMU_DIGEST_MAX_BYTES": ("digest_max_bytes", int),
             "FERRY_QEMU_MIRROR_COPY_MODE": ("mirror_copy_mode", str),
         }
         for var, (field, cast) in names.items():

@@ -24,6 +24,7 @@ import threading
 from collections.abc import Mapping
 from typing import Any
 
+from ferry.api.times import fmt, now as utc_now
 from ferry.drivers.base import (
     DriverError,
     MigrationOptions,
@@ -248,15 +249,25 @@ class QemuDriver:
                 self._drop_client(key)
                 return
         process.kill(pid, layout)
+        with contextlib.suppress(FileNotFoundError):
+            layout.pidfile.unlink()  # killed on purpose: not a crash (QEMU removes it itself on quit)
         self._drop_client(key)
+
+    def _crashed(self, layout: VMLayout, meta: dict[str, Any]) -> bool:
+        """No live QEMU, but its pidfile is left: it did not quit (QEMU removes the file on a
+        clean exit, and so does the driver after killing it on purpose)."""
+        return layout.pidfile.exists() and self._pid(layout) is None and meta.get("role") != "target"
 
     def _info(self, key: VMKey, meta: dict[str, Any] | None = None) -> VMInfo:
         layout = self.layout(key)
         meta = meta if meta is not None else (self._read_meta(layout) or {})
         pid = self._pid(layout)
         runstate = self._runstate(key) if pid is not None else None
-        return VMInfo(key=key, state=vm_state(pid is not None, runstate, meta), pid=pid,
-                      migration_id=meta.get("migration_id") if meta.get("role") else None)
+        state = vm_state(pid is not None, runstate, meta)
+        return VMInfo(key=key, state=state, pid=pid,
+                      migration_id=meta.get("migration_id") if meta.get("role") else None,
+                      crashed=state == VMState.STOPPED and self._crashed(layout, meta),
+                      restarts=int(meta.get("restarts") or 0), restarted_at=meta.get("restarted_at"))
 
     # -- Driver protocol -----------------------------------------------------------
 
@@ -286,6 +297,10 @@ class QemuDriver:
                     raise DriverError(f"{key} is being copied by offline migration {meta.get('migration_id')}")
                 return self._info(key, meta)
             new = self._new_meta(spec)
+            if meta:  # crash restarts of this copy (a reboot each) are kept across starts
+                restarted = spec.power_on and self._crashed(layout, meta)
+                new["restarts"] = int(meta.get("restarts") or 0) + (1 if restarted else 0)
+                new["restarted_at"] = fmt(utc_now()) if restarted else meta.get("restarted_at")
             if meta and meta.get("size") and meta["size"] != new["size"]:
                 log.warning("%s: size changed from %s to %s", key, meta["size"], new["size"])
             if not spec.power_on:
@@ -486,6 +501,14 @@ class QemuDriver:
             if meta and meta.get("role") == "source":
                 meta.update(role=None, migration_id=None, offline_source=False)
                 self._write_meta(layout, meta)
+
+    def force_complete(self, key: VMKey) -> None:
+        """Stop the guest now and let the copy finish with it paused (see sequence.py)."""
+        with self._lock:
+            m = self._migrations.get(key)
+        if not isinstance(m, SourceMigration) or m.finished:
+            raise DriverError(f"{key}: no outgoing migration in progress")
+        m.force_complete()
 
     def _undo_completed(self, key: VMKey, m: SourceMigration | None) -> None:
         """The stream completed but the record did not flip: the source runs again

@@ -18,6 +18,27 @@ max-bandwidth, tls-creds); ``migrate``; at ``pre-switchover`` (guest paused)
 digest. Any failure or cancel before that rolls back: ``migrate_cancel``, forced
 ``block-job-cancel``, ``blockdev-del``, ``object-del`` and ``cont``: the source runs
 on its own disk, which the mirror only ever read.
+
+Verification (what "verified" means for qemu): with both guests paused after the
+switchover, each side hashes its whole disk image as ferry's sim driver does (XXH3-128 per
+1 MiB block, SHA-256 over the block hashes: ``ferry.transfer.digest``), reading only the
+ranges that hold data (SEEK_DATA/SEEK_HOLE; holes hash as zeros without a read); the
+operator moves the record only when the two digests are equal. This is a real check of
+every byte of the disk, and it is inside the downtime: its cost grows with the data on the
+disk (``verifyMs`` in status, about 1 s per GiB of written data on this machine), not with
+the disk's size. The bounded variants (hashing during the mirror and re-hashing only what
+QEMU's dirty bitmaps say changed, or checking a frozen target point after resume) are not
+built; see docs/architecture.md. Memory is not hashed: QEMU's migration stream carries
+no end-to-end checksum of RAM; TLS (the PSK channel) authenticates every record of it on
+the wire, and QEMU's dirty logging decides what is resent. The qemu tests check memory
+from inside the guest (a checksum of a region written once at boot, printed before and
+after the move).
+
+Force-complete (``force_complete``): the guest is stopped at once (QMP ``stop``) and the
+downtime-limit raised to QEMU's maximum, so the mirror and the memory copy finish with the
+guest paused; the downtime is measured from that stop. Post-copy is not used: the target
+would have to run before the copy ends (before the placement record may name it), and a
+crash of either side during post-copy loses the guest, whose state is split between them.
 """
 
 from __future__ import annotations
@@ -35,6 +56,8 @@ from collections.abc import Callable
 from typing import Any
 
 from ferry.drivers.base import DriverError, MigrationOptions, MigrationState, MigrationStats
+from ferry.transfer.digest import sparse_image_root
+from ferry.transfer.policy import KindSample, PolicyConfig, PolicyInput, RoundStep, after_round
 
 from .config import (
     PSK_USERNAME,
@@ -120,26 +143,22 @@ def remove_tls_creds(qmp: QMPClient | None, layout: VMLayout, migration_id: str)
     shutil.rmtree(layout.tls_dir(migration_id), ignore_errors=True)
 
 
-def disk_digest(path: pathlib.Path, size: int, migration_id: str, max_bytes: int) -> str:
-    """What both ends report for the operator to compare before cut-over.
+DIGEST_BLOCK = 1 << 20
+MAX_DOWNTIME_LIMIT_MS = 2_000_000  # QEMU's ceiling for downtime-limit (2000 s)
 
-    Up to ``max_bytes``: ``sha256:`` of the whole raw image (the source's after the
-    switchover, the target's before it resumes: both paused). Larger images would add
-    the hashing to the downtime, so they report ``token:`` over the migration id and
-    the size, and rely on QEMU's own stream checks and the mirror's consistent finish.
-    """
-    if size <= max_bytes:
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            left = size
-            while left > 0:
-                chunk = f.read(min(left, 1 << 20))
-                if not chunk:  # shorter file: the rest reads as zeros for the guest
-                    chunk = bytes(min(left, 1 << 20))
-                h.update(chunk)
-                left -= len(chunk)
-        return "sha256:" + h.hexdigest()
-    return "token:" + hashlib.sha256(f"{migration_id}:{size}".encode()).hexdigest()
+
+def disk_digest(path: pathlib.Path, size: int) -> tuple[str, int]:
+    """The digest both ends report for the operator to compare before cut-over, and the
+    milliseconds it took: ``sha256:`` + the root of the raw image's XXH3-128 block hashes
+    (``ferry.transfer.digest``, 1 MiB blocks; a short file's tail and holes count as zeros,
+    as the guest reads them; only ranges holding data are read)."""
+    t0 = time.monotonic()
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        root = sparse_image_root(fd, size, DIGEST_BLOCK)
+    finally:
+        os.close(fd)
+    return "sha256:" + root.hex(), int(round((time.monotonic() - t0) * 1000))
 
 
 def write_json(path: pathlib.Path, data: dict) -> None:
@@ -264,6 +283,39 @@ class SourceMigration(_Migration):
         self.ids = object_ids(migration_id)
         # what has been set up, so a rollback undoes exactly that
         self._tls = self._node = self._mirror = self._migrate = recover
+        self._force = threading.Event()
+        self._forced_at: float | None = None  # when force-complete stopped the guest
+        # downtime steps: ferry's policy decides them per dirty-sync round (QEMU's auto-converge
+        # does the throttle and the switchover itself)
+        self._policy = PolicyConfig(downtime_budget_ms=max(1, int(options.downtime_budget_ms)),
+                                    max_downtime_ms=options.max_downtime_ms,
+                                    throttle_max=max(1, min(99, int(options.max_throttle_percent))))
+        self._allowed_ms = float(self._policy.downtime_budget_ms)
+        self._at_limit = 0
+        self._policy_round = 0
+        self._prev_remaining: int | None = None
+        if options.force_complete:
+            self._force.set()
+
+    def force_complete(self) -> None:
+        """Stop the guest now and finish whatever the budget (acted on by the migration thread)."""
+        self._force.set()
+
+    def _check(self) -> None:
+        super()._check()
+        if self._force.is_set() and self._forced_at is None and not self.offline:
+            self._do_force()
+
+    def _do_force(self) -> None:
+        q = self.qmp
+        self._forced_at = time.monotonic()
+        if q.execute("query-status").get("status") == "running":
+            q.execute("stop")
+        with contextlib.suppress(QMPError):
+            q.execute("migrate-set-parameters", {"downtime-limit": MAX_DOWNTIME_LIMIT_MS})
+        with self.lock:
+            self.tracker.stats.forced = True
+        log.info("migration %s: force-complete, guest stopped", self.migration_id)
 
     def cancel(self, wait: float = 60.0) -> None:
         self.cancel_requested.set()
@@ -351,10 +403,16 @@ class SourceMigration(_Migration):
             "migrate-set-parameters",
             {
                 "tls-creds": self.ids["tls"],
-                "downtime-limit": max(1, int(self.options.downtime_budget_ms)),
+                "downtime-limit": MAX_DOWNTIME_LIMIT_MS if self._forced_at is not None
+                else max(1, int(self.options.downtime_budget_ms)),
                 "max-bandwidth": bandwidth or UNLIMITED_BANDWIDTH,
             },
         )
+        with self.lock:
+            self.tracker.stats.downtime_budget_ms = int(self.options.downtime_budget_ms)
+            self.tracker.stats.max_downtime_ms = max(int(self.options.downtime_budget_ms),
+                                                     int(self.options.max_downtime_ms or 0))
+            self.tracker.stats.allowed_downtime_ms = int(self.options.downtime_budget_ms)
         self._check()
         uri = "tcp:" + format_address(self.target_host, self.target_port)
         q.execute("migrate", {"uri": uri})
@@ -364,6 +422,8 @@ class SourceMigration(_Migration):
             status = self._sample()
             if status == "pre-switchover":
                 break
+            if status == "active" and self._forced_at is None:
+                self._downtime_step()
             if status in ("failed", "cancelled", "cancelling"):
                 raise DriverError(f"migration {status}: {self._migration_error()}")
             if self._mirror_job() is None:
@@ -394,6 +454,30 @@ class SourceMigration(_Migration):
         self._settle_downtime()
         self._finish()
 
+    def _downtime_step(self) -> None:
+        """After each new dirty-sync round: raise downtime-limit one step when auto-converge
+        is at its maximum and the rest still does not fit; fail NotConverging at the ceiling."""
+        with self.lock:
+            st = self.tracker.stats
+            rnd, remaining, bw, throttle = st.round, st.memory.remaining, st.bandwidth_bps, st.throttle_percent
+        if rnd <= self._policy_round or rnd < 2:
+            return
+        self._policy_round = rnd
+        d = after_round(self._policy, PolicyInput(
+            round=rnd, disk=KindSample(0, 0), memory=KindSample(remaining, self._prev_remaining, throttle),
+            bandwidth_bps=float(bw), allowed_downtime_ms=self._allowed_ms, rounds_at_limit=self._at_limit))
+        self._prev_remaining = remaining
+        self._at_limit = d.rounds_at_limit
+        if d.action is RoundStep.FAIL and d.not_converging:
+            raise DriverError(d.reason)
+        if d.allowed_downtime_ms > self._allowed_ms:
+            self._allowed_ms = d.allowed_downtime_ms
+            self.qmp.execute("migrate-set-parameters", {"downtime-limit": int(round(self._allowed_ms))})
+            with self.lock:
+                self.tracker.stats.downtime_steps += 1
+                self.tracker.stats.allowed_downtime_ms = int(round(self._allowed_ms))
+            log.info("migration %s: %s", self.migration_id, d.reason)
+
     def _settle_downtime(self) -> None:
         """QEMU sets "completed" a moment before it computes the downtime (it reads 0
         until then): sample again until it is there, for at most a second."""
@@ -413,10 +497,19 @@ class SourceMigration(_Migration):
         self._node = False
         remove_tls_creds(self.qmp, self.layout, self.migration_id)
         self._tls = False
-        digest = disk_digest(self.layout.disk, self.disk_bytes, self.migration_id, self.config.digest_max_bytes)
+        digest, verify_ms = disk_digest(self.layout.disk, self.disk_bytes)
         with self.lock:
             self.tracker.mirror_done()
             self.tracker.stats.digest = digest
+            self.tracker.stats.verify_ms = verify_ms
+            st = self.tracker.stats
+            if st.downtime_ms is not None or self._forced_at is not None:
+                # QEMU's figure is its own stop -> completed; a force-complete stopped the
+                # guest earlier; and the guest stays down while the disk is verified
+                paused = st.downtime_ms or 0
+                if self._forced_at is not None:
+                    paused = max(paused, int(round((time.monotonic() - self._forced_at) * 1000)) - verify_ms)
+                st.downtime_ms = paused + verify_ms
             self.tracker.stats.throttle_percent = 0
             if self.offline:
                 # one copy of a stopped VM: no rounds, and no guest to be down
@@ -589,9 +682,10 @@ class TargetMigration(_Migration):
                 self._sleep(0.1)
             self.cleanup_nbd()
             remove_tls_creds(self.qmp, self.layout, self.migration_id)
-            digest = disk_digest(self.layout.disk, self.disk_bytes, self.migration_id, self.config.digest_max_bytes)
+            digest, verify_ms = disk_digest(self.layout.disk, self.disk_bytes)
             with self.lock:
                 self.tracker.stats.digest = digest
+                self.tracker.stats.verify_ms = verify_ms
                 self.tracker.stats.state = MigrationState.RECEIVED
             self.persist(force=True)
         except Cancelled:

@@ -18,6 +18,7 @@ import sys
 import time
 
 from ferry.api.reports import RoundReport
+from ferry.api.times import fmt, now as utc_now
 from ferry.drivers.base import (
     DriverError,
     MigrationOptions,
@@ -33,6 +34,7 @@ from ferry.drivers.launcher import Launch, Launcher, ProcessLauncher, VMResource
 from ferry.drivers.sim import control
 from ferry.drivers.sim.image import image_sizes
 from ferry.drivers.sim.layout import LOCK_FILE, LOG_FILE, MIGRATION_FILE, PID_FILE, SOCKET_FILE, SPEC_FILE
+from ferry.transfer.channel import AES_256_GCM, CHANNELS
 
 _STATUS_TO_STATE = {
     "running": VMState.RUNNING,
@@ -73,8 +75,15 @@ def stats_from_dict(d: dict) -> MigrationStats:
                            throttle_percent=r.get("throttle_percent"), paused=bool(r.get("paused")))
                 for r in d.get("rounds") or []],
         downtime_ms=d.get("downtime_ms"),
+        downtime_budget_ms=d.get("downtime_budget_ms"),
+        max_downtime_ms=d.get("max_downtime_ms"),
+        allowed_downtime_ms=d.get("allowed_downtime_ms"),
+        downtime_steps=int(d.get("downtime_steps") or 0),
+        predicted_downtime_ms=d.get("predicted_downtime_ms"),
+        forced=bool(d.get("forced")),
         digest=d.get("digest"),
         error=d.get("error"),
+        channel=d.get("channel"),
     )
 
 
@@ -90,9 +99,13 @@ class SimDriver:
         return None  # a sim VM's vCPUs are a number, not threads
 
     def __init__(self, data_dir: str, size_scale: float = 1.0, write_log: bool = False, *,
-                 python: str | None = None, start_timeout: float = 15.0, launcher: Launcher | None = None):
+                 python: str | None = None, start_timeout: float = 15.0, channel: str = AES_256_GCM,
+                 launcher: Launcher | None = None):
         if size_scale <= 0:
             raise ValueError("size_scale must be > 0")
+        if channel not in CHANNELS:
+            raise ValueError(f"channel must be one of {', '.join(CHANNELS)}")
+        self.channel = channel  # the data channel migrations ask for (and, for plain, also take)
         self.data_dir = os.path.realpath(data_dir)
         self.vms_dir = os.path.join(self.data_dir, "vms")
         self.size_scale = size_scale
@@ -138,8 +151,11 @@ class SimDriver:
                     return None  # it just exited
         raise DriverError(f"{key}: VM process is alive but its control socket does not answer: {last}")
 
-    def _write_spec(self, spec: VMSpec, incoming: bool = False) -> dict:
+    def _write_spec(self, spec: VMSpec, incoming: bool = False, restarted: bool = False) -> dict:
         disk_bytes, memory_bytes = image_sizes(spec.memory_mib, spec.disk_gib, self.size_scale)
+        before = {} if incoming else self._read_spec(spec.key)
+        restarts = int(before.get("restarts") or 0) + (1 if restarted else 0)
+        restarted_at = fmt(utc_now()) if restarted else before.get("restarted_at")
         data = {
             "key": {"namespace": spec.key.namespace, "name": spec.key.name},
             "cpu": spec.cpu,
@@ -154,6 +170,9 @@ class SimDriver:
             # a target not resumed yet: its images are partial or unconfirmed and must
             # never run as the droplet (cleared by the VM process on `cont`)
             "incoming_pending": incoming,
+            # crash restarts of this copy (a reboot each): kept across starts, reported by list_vms
+            "restarts": restarts,
+            "restarted_at": restarted_at,
         }
         d = self.vm_dir(spec.key)
         os.makedirs(d, exist_ok=True)
@@ -248,15 +267,32 @@ class SimDriver:
         except (OSError, ValueError):
             return False
 
+    def _read_spec(self, key: VMKey) -> dict:
+        try:
+            with open(os.path.join(self.vm_dir(key), SPEC_FILE)) as f:
+                data = json.load(f)
+            return data if isinstance(data, dict) else {}
+        except (OSError, ValueError):
+            return {}
+
+    def _crashed(self, key: VMKey) -> bool:
+        """No live process, but the last one left its pid file: it did not exit cleanly (a
+        clean quit removes it; a new start removes a stale one)."""
+        return (os.path.exists(os.path.join(self.vm_dir(key), PID_FILE)) and not self._alive(key)
+                and not self._incoming_pending(key))
+
     def _info(self, key: VMKey, status: dict | None) -> VMInfo:
+        spec = self._read_spec(key)
+        restarts = {"restarts": int(spec.get("restarts") or 0), "restarted_at": spec.get("restarted_at")}
         if status is None:
             state = VMState.INCOMING if self._incoming_pending(key) else VMState.STOPPED
-            return VMInfo(key=key, state=state)
+            return VMInfo(key=key, state=state, crashed=state == VMState.STOPPED and self._crashed(key), **restarts)
         return VMInfo(
             key=key,
             state=_STATUS_TO_STATE.get(status.get("status"), VMState.PAUSED),
             pid=status.get("pid"),
             migration_id=status.get("migration_id"),
+            **restarts,
         )
 
     # --- Driver protocol ----------------------------------------------------------
@@ -288,7 +324,8 @@ class SimDriver:
             return self._info(spec.key, status)
         if self._incoming_pending(spec.key):
             raise DriverError(f"{spec.key}: holds an unfinished incoming migration; destroy it first")
-        self._write_spec(spec)
+        restart = self._crashed(spec.key) and spec.power_on
+        self._write_spec(spec, restarted=restart)
         if not spec.power_on:
             return VMInfo(key=spec.key, state=VMState.STOPPED)
         self._spawn(spec.key)
@@ -328,7 +365,8 @@ class SimDriver:
         self._spawn(spec.key, "--incoming")
         host = bind_host or "127.0.0.1"
         listen = f"[{host}]:0" if ":" in host else f"{host}:0"
-        ret = self.execute(spec.key, "migrate-incoming", {"listen": listen, "secret": bytes(secret).hex(), "id": migration_id})
+        ret = self.execute(spec.key, "migrate-incoming", {"listen": listen, "secret": bytes(secret).hex(), "id": migration_id,
+                                                              "channel": self.channel})
         return ret["uri"] if ":" not in host else f"[{host}]:{ret['uri'].rpartition(':')[2]}"
 
     def start_migration(self, key: VMKey, target: str, secret: bytes, migration_id: str, options: MigrationOptions) -> None:
@@ -350,8 +388,17 @@ class SimDriver:
                 "downtime_ms": options.downtime_budget_ms,
                 "bandwidth_bps": options.bandwidth_bps,
                 "offline": options.offline,
+                "max_downtime_ms": options.max_downtime_ms,
+                "force_complete": options.force_complete,
+                "max_throttle_percent": options.max_throttle_percent,
+                "channel": self.channel,
             },
         )
+
+    def force_complete(self, key: VMKey) -> None:
+        if self._status(key) is None:
+            raise DriverError(f"{key}: VM is not running")
+        self.execute(key, "migrate-force-complete")
 
     def query_migration(self, key: VMKey) -> MigrationStats:
         if self._status(key) is not None:

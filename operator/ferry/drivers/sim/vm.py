@@ -7,8 +7,10 @@ directory, runs the guest workload thread, and answers a QMP-like JSON line prot
     query-status                          -> {status, running, pid, key, migration_id, role, seq, ...}
     stop / cont                           pause / run the guest (cont on a received target adopts it)
     quit                                  stop everything and exit
-    migrate {uri, secret, id, downtime_ms, bandwidth_bps, offline}
-    migrate-incoming {listen, secret, id} -> {uri}
+    migrate {uri, secret, id, downtime_ms, bandwidth_bps, offline, channel, max_downtime_ms,
+             force_complete, max_throttle_percent}
+    migrate-force-complete                pause the guest now and finish the outgoing migration
+    migrate-incoming {listen, secret, id, channel} -> {uri}
     query-migrate                         -> MigrationStats fields
     migrate_cancel                        abort the source side (resume the guest)
     set-workload {pattern, write_rate_kibps}
@@ -18,7 +20,8 @@ directory, runs the guest workload thread, and answers a QMP-like JSON line prot
 ``status`` is one of running, paused, stopped, inmigrate (a target not yet resumed),
 finish-migrate (source paused for the final copy), postmigrate (source done, waiting for
 cut-over). Secrets arrive hex-encoded over the (0600) control socket and are kept in
-memory only.
+memory only. ``channel`` (``ferry.transfer.channel``): ``aes-256-gcm`` (the default) or
+``plain``; an incoming VM given ``plain`` takes either, one given ``aes-256-gcm`` only that.
 """
 
 from __future__ import annotations
@@ -49,7 +52,9 @@ from ferry.drivers.sim.layout import (
 from ferry.drivers.sim.image import DISK_BLOCK_SIZE, MEMORY_PAGE_SIZE, Image
 from ferry.drivers.sim.workload import Guest, last_logged_seq
 from ferry.transfer import session
+from ferry.transfer.channel import AES_256_GCM, CHANNELS, PLAIN
 from ferry.transfer.digest import combine, image_root
+from ferry.transfer.policy import PolicyConfig
 from ferry.transfer.source import SourceEngine
 from ferry.transfer.target import TargetEngine
 
@@ -239,7 +244,8 @@ class VM:
         return {}
 
     def cmd_migrate(self, uri: str, secret: str, id: str, downtime_ms: int = 300, bandwidth_bps: int | None = None,
-                    offline: bool = False, **_ignored) -> dict:
+                    offline: bool = False, channel: str = AES_256_GCM, max_downtime_ms: int | None = None,
+                    force_complete: bool = False, max_throttle_percent: int = 99, **_ignored) -> dict:
         if self.power == "inmigrate":
             raise CommandError("an incoming VM cannot migrate out", "InvalidState")
         if self.source is not None and not self.source.finished:
@@ -254,6 +260,8 @@ class VM:
             key = bytes.fromhex(secret)
         except ValueError:
             raise CommandError("secret must be hex", "InvalidParameter") from None
+        if channel not in CHANNELS:
+            raise CommandError(f"channel must be one of {', '.join(CHANNELS)}", "InvalidParameter")
         eng = SourceEngine(
             disk=self.disk,
             memory=self.memory,
@@ -261,14 +269,21 @@ class VM:
             target=uri,
             secret=key,
             migration_id=id,
-            downtime_budget_ms=int(downtime_ms),
+            policy=PolicyConfig(downtime_budget_ms=int(downtime_ms),
+                                max_downtime_ms=int(max_downtime_ms) if max_downtime_ms else None,
+                                throttle_max=max(1, min(99, int(max_throttle_percent)))),
+            force_complete=bool(force_complete),
             bandwidth_bps=int(bandwidth_bps) if bandwidth_bps else None,
             offline=bool(offline),
             on_finish=self._source_finished,
+            channel=channel,
         )
         if self._corrupt_frame is not None:
             eng.corrupt_data_frame, self._corrupt_frame = self._corrupt_frame, None
         self.source, self.target = eng, None
+        # On disk before a byte moves: if this process dies mid-copy, the agent still learns
+        # which migration it was sending (and says the source failed, not the target).
+        self._persist_migration({**eng.stats(), "state": session.COPYING})
         eng.start()
         log.info("migration %s to %s started (offline=%s, budget %s ms, limit %s B/s)", id, uri, offline, downtime_ms, bandwidth_bps)
         return {}
@@ -277,7 +292,13 @@ class VM:
         self._persist_migration(eng.stats())
         self._persist_guest()
 
-    def cmd_migrate_incoming(self, listen: str, secret: str, id: str) -> dict:
+    def cmd_migrate_force_complete(self) -> dict:
+        if self.source is None or self.source.finished:
+            raise CommandError("no outgoing migration in progress", "InvalidState")
+        self.source.force_complete()
+        return {}
+
+    def cmd_migrate_incoming(self, listen: str, secret: str, id: str, channel: str = AES_256_GCM) -> dict:
         if self.power != "inmigrate":
             raise CommandError("not an incoming VM", "InvalidState")
         if self.target is not None and self.target.state not in session.TERMINAL:
@@ -293,8 +314,10 @@ class VM:
             key = bytes.fromhex(secret)
         except ValueError:
             raise CommandError("secret must be hex", "InvalidParameter") from None
+        if channel not in CHANNELS:
+            raise CommandError(f"channel must be one of {', '.join(CHANNELS)}", "InvalidParameter")
         eng = TargetEngine(
-            disk=self.disk, memory=self.memory, secret=key, migration_id=id,
+            disk=self.disk, memory=self.memory, secret=key, migration_id=id, allow_plain=channel == PLAIN,
             on_finish=lambda e: self._persist_migration(e.stats()),
         )
         try:
