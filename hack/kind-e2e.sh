@@ -181,7 +181,7 @@ wait_for_pods() {  # wait_for_pods COMPONENT COUNT: COUNT pods exist and are Rea
 }
 k -n "${NAMESPACE}" rollout status deployment/"${RELEASE}-operator" --timeout 180s
 k -n "${NAMESPACE}" rollout status daemonset/"${RELEASE}-metadata" --timeout 180s
-# Helm does not wait for an OnDelete DaemonSet (the agents), and rollout status refuses it.
+# Wait for the pods themselves (also right for an agent DaemonSet set to OnDelete).
 wait_for_pods agent "${WORKERS}"
 wait_for_pods metadata "${WORKERS}"
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from pods import running_pod, vm_pods
 from steps import apply_example_hosts, example_droplet, migration, place, vms_on
 from support import wait_until
 
@@ -33,6 +34,7 @@ def test_ferry_drain_moves_every_droplet_off_the_host(e2e, ns):
 def test_cancel_mid_copy_keeps_the_droplet_on_its_source(e2e, ns):
     apply_example_hosts(e2e)
     source = place(e2e, ns, "cancel-1")
+    source_pod = running_pod(e2e, ns, "cancel-1") if e2e.external else None
     # 1 MiB/s: the example's disk (80 MiB at the tests' size scale) takes over a minute to copy.
     name = e2e.ferry("-n", ns, "migrate", "cancel-1", "--bandwidth", "1").stdout.strip()
 
@@ -55,3 +57,8 @@ def test_cancel_mid_copy_keeps_the_droplet_on_its_source(e2e, ns):
     # Still running where it was, and nowhere else (the target's incoming copy is gone).
     wait_until(lambda: "cancel-1" in vms_on(e2e, source, ns) and "cancel-1" not in vms_on(e2e, target, ns), 60,
                what=f"cancel-1 only on {source}")
+    if e2e.external:  # the chart's launcher pods: the target's pod is gone, the source's never changed
+        wait_until(lambda: [p["spec"]["nodeName"] for p in vm_pods(e2e, ns, "cancel-1")] == [source], 60,
+                   what=f"cancel-1's one pod on {source}")
+        [pod] = vm_pods(e2e, ns, "cancel-1")
+        assert pod["metadata"]["uid"] == source_pod["metadata"]["uid"]

@@ -297,7 +297,10 @@ class ChartIdentities:
         """Wait until the API server enforces the admission policy (its informers pick up the
         policy and binding a moment after they are created): a dry-run status write by an agent
         token that names no node, on a canary LiveMigration, must be denied by the policy."""
-        names = [d["metadata"]["name"] for d in select(self.applied, ("ValidatingAdmissionPolicy",))]
+        # (the policies that judge this canary's write: the launcher-pod policy judges pods only)
+        names = [d["metadata"]["name"] for d in select(self.applied, ("ValidatingAdmissionPolicy",))
+                 if any("livemigrations/status" in r.get("resources", [])
+                        for r in d["spec"]["matchConstraints"]["resourceRules"])]
         if not names:
             return
         canary = "ferry-policy-canary"

@@ -128,7 +128,7 @@ def test_install_creates_every_object_and_uninstall_removes_them_but_keeps_the_c
         kubectl("get", "crd", crd)   # Helm never deletes crds/
 
 
-def test_upgrade_changes_a_setting_and_rolls_the_operator_but_not_the_agents(
+def test_upgrade_changes_a_setting_and_rolls_the_operator_and_the_agents(
         helm: Any, kubectl: Any, namespace: str, release: str, installed: dict[str, Any]) -> None:
     def get(kind: str, name: str) -> dict[str, Any]:
         return json.loads(kubectl("get", kind, name, "-n", namespace, "-o", "json").stdout)
@@ -138,7 +138,9 @@ def test_upgrade_changes_a_setting_and_rolls_the_operator_but_not_the_agents(
     assert get("configmap", f"{release}-ferry-settings")["data"]["FERRY_NOTICE_SECONDS"] == "30"
     after = get("deployment", f"{release}-ferry-operator")["spec"]["template"]["metadata"]["annotations"]
     assert after["checksum/settings"] != before["checksum/settings"]
-    assert get("daemonset", f"{release}-ferry-agent")["spec"]["updateStrategy"]["type"] == "OnDelete"
+    # the VMs live in their own pods: the agents roll too, surging one node at a time
+    assert get("daemonset", f"{release}-ferry-agent")["spec"]["updateStrategy"] == {
+        "type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}}
 
 
 def test_bad_values_fail_the_install_and_create_nothing(helm: Any, kubectl: Any, namespace: str, release: str) -> None:

@@ -182,8 +182,10 @@ def test_agent_reads_everything_it_serves_but_writes_no_droplet_and_creates_no_m
     # Secrets: by name only (cannot enumerate them), never write them.
     agent.denied_by_rbac("list", "get", "secrets", "-n", ns)
     agent.denied_by_rbac("create", "create", "secret", "generic", "x", "-n", ns, "--from-literal=a=b")
-    # Nothing else in the cluster.
-    agent.denied_by_rbac("list", "get", "pods", "-n", ns)
+    # Pods: its droplets' VM pods (the admission policy holds it to its own node); nothing else.
+    agent.allowed("get", "pods", "-n", ns)
+    agent.denied_by_rbac("list", "get", "configmaps", "-n", ns)
+    agent.denied_by_rbac("list", "get", "deployments", "-n", ns)
     agent.denied_by_rbac("create", "create", "clusterrolebinding", f"{chart.release}-escalate",
                          "--clusterrole=cluster-admin", f"--user={agent.ident.username}")
 
@@ -294,8 +296,29 @@ def policed(kubectl: Any, kubeconfig: str, namespace: str, release: str, tmp_pat
             world: dict[str, str]) -> Iterator[tuple[ChartIdentities, str]]:
     """The chart's RBAC plus its agent admission policy."""
     with ChartIdentities(kubectl, kubeconfig, namespace, tmp_path, release=release, admission_policy=True) as c:
-        [policy] = [d["metadata"]["name"] for d in c.applied if d["kind"] == "ValidatingAdmissionPolicy"]
+        [policy] = [d["metadata"]["name"] for d in c.applied if d["kind"] == "ValidatingAdmissionPolicy"
+                    and d["metadata"]["name"].endswith("-agent-scope")]
         yield c, policy
+
+
+def test_agent_creates_unprivileged_vm_pods_on_its_own_node_only(policed: tuple[ChartIdentities, str], kubectl: Any,
+                                                                 world: dict[str, str]) -> None:
+    chart, _ = policed
+    ns = world["namespace"]
+    agent = Probe(kubectl, chart.identity("agent", node_name=world["host_a"]))
+
+    def pod(node: str, **container: Any) -> str:
+        return json.dumps({"apiVersion": "v1", "kind": "Pod", "metadata": {"generateName": "ferry-vm-x-", "namespace": ns},
+                           "spec": {"nodeName": node, "automountServiceAccountToken": False,
+                                    "containers": [{"name": "vm", "image": "ferry:dev", **container}]}})
+
+    agent.allowed("create", "--dry-run=server", "-f", "-", input=pod(world["host_a"]))
+    for body, why in ((pod(world["host_b"]), "own node only"),
+                      (pod(world["host_a"], securityContext={"privileged": True}), "must be unprivileged"),
+                      (pod(world["host_a"], securityContext={"capabilities": {"add": ["SYS_ADMIN"]}}),
+                       "must be unprivileged")):
+        proc = agent.run("create", "--dry-run=server", "-f", "-", input=body)
+        assert proc.returncode != 0 and "agent-launcher" in proc.stderr and why in proc.stderr, proc.stderr
 
 
 def test_pod_bound_agent_token_names_its_node(policed: tuple[ChartIdentities, str], kubectl: Any,

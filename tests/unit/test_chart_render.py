@@ -334,10 +334,15 @@ def test_agent_daemonset_serves_the_node_it_runs_on(helm: str) -> None:
     spec = ds["spec"]["template"]["spec"]
     assert spec["hostNetwork"] is True
     assert spec["nodeSelector"] == {"ferry.dev/host": "true"}
-    assert ds["spec"]["updateStrategy"] == {"type": "OnDelete"}
+    # VMs live in launcher pods, so agents roll like any DaemonSet
+    assert ds["spec"]["updateStrategy"] == {"type": "RollingUpdate",
+                                              "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}}
     [c] = spec["containers"]
     assert c["args"] == ["agent", "--host", "$(NODE_NAME)", "--data-dir", "/var/lib/ferry",
                          "--driver", "sim", "--address", "$(HOST_IP)"]
+    assert env_value(c, "FERRY_LAUNCHER")["value"] == "pod"
+    assert env_value(c, "FERRY_LAUNCHER_IMAGE")["value"] == c["image"]
+    assert env_value(c, "FERRY_LAUNCHER_HOST_DATA_DIR")["value"] == "/var/lib/ferry"
     assert env_value(c, "NODE_NAME")["valueFrom"]["fieldRef"]["fieldPath"] == "spec.nodeName"
     assert env_value(c, "HOST_IP")["valueFrom"]["fieldRef"]["fieldPath"] == "status.hostIP"
     data = next(v for v in spec["volumes"] if v["name"] == "data")
@@ -429,6 +434,7 @@ def test_operator_rules_are_exactly_what_it_needs(helm: str) -> None:
         ("ferry.dev", ["hosts", "droplets"], ["get", "list", "watch", "patch"]),
         ("ferry.dev", ["livemigrations"], ["get", "list", "watch", "patch", "create", "delete"]),
         ("ferry.dev", ["livemigrations/finalizers"], ["update"]),
+        ("", ["nodes"], ["get", "list", "watch"]),
         ("ferry.dev", ["hosts/status", "droplets/status", "livemigrations/status"], ["get", "patch"]),
         ("apiextensions.k8s.io", ["customresourcedefinitions"], ["get", "list", "watch"]),
         ("kopf.dev", ["clusterkopfpeerings"], ["list", "watch"]),
@@ -438,14 +444,19 @@ def test_operator_rules_are_exactly_what_it_needs(helm: str) -> None:
     assert rules_of(docs, "ferry-operator-secrets") == flat(("", ["secrets"], ["create", "get", "delete"]))
 
 
-def test_agent_rules_are_reads_and_two_status_subresources(helm: str) -> None:
+def test_agent_rules_are_reads_two_status_subresources_and_its_vm_pods(helm: str) -> None:
     docs = render(helm)
     rules = rules_of(docs, "ferry-agent")
     assert rules == flat(
         ("ferry.dev", ["hosts", "droplets", "livemigrations"], ["get", "list", "watch"]),
         ("ferry.dev", ["hosts/status", "livemigrations/status"], ["get", "patch"]),
         *EVENTS,
+        ("", ["pods"], ["get", "list", "watch", "create", "delete"]),
+        ("policy", ["poddisruptionbudgets"], ["get", "create"]),
     )
+    # the launcher pods: only on the agent's own node, only unprivileged
+    policy = one(docs, "ValidatingAdmissionPolicy", "ferry-agent-launcher")
+    assert policy["spec"]["matchConstraints"]["resourceRules"][0]["resources"] == ["pods"]
     assert not {r for r in rules if r[1].startswith("droplets") and r[2] not in ("get", "list", "watch")}
     assert rules_of(docs, "ferry-agent-secrets") == flat(("", ["secrets"], ["get"]))
 
@@ -470,14 +481,15 @@ def test_secret_namespaces_turn_cluster_bindings_into_role_bindings(helm: str) -
 
 def test_admission_policy_targets_the_agent_identity_of_this_release(helm: str) -> None:
     docs = render(helm, release="prod")
-    policy = one(docs, "ValidatingAdmissionPolicy")
-    assert policy["metadata"]["name"] == "prod-ferry-agent-scope"
+    policy = one(docs, "ValidatingAdmissionPolicy", "prod-ferry-agent-scope")
     [cond] = policy["spec"]["matchConditions"]
     assert cond["expression"] == 'request.userInfo.username == "system:serviceaccount:ferry-system:prod-ferry-agent"'
     [rule] = policy["spec"]["matchConstraints"]["resourceRules"]
     assert rule["resources"] == ["hosts/status", "livemigrations/status"] and rule["operations"] == ["UPDATE"]
-    binding = one(docs, "ValidatingAdmissionPolicyBinding")
+    binding = one(docs, "ValidatingAdmissionPolicyBinding", "prod-ferry-agent-scope")
     assert binding["spec"] == {"policyName": "prod-ferry-agent-scope", "validationActions": ["Deny"]}
+    launcher = one(docs, "ValidatingAdmissionPolicy", "prod-ferry-agent-launcher")
+    assert launcher["spec"]["matchConditions"] == policy["spec"]["matchConditions"]
     assert not [d for d in render(helm, {"admissionPolicy": {"enabled": False}})
                 if d["kind"].startswith("ValidatingAdmissionPolicy")]
 

@@ -2,6 +2,7 @@
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -105,15 +106,17 @@ def test_reattach_after_agent_restart(driver, tmp_path):
                what="VM process gone")
 
 
-def test_a_dead_pid_or_foreign_process_is_not_attached(driver):
+def test_liveness_is_the_vms_lock_not_its_pid_file(driver):
+    """A VM process in another pid namespace (a launcher pod) has a pid that means nothing
+    here: the VM's lock decides whether it lives, and a killed VM is never attached."""
     info = driver.start(spec(rate=0))
     pid_file = os.path.join(driver.vm_dir(KEY), "pid")
     with open(pid_file, "w") as f:
-        f.write(str(os.getpid()))  # a live pid that is not this VM
-    assert driver.list_vms()[0].state is VMState.STOPPED
-    with open(pid_file, "w") as f:
-        f.write(str(info.pid))
+        f.write("1")  # what a pod's VM process writes: its own pid 1
     assert driver.list_vms()[0].state is VMState.RUNNING
+    os.kill(info.pid, signal.SIGKILL)
+    wait_until(lambda: driver.list_vms()[0].state is VMState.STOPPED, what="killed VM seen as stopped")
+    assert os.path.exists(os.path.join(driver.vm_dir(KEY), "lock"))  # the file stays; the lock went with the process
 
 
 def test_stop_keeps_images_and_start_continues(driver):

@@ -15,7 +15,7 @@ import kopf
 
 from ferry.api.livemigration import MigrationStatus
 from ferry.api.phases import TERMINAL
-from ferry.controller import app, droplet_reconciler, host_reconciler, migration_reconciler
+from ferry.controller import app, droplet_reconciler, host_reconciler, migration_reconciler, node_reconciler
 from ferry.controller.app import RESOURCES, ctx
 
 HOST, DROPLET, LM = RESOURCES["Host"], RESOURCES["Droplet"], RESOURCES["LiveMigration"]
@@ -85,3 +85,8 @@ async def host_event(type: str | None, body: kopf.Body, memo: kopf.Memo, logger:
 @kopf.timer(*HOST, interval=2.0, initial_delay=3.0)
 async def host_timer(body: kopf.Body, memo: kopf.Memo, logger: logging.Logger, **_: Any) -> None:
     await host_reconciler.reconcile_host(ctx(memo), body.metadata.name, logger)
+
+
+@kopf.on.event("", "v1", "nodes")
+async def node_event(body: kopf.Body, memo: kopf.Memo, logger: logging.Logger, **_: Any) -> None:
+    await node_reconciler.on_node(ctx(memo), dict(body), logger)

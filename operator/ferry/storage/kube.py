@@ -189,6 +189,34 @@ class Kube:
         except NotFound:
             pass
 
+    # --- core objects the launcher manages (pods, disruption budgets) --------------------
+    def create_core(self, path: str, body: Mapping[str, Any], what: str) -> dict[str, Any]:
+        """POST ``body`` to a namespaced collection, e.g. ``/api/v1/namespaces/NS/pods``."""
+        return self._call("post", path, what, data=json.dumps(dict(body)), headers={"Content-Type": "application/json"})
+
+    def list_core(self, path: str, what: str, selector: str | None = None,
+                  field_selector: str | None = None) -> list[dict[str, Any]]:
+        params = {k: v for k, v in (("labelSelector", selector), ("fieldSelector", field_selector)) if v}
+        return self._get(path, what, params or None).get("items") or []
+
+    def get_core(self, path: str, what: str) -> dict[str, Any] | None:
+        try:
+            return self._get(path, what)
+        except NotFound:
+            return None
+
+    def delete_core(self, path: str, what: str, grace_seconds: int | None = None) -> None:
+        """Delete one object (absent: nothing to do); ``grace_seconds=0`` ends a pod at once."""
+        kw: dict[str, Any] = {}
+        if grace_seconds is not None:
+            kw["data"] = json.dumps({"kind": "DeleteOptions", "apiVersion": "v1", "gracePeriodSeconds": grace_seconds,
+                                     "propagationPolicy": "Background"})
+            kw["headers"] = {"Content-Type": "application/json"}
+        try:
+            self._call("delete", path, what, **kw)
+        except NotFound:
+            pass
+
     # --- events -------------------------------------------------------------------------
     def event(self, obj: Mapping[str, Any], type_: str, reason: str, message: str,
               component: str = "ferry-operator") -> str | None:

@@ -2,9 +2,10 @@
 
 State lives in ``<data_dir>/vms/<ns>__<name>/``: ``vm.json`` (spec and sizes), ``disk.img``
 (sparse, 64 KiB blocks), ``mem.img`` (4 KiB pages), ``control.sock``, ``pid``, ``log``,
-and ``writes.log`` when ``write_log`` is on. VM processes are started detached (own
-session), so they outlive the agent; ``list_vms()`` re-attaches by scanning the
-directory (pid alive and the control socket answers).
+and ``writes.log`` when ``write_log`` is on. VM processes are started by a launcher
+(``ferry.drivers.launcher``: a plain process in its own session, or a pod on the host's node),
+so they outlive the agent; ``list_vms()`` re-attaches by scanning the directory (the VM
+process holds its ``lock`` and its control socket answers).
 """
 
 from __future__ import annotations
@@ -13,8 +14,6 @@ import dataclasses
 import json
 import os
 import shutil
-import signal
-import subprocess
 import sys
 import time
 
@@ -31,9 +30,10 @@ from ferry.drivers.base import (
     VMSpec,
     VMState,
 )
+from ferry.drivers.launcher import Launch, Launcher, ProcessLauncher, VMResources, vm_alive
 from ferry.drivers.sim import control
 from ferry.drivers.sim.image import image_sizes
-from ferry.drivers.sim.layout import LOG_FILE, MIGRATION_FILE, PID_FILE, SOCKET_FILE, SPEC_FILE, WRITE_LOG
+from ferry.drivers.sim.layout import LOCK_FILE, LOG_FILE, MIGRATION_FILE, PID_FILE, SOCKET_FILE, SPEC_FILE, WRITE_LOG
 from ferry.transfer.channel import AES_256_GCM, CHANNELS
 
 _STATUS_TO_STATE = {
@@ -87,20 +87,6 @@ def stats_from_dict(d: dict) -> MigrationStats:
     )
 
 
-def _pid_alive(pid: int, vm_dir: str) -> bool:
-    """True if ``pid`` is a live (not zombie) sim VM process for ``vm_dir``."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read()
-        if stat[stat.rindex(b")") + 2 : stat.rindex(b")") + 3] in (b"Z", b"X"):
-            return False
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            cmdline = f.read().split(b"\0")
-    except (OSError, ValueError):
-        return False
-    return b"ferry.drivers.sim.vm" in cmdline and os.fsencode(vm_dir) in cmdline
-
-
 class SimDriver:
     name = "sim"
 
@@ -113,7 +99,8 @@ class SimDriver:
         return None  # a sim VM's vCPUs are a number, not threads
 
     def __init__(self, data_dir: str, size_scale: float = 1.0, write_log: bool = False, *,
-                 python: str | None = None, start_timeout: float = 15.0, channel: str = AES_256_GCM):
+                 python: str | None = None, start_timeout: float = 15.0, channel: str = AES_256_GCM,
+                 launcher: Launcher | None = None):
         if size_scale <= 0:
             raise ValueError("size_scale must be > 0")
         if channel not in CHANNELS:
@@ -125,7 +112,7 @@ class SimDriver:
         self.write_log = write_log
         self.python = python or sys.executable
         self.start_timeout = start_timeout
-        self._children: dict[int, subprocess.Popen] = {}
+        self.launcher: Launcher = launcher or ProcessLauncher(PID_FILE)
         os.makedirs(self.vms_dir, exist_ok=True)
 
     # --- paths and processes -------------------------------------------------------
@@ -136,19 +123,9 @@ class SimDriver:
     def _sock(self, key: VMKey) -> str:
         return os.path.join(self.vm_dir(key), SOCKET_FILE)
 
-    def _reap(self) -> None:
-        for pid, p in list(self._children.items()):
-            if p.poll() is not None:
-                del self._children[pid]
-
-    def _pid(self, key: VMKey) -> int | None:
-        self._reap()
-        try:
-            with open(os.path.join(self.vm_dir(key), PID_FILE)) as f:
-                pid = int(f.read().strip())
-        except (OSError, ValueError):
-            return None
-        return pid if _pid_alive(pid, self.vm_dir(key)) else None
+    def _alive(self, key: VMKey) -> bool:
+        """A VM process of this VM lives (it holds the VM's lock), wherever it was launched."""
+        return vm_alive(os.path.join(self.vm_dir(key), LOCK_FILE))
 
     def execute(self, key: VMKey, command: str, arguments: dict | None = None, timeout: float = 30.0) -> dict:
         """Send one control command to the VM process (raw QMP-like access)."""
@@ -162,8 +139,7 @@ class SimDriver:
     def _status(self, key: VMKey) -> dict | None:
         """query-status of a live VM process; None if there is none. A live process that
         does not answer raises (it must never be mistaken for a stopped VM)."""
-        pid = self._pid(key)
-        if pid is None:
+        if not self._alive(key):
             return None
         last = None
         for timeout in (5.0, 15.0):
@@ -171,9 +147,9 @@ class SimDriver:
                 return control.execute(self._sock(key), "query-status", timeout=timeout)
             except (control.ControlUnavailable, control.ControlError, ValueError) as e:
                 last = e
-                if self._pid(key) is None:
+                if not self._alive(key):
                     return None  # it just exited
-        raise DriverError(f"{key}: VM process {pid} is alive but its control socket does not answer: {last}")
+        raise DriverError(f"{key}: VM process is alive but its control socket does not answer: {last}")
 
     def _write_spec(self, spec: VMSpec, incoming: bool = False, restarted: bool = False) -> dict:
         disk_bytes, memory_bytes = image_sizes(spec.memory_mib, spec.disk_gib, self.size_scale)
@@ -206,35 +182,38 @@ class SimDriver:
         os.replace(tmp, os.path.join(d, SPEC_FILE))
         return data
 
-    def _spawn(self, key: VMKey, *flags: str) -> int:
+    def _spawn(self, key: VMKey, *flags: str) -> None:
         d = self.vm_dir(key)
         for stale in (SOCKET_FILE, PID_FILE):
             try:
                 os.unlink(os.path.join(d, stale))
             except FileNotFoundError:
                 pass
-        with open(os.path.join(d, LOG_FILE), "ab") as logf:
-            proc = subprocess.Popen(
-                [self.python, "-m", "ferry.drivers.sim.vm", "--dir", d, *flags],
-                stdin=subprocess.DEVNULL,
-                stdout=logf,
-                stderr=subprocess.STDOUT,
-                close_fds=True,
-                start_new_session=True,
-                cwd=d,
-                env=self._child_env(),
-            )
-        self._children[proc.pid] = proc
+        with open(os.path.join(d, SPEC_FILE)) as f:
+            spec = json.load(f)
+        self.launcher.launch(Launch(
+            key=key,
+            argv=(self.python, "-m", "ferry.drivers.sim.vm", "--dir", d, *flags),
+            vm_dir=d,
+            log_path=os.path.join(d, LOG_FILE),
+            env=tuple(self._child_env().items()),
+            resources=VMResources.of(int(spec["cpu"]), int(spec["memory_mib"]), self.size_scale),
+            role="incoming" if "--incoming" in flags else "vm",
+        ))
         deadline = time.monotonic() + self.start_timeout
+        next_check = 0.0
         while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                raise DriverError(f"{key}: VM process exited at start (code {proc.returncode}): {self._log_tail(key)}")
+            if time.monotonic() >= next_check:  # a pod's state is an API call: not every 20 ms
+                why = self.launcher.exited(key)
+                if why is not None and not self._alive(key):
+                    raise DriverError(f"{key}: {why} at start: {self._log_tail(key)}")
+                next_check = time.monotonic() + (0.5 if self.launcher.name != "process" else 0.0)
             try:
                 control.execute(self._sock(key), "query-status", timeout=2.0)
-                return proc.pid
+                return
             except (control.ControlUnavailable, ValueError):
                 time.sleep(0.02)
-        self._kill(proc.pid)
+        self.launcher.kill(key, d)
         raise DriverError(f"{key}: VM process did not answer within {self.start_timeout}s")
 
     def _log_tail(self, key: VMKey, size: int = 600) -> str:
@@ -247,48 +226,39 @@ class SimDriver:
 
     @staticmethod
     def _child_env() -> dict:
-        env = dict(os.environ)
-        # make the package importable in the child even when run from a source tree
+        """What the VM process needs beyond its launcher's environment: ferry's settings, and
+        the package importable even when run from a source tree."""
+        env = {k: v for k, v in os.environ.items() if k.startswith("FERRY_")}
         pkg_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-        env["PYTHONPATH"] = pkg_root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+        pythonpath = os.environ.get("PYTHONPATH")
+        env["PYTHONPATH"] = pkg_root + (os.pathsep + pythonpath if pythonpath else "")
         return env
 
-    def _kill(self, pid: int, timeout: float = 5.0) -> None:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        p = self._children.pop(pid, None)
-        if p is not None:
-            try:
-                p.wait(timeout)
-            except subprocess.TimeoutExpired:
-                pass
+    def _kill(self, key: VMKey, timeout: float = 30.0) -> None:
+        """End the VM process now; returns when it no longer holds its lock."""
+        self.launcher.kill(key, self.vm_dir(key), timeout)
+        deadline = time.monotonic() + timeout
+        while self._alive(key):
+            if time.monotonic() >= deadline:
+                raise DriverError(f"{key}: VM process still alive {timeout:.0f}s after it was killed")
+            time.sleep(0.05)
 
     def _quit(self, key: VMKey, timeout: float = 10.0) -> None:
-        pid = self._pid(key)
-        if pid is None:
+        if not self._alive(key):
+            self.launcher.release(key)
             return
         try:
             control.execute(self._sock(key), "quit", timeout=5.0)
         except (control.ControlUnavailable, control.ControlError, ValueError):
-            try:
-                os.kill(pid, signal.SIGTERM)  # the VM process quits cleanly on SIGTERM too
-            except ProcessLookupError:
-                pass
+            self._kill(key)  # not answering: it cannot quit cleanly
+            return
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            p = self._children.get(pid)
-            if p is not None:
-                try:
-                    p.wait(0.05)
-                except subprocess.TimeoutExpired:
-                    pass
-            if not _pid_alive(pid, self.vm_dir(key)):
-                self._reap()
+            if not self._alive(key):
+                self.launcher.release(key)
                 return
             time.sleep(0.02)
-        self._kill(pid)
+        self._kill(key)
 
     def _incoming_pending(self, key: VMKey) -> bool:
         try:
@@ -308,7 +278,7 @@ class SimDriver:
     def _crashed(self, key: VMKey) -> bool:
         """No live process, but the last one left its pid file: it did not exit cleanly (a
         clean quit removes it; a new start removes a stale one)."""
-        return (os.path.exists(os.path.join(self.vm_dir(key), PID_FILE)) and self._pid(key) is None
+        return (os.path.exists(os.path.join(self.vm_dir(key), PID_FILE)) and not self._alive(key)
                 and not self._incoming_pending(key))
 
     def _info(self, key: VMKey, status: dict | None) -> VMInfo:
@@ -345,7 +315,7 @@ class SimDriver:
                 out.append(self._info(key, self._status(key)))
             except DriverError:
                 # alive but not answering: it exists; never report it as stopped
-                out.append(VMInfo(key=key, state=VMState.PAUSED, pid=self._pid(key)))
+                out.append(VMInfo(key=key, state=VMState.PAUSED))
         return out
 
     def start(self, spec: VMSpec) -> VMInfo:
@@ -369,10 +339,10 @@ class SimDriver:
             self._quit(key)
         except DriverError:
             pass
-        pid = self._pid(key)
-        if pid is not None:
-            self._kill(pid)
+        if self._alive(key):
+            self._kill(key)
         self._keep_write_log(key)
+        self.launcher.release(key)
         shutil.rmtree(self.vm_dir(key), ignore_errors=True)
 
     def _keep_write_log(self, key: VMKey) -> None:
@@ -397,7 +367,7 @@ class SimDriver:
             if status.get("status") != "inmigrate":
                 raise DriverError(f"{spec.key}: a VM of that name runs here ({status.get('status')})")
             self.destroy(spec.key)  # an incoming VM of another attempt
-        elif self._pid(spec.key) is not None:
+        elif self._alive(spec.key):
             raise DriverError(f"{spec.key}: a VM process of that name exists here but does not answer")
         elif os.path.exists(os.path.join(self.vm_dir(spec.key), SPEC_FILE)):
             if not self._incoming_pending(spec.key):

@@ -35,6 +35,7 @@ import signal
 import socketserver
 import sys
 import threading
+import time
 
 from ferry import failpoints, logs
 from ferry.drivers.sim.layout import (
@@ -458,11 +459,16 @@ def main(argv: list[str] | None = None) -> int:
     logs.configure(logging.INFO)
     vm_dir = os.path.abspath(args.dir)
     lock_fd = os.open(os.path.join(vm_dir, LOCK_FILE), os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        log.error("another VM process owns %s", vm_dir)
-        return 3
+    # the agent tests this lock for an instant (ferry.drivers.launcher.vm_alive): retry briefly
+    for attempt in range(50):
+        try:
+            fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
+        except BlockingIOError:
+            if attempt == 49:
+                log.error("another VM process owns %s", vm_dir)
+                return 3
+            time.sleep(0.02)
     vm = VM(vm_dir, incoming=args.incoming, stopped=args.stopped)
     # bind by a name relative to the VM directory: the absolute path may exceed sun_path
     os.chdir(vm_dir)
