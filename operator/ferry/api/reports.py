@@ -251,11 +251,13 @@ class TargetReport:
                    parse_any(m.get("updatedAt")))
 
 
-#: How the agents' errors say "my peer went away": the exception names the transfer code and
-#: the qemu driver put first (``ConnectionClosed: ...``), and the kernel's own words. A side
+#: How the agents' errors say "my peer went away": ``PeerLost:`` (a driver that knows, e.g. the
+#: qemu mirror failing to write to the target's NBD export), the exception names the transfer
+#: code puts first (``ConnectionClosed: ...``), and the kernel's and QEMU's own words. A side
 #: whose error is only this saw the other side (or the link) fail; it did not fail itself.
-PEER_LOST_MARKERS = ("ConnectionClosed", "ConnectionResetError", "BrokenPipeError", "ConnectionAbortedError",
-                     "connection closed by peer", "Connection reset by peer", "Broken pipe")
+PEER_LOST_MARKERS = ("PeerLost:", "ConnectionClosed", "ConnectionResetError", "BrokenPipeError",
+                     "ConnectionAbortedError", "connection closed by peer", "Connection reset by peer", "Broken pipe",
+                     "Unable to write to socket")
 
 
 def peer_lost(error: str | None) -> bool:

@@ -437,7 +437,8 @@ class SourceMigration(_Migration):
         if ev is None:
             raise DriverError("disk mirror did not finish at the switchover within 120 s")
         if ev.name != "BLOCK_JOB_COMPLETED" or ev.data.get("error"):
-            raise DriverError(f"disk mirror did not complete: {ev.name} {ev.data.get('error', '')}".strip())
+            peer = self._mirror_write_failed(since)
+            raise DriverError(peer or f"disk mirror did not complete: {ev.name} {ev.data.get('error', '')}".strip())
         with self.lock:
             self.tracker.update_mirror(ev.data, time.monotonic())
             self.tracker.mirror_done()
@@ -634,12 +635,25 @@ class SourceMigration(_Migration):
         return "no detail from QEMU"
 
     def _job_end_reason(self, since: int) -> str:
+        peer = self._mirror_write_failed(since)
+        if peer:
+            return peer
         for ev in self.qmp.events(since):
             if ev.name in ("BLOCK_JOB_COMPLETED", "BLOCK_JOB_CANCELLED", "BLOCK_JOB_ERROR") and (
                 ev.data.get("device") == self.ids["job"]
             ):
                 return f"{ev.name} {ev.data.get('error') or ev.data.get('operation') or ''}".strip()
         return "no block-job event"
+
+    def _mirror_write_failed(self, since: int) -> str | None:
+        """The mirror failed writing: its target is the peer's NBD export, so the peer (or the
+        link) failed, not this side. Said with the ``PeerLost:`` mark the operator reads
+        (``ferry.api.reports.peer_lost``) to name the side that failed."""
+        for ev in self.qmp.events(since):
+            if ev.name == "BLOCK_JOB_ERROR" and ev.data.get("device") == self.ids["job"] \
+                    and ev.data.get("operation") == "write":
+                return "PeerLost: the disk mirror could not write to the target's NBD export"
+        return None
 
     def _wait_job_end(self, since: int, timeout: float) -> QMPEvent | None:
         job = self.ids["job"]
