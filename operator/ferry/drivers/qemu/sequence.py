@@ -28,7 +28,9 @@ every byte of the disk, and it is inside the downtime: its cost grows with the d
 disk (``verifyMs`` in status, about 1 s per GiB of written data on this machine), not with
 the disk's size. The bounded variants (hashing during the mirror and re-hashing only what
 QEMU's dirty bitmaps say changed, or checking a frozen target point after resume) are not
-built; see docs/architecture.md. Memory is not hashed: QEMU's migration stream carries
+built: the placement protocol lets the target run only after the record moved on equal
+digests; see docs/architecture.md, and tests/qemu/test_qemu_frozen_point.py for the QEMU side
+of the frozen point (overlay at the pause, hash after resume, block-commit back). Memory is not hashed: QEMU's migration stream carries
 no end-to-end checksum of RAM; TLS (the PSK channel) authenticates every record of it on
 the wire, and QEMU's dirty logging decides what is resent. The qemu tests check memory
 from inside the guest (a checksum of a region written once at boot, printed before and
