@@ -29,6 +29,9 @@ class Settings:
     budget_base_seconds: float = 120.0
     heartbeat_seconds: float = 5.0
     heartbeat_timeout_seconds: float = 30.0
+    #: a source host silent this long is lost: its migrations fail HostNotReady (0: five
+    #: heartbeat timeouts, at least 60 s); until then they wait (an API outage stales every heartbeat)
+    host_lost_seconds: float = 0.0
     placement_strategy: str = "spread"
     metrics_port: int = 8080  # the operator's /metrics (0: off)
     agent_metrics_port: int = 8082  # each agent's /metrics (0: off); agents use the host network in a cluster
@@ -77,7 +80,7 @@ class Settings:
             if getattr(self, name) < 1:
                 raise SettingsError(f"FERRY_{name.upper()} must be at least 1")
         for name in ("notice_seconds", "retry_backoff_seconds", "size_scale", "heartbeat_seconds",
-                     "heartbeat_timeout_seconds", "progress_timeout_seconds", "migration_ttl_seconds",
+                     "heartbeat_timeout_seconds", "host_lost_seconds", "progress_timeout_seconds", "migration_ttl_seconds",
                      "migrations_kept_per_droplet"):
             if getattr(self, name) < 0:
                 raise SettingsError(f"FERRY_{name.upper()} must not be negative")

@@ -152,7 +152,9 @@ def placeholder_node(kubectl: KubectlFn, node_name: str) -> bool:
     kubectl("create", "-f", "-", input=json.dumps({
         "apiVersion": "v1", "kind": "Node",
         "metadata": {"name": node_name, "labels": {"ferry.dev/placeholder": "true"}},
-        "spec": {"unschedulable": True}}))
+        # kept free of pods by a taint, not a cordon: ferry reads a host node's cordon as the
+        # Host's maintenance (ferry.hosts.cordon), and these nodes are named like the Hosts
+        "spec": {"taints": [{"key": "ferry.dev/placeholder", "effect": "NoSchedule"}]}}))
     return True
 
 

@@ -134,7 +134,7 @@ def test_identities_suffice(kubectl: Any, namespace: str, chart: ChartIdentities
 
         wait_until(ended, 120, what="the migration to end")
         lm = get(kubectl, "livemigration", "move", namespace)
-        assert lm["status"]["phase"] == "Completed", lm["status"]
+        assert lm["status"]["phase"] == "Completed", json.dumps(lm["status"])[:3000]
         assert lm["status"]["transfer"]["state"] == "Completed"      # written by the source agent
         assert lm["status"]["target"]["state"] in ("Received", "Running")  # written by the target agent
         assert get(kubectl, "droplet", "web", namespace)["status"]["host"] == target

@@ -204,6 +204,7 @@ def test_nested_virtualization_gets_a_restart_notice(stack):
 
 
 def test_a_droplet_on_a_dead_host_is_not_live_migrated(stack):
+    stack.env["FERRY_HOST_LOST_SECONDS"] = "25"
     a = stack.host("a")
     stack.start_operator()
     stack.wait_hosts_ready()
@@ -215,7 +216,10 @@ def test_a_droplet_on_a_dead_host_is_not_live_migrated(stack):
     wait_until(lambda: stack.get("host", a)["status"]["phase"] == "NotReady", 30, what="host NotReady")
     wait_until(lambda: stack.get("droplet", "web")["status"].get("phase") == "HostLost", 20, what="droplet HostLost")
     stack.migrate("web")
-    st = stack.wait_phase("move", "Failed", timeout=30)
+    # silent for less than FERRY_HOST_LOST_SECONDS: waited for (an API outage looks the same) ...
+    wait_until(lambda: stack.lm().get("reason") == "SourceHostNotReady", 30, what="SourceHostNotReady")
+    # ... then lost
+    st = stack.wait_phase("move", "Failed", timeout=40)
     assert st["reason"] == "HostNotReady" and "live migration is impossible" in st["failureReason"]
     assert stack.get("droplet", "web")["status"]["host"] == a
 

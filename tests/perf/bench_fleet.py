@@ -251,7 +251,7 @@ def wait_for(what: str, cond, timeout: float, every: float = 0.2):
 
 
 def run_once(kubeconfig: str, label: str, src: str, scenario: str, args: argparse.Namespace) -> dict:
-    from ferry.storage import Kube
+    from ferry.storage import Conflict, Kube
 
     kube = Kube.connect(kubeconfig)
     tag = f"{os.getpid()}-{label}-{scenario[:5]}".lower()
@@ -298,9 +298,12 @@ def run_once(kubeconfig: str, label: str, src: str, scenario: str, args: argpars
                 "apiVersion": GROUP, "kind": "Droplet",
                 "metadata": {"name": f"d{i}", "labels": {"ferry.dev/host": h}},
                 "spec": {"size": "s-1vcpu-1gb", "datacenter": "nyc3", "ip": droplet_ip(i)}}, ns)
-            kube.patch_status("Droplet", f"d{i}", {"host": h, "phase": "Placed", "reason": "Placed",
-                                                    "message": f"placed on {h}"}, ns,
-                              resource_version=body["metadata"]["resourceVersion"])
+            try:
+                kube.patch_status("Droplet", f"d{i}", {"host": h, "phase": "Placed", "reason": "Placed",
+                                                        "message": f"placed on {h}"}, ns,
+                                  resource_version=body["metadata"]["resourceVersion"])
+            except Conflict:
+                pass  # the running operator placed it first (its own choice of host): fine too
 
         list(pool.map(droplet, range(args.droplets)))
 

@@ -110,7 +110,7 @@ def machine_config(cx: Context) -> MachineConfig:
         retry_backoff_seconds=s.retry_backoff_seconds, progress_timeout_seconds=s.progress_timeout_seconds,
         budget_seconds_per_gib=s.budget_seconds_per_gib, budget_base_seconds=s.budget_base_seconds,
         poll_seconds=min(30.0, max(1.0, s.heartbeat_timeout_seconds)),
-        host_lost_seconds=max(60.0, 5 * s.heartbeat_timeout_seconds),
+        host_lost_seconds=s.host_lost_seconds or max(60.0, 5 * s.heartbeat_timeout_seconds),
     )
 
 
