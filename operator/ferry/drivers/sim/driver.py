@@ -87,6 +87,13 @@ def stats_from_dict(d: dict) -> MigrationStats:
     )
 
 
+def _not_listening(e: Exception) -> bool:
+    """The socket is not there or refuses: a VM process that has its lock but has not bound
+    its control socket yet (starting), as opposed to one that hangs."""
+    return isinstance(e, control.ControlUnavailable) and ("Connection refused" in str(e) or
+                                                           "No such file or directory" in str(e))
+
+
 class SimDriver:
     name = "sim"
 
@@ -141,14 +148,20 @@ class SimDriver:
         does not answer raises (it must never be mistaken for a stopped VM)."""
         if not self._alive(key):
             return None
-        last = None
+        last: Exception | None = None
+        starting_until = time.monotonic() + 5.0
         for timeout in (5.0, 15.0):
-            try:
-                return control.execute(self._sock(key), "query-status", timeout=timeout)
-            except (control.ControlUnavailable, control.ControlError, ValueError) as e:
-                last = e
-                if not self._alive(key):
-                    return None  # it just exited
+            while True:
+                try:
+                    return control.execute(self._sock(key), "query-status", timeout=timeout)
+                except (control.ControlUnavailable, control.ControlError, ValueError) as e:
+                    last = e
+                    if not self._alive(key):
+                        return None  # it just exited
+                    if _not_listening(e) and time.monotonic() < starting_until:
+                        time.sleep(0.05)  # its lock is taken, its socket not bound yet: it is starting
+                        continue
+                    break
         raise DriverError(f"{key}: VM process is alive but its control socket does not answer: {last}")
 
     def _write_spec(self, spec: VMSpec, incoming: bool = False, restarted: bool = False) -> dict:
