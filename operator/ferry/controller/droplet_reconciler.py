@@ -93,20 +93,26 @@ async def _reconcile(cx: Context, key: ObjectKey, logger: logging.Logger) -> Non
         world.observe("Droplet", "MODIFIED", new)
 
 
+async def _write_conditions(cx: Context, key: ObjectKey, d: Droplet, conditions: list[dict], what: str) -> bool:
+    """Write the droplet's conditions, guarded by the resourceVersion it was decided on; False
+    when it changed meanwhile (the next event decides again)."""
+    try:
+        new = await cx.call(cx.kube.patch_status, "Droplet", key[1], {"conditions": conditions}, key[0],
+                            resource_version=d.meta.resource_version)
+    except (Conflict, NotFound) as exc:
+        log.info("%s of %s/%s not written (%s); the next event retries", what, *key, exc)
+        return False
+    cx.world.observe("Droplet", "MODIFIED", new)
+    return True
+
+
 async def _flag_address(cx: Context, key: ObjectKey, d: Droplet, ref: dict) -> Droplet:
     """Set ``AddressConflict`` when an older droplet owns this one's spec.ip (and clear it when
     that ends); a Warning Event when it turns True. Returns the droplet as written."""
     verdict = address_verdict(d, cx.world.claimants(d.address))
     conditions = address_condition(d, verdict, now())
-    if conditions is None:
+    if conditions is None or not await _write_conditions(cx, key, d, conditions, ADDRESS_CONFLICT):
         return d
-    try:
-        new = await cx.call(cx.kube.patch_status, "Droplet", key[1], {"conditions": conditions}, key[0],
-                            resource_version=d.meta.resource_version)
-    except (Conflict, NotFound) as exc:
-        log.info("%s of %s/%s not written (%s); the next event retries", ADDRESS_CONFLICT, *key, exc)
-        return d
-    cx.world.observe("Droplet", "MODIFIED", new)
     was = d.condition(ADDRESS_CONFLICT)
     if verdict.conflict and (was is None or was.status != "True"):
         await effects.post_event(cx, ref, "Warning", ADDRESS_CONFLICT, verdict.message)
@@ -120,13 +126,6 @@ async def _note_restart(cx: Context, key: ObjectKey, d: Droplet) -> Droplet:
     """``GuestRestarted`` on the droplet once its host reports that its VM process died and was
     started again (the agent posted the Warning Event when it restarted it)."""
     conditions = restart_condition(d, cx.world.hosts.get(d.host or ""), now())
-    if conditions is None:
+    if conditions is None or not await _write_conditions(cx, key, d, conditions, "GuestRestarted"):
         return d
-    try:
-        new = await cx.call(cx.kube.patch_status, "Droplet", key[1], {"conditions": conditions}, key[0],
-                            resource_version=d.meta.resource_version)
-    except (Conflict, NotFound) as exc:
-        log.info("GuestRestarted of %s/%s not written (%s); the next event retries", *key, exc)
-        return d
-    cx.world.observe("Droplet", "MODIFIED", new)
     return cx.world.droplets.get(key) or d
