@@ -24,7 +24,9 @@ start=${SECONDS}
 rc=0
 # tests/nodes checks the machine after hack/nodes-e2e.sh's `down`; it runs there.
 args=("$@")
-[ "$#" -gt 0 ] || args=(tests --ignore=tests/nodes)
+# --durations: where the time goes, printed at the end of every full run (CI must stay well
+# under 30 minutes; the README lists the longer runs that are opt-in).
+[ "$#" -gt 0 ] || args=(tests --ignore=tests/nodes --durations=25)
 .venv/bin/pytest -p no:cacheprovider "${args[@]}" || rc=$?
 echo "test: pytest ${args[*]}: exit ${rc} in $((SECONDS - start))s" >&2
 if [ "${nodes}" = 1 ]; then
