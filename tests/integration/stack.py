@@ -17,7 +17,7 @@ import time
 import uuid
 from typing import Any
 
-from support import wait_until
+from support import stop_all, wait_until
 
 # Fast settings for tests; production defaults are in docs/architecture.md.
 ENV = {
@@ -161,9 +161,7 @@ class Stack:
     def close(self) -> None:
         from ferry.drivers.sim import SimDriver
 
-        for p in [self.operator, self.metadata, *self.agents.values()]:
-            if p is not None:
-                p.stop()
+        stop_all([self.operator, self.metadata, *self.agents.values()])
         for host, d in self.dirs.items():
             if d.exists():
                 drv = SimDriver(str(d), size_scale=float(self.env["FERRY_SIZE_SCALE"]))

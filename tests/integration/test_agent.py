@@ -16,7 +16,7 @@ import tempfile
 import uuid
 
 import pytest
-from support import wait_until
+from support import stop_all, wait_until
 
 from ferry.drivers.sim import SimDriver  # noqa: E402
 from ferry.drivers.base import VMKey  # noqa: E402
@@ -76,8 +76,7 @@ class Agents:
         return {f"{v.key.namespace}/{v.key.name}": v.state.value for v in self.driver(host).list_vms()}
 
     def close(self) -> None:
-        for p in self.procs:
-            p.stop()
+        stop_all(self.procs)
         for host in self.hosts:
             if self.data_dir(host).exists():
                 drv = self.driver(host)

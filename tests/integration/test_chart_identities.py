@@ -21,7 +21,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from support import wait_until
+from support import stop_all, wait_until
 
 from ferry.drivers.sim.driver import SimDriver
 from rbac import ChartIdentities
@@ -147,8 +147,7 @@ def test_identities_suffice(kubectl: Any, namespace: str, chart: ChartIdentities
             assert not denials, f"ferry {p.args[0]} was refused by the API server:\n" + "\n".join(denials[:20])
     finally:
         # The agents leave their VM processes running when they stop (by design): destroy them.
-        for p in processes:
-            p.stop()
+        stop_all(processes)
         # With the operator gone, nobody removes its finalizers: drop them so that the namespace
         # and the Hosts can be deleted.
         for kind in ("droplets", "livemigrations"):
