@@ -16,7 +16,14 @@ The pod:
   node (control socket, lock, images);
 - runs as the agent's unprivileged user with the restricted security context, no service
   account token (the VM process never talks to the API), ``restartPolicy: Never`` (a crashed
-  guest is restarted by the agent's plan, not behind its back).
+  guest is restarted by the agent's plan, not behind its back);
+- the same for both drivers: the sim VM process, or QEMU in the foreground (its pid file's
+  lock and its monitor socket in the data directory). QEMU under TCG needs nothing more. With
+  KVM it needs /dev/kvm only, given as a device plugin's extended resource
+  (``device_resources``, e.g. ``devices.kubevirt.io/kvm: 1``, requested and limited) and,
+  if the device is not world-writable, its group (``supplemental_groups``): no privilege, no
+  capability (KVM checks none; a hostPath /dev/kvm would be refused by the container's
+  device cgroup, and ``privileged`` would grant every device of the node).
 
 A PodDisruptionBudget per droplet (``maxUnavailable: 0``, owned by the Droplet) refuses the
 eviction of its pods: ``kubectl drain`` cordons the node, the operator turns the cordon into
@@ -65,8 +72,29 @@ def _quantity_bytes(n: int) -> str:
     return f"{n >> 20}Mi" if n % (1 << 20) == 0 else str(n)
 
 
+def parse_device_resources(text: str) -> dict[str, int]:
+    """``FERRY_LAUNCHER_DEVICE_RESOURCES``: ``name=count,...`` (e.g. ``devices.kubevirt.io/kvm=1``)."""
+    out: dict[str, int] = {}
+    for item in filter(None, (x.strip() for x in text.split(","))):
+        name, sep, count = item.partition("=")
+        if not sep or "/" not in name or not count.strip().isdigit() or int(count) < 1:
+            raise ValueError(f"FERRY_LAUNCHER_DEVICE_RESOURCES: {item!r} is not DOMAIN/NAME=COUNT")
+        out[name.strip()] = int(count)
+    return out
+
+
+def parse_groups(text: str) -> tuple[int, ...]:
+    """``FERRY_LAUNCHER_SUPPLEMENTAL_GROUPS``: ``gid,...``."""
+    try:
+        return tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise ValueError(f"FERRY_LAUNCHER_SUPPLEMENTAL_GROUPS: {text!r} is not a list of group ids") from None
+
+
 def launcher_pod(req: Launch, *, node: str, image: str, pull_policy: str, host_data_dir: str,
-                 data_dir: str, owner: Mapping[str, Any] | None, uid: int = 10001) -> dict[str, Any]:
+                 data_dir: str, owner: Mapping[str, Any] | None, uid: int = 10001,
+                 device_resources: Mapping[str, int] | None = None,
+                 supplemental_groups: tuple[int, ...] = ()) -> dict[str, Any]:
     """The pod of one VM process (PURE: tested without a cluster)."""
     name = req.key.name[:40].rstrip("-.")
     labels = {"app.kubernetes.io/name": "ferry", "app.kubernetes.io/component": COMPONENT,
@@ -76,6 +104,14 @@ def launcher_pod(req: Launch, *, node: str, image: str, pull_policy: str, host_d
     if owner:
         meta["ownerReferences"] = [{**owner, "blockOwnerDeletion": False}]
     requests = {"cpu": f"{req.resources.cpu_millis}m", "memory": _quantity_bytes(req.resources.memory_bytes)}
+    resources: dict[str, Any] = {"requests": requests}
+    if device_resources:  # extended resources: requested and limited alike (the API wants both)
+        devices = {k: str(v) for k, v in sorted(device_resources.items())}
+        resources = {"requests": {**requests, **devices}, "limits": devices}
+    pod_security: dict[str, Any] = {"runAsNonRoot": True, "runAsUser": uid, "runAsGroup": uid,
+                                    "seccompProfile": {"type": "RuntimeDefault"}}
+    if supplemental_groups:
+        pod_security["supplementalGroups"] = list(supplemental_groups)
     return {
         "apiVersion": "v1", "kind": "Pod", "metadata": meta,
         "spec": {
@@ -88,8 +124,7 @@ def launcher_pod(req: Launch, *, node: str, image: str, pull_policy: str, host_d
             "terminationGracePeriodSeconds": 30,
             "tolerations": [{"operator": "Exists", "effect": "NoExecute"},
                             {"operator": "Exists", "effect": "NoSchedule"}],
-            "securityContext": {"runAsNonRoot": True, "runAsUser": uid, "runAsGroup": uid,
-                                "seccompProfile": {"type": "RuntimeDefault"}},
+            "securityContext": pod_security,
             "containers": [{
                 "name": COMPONENT,
                 "image": image,
@@ -97,7 +132,7 @@ def launcher_pod(req: Launch, *, node: str, image: str, pull_policy: str, host_d
                 "command": list(req.argv),
                 "workingDir": req.vm_dir,
                 "env": [{"name": k, "value": v} for k, v in req.env],
-                "resources": {"requests": requests},
+                "resources": resources,
                 "securityContext": {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
                                     "capabilities": {"drop": ["ALL"]}},
                 "volumeMounts": [{"name": "data", "mountPath": data_dir}],
@@ -143,8 +178,11 @@ class PodLauncher:
     name = "pod"
 
     def __init__(self, kube: Kube, node: str, *, image: str, pull_policy: str = "IfNotPresent",
-                 host_data_dir: str, data_dir: str, uid: int = 10001):
+                 host_data_dir: str, data_dir: str, uid: int = 10001,
+                 device_resources: Mapping[str, int] | None = None, supplemental_groups: tuple[int, ...] = ()):
         self.kube = kube
+        self.device_resources = dict(device_resources or {})
+        self.supplemental_groups = tuple(supplemental_groups)
         self.node = node
         self.image = image
         self.pull_policy = pull_policy
@@ -187,7 +225,8 @@ class PodLauncher:
         owner = self._owner(req.key)
         self._ensure_budget(req.key, owner)
         body = launcher_pod(req, node=self.node, image=self.image, pull_policy=self.pull_policy,
-                            host_data_dir=self.host_data_dir, data_dir=self.data_dir, owner=owner, uid=self.uid)
+                            host_data_dir=self.host_data_dir, data_dir=self.data_dir, owner=owner, uid=self.uid,
+                            device_resources=self.device_resources, supplemental_groups=self.supplemental_groups)
         try:
             pod = self.kube.create_core(self._pods_path(req.key.namespace), body, f"create launcher pod of {req.key}")
         except StorageError as e:
