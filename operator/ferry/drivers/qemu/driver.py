@@ -317,7 +317,10 @@ class QemuDriver:
         alive = holder is not None
         runstate = self._runstate(key) if alive else None
         state = vm_state(alive, runstate, meta)
-        return VMInfo(key=key, state=state, pid=holder or None,  # 0: in a launcher pod's pid namespace
+        # pid: set exactly while QEMU runs (the agent's plan reads "None" as "its process is
+        # gone"): the lock holder as seen from here, or, for a launcher pod's QEMU (another pid
+        # namespace: F_GETLK says 0), the pid QEMU wrote itself
+        return VMInfo(key=key, state=state, pid=None if holder is None else holder or process.own_pid(layout),
                       migration_id=meta.get("migration_id") if meta.get("role") else None,
                       crashed=state == VMState.STOPPED and self._crashed(layout, meta),
                       restarts=int(meta.get("restarts") or 0), restarted_at=meta.get("restarted_at"))

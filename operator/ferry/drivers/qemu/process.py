@@ -45,6 +45,16 @@ def lock_holder(layout: VMLayout) -> int | None:
     return None if l_type == fcntl.F_UNLCK else l_pid
 
 
+def own_pid(layout: VMLayout) -> int:
+    """The pid QEMU wrote in its pid file, in its own pid namespace (a launcher pod's QEMU is
+    its pod's process 1). VMInfo.pid is set (not None) exactly while QEMU runs, as the agent's
+    plan expects; 0 when the file cannot be read."""
+    try:
+        return int(layout.pidfile.read_text().strip() or 0)
+    except (OSError, ValueError):
+        return 0
+
+
 def running(layout: VMLayout) -> bool:
     """A QEMU of this VM runs (it holds its pid file's lock)."""
     return lock_holder(layout) is not None
