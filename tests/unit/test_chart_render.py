@@ -246,6 +246,8 @@ def test_changing_a_setting_rolls_the_pods(helm: str) -> None:
     ({"agent": {"launcherPod": {"deviceResources": {"kvm": 1}}}}, "'kvm' does not match"),  # DOMAIN/NAME
     ({"agent": {"launcherPod": {"deviceResources": {"devices.kubevirt.io/kvm": 0}}}}, "deviceResources"),
     ({"agent": {"launcherPod": {"supplementalGroups": [-1]}}}, "supplementalGroups"),
+    ({"agent": {"launcherPod": {"overhead": {"memory": "lots"}}}}, "memory"),
+    ({"agent": {"launcherPod": {"overhead": {"gpu": 1}}}}, "gpu"),
 ])
 def test_bad_values_fail_before_anything_is_rendered(helm: str, values: dict[str, Any], complaint: str) -> None:
     proc = helm_template(helm, values, check=False)
@@ -370,6 +372,18 @@ def test_only_a_qemu_agent_that_runs_qemu_itself_is_privileged(helm: str) -> Non
     assert privileged(inside) == {"ferry-agent/agent"}
     [c] = one(inside, "DaemonSet", "ferry-agent")["spec"]["template"]["spec"]["containers"]
     assert c["securityContext"]["runAsUser"] == 0 and env_value(c, "FERRY_LAUNCHER")["value"] == "process"
+
+
+def test_launcher_pod_overhead_is_a_runtime_class_the_pods_name(helm: str) -> None:
+    assert [d for d in render(helm) if d["kind"] == "RuntimeClass"] == []  # default: none
+    [c] = one(render(helm), "DaemonSet", "ferry-agent")["spec"]["template"]["spec"]["containers"]
+    assert env_value(c, "FERRY_LAUNCHER_RUNTIME_CLASS")["value"] == ""
+    docs = render(helm, {"settings": {"driver": "qemu"},
+                         "agent": {"launcherPod": {"overhead": {"memory": "256Mi", "cpu": "50m"}}}})
+    rc = one(docs, "RuntimeClass", "ferry-vm")
+    assert rc["handler"] == "runc" and rc["overhead"] == {"podFixed": {"memory": "256Mi", "cpu": "50m"}}
+    [c] = one(docs, "DaemonSet", "ferry-agent")["spec"]["template"]["spec"]["containers"]
+    assert env_value(c, "FERRY_LAUNCHER_RUNTIME_CLASS")["value"] == "ferry-vm"
 
 
 def test_kvm_for_launcher_pods_is_a_device_resource_and_a_group(helm: str) -> None:
@@ -522,8 +536,8 @@ def test_admission_policy_targets_the_agent_identity_of_this_release(helm: str) 
 
 def test_namespaced_objects_carry_the_release_namespace(helm: str) -> None:
     cluster_scoped = {"ClusterRole", "ClusterRoleBinding", "ClusterKopfPeering",
-                      "ValidatingAdmissionPolicy", "ValidatingAdmissionPolicyBinding"}
-    for d in render(helm):
+                      "ValidatingAdmissionPolicy", "ValidatingAdmissionPolicyBinding", "RuntimeClass"}
+    for d in render(helm, {"agent": {"launcherPod": {"overhead": {"memory": "256Mi"}}}}):
         if d["kind"] in cluster_scoped:
             assert "namespace" not in d["metadata"], d["metadata"]["name"]
         else:

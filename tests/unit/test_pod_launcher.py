@@ -142,3 +142,12 @@ def test_groups_parse():
     assert parse_groups("") == () and parse_groups("108,5") == (108, 5)
     with pytest.raises(ValueError):
         parse_groups("kvm")
+
+
+def test_a_runtime_class_carries_the_overhead_and_the_requests_stay_the_scaled_size():
+    p = launcher_pod(qemu_req(), node="host-b", image="ferry:dev-qemu", pull_policy="Never",
+                     host_data_dir="/srv/ferry", data_dir="/var/lib/ferry", owner=OWNER, runtime_class="ferry-vm")
+    assert p["spec"]["runtimeClassName"] == "ferry-vm"
+    assert p["spec"]["containers"][0]["resources"] == {
+        "requests": {"cpu": "2m", "memory": str(round(4096 * 0.001 * 2**20))}}
+    assert "runtimeClassName" not in pod()["spec"]

@@ -62,6 +62,12 @@ app.kubernetes.io/component: {{ .component }}
 {{- printf "%s:%s" $repo $tag -}}
 {{- end -}}
 
+{{/* The RuntimeClass of the launcher pods (launcher-runtimeclass.yaml): cluster-scoped, so
+named after the release; empty when agent.launcherPod.overhead is. */}}
+{{- define "ferry.launcherRuntimeClass" -}}
+{{- if .Values.agent.launcherPod.overhead -}}{{ include "ferry.fullname" . }}-vm{{- end -}}
+{{- end -}}
+
 {{/* agent.launcherPod.deviceResources as FERRY_LAUNCHER_DEVICE_RESOURCES: name=count,... (sorted) */}}
 {{- define "ferry.launcherDeviceResources" -}}
 {{- $out := list -}}

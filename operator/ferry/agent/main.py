@@ -41,7 +41,8 @@ def make_launcher(host: str, data_dir: str, kube: Kube | None, environ: Mapping[
                            host_data_dir=environ.get("FERRY_LAUNCHER_HOST_DATA_DIR") or data_dir,
                            data_dir=os.path.realpath(data_dir),
                            device_resources=parse_device_resources(environ.get("FERRY_LAUNCHER_DEVICE_RESOURCES", "")),
-                           supplemental_groups=parse_groups(environ.get("FERRY_LAUNCHER_SUPPLEMENTAL_GROUPS", "")))
+                           supplemental_groups=parse_groups(environ.get("FERRY_LAUNCHER_SUPPLEMENTAL_GROUPS", "")),
+                           runtime_class=environ.get("FERRY_LAUNCHER_RUNTIME_CLASS", ""))
     raise ValueError(f"unknown FERRY_LAUNCHER {kind!r} (process or pod)")
 
 

@@ -23,7 +23,10 @@ The pod:
   (``device_resources``, e.g. ``devices.kubevirt.io/kvm: 1``, requested and limited) and,
   if the device is not world-writable, its group (``supplemental_groups``): no privilege, no
   capability (KVM checks none; a hostPath /dev/kvm would be refused by the container's
-  device cgroup, and ``privileged`` would grant every device of the node).
+  device cgroup, and ``privileged`` would grant every device of the node);
+- optionally names a RuntimeClass (``runtime_class``) whose pod overhead covers what the VM
+  process uses beyond the guest (QEMU's translation cache and device model): kube-scheduler
+  and kubelet add it to the pod's requests, which stay the droplet's scaled size.
 
 A PodDisruptionBudget per droplet (``maxUnavailable: 0``, owned by the Droplet) refuses the
 eviction of its pods: ``kubectl drain`` cordons the node, the operator turns the cordon into
@@ -94,8 +97,10 @@ def parse_groups(text: str) -> tuple[int, ...]:
 def launcher_pod(req: Launch, *, node: str, image: str, pull_policy: str, host_data_dir: str,
                  data_dir: str, owner: Mapping[str, Any] | None, uid: int = 10001,
                  device_resources: Mapping[str, int] | None = None,
-                 supplemental_groups: tuple[int, ...] = ()) -> dict[str, Any]:
-    """The pod of one VM process (PURE: tested without a cluster)."""
+                 supplemental_groups: tuple[int, ...] = (), runtime_class: str = "") -> dict[str, Any]:
+    """The pod of one VM process (PURE: tested without a cluster). ``runtime_class``: a
+    RuntimeClass whose ``overhead.podFixed`` (what QEMU uses beyond its guest) the API server
+    copies into the pod's ``spec.overhead``; the container's requests stay the scaled size."""
     name = req.key.name[:40].rstrip("-.")
     labels = {"app.kubernetes.io/name": "ferry", "app.kubernetes.io/component": COMPONENT,
               LABEL_VM: label_value(req.key.name), LABEL_NODE: label_value(node)}
@@ -112,6 +117,7 @@ def launcher_pod(req: Launch, *, node: str, image: str, pull_policy: str, host_d
                                     "seccompProfile": {"type": "RuntimeDefault"}}
     if supplemental_groups:
         pod_security["supplementalGroups"] = list(supplemental_groups)
+    extra: dict[str, Any] = {"runtimeClassName": runtime_class} if runtime_class else {}
     return {
         "apiVersion": "v1", "kind": "Pod", "metadata": meta,
         "spec": {
@@ -124,6 +130,7 @@ def launcher_pod(req: Launch, *, node: str, image: str, pull_policy: str, host_d
             "terminationGracePeriodSeconds": 30,
             "tolerations": [{"operator": "Exists", "effect": "NoExecute"},
                             {"operator": "Exists", "effect": "NoSchedule"}],
+            **extra,
             "securityContext": pod_security,
             "containers": [{
                 "name": COMPONENT,
@@ -179,8 +186,10 @@ class PodLauncher:
 
     def __init__(self, kube: Kube, node: str, *, image: str, pull_policy: str = "IfNotPresent",
                  host_data_dir: str, data_dir: str, uid: int = 10001,
-                 device_resources: Mapping[str, int] | None = None, supplemental_groups: tuple[int, ...] = ()):
+                 device_resources: Mapping[str, int] | None = None, supplemental_groups: tuple[int, ...] = (),
+                 runtime_class: str = ""):
         self.kube = kube
+        self.runtime_class = runtime_class
         self.device_resources = dict(device_resources or {})
         self.supplemental_groups = tuple(supplemental_groups)
         self.node = node
@@ -226,7 +235,8 @@ class PodLauncher:
         self._ensure_budget(req.key, owner)
         body = launcher_pod(req, node=self.node, image=self.image, pull_policy=self.pull_policy,
                             host_data_dir=self.host_data_dir, data_dir=self.data_dir, owner=owner, uid=self.uid,
-                            device_resources=self.device_resources, supplemental_groups=self.supplemental_groups)
+                            device_resources=self.device_resources, supplemental_groups=self.supplemental_groups,
+                            runtime_class=self.runtime_class)
         try:
             pod = self.kube.create_core(self._pods_path(req.key.namespace), body, f"create launcher pod of {req.key}")
         except StorageError as e:
