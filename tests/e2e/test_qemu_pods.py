@@ -1,5 +1,5 @@
-"""The qemu driver in launcher pods on real nodes: a booted test guest live-migrates between two
-nodes. Its pods move (the target's pod is created on the target node while the source's still
+"""The qemu driver in launcher pods on real nodes: a booted test guest survives its agent pod's
+forced deletion (the new agent re-attaches) and live-migrates between two nodes. Its pods move (the target's pod is created on the target node while the source's still
 runs, the source's is deleted only after the placement record names the target), the guest's
 counter goes on (no second boot), and the Hosts' accounting follows it.
 
@@ -11,6 +11,7 @@ guest's serial console read inside its pod.
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import os
 import re
@@ -40,6 +41,26 @@ def counters(text: str) -> list[int]:
 def in_pod(e2e, pod: dict, *cmd: str) -> str:
     return e2e.kubectl("exec", "-n", pod["metadata"]["namespace"], pod["metadata"]["name"], "-c", "vm", "--",
                        *cmd, timeout=60).stdout
+
+
+def memory_bytes(q: str) -> int:
+    units = {"Ki": 1 << 10, "Mi": 1 << 20, "Gi": 1 << 30}
+    for suffix, factor in units.items():
+        if q.endswith(suffix):
+            return int(q[:-2]) * factor
+    return int(q)
+
+
+def agent_pod(e2e, node: str) -> dict | None:
+    items = json.loads(e2e.kubectl("get", "pods", "-n", e2e.namespace, "-l",
+                                   f"app.kubernetes.io/instance={e2e.release},app.kubernetes.io/component=agent",
+                                   "--field-selector", f"spec.nodeName={node}", "-o", "json").stdout)["items"]
+    live = [a for a in items if not a["metadata"].get("deletionTimestamp")]
+    return live[0] if len(live) == 1 else None
+
+
+def ready(pod: dict) -> bool:
+    return any(c["type"] == "Ready" and c["status"] == "True" for c in pod["status"].get("conditions", []))
 
 
 def host_status(e2e, host: str) -> dict:
@@ -74,11 +95,46 @@ def test_a_booted_qemu_guest_migrates_between_two_nodes_in_its_pods(e2e, ns):
     comm = in_pod(e2e, pod, "cat", "/proc/1/comm").strip()
     assert comm.startswith("qemu-system"), comm
     requests = c["resources"]["requests"]
+    # the container requests the droplet's size x scale (the Host's accounting); what QEMU uses
+    # beyond it is the pod's overhead (its RuntimeClass), which the scheduler adds
+    assert memory_bytes(requests["memory"]) == max(1 << 20, round(MEMORY_MIB * scale * (1 << 20)))
+    overhead = pod["spec"].get("overhead") or {}
     figure(e2e, f"qemu launcher pod of {SIZE} (sizeScale {scale}): requests cpu {requests['cpu']} memory "
-                f"{requests['memory']}, no limits; QEMU (TCG) is the pod's PID 1, RSS {rss_kib / 1024:.0f} MiB "
-                f"once booted; guest counting {booted:.0f}s after the Droplet was created")
-    before_alloc = {h: dict(host_status(e2e, h).get("allocated") or {}) for h in e2e.hosts}
+                f"{requests['memory']} + pod overhead {overhead} (RuntimeClass {pod['spec'].get('runtimeClassName')}), "
+                f"no limits; QEMU (TCG) is the pod's PID 1, RSS {rss_kib / 1024:.0f} MiB once booted; "
+                f"guest counting {booted:.0f}s after the Droplet was created")
     source_pod_uid = pod["metadata"]["uid"]
+
+    # the source's agent pod force-deleted: QEMU lives in its own pod, the new agent re-attaches
+    # to it (monitor socket and pid file lock in the data directory) and drives the migration
+    counted = counters(serial(e2e, pod))[-1]
+    old_agent = agent_pod(e2e, source)
+    restart = Stopwatch()
+    e2e.kubectl("delete", "pod", "-n", e2e.namespace, old_agent["metadata"]["name"], "--grace-period=0", "--force")
+    new_agent = wait_until(lambda: (lambda a: a if a and a["metadata"]["name"] != old_agent["metadata"]["name"]
+                                    and ready(a) else None)(agent_pod(e2e, source)), 120, interval=1,
+                           what=f"a new agent pod on {source}")
+    # a heartbeat written well after the new pod was Ready: by the new agent (the old one's
+    # container is killed by its kubelet within seconds of the forced deletion)
+    since = dt.datetime.now(dt.timezone.utc) + dt.timedelta(seconds=5)
+
+    def reattached():
+        st = host_status(e2e, source).get("agent") or {}
+        vms = {v["name"]: v for v in st.get("vms") or [] if v.get("namespace") == ns}
+        beat = dt.datetime.fromisoformat(st["heartbeatTime"]) if st.get("heartbeatTime") else None
+        return vms.get(name) if beat and beat > since and vms.get(name, {}).get("state") == "Running" else None
+    vm = wait_until(reattached, 120, interval=1, what=f"the new agent of {source} reporting {name} Running")
+    took = restart()
+    assert not vm.get("restarts"), vm
+    still = running_pod(e2e, ns, name)
+    assert still is not None and still["metadata"]["uid"] == source_pod_uid  # the same pod, the same QEMU
+    assert sum(cs.get("restartCount", 0) for cs in still["status"].get("containerStatuses") or []) == 0
+    text = serial(e2e, still)
+    assert text.count(BOOT_BANNER) == 1 and counters(text)[-1] > counted, (counted, counters(text)[-5:])
+    figure(e2e, f"agent pod of {source} force-deleted with the qemu guest running: new agent reported it "
+                f"Running (same pod, no reboot, counter {counted} -> {counters(text)[-1]}) {took:.1f}s later")
+
+    before_alloc = {h: dict(host_status(e2e, h).get("allocated") or {}) for h in e2e.hosts}
     last_before = counters(serial(e2e, pod))[-1]
 
     lm = e2e.ferry("-n", ns, "migrate", name).stdout.strip()
@@ -130,3 +186,7 @@ def test_a_booted_qemu_guest_migrates_between_two_nodes_in_its_pods(e2e, ns):
                 f"{alloc[source]}, {target} {before_alloc[target]} -> {alloc[target]}; "
                 f"pod samples {len(samples)}, both pods seen while the record named {source}: "
                 f"{sum(1 for rec, p in samples if rec == source and len(p) == 2)}")
+    # QEMU's memory beyond the scaled size is covered by the pod's overhead (checked last: the
+    # figures above hold either way)
+    assert overhead.get("memory"), f"no pod overhead: {pod['spec'].get('runtimeClassName')}"
+    assert rss_kib * 1024 <= memory_bytes(requests["memory"]) + memory_bytes(overhead["memory"]), (rss_kib, overhead)
