@@ -13,9 +13,15 @@
 #      then pytest tests/nodes: nothing of the nodes is left on the machine.
 #
 #   hack/nodes-e2e.sh [PYTEST ARGS...]       (as root; hack/setup.sh nodes installs what it needs)
+#   FERRY_NODES_QEMU=1 hack/nodes-e2e.sh     the qemu driver instead: the qemu image
+#       (FERRY_IMAGE_QEMU=1, default localhost/ferry:dev-qemu; cold 6.5 min), the test guest
+#       (hack/build-test-guest.sh) in each node's /var/lib/ferry/guest, the chart with
+#       tests/e2e/values-qemu.yaml added, and only tests/e2e/test_qemu_pods.py (a booted guest
+#       migrates between two nodes in its launcher pods); not part of the default run.
 #
 # Environment: FERRY_NODES_DIR (hack/nodes.sh's state), FERRY_NODES_KEEP [0],
-# FERRY_NODES_ARTIFACTS [.ferry/nodes-artifacts], FERRY_NODES_HELM_ARGS [] (extra helm args).
+# FERRY_NODES_ARTIFACTS [.ferry/nodes-artifacts], FERRY_NODES_HELM_ARGS [] (extra helm args),
+# FERRY_NODES_QEMU [0].
 # Prints the time of each step; the failover test adds its figure to ARTIFACTS/figures.txt.
 set -euo pipefail
 
@@ -26,8 +32,11 @@ ARTIFACTS="${FERRY_NODES_ARTIFACTS:-${ROOT}/.ferry/nodes-artifacts}"
 NAMESPACE=ferry-system
 RELEASE=ferry
 DATACENTER=nyc3
-IMAGE="${FERRY_IMAGE:-localhost/ferry:dev}"
+QEMU="${FERRY_NODES_QEMU:-0}"
+if [ "${QEMU}" = 1 ]; then IMAGE="${FERRY_IMAGE:-localhost/ferry:dev-qemu}"; else IMAGE="${FERRY_IMAGE:-localhost/ferry:dev}"; fi
 VALUES="${ROOT}/tests/e2e/values.yaml"
+QEMU_VALUES="${ROOT}/tests/e2e/values-qemu.yaml"
+E2E_TESTS=tests/e2e
 BIN="${CACHE}/bin"
 PYTHON="${ROOT}/.venv/bin/python"
 NODES=(host-a host-b host-c)
@@ -101,17 +110,33 @@ figure "nodes up to Ready: $((SECONDS - t0))s"
 
 # -- 2. image -------------------------------------------------------------------------------------
 t0=${SECONDS}
-archive="$(bash "${ROOT}/hack/image.sh")"
+archive="$(FERRY_IMAGE="${IMAGE}" FERRY_IMAGE_QEMU="${QEMU}" bash "${ROOT}/hack/image.sh")"
 figure "image build: $((SECONDS - t0))s"
 t0=${SECONDS}
 bash "${ROOT}/hack/nodes.sh" load "${archive}"
 figure "image import into ${#NODES[@]} nodes: $((SECONDS - t0))s"
 
+# -- 2b. qemu: the test guest in each node's data directory (a hostPath of the agent and the
+# launcher pods; readable by their user 10001: the files are 0644 in a 0755 directory)
+extra_helm_args=()
+if [ "${QEMU}" = 1 ]; then
+  t0=${SECONDS}
+  guest="${CACHE}/guest-e2e"
+  bash "${ROOT}/hack/build-test-guest.sh" "${guest}" >/dev/null
+  for node in "${NODES[@]}"; do
+    dest="${FERRY_NODES_DIR}/nodes/${node}/fs/var/lib/ferry/guest"
+    install -d -m 0755 "${dest}"
+    install -m 0644 "${guest}/vmlinuz" "${guest}/initrd.img" "${dest}/"
+  done
+  figure "test guest into ${#NODES[@]} nodes: $((SECONDS - t0))s"
+  extra_helm_args+=(-f "${QEMU_VALUES}")
+  E2E_TESTS=tests/e2e/test_qemu_pods.py
+fi
+
 # -- 3. chart -------------------------------------------------------------------------------------
 t0=${SECONDS}
 k label node "${NODES[@]}" ferry.dev/host=true --overwrite >/dev/null
-extra_helm_args=()
-if [ -n "${FERRY_NODES_HELM_ARGS:-}" ]; then read -r -a extra_helm_args <<< "${FERRY_NODES_HELM_ARGS}"; fi
+if [ -n "${FERRY_NODES_HELM_ARGS:-}" ]; then read -r -a more <<< "${FERRY_NODES_HELM_ARGS}"; extra_helm_args+=("${more[@]}"); fi
 helm --kubeconfig "${KUBECONFIG_FILE}" install "${RELEASE}" "${ROOT}/charts/ferry" \
   --namespace "${NAMESPACE}" --create-namespace -f "${VALUES}" \
   --set image.repository="${IMAGE%:*}" --set image.tag="${IMAGE##*:}" \
@@ -139,7 +164,7 @@ figure "Hosts Ready: $((SECONDS - t0))s"
 
 # -- 5. tests -------------------------------------------------------------------------------------
 hosts_csv="$(IFS=,; echo "${NODES[*]}")"
-log "running tests/e2e against ${hosts_csv}"
+log "running ${E2E_TESTS} against ${hosts_csv}"
 t0=${SECONDS}
 set +e
 (
@@ -158,10 +183,11 @@ set +e
   FERRY_E2E_VALUES="${VALUES}" \
   FERRY_E2E_IMAGE="${IMAGE}" \
   FERRY_E2E_FIGURES="${ARTIFACTS}/figures.txt" \
-    "${PYTHON}" -m pytest -p no:cacheprovider tests/e2e "$@"
+  FERRY_E2E_DRIVER="$([ "${QEMU}" = 1 ] && echo qemu || echo sim)" \
+    "${PYTHON}" -m pytest -p no:cacheprovider "${E2E_TESTS}" "$@"
 )
 rc=$?
 set -e
-figure "tests/e2e wall time: $((SECONDS - t0))s"
+figure "${E2E_TESTS} wall time: $((SECONDS - t0))s"
 if [ "${rc}" -eq 0 ]; then log "tests/e2e passed"; else log "tests/e2e failed (exit ${rc})"; fi
 exit "${rc}"

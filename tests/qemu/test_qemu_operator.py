@@ -138,7 +138,8 @@ class QemuStack(Stack):
         for p in [self.operator, self.metadata, *self.agents.values()]:
             if p is not None:
                 p.stop()
-        # QEMU is daemonized: it outlives its agent, so it is stopped here by its pid file
+        # QEMU runs in its own session (the process launcher): it outlives its agent, so it is
+        # stopped here by its pid file's lock holder
         for d in self.dirs.values():
             for vm in sorted((pathlib.Path(d) / "vms").glob("*")):
                 layout = VMLayout(vm.resolve())

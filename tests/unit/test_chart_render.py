@@ -243,6 +243,11 @@ def test_changing_a_setting_rolls_the_pods(helm: str) -> None:
     ({"unknownTopLevel": 1}, "unknownTopLevel"),
     ({"settings": {"heartbeatSeconds": 30, "heartbeatTimeoutSeconds": 30}}, "heartbeatTimeoutSeconds"),
     ({"settings": {"metricsPort": 8081}}, "livenessPort"),
+    ({"agent": {"launcherPod": {"deviceResources": {"kvm": 1}}}}, "'kvm' does not match"),  # DOMAIN/NAME
+    ({"agent": {"launcherPod": {"deviceResources": {"devices.kubevirt.io/kvm": 0}}}}, "deviceResources"),
+    ({"agent": {"launcherPod": {"supplementalGroups": [-1]}}}, "supplementalGroups"),
+    ({"agent": {"launcherPod": {"overhead": {"memory": "lots"}}}}, "memory"),
+    ({"agent": {"launcherPod": {"overhead": {"gpu": 1}}}}, "gpu"),
 ])
 def test_bad_values_fail_before_anything_is_rendered(helm: str, values: dict[str, Any], complaint: str) -> None:
     proc = helm_template(helm, values, check=False)
@@ -349,16 +354,51 @@ def test_agent_daemonset_serves_the_node_it_runs_on(helm: str) -> None:
     assert data["hostPath"] == {"path": "/var/lib/ferry", "type": "DirectoryOrCreate"}
 
 
-def test_only_the_qemu_agent_is_privileged(helm: str) -> None:
+def test_only_a_qemu_agent_that_runs_qemu_itself_is_privileged(helm: str) -> None:
     def privileged(docs: list[dict[str, Any]]) -> set[str]:
         return {f"{d['metadata']['name']}/{c['name']}" for d in docs if d["kind"] in ("Deployment", "DaemonSet")
                 for c in containers(d) if c.get("securityContext", {}).get("privileged")}
 
     assert privileged(render(helm)) == set()
-    qemu = render(helm, {"settings": {"driver": "qemu"}})
-    assert privileged(qemu) == {"ferry-agent/agent"}
-    [c] = one(qemu, "DaemonSet", "ferry-agent")["spec"]["template"]["spec"]["containers"]
-    assert "qemu" in c["args"] and c["securityContext"]["runAsUser"] == 0
+    # qemu in launcher pods (the default launcher): the agent only orchestrates, unprivileged
+    pods = render(helm, {"settings": {"driver": "qemu"}})
+    assert privileged(pods) == set()
+    [c] = one(pods, "DaemonSet", "ferry-agent")["spec"]["template"]["spec"]["containers"]
+    assert "qemu" in c["args"] and c["securityContext"]["runAsUser"] == 10001
+    assert env_value(c, "FERRY_LAUNCHER")["value"] == "pod"
+    assert env_value(c, "FERRY_LAUNCHER_DEVICE_RESOURCES")["value"] == ""  # TCG: no device
+    # QEMU inside the agent's container (launcher: process): root and privileged, for /dev/kvm
+    inside = render(helm, {"settings": {"driver": "qemu"}, "agent": {"launcher": "process"}})
+    assert privileged(inside) == {"ferry-agent/agent"}
+    [c] = one(inside, "DaemonSet", "ferry-agent")["spec"]["template"]["spec"]["containers"]
+    assert c["securityContext"]["runAsUser"] == 0 and env_value(c, "FERRY_LAUNCHER")["value"] == "process"
+
+
+def test_launcher_pod_overhead_is_a_runtime_class_the_pods_name(helm: str) -> None:
+    assert [d for d in render(helm) if d["kind"] == "RuntimeClass"] == []  # default: none
+    [c] = one(render(helm), "DaemonSet", "ferry-agent")["spec"]["template"]["spec"]["containers"]
+    assert env_value(c, "FERRY_LAUNCHER_RUNTIME_CLASS")["value"] == ""
+    docs = render(helm, {"settings": {"driver": "qemu"},
+                         "agent": {"launcherPod": {"overhead": {"memory": "256Mi", "cpu": "50m"}}}})
+    rc = one(docs, "RuntimeClass", "ferry-vm")
+    assert rc["handler"] == "runc" and rc["overhead"] == {"podFixed": {"memory": "256Mi", "cpu": "50m"}}
+    [c] = one(docs, "DaemonSet", "ferry-agent")["spec"]["template"]["spec"]["containers"]
+    assert env_value(c, "FERRY_LAUNCHER_RUNTIME_CLASS")["value"] == "ferry-vm"
+
+
+def test_kvm_for_launcher_pods_is_a_device_resource_and_a_group(helm: str) -> None:
+    docs = render(helm, {"settings": {"driver": "qemu"},
+                         "agent": {"launcherPod": {"deviceResources": {"devices.kubevirt.io/kvm": 1},
+                                                   "supplementalGroups": [108]}}})
+    [c] = one(docs, "DaemonSet", "ferry-agent")["spec"]["template"]["spec"]["containers"]
+    assert env_value(c, "FERRY_LAUNCHER_DEVICE_RESOURCES")["value"] == "devices.kubevirt.io/kvm=1"
+    assert env_value(c, "FERRY_LAUNCHER_SUPPLEMENTAL_GROUPS")["value"] == "108"
+    assert c["securityContext"].get("privileged") is not True
+    from ferry.drivers.pod_launcher import parse_device_resources, parse_groups
+
+    assert parse_device_resources(env_value(c, "FERRY_LAUNCHER_DEVICE_RESOURCES")["value"]) == {
+        "devices.kubevirt.io/kvm": 1}
+    assert parse_groups(env_value(c, "FERRY_LAUNCHER_SUPPLEMENTAL_GROUPS")["value"]) == (108,)
 
 
 def test_processes_run_without_root_or_capabilities_where_they_can(helm: str) -> None:
@@ -496,8 +536,8 @@ def test_admission_policy_targets_the_agent_identity_of_this_release(helm: str) 
 
 def test_namespaced_objects_carry_the_release_namespace(helm: str) -> None:
     cluster_scoped = {"ClusterRole", "ClusterRoleBinding", "ClusterKopfPeering",
-                      "ValidatingAdmissionPolicy", "ValidatingAdmissionPolicyBinding"}
-    for d in render(helm):
+                      "ValidatingAdmissionPolicy", "ValidatingAdmissionPolicyBinding", "RuntimeClass"}
+    for d in render(helm, {"agent": {"launcherPod": {"overhead": {"memory": "256Mi"}}}}):
         if d["kind"] in cluster_scoped:
             assert "namespace" not in d["metadata"], d["metadata"]["name"]
         else:

@@ -7,7 +7,15 @@ import pytest
 from ferry.api.sizes import SIZES
 from ferry.drivers.base import VMKey
 from ferry.drivers.launcher import Launch, VMResources
-from ferry.drivers.pod_launcher import disruption_budget, label_value, launcher_pod, pod_exit_reason, selector
+from ferry.drivers.pod_launcher import (
+    disruption_budget,
+    label_value,
+    launcher_pod,
+    parse_device_resources,
+    parse_groups,
+    pod_exit_reason,
+    selector,
+)
 
 KEY = VMKey("team-a", "web-1")
 OWNER = {"apiVersion": "ferry.dev/v1alpha1", "kind": "Droplet", "name": "web-1", "uid": "u-1", "controller": True}
@@ -82,3 +90,64 @@ def test_long_names_become_valid_label_values():
 def test_exit_reason(status, gone):
     reason = pod_exit_reason({"metadata": {"name": "p"}, "status": status})
     assert (reason is not None) == gone
+
+
+def qemu_req() -> Launch:
+    d = "/var/lib/ferry/vms/team-a__web-1"
+    return Launch(key=KEY, argv=("qemu-system-x86_64", "-name", "team-a-web-1,debug-threads=on", "-accel", "tcg",
+                                 "-pidfile", f"{d}/qemu.pid"),
+                  vm_dir=d, log_path=f"{d}/qemu.stderr", env=(), resources=VMResources.of(2, 4096, 0.001))
+
+
+def test_qemu_runs_in_the_same_unprivileged_pod_in_the_foreground():
+    p = launcher_pod(qemu_req(), node="host-b", image="ferry:dev-qemu", pull_policy="Never",
+                     host_data_dir="/srv/ferry", data_dir="/var/lib/ferry", owner=OWNER)
+    [c] = p["spec"]["containers"]
+    assert c["command"][0] == "qemu-system-x86_64" and "-daemonize" not in c["command"]
+    assert c["workingDir"] == "/var/lib/ferry/vms/team-a__web-1"  # QEMU binds its sockets relative to it
+    assert c["resources"] == {"requests": {"cpu": "2m", "memory": str(round(4096 * 0.001 * 2**20))}}
+    assert c["securityContext"]["capabilities"] == {"drop": ["ALL"]}
+    assert "privileged" not in c["securityContext"] and c["env"] == []
+    assert p["spec"]["securityContext"]["runAsNonRoot"] is True and "supplementalGroups" not in p["spec"]["securityContext"]
+
+
+def test_kvm_is_one_device_resource_and_a_group_not_a_privilege():
+    p = launcher_pod(qemu_req(), node="host-b", image="ferry:dev-qemu", pull_policy="Never",
+                     host_data_dir="/srv/ferry", data_dir="/var/lib/ferry", owner=OWNER,
+                     device_resources={"devices.kubevirt.io/kvm": 1}, supplemental_groups=(108,))
+    [c] = p["spec"]["containers"]
+    assert c["resources"]["limits"] == {"devices.kubevirt.io/kvm": "1"}
+    assert c["resources"]["requests"]["devices.kubevirt.io/kvm"] == "1" and c["resources"]["requests"]["cpu"] == "2m"
+    assert "memory" not in c["resources"]["limits"]  # still no memory limit: no OOM kill of an admitted guest
+    assert p["spec"]["securityContext"]["supplementalGroups"] == [108]
+    assert c["securityContext"]["capabilities"] == {"drop": ["ALL"]} and "privileged" not in c["securityContext"]
+    assert p["spec"]["volumes"] == [{"name": "data", "hostPath": {"path": "/srv/ferry", "type": "Directory"}}]
+
+
+@pytest.mark.parametrize("text, want", [
+    ("", {}), ("devices.kubevirt.io/kvm=1", {"devices.kubevirt.io/kvm": 1}),
+    ("a.io/x=2, b.io/y=1", {"a.io/x": 2, "b.io/y": 1}),
+])
+def test_device_resources_parse(text, want):
+    assert parse_device_resources(text) == want
+
+
+@pytest.mark.parametrize("text", ["kvm=1", "a.io/x", "a.io/x=0", "a.io/x=two"])
+def test_bad_device_resources_are_refused(text):
+    with pytest.raises(ValueError, match="FERRY_LAUNCHER_DEVICE_RESOURCES"):
+        parse_device_resources(text)
+
+
+def test_groups_parse():
+    assert parse_groups("") == () and parse_groups("108,5") == (108, 5)
+    with pytest.raises(ValueError):
+        parse_groups("kvm")
+
+
+def test_a_runtime_class_carries_the_overhead_and_the_requests_stay_the_scaled_size():
+    p = launcher_pod(qemu_req(), node="host-b", image="ferry:dev-qemu", pull_policy="Never",
+                     host_data_dir="/srv/ferry", data_dir="/var/lib/ferry", owner=OWNER, runtime_class="ferry-vm")
+    assert p["spec"]["runtimeClassName"] == "ferry-vm"
+    assert p["spec"]["containers"][0]["resources"] == {
+        "requests": {"cpu": "2m", "memory": str(round(4096 * 0.001 * 2**20))}}
+    assert "runtimeClassName" not in pod()["spec"]

@@ -56,7 +56,8 @@ def test_argv_of_a_source_and_its_incoming_target_differ_only_in_incoming() -> N
     assert target[len(source):] == ["-S", "-incoming", "defer"]
     joined = " ".join(source)
     assert "-accel tcg,tb-size=64" in joined and "-m 96" in joined and "-smp 1" in joined
-    assert "-daemonize" in source and "-pidfile" in source
+    assert "-pidfile" in source  # its lock says whether QEMU runs
+    assert "-daemonize" not in source  # QEMU stays in the foreground as its launcher's process
     assert "driver=file,filename=/data/vms/ns__web-1/disk.img" in joined
     assert "virtio-blk-pci,drive=disk0" in joined
     assert "-kernel /k" in joined and "-initrd /i" in joined

@@ -62,6 +62,21 @@ app.kubernetes.io/component: {{ .component }}
 {{- printf "%s:%s" $repo $tag -}}
 {{- end -}}
 
+{{/* The RuntimeClass of the launcher pods (launcher-runtimeclass.yaml): cluster-scoped, so
+named after the release; empty when agent.launcherPod.overhead is. */}}
+{{- define "ferry.launcherRuntimeClass" -}}
+{{- if .Values.agent.launcherPod.overhead -}}{{ include "ferry.fullname" . }}-vm{{- end -}}
+{{- end -}}
+
+{{/* agent.launcherPod.deviceResources as FERRY_LAUNCHER_DEVICE_RESOURCES: name=count,... (sorted) */}}
+{{- define "ferry.launcherDeviceResources" -}}
+{{- $out := list -}}
+{{- range $name, $count := .Values.agent.launcherPod.deviceResources -}}
+{{- $out = append $out (printf "%s=%v" $name (int $count)) -}}
+{{- end -}}
+{{- join "," $out -}}
+{{- end -}}
+
 {{/* A setting's value as the environment carries it: strings as they are, numbers without
 an exponent (JSON form: 1000000, not 1e+06), booleans as true/false. */}}
 {{- define "ferry.settingValue" -}}

@@ -14,7 +14,7 @@ from ferry import logs
 from ferry.agent.loop import Agent
 from ferry.drivers.base import Driver
 from ferry.drivers.launcher import Launcher, ProcessLauncher
-from ferry.drivers.pod_launcher import PodLauncher
+from ferry.drivers.pod_launcher import PodLauncher, parse_device_resources, parse_groups
 from ferry.settings import Settings
 from ferry.storage import Kube
 
@@ -24,8 +24,9 @@ DRIVERS = ("sim", "qemu")
 
 
 def make_launcher(host: str, data_dir: str, kube: Kube | None, environ: Mapping[str, str]) -> Launcher:
-    """Where VM processes run: ``FERRY_LAUNCHER=process`` (default: plain processes, local
-    development and tests) or ``pod`` (one pod per VM on this node; the chart's default)."""
+    """Where VM processes (sim VMs or QEMU) run: ``FERRY_LAUNCHER=process`` (default: plain
+    processes, local development and tests) or ``pod`` (one pod per VM on this node; the chart's
+    default; ``FERRY_LAUNCHER_DEVICE_RESOURCES``/``_SUPPLEMENTAL_GROUPS``: e.g. /dev/kvm for QEMU)."""
     kind = environ.get("FERRY_LAUNCHER", "process")
     if kind == "process":
         return ProcessLauncher()
@@ -38,7 +39,10 @@ def make_launcher(host: str, data_dir: str, kube: Kube | None, environ: Mapping[
         return PodLauncher(kube, environ.get("FERRY_LAUNCHER_NODE") or host, image=image,
                            pull_policy=environ.get("FERRY_LAUNCHER_PULL_POLICY", "IfNotPresent"),
                            host_data_dir=environ.get("FERRY_LAUNCHER_HOST_DATA_DIR") or data_dir,
-                           data_dir=os.path.realpath(data_dir))
+                           data_dir=os.path.realpath(data_dir),
+                           device_resources=parse_device_resources(environ.get("FERRY_LAUNCHER_DEVICE_RESOURCES", "")),
+                           supplemental_groups=parse_groups(environ.get("FERRY_LAUNCHER_SUPPLEMENTAL_GROUPS", "")),
+                           runtime_class=environ.get("FERRY_LAUNCHER_RUNTIME_CLASS", ""))
     raise ValueError(f"unknown FERRY_LAUNCHER {kind!r} (process or pod)")
 
 
@@ -54,7 +58,9 @@ def make_driver(name: str, data_dir: str, settings: Settings, environ: Mapping[s
     if name == "qemu":
         from ferry.drivers.qemu import QemuDriver  # heavy and optional: only when asked for
 
-        return QemuDriver.from_settings(settings, data_dir)
+        pods = launcher is not None and launcher.name == "pod"
+        return QemuDriver.from_settings(settings, data_dir, env, launcher=launcher,
+                                        launch_timeout=120.0 if pods else None)
     raise ValueError(f"unknown driver {name!r} (choose one of {', '.join(DRIVERS)})")
 
 

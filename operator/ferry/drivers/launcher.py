@@ -102,7 +102,8 @@ def vm_alive(lock_path: str) -> bool:
 
 
 def _pid_is(pid: int, vm_dir: str) -> bool:
-    """``pid`` is a live (not zombie) process whose command line names ``vm_dir``."""
+    """``pid`` is a live (not zombie) process whose command line names ``vm_dir`` (an argument
+    that is the directory, or a path inside it: QEMU names only its files)."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             stat = f.read()
@@ -112,11 +113,18 @@ def _pid_is(pid: int, vm_dir: str) -> bool:
             cmdline = f.read().split(b"\0")
     except (OSError, ValueError):
         return False
-    return os.fsencode(vm_dir) in cmdline
+    d = os.fsencode(vm_dir)
+    return any(arg == d or d + b"/" in arg for arg in cmdline)
+
+
+LAUNCHED_PID_FILE = "launched.pid"
 
 
 class ProcessLauncher:
-    """Each VM process a plain process in its own session (it outlives the agent)."""
+    """Each VM process a plain process in its own session (it outlives the agent).
+
+    It records the pid it started in ``launched.pid`` in the VM's directory, so a new launcher
+    (after an agent restart) can still kill it, whatever pid file the VM program keeps itself."""
 
     name = "process"
 
@@ -141,6 +149,8 @@ class ProcessLauncher:
             except OSError as e:
                 raise DriverError(f"{req.key}: cannot run {req.argv[0]}: {e}") from None
         self._children[req.key] = proc
+        with open(os.path.join(req.vm_dir, LAUNCHED_PID_FILE), "w") as f:
+            f.write(f"{proc.pid}\n")
 
     def exited(self, key: VMKey) -> str | None:
         p = self._children.get(key)
@@ -148,17 +158,22 @@ class ProcessLauncher:
             return f"VM process exited (code {p.returncode})"
         return None
 
-    def _pid(self, key: VMKey, vm_dir: str) -> int | None:
-        try:
-            with open(os.path.join(vm_dir, self.pid_file)) as f:
-                pid = int(f.read().strip())
-        except (OSError, ValueError):
-            return None
-        return pid if _pid_is(pid, vm_dir) else None
+    def _pids(self, vm_dir: str) -> set[int]:
+        """Live processes of this VM named by its own pid file or by the launcher's record."""
+        out = set()
+        for name in (self.pid_file, LAUNCHED_PID_FILE):
+            try:
+                with open(os.path.join(vm_dir, name)) as f:
+                    pid = int(f.read().strip())
+            except (OSError, ValueError):
+                continue
+            if _pid_is(pid, vm_dir):
+                out.add(pid)
+        return out
 
     def kill(self, key: VMKey, vm_dir: str, timeout: float = 30.0) -> None:
         p = self._children.pop(key, None)
-        pids = {x for x in (p.pid if p is not None and p.poll() is None else None, self._pid(key, vm_dir)) if x}
+        pids = {x for x in (p.pid if p is not None and p.poll() is None else None, *self._pids(vm_dir)) if x}
         for pid in pids:
             try:
                 os.kill(pid, signal.SIGKILL)

@@ -16,7 +16,17 @@ The pod:
   node (control socket, lock, images);
 - runs as the agent's unprivileged user with the restricted security context, no service
   account token (the VM process never talks to the API), ``restartPolicy: Never`` (a crashed
-  guest is restarted by the agent's plan, not behind its back).
+  guest is restarted by the agent's plan, not behind its back);
+- the same for both drivers: the sim VM process, or QEMU in the foreground (its pid file's
+  lock and its monitor socket in the data directory). QEMU under TCG needs nothing more. With
+  KVM it needs /dev/kvm only, given as a device plugin's extended resource
+  (``device_resources``, e.g. ``devices.kubevirt.io/kvm: 1``, requested and limited) and,
+  if the device is not world-writable, its group (``supplemental_groups``): no privilege, no
+  capability (KVM checks none; a hostPath /dev/kvm would be refused by the container's
+  device cgroup, and ``privileged`` would grant every device of the node);
+- optionally names a RuntimeClass (``runtime_class``) whose pod overhead covers what the VM
+  process uses beyond the guest (QEMU's translation cache and device model): kube-scheduler
+  and kubelet add it to the pod's requests, which stay the droplet's scaled size.
 
 A PodDisruptionBudget per droplet (``maxUnavailable: 0``, owned by the Droplet) refuses the
 eviction of its pods: ``kubectl drain`` cordons the node, the operator turns the cordon into
@@ -65,9 +75,32 @@ def _quantity_bytes(n: int) -> str:
     return f"{n >> 20}Mi" if n % (1 << 20) == 0 else str(n)
 
 
+def parse_device_resources(text: str) -> dict[str, int]:
+    """``FERRY_LAUNCHER_DEVICE_RESOURCES``: ``name=count,...`` (e.g. ``devices.kubevirt.io/kvm=1``)."""
+    out: dict[str, int] = {}
+    for item in filter(None, (x.strip() for x in text.split(","))):
+        name, sep, count = item.partition("=")
+        if not sep or "/" not in name or not count.strip().isdigit() or int(count) < 1:
+            raise ValueError(f"FERRY_LAUNCHER_DEVICE_RESOURCES: {item!r} is not DOMAIN/NAME=COUNT")
+        out[name.strip()] = int(count)
+    return out
+
+
+def parse_groups(text: str) -> tuple[int, ...]:
+    """``FERRY_LAUNCHER_SUPPLEMENTAL_GROUPS``: ``gid,...``."""
+    try:
+        return tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise ValueError(f"FERRY_LAUNCHER_SUPPLEMENTAL_GROUPS: {text!r} is not a list of group ids") from None
+
+
 def launcher_pod(req: Launch, *, node: str, image: str, pull_policy: str, host_data_dir: str,
-                 data_dir: str, owner: Mapping[str, Any] | None, uid: int = 10001) -> dict[str, Any]:
-    """The pod of one VM process (PURE: tested without a cluster)."""
+                 data_dir: str, owner: Mapping[str, Any] | None, uid: int = 10001,
+                 device_resources: Mapping[str, int] | None = None,
+                 supplemental_groups: tuple[int, ...] = (), runtime_class: str = "") -> dict[str, Any]:
+    """The pod of one VM process (PURE: tested without a cluster). ``runtime_class``: a
+    RuntimeClass whose ``overhead.podFixed`` (what QEMU uses beyond its guest) the API server
+    copies into the pod's ``spec.overhead``; the container's requests stay the scaled size."""
     name = req.key.name[:40].rstrip("-.")
     labels = {"app.kubernetes.io/name": "ferry", "app.kubernetes.io/component": COMPONENT,
               LABEL_VM: label_value(req.key.name), LABEL_NODE: label_value(node)}
@@ -76,6 +109,15 @@ def launcher_pod(req: Launch, *, node: str, image: str, pull_policy: str, host_d
     if owner:
         meta["ownerReferences"] = [{**owner, "blockOwnerDeletion": False}]
     requests = {"cpu": f"{req.resources.cpu_millis}m", "memory": _quantity_bytes(req.resources.memory_bytes)}
+    resources: dict[str, Any] = {"requests": requests}
+    if device_resources:  # extended resources: requested and limited alike (the API wants both)
+        devices = {k: str(v) for k, v in sorted(device_resources.items())}
+        resources = {"requests": {**requests, **devices}, "limits": devices}
+    pod_security: dict[str, Any] = {"runAsNonRoot": True, "runAsUser": uid, "runAsGroup": uid,
+                                    "seccompProfile": {"type": "RuntimeDefault"}}
+    if supplemental_groups:
+        pod_security["supplementalGroups"] = list(supplemental_groups)
+    extra: dict[str, Any] = {"runtimeClassName": runtime_class} if runtime_class else {}
     return {
         "apiVersion": "v1", "kind": "Pod", "metadata": meta,
         "spec": {
@@ -88,8 +130,8 @@ def launcher_pod(req: Launch, *, node: str, image: str, pull_policy: str, host_d
             "terminationGracePeriodSeconds": 30,
             "tolerations": [{"operator": "Exists", "effect": "NoExecute"},
                             {"operator": "Exists", "effect": "NoSchedule"}],
-            "securityContext": {"runAsNonRoot": True, "runAsUser": uid, "runAsGroup": uid,
-                                "seccompProfile": {"type": "RuntimeDefault"}},
+            **extra,
+            "securityContext": pod_security,
             "containers": [{
                 "name": COMPONENT,
                 "image": image,
@@ -97,7 +139,7 @@ def launcher_pod(req: Launch, *, node: str, image: str, pull_policy: str, host_d
                 "command": list(req.argv),
                 "workingDir": req.vm_dir,
                 "env": [{"name": k, "value": v} for k, v in req.env],
-                "resources": {"requests": requests},
+                "resources": resources,
                 "securityContext": {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
                                     "capabilities": {"drop": ["ALL"]}},
                 "volumeMounts": [{"name": "data", "mountPath": data_dir}],
@@ -143,8 +185,13 @@ class PodLauncher:
     name = "pod"
 
     def __init__(self, kube: Kube, node: str, *, image: str, pull_policy: str = "IfNotPresent",
-                 host_data_dir: str, data_dir: str, uid: int = 10001):
+                 host_data_dir: str, data_dir: str, uid: int = 10001,
+                 device_resources: Mapping[str, int] | None = None, supplemental_groups: tuple[int, ...] = (),
+                 runtime_class: str = ""):
         self.kube = kube
+        self.runtime_class = runtime_class
+        self.device_resources = dict(device_resources or {})
+        self.supplemental_groups = tuple(supplemental_groups)
         self.node = node
         self.image = image
         self.pull_policy = pull_policy
@@ -187,7 +234,9 @@ class PodLauncher:
         owner = self._owner(req.key)
         self._ensure_budget(req.key, owner)
         body = launcher_pod(req, node=self.node, image=self.image, pull_policy=self.pull_policy,
-                            host_data_dir=self.host_data_dir, data_dir=self.data_dir, owner=owner, uid=self.uid)
+                            host_data_dir=self.host_data_dir, data_dir=self.data_dir, owner=owner, uid=self.uid,
+                            device_resources=self.device_resources, supplemental_groups=self.supplemental_groups,
+                            runtime_class=self.runtime_class)
         try:
             pod = self.kube.create_core(self._pods_path(req.key.namespace), body, f"create launcher pod of {req.key}")
         except StorageError as e:

@@ -45,7 +45,7 @@ class QemuConfig:
     mirror_copy_mode: str = "background"  # or "write-blocking" (libvirt's synchronous writes)
     qmp_timeout: float = 10.0
     stop_timeout: float = 10.0
-    launch_timeout: float = 30.0
+    launch_timeout: float = 30.0  # until QEMU's monitor answers (the agent gives a launcher pod 120 s)
     extra_args: tuple[str, ...] = ()
 
     @classmethod
@@ -192,12 +192,14 @@ def build_argv(
         "-chardev", f"file,id=serial0,path={_opt(layout.serial)},append=on",
         "-serial", "chardev:serial0",
         # unix socket paths are limited to 107 bytes: QEMU starts in the VM's directory
-        # (process.launch) and binds them relative to it; clients connect through
-        # /proc/self/fd (qmp.connect_unix)
+        # (the launcher's working directory) and binds them relative to it; clients connect
+        # through /proc/self/fd (qmp.connect_unix)
         "-qmp", f"unix:{layout.qmp.name},server=on,wait=off",
         "-qmp", f"unix:{layout.qmp_aux.name},server=on,wait=off",
+        # locked by QEMU while it runs: the agent's "is it alive", across pid namespaces
+        # (process.running). No -daemonize: QEMU stays in the foreground as its launcher's
+        # process (a plain process in its own session, or a launcher pod's one process).
         "-pidfile", str(layout.pidfile),
-        "-daemonize",
     ]
     if config.cpu_model:
         argv += ["-cpu", config.cpu_model]

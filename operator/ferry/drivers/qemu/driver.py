@@ -2,12 +2,18 @@
 
 Per VM, under ``<data_dir>/vms/<ns>__<name>/``: ``disk.img`` (raw, sparse),
 ``vm.json`` (the spec, the scaled size, the migration role), ``migration.json`` (the
-last migration's stats), ``qemu.pid``, ``qmp.sock`` (kept connected by the driver),
-``qmp-aux.sock`` (for people and tests), ``serial.log`` (the guest's console).
+last migration's stats), ``qemu.pid`` (locked by QEMU while it runs), ``qmp.sock`` (kept
+connected by the driver), ``qmp-aux.sock`` (for people and tests), ``serial.log`` (the
+guest's console), ``qemu.stderr`` (QEMU's own output under the process launcher).
 
-QEMU runs daemonized, so it outlives the agent; a new driver instance finds it again
-from the pid file and the monitor socket (``list_vms``), and finishes or rolls back a
-migration that was in flight when the previous agent died.
+QEMU is started through the agent's launcher (``ferry.drivers.launcher``), in the
+foreground: as a plain process in its own session (``ProcessLauncher``: local development,
+the tests) or as the one process of a pod on the host's node (``PodLauncher``: in a
+cluster), so it outlives the agent either way. The agent reaches it only through files of
+the VM's directory: the monitor socket, and the pid file's lock for "is it alive"
+(``process.running``, good across pid namespaces). A new driver instance finds it again
+(``list_vms``) and finishes or rolls back a migration that was in flight when the previous
+agent died.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ import pathlib
 import shutil
 import socket
 import threading
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -36,6 +43,7 @@ from ferry.drivers.base import (
     VMState,
     Workload,
 )
+from ferry.drivers.launcher import Launch, Launcher, ProcessLauncher, VMResources
 
 from . import process
 from .config import (
@@ -95,14 +103,17 @@ class QemuDriver:
         data_dir: str | os.PathLike[str],
         *,
         config: QemuConfig | None = None,
+        launcher: Launcher | None = None,
         **overrides: Any,
     ):
         """``QemuDriver(data_dir, size_scale=0.001, kernel=..., initrd=...)``; any
-        :class:`QemuConfig` field may be given as a keyword."""
+        :class:`QemuConfig` field may be given as a keyword. ``launcher``: where QEMU runs
+        (default: a plain process, ``ProcessLauncher``)."""
         self.data_dir = pathlib.Path(data_dir).resolve()
         base = config or QemuConfig()
         self.config = dataclasses.replace(base, **overrides) if overrides else base
         self.config.validate()
+        self.launcher: Launcher = launcher or ProcessLauncher()
         (self.data_dir / "vms").mkdir(parents=True, exist_ok=True)
         self._lock = threading.RLock()
         self._clients: dict[VMKey, QMPClient] = {}
@@ -110,15 +121,17 @@ class QemuDriver:
 
     @classmethod
     def from_env(cls, data_dir: str | os.PathLike[str], environ: Mapping[str, str] | None = None,
-                 **overrides: Any) -> QemuDriver:
+                 launcher: Launcher | None = None, **overrides: Any) -> QemuDriver:
         """Configured by FERRY_QEMU_KERNEL, FERRY_QEMU_INITRD, FERRY_QEMU_BINARY, FERRY_SIZE_SCALE, ..."""
-        return cls(data_dir, config=QemuConfig.from_env(environ, **overrides))
+        return cls(data_dir, config=QemuConfig.from_env(environ, **overrides), launcher=launcher)
 
     @classmethod
     def from_settings(cls, settings: Any, data_dir: str | os.PathLike[str],
-                      environ: Mapping[str, str] | None = None) -> QemuDriver:
+                      environ: Mapping[str, str] | None = None, launcher: Launcher | None = None,
+                      **overrides: Any) -> QemuDriver:
         """From ferry.settings.Settings (size_scale) plus the FERRY_QEMU_* variables."""
-        return cls.from_env(data_dir, environ, size_scale=getattr(settings, "size_scale", None))
+        return cls.from_env(data_dir, environ, launcher, size_scale=getattr(settings, "size_scale", None),
+                            **overrides)
 
     def hypervisor_version(self) -> str | None:
         """QEMU's version (``qemu-system-x86_64 --version``), None if it cannot be run."""
@@ -193,8 +206,8 @@ class QemuDriver:
 
     # -- helpers: processes and monitors --------------------------------------------
 
-    def _pid(self, layout: VMLayout) -> int | None:
-        return process.read_pid(layout)
+    def _alive(self, layout: VMLayout) -> bool:
+        return process.running(layout)
 
     def _qmp(self, key: VMKey) -> QMPClient:
         with self._lock:
@@ -202,7 +215,7 @@ class QemuDriver:
             if client is not None and not client.closed:
                 return client
             layout = self.layout(key)
-            if self._pid(layout) is None:
+            if not self._alive(layout):
                 raise DriverError(f"{key}: QEMU is not running")
             try:
                 client = QMPClient.connect(str(layout.qmp), timeout=self.config.qmp_timeout)
@@ -217,18 +230,52 @@ class QemuDriver:
         if client is not None:
             client.close()
 
-    def _launch(self, key: VMKey, meta: dict[str, Any], *, incoming: bool = False, prelaunch: bool = False) -> int:
+    def _launch(self, key: VMKey, meta: dict[str, Any], *, incoming: bool = False, prelaunch: bool = False) -> None:
+        """Start QEMU through the launcher and return once its monitor answers."""
         layout = self.layout(key)
         size = GuestSize(**meta["size"])
         self._ensure_disk(layout, size)
         self._write_meta(layout, meta)
         argv = build_argv(self.config, layout, size, safe_id(f"{key.namespace}-{key.name}"),
                           incoming=incoming, prelaunch=prelaunch)
-        log.info("starting QEMU for %s: %s", key, " ".join(argv))
+        log.info("starting QEMU for %s (launcher %s): %s", key, self.launcher.name, " ".join(argv))
         self._drop_client(key)
-        pid = process.launch(argv, layout, self.config.launch_timeout)
-        self._qmp(key)
-        return pid
+        for stale in (layout.pidfile, layout.qmp, layout.qmp_aux):
+            with contextlib.suppress(FileNotFoundError):
+                stale.unlink()
+        spec = meta["spec"]
+        self.launcher.launch(Launch(
+            key=key, argv=tuple(argv), vm_dir=str(layout.root), log_path=str(layout.stderr), env=(),
+            resources=VMResources.of(int(spec["cpu"]), int(spec["memory_mib"]), self.config.size_scale),
+            role="incoming" if incoming else "vm"))
+        deadline = time.monotonic() + self.config.launch_timeout
+        next_check = 0.0
+        last: Exception | None = None
+        while time.monotonic() < deadline:
+            if layout.qmp.exists() and self._alive(layout):
+                try:
+                    self._qmp(key)
+                    return
+                except DriverError as exc:
+                    last = exc
+            if time.monotonic() >= next_check:  # a pod's state is an API call: not every 50 ms
+                why = self.launcher.exited(key)
+                if why is not None and not self._alive(layout):
+                    raise DriverError(f"{key}: QEMU failed to start: {why}: {self._stderr_tail(layout)}")
+                next_check = time.monotonic() + (0.5 if self.launcher.name != "process" else 0.0)
+            time.sleep(0.05)
+        self.launcher.kill(key, str(layout.root))
+        raise DriverError(f"{key}: QEMU's monitor did not answer within {self.config.launch_timeout:.0f} s"
+                          f" ({last or 'no socket'}): {self._stderr_tail(layout)}")
+
+    def _stderr_tail(self, layout: VMLayout, size: int = 500) -> str:
+        """QEMU's last words (a launcher pod's QEMU writes them to its container log)."""
+        try:
+            with open(layout.stderr, "rb") as f:
+                f.seek(max(0, os.fstat(f.fileno()).st_size - size))
+                return f.read().decode(errors="replace").strip() or "(no output)"
+        except OSError:
+            return "(see the launcher pod's log)"
 
     def _runstate(self, key: VMKey) -> str | None:
         try:
@@ -237,18 +284,23 @@ class QemuDriver:
             return None
 
     def _kill(self, key: VMKey, graceful: bool) -> None:
+        """Stop this VM's QEMU (``quit`` first when graceful) and drop what held it (its
+        launcher pod, or its plain process)."""
         layout = self.layout(key)
-        pid = self._pid(layout)
-        if pid is None:
+        if not self._alive(layout):
             self._drop_client(key)
+            self.launcher.release(key)
             return
         if graceful:
             with contextlib.suppress(DriverError, QMPError, QMPConnectionError):
                 self._qmp(key).execute("quit", timeout=self.config.qmp_timeout)
-            if process.wait_gone(pid, layout, self.config.stop_timeout):
+            if process.wait_gone(layout, self.config.stop_timeout):
                 self._drop_client(key)
+                self.launcher.release(key)
                 return
-        process.kill(pid, layout)
+        self.launcher.kill(key, str(layout.root), timeout=max(30.0, self.config.stop_timeout))
+        if not process.wait_gone(layout, self.config.stop_timeout):
+            raise DriverError(f"{key}: QEMU still holds its pid file after it was killed")
         with contextlib.suppress(FileNotFoundError):
             layout.pidfile.unlink()  # killed on purpose: not a crash (QEMU removes it itself on quit)
         self._drop_client(key)
@@ -256,15 +308,19 @@ class QemuDriver:
     def _crashed(self, layout: VMLayout, meta: dict[str, Any]) -> bool:
         """No live QEMU, but its pidfile is left: it did not quit (QEMU removes the file on a
         clean exit, and so does the driver after killing it on purpose)."""
-        return layout.pidfile.exists() and self._pid(layout) is None and meta.get("role") != "target"
+        return layout.pidfile.exists() and not self._alive(layout) and meta.get("role") != "target"
 
     def _info(self, key: VMKey, meta: dict[str, Any] | None = None) -> VMInfo:
         layout = self.layout(key)
         meta = meta if meta is not None else (self._read_meta(layout) or {})
-        pid = self._pid(layout)
-        runstate = self._runstate(key) if pid is not None else None
-        state = vm_state(pid is not None, runstate, meta)
-        return VMInfo(key=key, state=state, pid=pid,
+        holder = process.lock_holder(layout)
+        alive = holder is not None
+        runstate = self._runstate(key) if alive else None
+        state = vm_state(alive, runstate, meta)
+        # pid: set exactly while QEMU runs (the agent's plan reads "None" as "its process is
+        # gone"): the lock holder as seen from here, or, for a launcher pod's QEMU (another pid
+        # namespace: F_GETLK says 0), the pid QEMU wrote itself
+        return VMInfo(key=key, state=state, pid=None if holder is None else holder or process.own_pid(layout),
                       migration_id=meta.get("migration_id") if meta.get("role") else None,
                       crashed=state == VMState.STOPPED and self._crashed(layout, meta),
                       restarts=int(meta.get("restarts") or 0), restarted_at=meta.get("restarted_at"))
@@ -292,7 +348,7 @@ class QemuDriver:
             meta = self._read_meta(layout)
             if meta and meta.get("role") == "target":
                 raise DriverError(f"{key} is the target of migration {meta.get('migration_id')}; it starts by resume()")
-            if self._pid(layout) is not None:
+            if self._alive(layout):
                 if meta and meta.get("offline_source"):
                     raise DriverError(f"{key} is being copied by offline migration {meta.get('migration_id')}")
                 return self._info(key, meta)
@@ -346,7 +402,7 @@ class QemuDriver:
                 m = self._migrations.get(key)
                 failed = (MigrationState.FAILED, MigrationState.ABORTED)
                 if (meta.get("migration_id") == migration_id and meta.get("address")
-                        and self._pid(layout) is not None and (m is None or m.state not in failed)):
+                        and self._alive(layout) and (m is None or m.state not in failed)):
                     self._recover(key, meta)
                     return meta["address"]
                 self.destroy(key)  # a previous attempt's leftovers
@@ -419,7 +475,7 @@ class QemuDriver:
                 raise DriverError(f"{key} does not exist on this host")
             if meta.get("role") == "target":
                 raise DriverError(f"{key} is itself an incoming VM ({meta.get('migration_id')})")
-            alive = self._pid(layout) is not None
+            alive = self._alive(layout)
             if options.offline:
                 if alive and not meta.get("offline_source"):
                     raise DriverError(f"{key} is running: an offline migration needs a stopped VM")
@@ -516,7 +572,7 @@ class QemuDriver:
         meta = self._read_meta(self.layout(key)) or {}
         if meta.get("offline_source"):
             self._stop_offline_source(key)
-        elif self._pid(self.layout(key)) is not None and self._runstate(key) != "running":
+        elif self._alive(self.layout(key)) and self._runstate(key) != "running":
             self._qmp(key).execute("cont")
         if m is not None:
             m.set_state(MigrationState.ABORTED)
@@ -532,7 +588,7 @@ class QemuDriver:
             if not meta:
                 raise DriverError(f"{key} does not exist on this host")
             if meta.get("role") != "target":
-                if self._pid(layout) is not None and self._runstate(key) == "running":
+                if self._alive(layout) and self._runstate(key) == "running":
                     return  # resumed already
                 raise DriverError(f"{key} is not an incoming VM")
             self._recover(key, meta)
@@ -580,7 +636,7 @@ class QemuDriver:
             stats = self._persisted_stats(layout)
             if stats is not None and (stats.state in FINAL_STATES or stats.migration_id != mid):
                 return None
-            alive = self._pid(layout) is not None
+            alive = self._alive(layout)
             if not alive:
                 stats = stats or MigrationStats(migration_id=mid)
                 stats.state = MigrationState.FAILED

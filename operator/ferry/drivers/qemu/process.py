@@ -1,68 +1,84 @@
-"""Starting and finding daemonized QEMU processes.
+"""Whether a VM's QEMU runs, from its pid file's lock.
 
-QEMU runs with ``-daemonize -pidfile``: it detaches from the agent (its own session,
-re-parented to init), so it outlives an agent restart. A process is ours only if its
-command line names the VM's directory, which guards against a recycled pid.
+QEMU is started by a launcher (``ferry.drivers.launcher``: a plain process in its own session,
+or the one process of a pod on the host's node), in the foreground: no ``-daemonize``. A
+launcher pod's QEMU lives in another pid namespace, so its pid means nothing to the agent;
+what both see is the VM's directory. QEMU's ``-pidfile`` takes a POSIX write lock
+(``fcntl(F_SETLK)``) on the file for its whole life, and the kernel drops it when QEMU exits,
+however it exits: a held lock is a live QEMU, in any pid namespace. ``F_GETLK`` asks without
+taking a lock, so the test never races QEMU's own start.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import pathlib
 import signal
-import subprocess
+import struct
 import time
 
 from ferry.drivers.base import DriverError
 
 from .config import VMLayout
 
+# struct flock on x86_64/aarch64 Linux: short l_type, short l_whence, off_t l_start,
+# off_t l_len, pid_t l_pid (+ padding)
+_FLOCK = "hhqqi4x"
 
-def launch(argv: list[str], layout: VMLayout, timeout: float) -> int:
-    """Run QEMU daemonized; return its pid once it is up (QMP socket listening)."""
-    for stale in (layout.pidfile, layout.qmp, layout.qmp_aux):
-        with contextlib.suppress(FileNotFoundError):
-            stale.unlink()
-    # stdout/stderr go to a file, not a pipe: the daemon must not hold our pipe open
-    # (QEMU points them at /dev/null once it has daemonized)
+
+def lock_holder(layout: VMLayout) -> int | None:
+    """The pid holding the pid file's lock as this process's pid namespace sees it (0 when the
+    holder is in another one, e.g. a launcher pod), or None when no QEMU holds it."""
     try:
-        with open(layout.stderr, "ab") as errfile:
-            start = errfile.tell()
-            proc = subprocess.run(
-                argv,
-                stdin=subprocess.DEVNULL,
-                stdout=errfile,
-                stderr=errfile,
-                timeout=timeout,
-                start_new_session=True,
-                cwd=layout.root,  # unix sockets are bound relative to the VM's directory
-            )
-    except FileNotFoundError as exc:
-        raise DriverError(f"cannot run {argv[0]}: {exc}") from exc
-    except subprocess.TimeoutExpired as exc:
-        raise DriverError(f"{argv[0]} did not start within {timeout} s") from exc
-    with open(layout.stderr, "rb") as f:
-        f.seek(start)
-        err = f.read().decode(errors="replace").strip()
-    if proc.returncode != 0:
-        raise DriverError(f"QEMU failed to start ({proc.returncode}): {err[-500:]}")
-    pid = read_pid(layout)
-    if pid is None:
-        raise DriverError(f"QEMU started but no live process behind {layout.pidfile}: {err[-500:]}")
-    return pid
+        fd = os.open(layout.pidfile, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        query = struct.pack(_FLOCK, fcntl.F_WRLCK, os.SEEK_SET, 0, 0, 0)
+        l_type, _, _, _, l_pid = struct.unpack(_FLOCK, fcntl.fcntl(fd, fcntl.F_GETLK, query))
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    return None if l_type == fcntl.F_UNLCK else l_pid
 
+
+def own_pid(layout: VMLayout) -> int:
+    """The pid QEMU wrote in its pid file, in its own pid namespace (a launcher pod's QEMU is
+    its pod's process 1). VMInfo.pid is set (not None) exactly while QEMU runs, as the agent's
+    plan expects; 0 when the file cannot be read."""
+    try:
+        return int(layout.pidfile.read_text().strip() or 0)
+    except (OSError, ValueError):
+        return 0
+
+
+def running(layout: VMLayout) -> bool:
+    """A QEMU of this VM runs (it holds its pid file's lock)."""
+    return lock_holder(layout) is not None
+
+
+def wait_gone(layout: VMLayout, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while running(layout):
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+# -- for tests and people on the host: pids of QEMUs in this pid namespace ----------------------
 
 def read_pid(layout: VMLayout) -> int | None:
-    """The pid of this VM's QEMU if it is alive (not a zombie, command line names the VM)."""
-    try:
-        pid = int(layout.pidfile.read_text().strip())
-    except (FileNotFoundError, ValueError):
-        return None
-    return pid if is_ours(pid, layout) else None
+    """The pid of this VM's QEMU if it runs in this pid namespace (a plain process)."""
+    pid = lock_holder(layout)
+    return pid if pid else None
 
 
 def is_ours(pid: int, layout: VMLayout) -> bool:
+    """``pid`` is a live (not zombie) process whose command line names the VM's directory."""
     try:
         cmdline = pathlib.Path(f"/proc/{pid}/cmdline").read_bytes()
         status = pathlib.Path(f"/proc/{pid}/status").read_text()
@@ -73,20 +89,11 @@ def is_ours(pid: int, layout: VMLayout) -> bool:
     return str(layout.root).encode() in cmdline
 
 
-def wait_gone(pid: int, layout: VMLayout, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while is_ours(pid, layout):
-        if time.monotonic() >= deadline:
-            return False
-        time.sleep(0.05)
-    return True
-
-
 def kill(pid: int, layout: VMLayout, timeout: float = 10.0) -> None:
-    """SIGKILL the VM's QEMU (only if it is ours) and wait until it is gone."""
+    """SIGKILL a QEMU of this pid namespace (only if it is this VM's) and wait until it is gone."""
     if not is_ours(pid, layout):
         return
     with contextlib.suppress(ProcessLookupError):
         os.kill(pid, signal.SIGKILL)
-    if not wait_gone(pid, layout, timeout):
+    if not wait_gone(layout, timeout):
         raise DriverError(f"QEMU {pid} did not exit after SIGKILL")
