@@ -15,12 +15,12 @@ import subprocess
 from collections.abc import Iterator
 
 import pytest
+from qemu_support import QEMU, make_driver
 
 from ferry.drivers.base import VMKey, VMSpec
 from ferry.drivers.qemu import QemuDriver
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
-QEMU = os.environ.get("FERRY_QEMU_BINARY", "qemu-system-x86_64")
 
 #: the spike of the frozen-point verification (test_qemu_frozen_point.py: QMP steps the driver
 #: does not use yet) runs with FERRY_QEMU_SPIKES=1; by default it is deselected, not skipped
@@ -46,13 +46,6 @@ def guest(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     subprocess.run(["bash", str(ROOT / "hack" / "build-test-guest.sh"), str(out)], check=True,
                    stdout=subprocess.DEVNULL)
     return {"kernel": str(out / "vmlinuz"), "initrd": str(out / "initrd.img")}
-
-
-def make_driver(guest: dict[str, str], data_dir: pathlib.Path) -> QemuDriver:
-    # size_scale 0.001: an s-1vcpu-1gb droplet (1 GiB, 25 GiB) becomes 96 MiB (the floor)
-    # and a 26 MiB disk.
-    return QemuDriver(data_dir, kernel=guest["kernel"], initrd=guest["initrd"], size_scale=0.001,
-                      binary=QEMU, max_vcpus=1)
 
 
 @pytest.fixture

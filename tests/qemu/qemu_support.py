@@ -9,6 +9,16 @@ import re
 from ferry.drivers.base import VMSpec
 from ferry.drivers.qemu import QemuDriver
 
+QEMU = os.environ.get("FERRY_QEMU_BINARY", "qemu-system-x86_64")
+
+
+def make_driver(guest: dict[str, str], data_dir: pathlib.Path) -> QemuDriver:
+    # size_scale 0.001: an s-1vcpu-1gb droplet (1 GiB, 25 GiB) becomes 96 MiB (the floor)
+    # and a 26 MiB disk.
+    return QemuDriver(data_dir, kernel=guest["kernel"], initrd=guest["initrd"], size_scale=0.001,
+                      binary=QEMU, max_vcpus=1)
+
+
 # whole lines only: a VM can stop mid-line, and the rest of that line then comes out
 # of the target's serial port
 COUNTER = re.compile(r"^ferry-counter (\d+)\r?\n", re.MULTILINE)

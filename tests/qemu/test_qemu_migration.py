@@ -238,7 +238,7 @@ def test_prepare_incoming_never_binds_a_wildcard(hosts: tuple[QemuDriver, QemuDr
 
 
 def test_reattach_after_an_agent_restart(guest: dict[str, str], tmp_path, spec: VMSpec) -> None:
-    from conftest import make_driver
+    from qemu_support import make_driver
 
     a = make_driver(guest, tmp_path / "host")
     info = a.start(spec)
@@ -259,7 +259,7 @@ def test_reattach_after_an_agent_restart(guest: dict[str, str], tmp_path, spec: 
 
 def test_agent_restart_mid_migration_rolls_back(hosts: tuple[QemuDriver, QemuDriver], spec: VMSpec,
                                                 guest: dict[str, str]) -> None:
-    from conftest import make_driver
+    from qemu_support import make_driver
 
     a, b = hosts
     fill_disk(a, spec)
@@ -352,7 +352,7 @@ def test_a_guest_that_arrived_migrates_again_a_to_b_to_a(hosts: tuple[QemuDriver
 
 def test_a_qemu_killed_from_outside_is_reported_crashed_and_a_restart_is_counted(guest: dict[str, str], tmp_path,
                                                                                   spec: VMSpec) -> None:
-    from conftest import make_driver
+    from qemu_support import make_driver
 
     a = make_driver(guest, tmp_path / "host")
     try:
