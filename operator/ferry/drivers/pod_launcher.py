@@ -28,7 +28,7 @@ The pod:
   process uses beyond the guest (QEMU's translation cache and device model): kube-scheduler
   and kubelet add it to the pod's requests, which stay the droplet's scaled size.
 
-A PodDisruptionBudget per droplet (``maxUnavailable: 0``, owned by the Droplet) refuses the
+A PodDisruptionBudget per droplet (``minAvailable: 2``, owned by the Droplet) refuses the
 eviction of its pods: ``kubectl drain`` cordons the node, the operator turns the cordon into
 host maintenance, the droplets migrate, and each source pod is deleted by its agent only
 after the placement record names the target; drain then finds the node empty.
@@ -150,13 +150,20 @@ def launcher_pod(req: Launch, *, node: str, image: str, pull_policy: str, host_d
 
 
 def disruption_budget(key: VMKey, owner: Mapping[str, Any] | None) -> dict[str, Any]:
-    """Eviction of a droplet's pods is refused: a VM leaves its node by migrating (PURE)."""
+    """Eviction of a droplet's pods is refused: a VM leaves its node by migrating (PURE).
+
+    ``minAvailable: 2``, the most VM pods a droplet has at once (its source and, during a
+    migration, its target): the disruption controller never allows an eviction (healthy pods
+    minus 2 is at most 0). Not ``maxUnavailable: 0``, which says the same but makes the
+    controller read the owner's scale subresource; a Droplet has none, so every budget would
+    be flagged SyncFailed (CalculateExpectedPodCountFailed) and only refuse as a fail-safe.
+    Not ``minAvailable: 1``: mid-migration, with two pods, one of them would be evictable."""
     meta: dict[str, Any] = {"name": f"ferry-vm-{key.name}"[:253], "namespace": key.namespace,
                             "labels": {"app.kubernetes.io/name": "ferry", "app.kubernetes.io/component": COMPONENT}}
     if owner:
         meta["ownerReferences"] = [{**owner, "blockOwnerDeletion": False}]
     return {"apiVersion": "policy/v1", "kind": "PodDisruptionBudget", "metadata": meta,
-            "spec": {"maxUnavailable": 0,
+            "spec": {"minAvailable": 2,
                      "selector": {"matchLabels": {"app.kubernetes.io/component": COMPONENT,
                                                   LABEL_VM: label_value(key.name)}}}}
 
