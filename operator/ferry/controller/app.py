@@ -88,7 +88,12 @@ async def start(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: loggin
     settings.watching.server_timeout = 300
     settings.watching.client_timeout = 330
     settings.execution.max_workers = 8
-    settings.batching.worker_limit = 200
+    # No cap on kopf's per-object workers (its default). A worker lives while its object's
+    # events keep coming (and 5 s more), and every migration under way writes its status every
+    # few seconds: with a cap (it was 200), the first 200 objects kept their workers and a
+    # thousand migrations created at once waited minutes without a phase. A worker is one
+    # asyncio task; their API calls queue for asyncio's default executor (Context.call).
+    settings.queueing.worker_limit = None
     # A finished migration's retention timer may delete that very migration; kopf removes the
     # finalizer only once it sees the timer exited, polling every this many seconds (default 60).
     settings.background.cancellation_polling = 1.0
