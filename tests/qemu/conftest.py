@@ -22,16 +22,7 @@ from ferry.drivers.qemu import QemuDriver
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 QEMU = os.environ.get("FERRY_QEMU_BINARY", "qemu-system-x86_64")
 
-#: the spike of the frozen-point verification (test_qemu_frozen_point.py: QMP steps the driver
-#: does not use yet) runs with FERRY_QEMU_SPIKES=1; by default it is deselected, not skipped
-SPIKES = os.environ.get("FERRY_QEMU_SPIKES", "") == "1"
-
-
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    spikes = [i for i in items if i.fspath.basename == "test_qemu_frozen_point.py"]
-    if spikes and not SPIKES:
-        config.hook.pytest_deselected(items=spikes)
-        items[:] = [i for i in items if i not in spikes]
     if shutil.which(QEMU):
         return
     skip = pytest.mark.skip(reason=f"{QEMU} is not installed (apt-get install qemu-system-x86 qemu-utils)")
