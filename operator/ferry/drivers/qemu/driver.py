@@ -432,6 +432,17 @@ class QemuDriver:
                 raise DriverError(f"{key} does not exist on this host")
             if meta.get("role") == "target":
                 raise DriverError(f"{key} is itself an incoming VM ({meta.get('migration_id')})")
+            v = self._verifies.get(key)
+        if meta.get("frozen_verify") or (v is not None and not v.done.is_set()):
+            # the guest still writes to the frozen point's overlay: a mirror of disk0 now would
+            # copy the frozen base without those writes. Wait for the merge.
+            self._resume_frozen_verify(key, meta)
+            v = self._verifies.get(key)
+            if v is None or not v.done.wait(120) or (self._read_meta(layout) or {}).get("frozen_verify"):
+                raise DriverError(f"{key}: the verification of its last incoming migration has not finished "
+                                  "(its overlay is not merged back yet)")
+        with self._lock:
+            meta = self._read_meta(layout) or meta
             alive = self._pid(layout) is not None
             if options.offline:
                 if alive and not meta.get("offline_source"):
@@ -500,10 +511,11 @@ class QemuDriver:
             return
         if isinstance(m, SourceMigration):
             if not m.finished:
+                # (a completed one may still be hashing its paused disk: that ends, then it resumes)
                 m.cancel()
                 if not m.finished:
                     raise DriverError(f"{key}: the migration did not stop within 60 s")
-            elif m.state == MigrationState.COMPLETED:
+            if m.state == MigrationState.COMPLETED:
                 self._undo_completed(key, m)
         elif meta and meta.get("role") == "source":
             stats = self._persisted_stats(layout)
@@ -573,6 +585,9 @@ class QemuDriver:
             else:
                 self._kill(key, graceful=True)
                 self._write_meta(layout, meta)
+                if stats.frozen_point:  # powered off meanwhile: hash the base and merge, no QEMU needed
+                    self._settle_overlay(key, meta)
+                    self._write_meta(layout, meta)
             self._migrations.pop(key, None)
 
     # -- the frozen point (target, after resume) -----------------------------------------
