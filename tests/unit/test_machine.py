@@ -742,6 +742,7 @@ def test_a_frozen_point_moves_the_record_before_any_digest():
     d = decide(obs("PreCopy", **frozen_reports()), T0)
     assert d.phase == "CutOver"
     assert non_events(d) == [FlipRecord("web-1", "h1", "h2")]
+    assert "froze its copy" in d.new_status.message and "verified" not in d.new_status.message
     v = d.new_status.verification
     assert v.method == "frozen-point" and v.state == "Pending" and v.downtime_ms == 87
     assert d.new_status.condition("Verified").status == "False"
@@ -770,7 +771,7 @@ def test_after_the_resume_the_migration_waits_for_both_digests():
 
 def test_equal_digests_after_the_resume_complete_with_the_figures():
     d = decide(frozen_flipped(**frozen_reports(src="sha256:aa", dst="sha256:aa", state="Running")), T0)
-    assert d.phase == "Completed"
+    assert d.phase == "Completed" and "verified after the resume" in d.new_status.message
     v = d.new_status.verification
     assert (v.method, v.state, v.source_digest, v.target_digest) == ("frozen-point", "Verified", "sha256:aa", "sha256:aa")
     assert (v.source_verify_ms, v.target_verify_ms, v.target_hashed_bytes, v.downtime_ms) == (900, 800, 64 << 20, 87)

@@ -342,7 +342,9 @@ def _complete(b: _Builder, tr: TransferReport | None) -> None:
     took = f" in {_secs(b.now - started):.0f} s" if started else ""
     downtime = tr.downtime_ms if tr is not None and tr.downtime_ms is not None else st.downtime_ms
     dt_txt = f", downtime {downtime} ms" if downtime is not None else ""
-    message = f"droplet {obs.spec.droplet} moved from {src} to {dst}{took}{dt_txt}"
+    ver = st.verification
+    checked = "; verified after the resume (frozen point)" if ver is not None and ver.method == "frozen-point" else ""
+    message = f"droplet {obs.spec.droplet} moved from {src} to {dst}{took}{dt_txt}{checked}"
     _close_attempt(b, "Succeeded", "Completed")
     b.transition(Phase.COMPLETED, "Completed", message)
     b.set(progress=100, downtime_ms=downtime)
@@ -688,11 +690,12 @@ def _precopy(b: _Builder) -> None:
         b.set(progress=max(0, min(100, int(tr.progress))))
     _check_outlook(b, tr)
     if _ready_to_flip(b, tr, tg):
+        what = (f"target froze its copy at the switchover (checked against the paused source after the resume)"
+                if tg is not None and tg.frozen_point else f"copy verified (digest {tr.digest})")  # type: ignore[union-attr]
         b.transition(
             Phase.CUTOVER,
             "CutOver",
-            f"copy verified (digest {tr.digest}); moving droplet {b.obs.spec.droplet} record "  # type: ignore[union-attr]
-            f"from {b.st.source_host} to {b.st.target_host}",
+            f"{what}; moving droplet {b.obs.spec.droplet} record from {b.st.source_host} to {b.st.target_host}",
         )
         return
     if b.st.phase != Phase.PRECOPY:  # _ready_to_flip failed the attempt
