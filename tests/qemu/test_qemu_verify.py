@@ -4,7 +4,8 @@ the target freezes its received disk at the switchover (a qcow2 overlay), the gu
 on the target, then both sides hash (source: its paused disk; target: the frozen base) and the
 overlay is merged back. Clean runs with two amounts of written data (64 and 512 MiB) show that
 the downtime no longer grows with the data (the hashes do, outside the pause); a byte corrupted
-on the target after the mirror copied it is caught (unequal digests). Each run prints QEMU's
+on the target after the mirror copied it is caught (unequal digests). The 512 MiB run is a
+measurement, deselected unless FERRY_QEMU_LONG=1 (tests/qemu/conftest.py). Each run prints QEMU's
 downtime, the freeze's cost in the pause, each side's hash time and bytes, and what the
 downtime would have been had the hash stayed in the pause (QEMU's pause + the slower side's
 hash, from the same run). Memory: the guest's own checksum of a RAM region written once at
