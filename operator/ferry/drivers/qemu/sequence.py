@@ -5,8 +5,8 @@ TLS-PSK credentials derived from the migration's secret; ``nbd-server-start`` on
 migration's address with a writable ``block-export-add`` of its disk;
 ``migrate-incoming`` on the same address (NBD listens on the next port). A
 :class:`TargetMigration` thread then watches ``query-migrate`` and, once the stream is
-complete, removes the export, stops the NBD server and computes the digest; the guest
-stays paused until ``resume()``.
+complete, removes the export, stops the NBD server and freezes the received disk (below); the
+guest stays paused until ``resume()``, which starts :class:`FrozenVerify`.
 
 Source (:class:`SourceMigration`, a thread per migration, since ``start_migration``
 returns at once): ``blockdev-add`` an NBD client node for the target's export (TLS),
@@ -14,8 +14,8 @@ returns at once): ``blockdev-add`` an NBD client node for the target's export (T
 (events, auto-converge, pause-before-switchover) and parameters (downtime-limit,
 max-bandwidth, tls-creds); ``migrate``; at ``pre-switchover`` (guest paused)
 ``block-job-cancel`` of the READY mirror, which completes it consistently, then
-``migrate-continue``; on ``completed`` ``blockdev-del`` the NBD node and compute the
-digest. Any failure or cancel before that rolls back: ``migrate_cancel``, forced
+``migrate-continue``; on ``completed`` ``blockdev-del`` the NBD node, report Completed, then
+compute the digest of the paused disk. Any failure or cancel before that rolls back: ``migrate_cancel``, forced
 ``block-job-cancel``, ``blockdev-del``, ``object-del`` and ``cont``: the source runs
 on its own disk, which the mirror only ever read.
 
