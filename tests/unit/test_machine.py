@@ -803,6 +803,19 @@ def test_a_digest_that_never_comes_ends_incomplete_not_stuck():
     assert d.new_status.verification.state == "Incomplete" and "source h1" in d.new_status.failure_reason
 
 
+def test_a_lost_flip_write_still_records_the_downtime_and_the_pending_check():
+    """The flip's status write met a conflict (an agent's report landed, e.g. the source's late
+    digest): the next look sees the record moved while the status still says PreCopy."""
+    d = decide(obs("PreCopy", droplet=droplet(host="h2"), **frozen_reports(src="sha256:aa")), T0)
+    assert d.phase == "CutOver" and non_events(d) == []
+    assert d.new_status.downtime_ms == 87 and d.new_status.downtime_budget_ms == 300
+    assert d.new_status.verification.state == "Pending"
+    # and a status without them (written by an older operator) gets them on the next look
+    st = dataclasses.replace(d.new_status, downtime_ms=None, verification=None)
+    d2 = decide(frozen_flipped(st=st, **frozen_reports(src="sha256:aa", state="Running")), T0)
+    assert d2.new_status.downtime_ms == 87 and d2.new_status.verification.state == "Pending"
+
+
 def test_sim_reports_are_verified_before_the_flip():
     d = decide(obs("PreCopy", **done_reports()), T0)
     v = d.new_status.verification

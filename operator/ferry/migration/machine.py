@@ -829,8 +829,12 @@ def _cutover_before_flip(b: _Builder) -> None:
 def _after_flip(b: _Builder) -> None:
     obs, st = b.obs, b.st
     if st.phase == Phase.PRECOPY:
-        # The record moved but the status write was lost: catch up, never flip again.
+        # The record moved but the status write was lost (e.g. a conflict with an agent's report,
+        # likely when the source's digest lands at the flip): catch up, never flip again, and
+        # record what that write held: the downtime and, for a frozen point, the pending check.
+        tr, tg = _reports(obs)
         b.transition(Phase.CUTOVER, "CutOver", f"droplet {obs.spec.droplet} record names {st.target_host}")
+        _recorded_at_flip(b, tr, tg)
         return
     if (obs.spec.cancel or obs.deleting) and b.st.condition("CancelIgnored") is None:
         msg = f"cancel ignored: droplet {obs.spec.droplet} record already moved to {st.target_host}; finishing the migration"
@@ -840,6 +844,7 @@ def _after_flip(b: _Builder) -> None:
         _fail(b, "DropletDeleted", f"droplet {obs.spec.droplet} is being deleted; it was not resumed on {st.target_host}")
         return
     tr, tg = _reports(obs)
+    _recorded_at_flip(b, tr, tg)
     if tg is not None and (tg.state == TargetState.RUNNING or (tg.state == TargetState.RECEIVED and obs.droplet.power_state == "off")):
         if _verify_after_flip(b, tr, tg):
             _complete(b, tr)
@@ -854,6 +859,18 @@ def _after_flip(b: _Builder) -> None:
         b.wait("RecordReturned", msg, None, warn=True)
         return
     b.wait("WaitingForResume", f"waiting for target host {st.target_host} to resume the droplet", None)
+
+
+def _recorded_at_flip(b: _Builder, tr: TransferReport | None, tg: TargetReport | None) -> None:
+    """What the flip's status write records, if that write was lost: the measured downtime
+    and, for a frozen point, the pending verification."""
+    if b.st.downtime_ms is None and tr is not None and tr.downtime_ms is not None:
+        _record_downtime(b, tr)
+    if b.st.verification is None and tg is not None and tg.frozen_point:
+        b.set(verification=_verification(b, tr, tg, "frozen-point", "Pending",
+                                          "the target froze its disk at the switchover; the record moved on that "
+                                          "point, then both sides are hashed and compared"))
+        b.condition("Verified", False, "VerificationPending", "the copy is checked after the guest resumes")
 
 
 def _verify_after_flip(b: _Builder, tr: TransferReport | None, tg: TargetReport) -> bool:
