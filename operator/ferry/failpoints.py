@@ -38,12 +38,18 @@ POINTS: dict[str, str] = {
     # the source agent (ferry.agent.execute)
     "source-agent.before-start-migration": "the source VM is about to be told to migrate",
     "source-agent.before-report-completed": "the source's Completed transfer report with its digest is about to be written",
+    "source-agent.before-report-verified": "qemu: the digest of the paused source, hashed after the switchover, is about to be reported",
     "source-agent.before-destroy": "the source copy is about to be destroyed (the record moved, the target runs)",
     "source-agent.before-cancel": "the source is about to cancel its migration and resume the guest",
     # the target agent (ferry.agent.execute)
     "target-agent.before-report-received": "the target's Received report with its digest is about to be written",
     "target-agent.before-resume": "the target VM is about to be resumed (the record names the target)",
     "target-agent.after-resume": "the target VM runs; its Running report is not written yet",
+    "target-agent.before-report-verified": "qemu: the digest of the frozen point, hashed after the resume, is about to be reported",
+    # the qemu driver in the agent process (ferry.drivers.qemu.sequence)
+    "qemu.source-before-hash": "the source completed (Completed persisted, guest paused for good); its disk is not hashed yet",
+    "qemu.target-frozen": "the target froze its received disk (overlay in place, guest paused); Received is not reported yet",
+    "qemu.target-before-commit": "the target hashed the frozen base after the resume; the overlay is not merged back yet",
     # the sim VM process (ferry.drivers.sim.vm)
     "vm.source-paused": "the source guest was paused for the final copy",
     "vm.source-completed": "the source sent everything and the target's verdict came back (postmigrate)",

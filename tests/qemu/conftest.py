@@ -22,16 +22,18 @@ from ferry.drivers.qemu import QemuDriver
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
-#: the spike of the frozen-point verification (test_qemu_frozen_point.py: QMP steps the driver
-#: does not use yet) runs with FERRY_QEMU_SPIKES=1; by default it is deselected, not skipped
-SPIKES = os.environ.get("FERRY_QEMU_SPIKES", "") == "1"
+#: measurements too long for every suite run (test_qemu_verify.py's 512 MiB clean run, the
+#: second amount of written data for the downtime comparison) run with FERRY_QEMU_LONG=1; by
+#: default they are deselected, not skipped
+LONG = os.environ.get("FERRY_QEMU_LONG", "") == "1"
+LONG_CASES = ("clean-512MiB",)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    spikes = [i for i in items if i.fspath.basename == "test_qemu_frozen_point.py"]
-    if spikes and not SPIKES:
-        config.hook.pytest_deselected(items=spikes)
-        items[:] = [i for i in items if i not in spikes]
+    long_items = [i for i in items if any(c in i.nodeid for c in LONG_CASES)]
+    if long_items and not LONG:
+        config.hook.pytest_deselected(items=long_items)
+        items[:] = [i for i in items if i not in long_items]
     if shutil.which(QEMU):
         return
     skip = pytest.mark.skip(reason=f"{QEMU} is not installed (apt-get install qemu-system-x86 qemu-utils)")

@@ -89,11 +89,14 @@ def test_live_migration_moves_the_running_guest(hosts: tuple[QemuDriver, QemuDri
     dst = wait_migration(b, spec, {MigrationState.RECEIVED, MigrationState.FAILED})
     assert dst.state == MigrationState.RECEIVED, dst.error
 
-    # both paused at the switchover: the disks are identical, and so are the digests
+    # both paused at the switchover: the disks are identical; the target froze its copy (the
+    # digests come after the resume), the paused source hashes its disk meanwhile
     assert state_of(a, spec) == VMState.PAUSED
     assert state_of(b, spec) == VMState.INCOMING
     assert sha256(a.layout(spec.key).disk) == sha256(b.layout(spec.key).disk)
-    assert src.digest and src.digest == dst.digest and src.digest.startswith("sha256:")
+    assert dst.frozen_point and dst.digest is None and b.layout(spec.key).overlay.exists()
+    src = wait_until(lambda: (s := a.query_migration(spec.key)).digest and s, 60, what="the source's digest")
+    assert src.digest.startswith("sha256:")
 
     # progress was reported as the sim driver reports it
     disk_bytes = a.guest_size(spec).disk_bytes
@@ -117,6 +120,10 @@ def test_live_migration_moves_the_running_guest(hosts: tuple[QemuDriver, QemuDri
     assert seen == list(range(1, len(seen) + 1)), seen
     assert BOOT_BANNER not in serial_text(target_serial)  # no second boot
     assert last_counter(a.layout(spec.key).serial) == frozen
+    # after the resume: the frozen point's digest equals the paused source's, the overlay is merged
+    dst = wait_until(lambda: (s := b.query_migration(spec.key)).digest and s, 60, what="the frozen point's digest")
+    assert dst.digest == src.digest
+    wait_until(lambda: not b.layout(spec.key).overlay.exists(), 60, what="the overlay merged back")
 
     a.destroy(spec.key)
     assert a.list_vms() == []
@@ -281,19 +288,19 @@ def test_agent_restart_mid_migration_rolls_back(hosts: tuple[QemuDriver, QemuDri
 
 
 def _migrate(src: QemuDriver, dst: QemuDriver, spec: VMSpec, mid: str) -> None:
-    """Run one migration src -> dst to the switchover (both paused, digests agree)."""
+    """Run one migration src -> dst to the switchover (both paused, the target's disk frozen)."""
     address = dst.prepare_incoming(spec, "127.0.0.1", SECRET, mid)
     src.start_migration(spec.key, address, SECRET, mid, MigrationOptions(downtime_budget_ms=300,
                                                                          bandwidth_bps=32 * MIB))
     s = wait_migration(src, spec, {MigrationState.COMPLETED, MigrationState.FAILED, MigrationState.ABORTED})
     assert s.state == MigrationState.COMPLETED, s.error
     d = wait_migration(dst, spec, {MigrationState.RECEIVED, MigrationState.FAILED})
-    assert d.state == MigrationState.RECEIVED and d.digest == s.digest, d.error
+    assert d.state == MigrationState.RECEIVED and d.frozen_point, d.error
 
 
 def test_cancel_at_the_switchover_resumes_the_guest_which_keeps_counting(hosts: tuple[QemuDriver, QemuDriver],
                                                                           spec: VMSpec) -> None:
-    """The guest paused for the switchover (stream and mirror done, digests agreed), and the
+    """The guest paused for the switchover (stream and mirror done, the target's disk frozen), and the
     record has not moved: a cancel resumes it on its source, the same guest counting on."""
     a, b = hosts
     boot(a, spec)

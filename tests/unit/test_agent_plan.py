@@ -511,3 +511,59 @@ def test_force_complete_and_the_ceiling_travel_in_the_options():
     d, m, v = world(droplets=[droplet(host="a")], vms=[vm()])
     [a] = p.plan(A, d, {(mig.namespace, mig.name): mig}, v, NOW)
     assert a.options.force_complete is True and a.options.max_downtime_ms == 400
+
+
+# --- qemu: the frozen point, verified after the resume --------------------------------------
+
+def _frozen_target(state: str, digest: str | None = None) -> dict:
+    r = treport(1, state, ADDR, digest)
+    r["frozenPoint"] = True
+    return r
+
+
+def _with_verification(lm_obj, state: str):
+    body = {"apiVersion": "ferry.dev/v1alpha1", "kind": "LiveMigration",
+            "metadata": {"name": lm_obj.name, "namespace": lm_obj.namespace, "resourceVersion": "2", "uid": "u"},
+            "spec": {"droplet": lm_obj.droplet},
+            "status": {**lm_obj.status.to_dict(), "verification": {"method": "frozen-point", "state": state},
+                       "target": lm_obj.target.to_patch(), "transfer": lm_obj.transfer.to_patch()}}
+    return type(lm_obj).from_body(body)
+
+
+def _paused_source(digest: str | None = None):
+    s = stats(MID1, M.COMPLETED, digest=digest)
+    return vm(state=V.PAUSED, mid=MID1, st=s)
+
+
+def test_the_source_keeps_its_copy_while_the_frozen_point_is_verified_and_reports_its_late_digest():
+    transfer = {"attempt": 1, "state": "Completed", "updatedAt": ts(0)}
+    m = lm(phase="CutOver", target_report=_frozen_target("Running"), transfer=transfer)
+    acts = run(A, droplets=[droplet(host="b")], migrations=[m], vms=[_paused_source("sha256:aa")])
+    assert summary(acts) == ["transfer ns/move#1 Completed"]  # no destroy: the verdict is not in
+    assert acts[0].status["digest"] == "sha256:aa"
+    # reported already (no digest yet): nothing to write, still no destroy
+    src = _paused_source()
+    m2 = lm(phase="CutOver", target_report=_frozen_target("Running"), transfer=p.transfer_status(src.stats, 1, NOW))
+    assert summary(run(A, droplets=[droplet(host="b")], migrations=[m2], vms=[src])) == []
+
+
+@pytest.mark.parametrize("state,expected", [("Mismatch", []), ("Incomplete", []), ("Verified", ["destroy ns/web"])])
+def test_after_a_failed_verification_the_source_copy_is_kept(state, expected):
+    phase = "Completed" if state == "Verified" else "Failed"
+    m = _with_verification(lm(phase=phase, target_report=_frozen_target("Running", "sha256:bb")), state)
+    assert summary(run(A, droplets=[droplet(host="b")], migrations=[m], vms=[_paused_source("sha256:aa")])) == expected
+    # the user deletes the migration to keep the target's copy: the paused source goes
+    assert summary(run(A, droplets=[droplet(host="b")], gone_migrations=["move"],
+                       vms=[_paused_source("sha256:aa")])) == ["destroy ns/web"]
+
+
+def test_the_target_reports_the_frozen_points_digest_once_it_is_hashed():
+    s = stats(MID1, M.RECEIVED, digest="sha256:aa")
+    s.frozen_point, s.verify_ms, s.hashed_bytes = True, 800, 64 << 20
+    m = lm(phase="CutOver", target_report=_frozen_target("Running"))
+    acts = run(B, droplets=[droplet(host="b")], migrations=[m], vms=[vm(mid=MID1, st=s)])
+    assert summary(acts) == ["target ns/move#1 Running"]
+    assert acts[0].status["digest"] == "sha256:aa" and acts[0].status["verifyMs"] == 800
+    assert acts[0].status["frozenPoint"] is True and acts[0].status["hashedBytes"] == 64 << 20
+    done = lm(phase="CutOver", target_report=_frozen_target("Running", "sha256:aa"))
+    assert summary(run(B, droplets=[droplet(host="b")], migrations=[done], vms=[vm(mid=MID1, st=s)])) == []

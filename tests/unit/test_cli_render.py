@@ -226,3 +226,16 @@ def test_report_subtitle_puts_downtime_next_to_budget_prediction_and_steps():
     line = report_subtitle(LiveMigration.from_body(body))
     assert "downtime 180 ms (budget 50 ms, predicted 160 ms)" in line
     assert "3 downtime steps to 162 ms (ceiling 200 ms)" in line and "force-completed" in line
+
+
+def test_report_subtitle_says_what_was_verified_and_when():
+    from ferry.api.livemigration import LiveMigration
+    from ferry.cli.render import report_subtitle
+
+    body = {"metadata": {"name": "m", "namespace": "ns"}, "spec": {"droplet": "web"},
+            "status": {"phase": "Failed", "attempt": 1, "downtimeMs": 230,
+                       "verification": {"method": "frozen-point", "state": "Mismatch", "sourceVerifyMs": 49,
+                                        "targetVerifyMs": 60, "sourceDigest": "sha256:aa", "targetDigest": "sha256:bb"},
+                       "transfer": {"attempt": 1, "state": "Completed", "downtimeMs": 230}}}
+    line = report_subtitle(LiveMigration.from_body(body))
+    assert "verification Mismatch (frozen-point; hashed after the resume: source 49 ms, target 60 ms)" in line

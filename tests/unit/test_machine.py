@@ -724,6 +724,105 @@ def test_target_failed_before_running_after_flip_moves_the_record_back_and_the_a
     assert not any(isinstance(a, ReturnRecord) for a in d2.actions)
 
 
+# ---------------------------------------------------------------- qemu: a frozen point, verified after the resume
+
+
+def frozen_reports(src: str | None = None, dst: str | None = None, state: str = "Received"):
+    """qemu live: the source reports Completed at once (its digest follows), the target froze its
+    disk at the switchover and reports its digest only after the resume."""
+    return dict(
+        transfer=TransferReport(1, "Completed", round=4, bytes_sent=5, progress=100, digest=src, downtime_ms=87,
+                                verify_ms=None if src is None else 900, hashed_bytes=None if src is None else 64 << 20),
+        target=TargetReport(1, state, "10.0.0.2:7000", digest=dst, frozen_point=True,
+                            verify_ms=None if dst is None else 800, hashed_bytes=None if dst is None else 64 << 20),
+    )
+
+
+def test_a_frozen_point_moves_the_record_before_any_digest():
+    d = decide(obs("PreCopy", **frozen_reports()), T0)
+    assert d.phase == "CutOver"
+    assert non_events(d) == [FlipRecord("web-1", "h1", "h2")]
+    assert "froze its copy" in d.new_status.message and "verified" not in d.new_status.message
+    v = d.new_status.verification
+    assert v.method == "frozen-point" and v.state == "Pending" and v.downtime_ms == 87
+    assert d.new_status.condition("Verified").status == "False"
+    assert d.new_status.condition("Verified").reason == "VerificationPending"
+    assert d.status["verification"]["state"] == "Pending"
+
+
+def test_frozen_point_digests_already_known_and_different_fail_before_the_flip():
+    d = decide(obs("PreCopy", **frozen_reports(src="sha256:aa", dst="sha256:bb")), T0)
+    assert d.phase == "Scheduling" and d.new_status.attempts[-1].reason == "DigestMismatch"
+    assert not any(isinstance(a, FlipRecord) for a in d.actions)
+
+
+def frozen_flipped(st: MigrationStatus | None = None, **reports):
+    first = decide(obs("PreCopy", **frozen_reports()), T0 - sec(5)).new_status
+    return obs("CutOver", st=st or first, droplet=droplet(host="h2"), **reports)
+
+
+def test_after_the_resume_the_migration_waits_for_both_digests():
+    d = decide(frozen_flipped(**frozen_reports(src="sha256:aa", state="Running")), T0)
+    assert d.phase == "CutOver" and d.new_status.reason == "Verifying" and not d.done
+    assert "target h2" in d.new_status.message and "source h1" not in d.new_status.message
+    assert d.new_status.verification.state == "Pending"
+    assert d.requeue_after is not None and d.requeue_after > 0
+
+
+def test_equal_digests_after_the_resume_complete_with_the_figures():
+    d = decide(frozen_flipped(**frozen_reports(src="sha256:aa", dst="sha256:aa", state="Running")), T0)
+    assert d.phase == "Completed" and "verified after the resume" in d.new_status.message
+    v = d.new_status.verification
+    assert (v.method, v.state, v.source_digest, v.target_digest) == ("frozen-point", "Verified", "sha256:aa", "sha256:aa")
+    assert (v.source_verify_ms, v.target_verify_ms, v.target_hashed_bytes, v.downtime_ms) == (900, 800, 64 << 20, 87)
+    assert v.at == T0
+    assert d.new_status.condition("Verified").status == "True"
+    assert d.new_status.condition("Verified").reason == "DigestsEqual"
+    assert MigrationStatus.from_dict(d.new_status.to_dict()).verification == v
+
+
+def test_different_digests_after_the_resume_fail_loudly_and_say_what_to_do():
+    d = decide(frozen_flipped(**frozen_reports(src="sha256:aa", dst="sha256:bb", state="Running")), T0)
+    assert d.phase == "Failed" and d.done and d.new_status.reason == "VerificationFailed"
+    assert d.new_status.verification.state == "Mismatch"
+    cond = d.new_status.condition("Verified")
+    assert cond.status == "False" and cond.reason == "DigestMismatch"
+    msg = d.new_status.failure_reason
+    assert "sha256:aa" in msg and "sha256:bb" in msg and "kept paused on h1" in msg and "delete LiveMigration lm-1" in msg
+    assert ("Warning", "VerificationFailed") in [(e.type, e.reason) for e in events(d, "migration")]
+    assert [e.type for e in events(d, "droplet")] == ["Warning"]
+    assert any(isinstance(a, MarkDropletCondition) and a.type == "MigrationUnverified" and a.status
+               for a in d.actions)
+    assert not any(isinstance(a, (FlipRecord, RecordLastMigration)) for a in d.actions)
+
+
+def test_a_digest_that_never_comes_ends_incomplete_not_stuck():
+    first = decide(obs("PreCopy", **frozen_reports()), T0 - sec(10_000)).new_status
+    d = decide(frozen_flipped(st=first, **frozen_reports(dst="sha256:aa", state="Running")), T0)
+    assert d.phase == "Failed" and d.new_status.reason == "VerificationIncomplete"
+    assert d.new_status.verification.state == "Incomplete" and "source h1" in d.new_status.failure_reason
+
+
+def test_a_lost_flip_write_still_records_the_downtime_and_the_pending_check():
+    """The flip's status write met a conflict (an agent's report landed, e.g. the source's late
+    digest): the next look sees the record moved while the status still says PreCopy."""
+    d = decide(obs("PreCopy", droplet=droplet(host="h2"), **frozen_reports(src="sha256:aa")), T0)
+    assert d.phase == "CutOver" and non_events(d) == []
+    assert d.new_status.downtime_ms == 87 and d.new_status.downtime_budget_ms == 300
+    assert d.new_status.verification.state == "Pending"
+    # and a status without them (written by an older operator) gets them on the next look
+    st = dataclasses.replace(d.new_status, downtime_ms=None, verification=None)
+    d2 = decide(frozen_flipped(st=st, **frozen_reports(src="sha256:aa", state="Running")), T0)
+    assert d2.new_status.downtime_ms == 87 and d2.new_status.verification.state == "Pending"
+
+
+def test_sim_reports_are_verified_before_the_flip():
+    d = decide(obs("PreCopy", **done_reports()), T0)
+    v = d.new_status.verification
+    assert (v.method, v.state) == ("in-stream", "Verified")
+    assert d.new_status.condition("Verified").status == "True"
+
+
 # ---------------------------------------------------------------- terminal and misc
 
 

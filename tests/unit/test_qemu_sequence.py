@@ -7,6 +7,7 @@ The real-QEMU versions of these are in tests/qemu/.
 
 from __future__ import annotations
 
+import json
 import pathlib
 import threading
 import time
@@ -15,9 +16,10 @@ from typing import Any
 import pytest
 from support import wait_until
 
-from ferry.drivers.base import MigrationOptions, MigrationState
+from ferry.drivers.base import MigrationOptions, MigrationState, MigrationStats
 from ferry.drivers.qemu.config import QemuConfig, VMLayout
-from ferry.drivers.qemu.sequence import SourceMigration, TargetMigration, object_ids
+from ferry.drivers.qemu.sequence import FrozenVerify, SourceMigration, TargetMigration, disk_digest, freeze, object_ids
+from ferry.drivers.qemu.stats import stats_from_dict
 from ferry.drivers.qemu.qmp import QMPError, QMPEvent
 
 MIB = 1 << 20
@@ -176,8 +178,11 @@ def test_happy_path_follows_libvirts_sequence(tmp_path: pathlib.Path) -> None:
     assert args["migrate"] == {"uri": "tcp:127.0.0.1:4000"}
     assert args["block-job-cancel"] == {"device": IDS["job"]}  # soft: completes the READY mirror
     assert args["migrate-continue"] == {"state": "pre-switchover"}
-    # QEMU's pause, plus the verification the guest waits for (it stays down meanwhile)
-    assert stats.downtime_ms == 42 + stats.verify_ms and stats.digest and stats.disk.remaining == 0
+    # QEMU's pause only: the source's hash comes after Completed (the target froze its copy, so
+    # the guest resumes there without waiting for it) and still reaches the stats
+    assert stats.downtime_ms == 42 and stats.disk.remaining == 0
+    assert stats.digest and stats.digest.startswith("sha256:") and stats.verify_ms is not None
+    assert stats.hashed_bytes == 4096
     assert "cont" not in q.names()  # the source stays paused for the cut-over
     assert not m.layout.tls_dir(MID).exists()  # the PSK file is gone
 
@@ -230,28 +235,87 @@ def test_cancel_during_the_mirror(tmp_path: pathlib.Path) -> None:
     assert q.runstate == "running" and "cont" not in names
 
 
-def test_target_becomes_received_after_cleanup(tmp_path: pathlib.Path) -> None:
-    class Target(FakeQEMU):
-        def __init__(self) -> None:
-            super().__init__()
-            self.polls = 0
+class _Target(FakeQEMU):
+    def __init__(self, runstate: str = "paused") -> None:
+        super().__init__()
+        self.polls = 0
+        self.runstate = runstate
+        self.nodes = ["disk0"]
 
-        def q_query_migrate(self, args: dict) -> dict:
-            self.polls += 1
-            return {"status": ["setup", "active", "active", "completed"][min(self.polls - 1, 3)]}
+    def q_query_migrate(self, args: dict) -> dict:
+        self.polls += 1
+        return {"status": ["setup", "active", "active", "completed"][min(self.polls - 1, 3)]}
 
-    q = Target()
+    def q_query_named_block_nodes(self, args: dict) -> list:
+        return [{"node-name": n} for n in self.nodes]
+
+    def q_blockdev_snapshot_sync(self, args: dict) -> dict:
+        self.nodes.append(args["snapshot-node-name"])
+        return {}
+
+    def q_block_commit(self, args: dict) -> dict:
+        self._emit("BLOCK_JOB_READY", {"device": args["job-id"]})
+        return {}
+
+    def q_job_complete(self, args: dict) -> dict:
+        self.nodes.remove("ferry-frozen")
+        self._emit("BLOCK_JOB_COMPLETED", {"device": args["id"]})
+        return {}
+
+
+def _target_layout(tmp_path: pathlib.Path) -> VMLayout:
     layout = VMLayout(tmp_path / "vm")
     layout.root.mkdir()
     layout.disk.write_bytes(bytes(4096))
+    return layout
+
+
+def test_target_freezes_its_disk_at_the_switchover_and_reports_received_without_a_digest(tmp_path: pathlib.Path) -> None:
+    q = _Target()
+    layout = _target_layout(tmp_path)
     t = TargetMigration(migration_id=MID, layout=layout, config=QemuConfig(), qmp=q,  # type: ignore[arg-type]
                         disk_bytes=4096)
     t.start()
     assert t.done.wait(10)
     stats = t.snapshot()
-    assert stats.state == MigrationState.RECEIVED and stats.digest and stats.digest.startswith("sha256:")
-    assert q.names() == ["block-export-del", "nbd-server-stop", "object-del"]
+    assert stats.state == MigrationState.RECEIVED and stats.frozen_point and stats.digest is None
+    assert q.names() == ["block-export-del", "nbd-server-stop", "object-del", "blockdev-snapshot-sync"]
     assert ("block-export-del", {"id": IDS["export"], "mode": "hard"}) in q.calls
+    snap = dict(q.calls)["blockdev-snapshot-sync"]
+    assert snap == {"node-name": "disk0", "snapshot-file": str(layout.overlay), "snapshot-node-name": "ferry-frozen",
+                    "format": "qcow2"}
+    # idempotent: a restarted agent's new watch does not stack a second overlay
+    freeze(q, layout)  # type: ignore[arg-type]
+    assert q.names().count("blockdev-snapshot-sync") == 1
+
+
+def test_an_offline_target_hashes_before_received(tmp_path: pathlib.Path) -> None:
+    q = _Target(runstate="prelaunch")
+    t = TargetMigration(migration_id=MID, layout=_target_layout(tmp_path), config=QemuConfig(), qmp=q,  # type: ignore[arg-type]
+                        disk_bytes=4096)
+    t.start()
+    assert t.done.wait(10)
+    stats = t.snapshot()
+    assert stats.state == MigrationState.RECEIVED and not stats.frozen_point
+    assert stats.digest and stats.digest.startswith("sha256:") and "blockdev-snapshot-sync" not in q.names()
+
+
+def test_frozen_verify_hashes_the_base_then_commits_the_overlay(tmp_path: pathlib.Path) -> None:
+    q = _Target(runstate="running")
+    q.nodes.append("ferry-frozen")
+    layout = _target_layout(tmp_path)
+    layout.overlay.write_bytes(b"qcow2")
+    stats = MigrationStats(migration_id=MID, state=MigrationState.RECEIVED, frozen_point=True)
+    ended: list[bool] = []
+    v = FrozenVerify(layout=layout, qmp=q, disk_bytes=4096, stats=stats, on_done=lambda: ended.append(True))  # type: ignore[arg-type]
+    v.start()
+    assert v.done.wait(10)
+    assert ended == [True]
+    assert stats.digest == disk_digest(layout.disk, 4096)[0] and stats.hashed_bytes == 4096
+    assert q.names() == ["block-commit", "job-complete"]
+    assert not layout.overlay.exists() and "ferry-frozen" not in q.nodes
+    persisted = stats_from_dict(json.loads(layout.migration.read_text()))
+    assert persisted.digest == stats.digest and persisted.frozen_point  # what query_migration answers
 
 
 @pytest.mark.parametrize("status", ["failed", "cancelled"])
@@ -285,4 +349,4 @@ def test_downtime_is_read_once_qemu_computed_it(tmp_path: pathlib.Path) -> None:
     m = make(tmp_path, q)
     run(m)
     assert m.snapshot().state == MigrationState.COMPLETED
-    assert m.snapshot().downtime_ms == 42 + m.snapshot().verify_ms
+    assert m.snapshot().downtime_ms == 42

@@ -257,10 +257,17 @@ class Executor:
         lm = snap.migrations.get(a.migration)
         previous = getattr(lm, field) if lm is not None else None
         changed = previous is None or previous.state != status.get("state") or previous.attempt != status.get("attempt")
-        if changed and field == "transfer" and status.get("state") == "Completed":
-            failpoints.hit("source-agent.before-report-completed")
-        elif changed and field == "target" and status.get("state") == "Received":
-            failpoints.hit("target-agent.before-report-received")
+        first_digest = bool(status.get("digest")) and (previous is None or previous.digest != status.get("digest"))
+        if field == "transfer" and status.get("state") == "Completed":
+            if changed:
+                failpoints.hit("source-agent.before-report-completed")
+            if first_digest and lm is not None and lm.target.frozen_point:
+                failpoints.hit("source-agent.before-report-verified")  # the paused source, hashed after the switchover
+        elif field == "target":
+            if changed and status.get("state") == "Received":
+                failpoints.hit("target-agent.before-report-received")
+            if first_digest and status.get("frozenPoint"):
+                failpoints.hit("target-agent.before-report-verified")  # the frozen point, hashed after the resume
         try:
             body = self.kube.patch_status("LiveMigration", name, {field: status}, ns)
         except NotFound:

@@ -71,6 +71,9 @@ SOURCE_BUSY = frozenset({MigrationState.COPYING, MigrationState.CONVERGING, Migr
 TARGET_KEEP_PHASES = frozenset({Phase.PREPARING, Phase.PRECOPY, Phase.CUTOVER, Phase.COMPLETED})
 #: phases in which the source must not resume on its own: the record may be moving
 SOURCE_HOLD_PHASES = frozenset({Phase.PRECOPY, Phase.CUTOVER, Phase.COMPLETED})
+#: verification states after which the source keeps its paused copy until the user decides:
+#: the record moved but the copies differ, or a digest never came
+UNVERIFIED = frozenset({"Mismatch", "Incomplete"})
 #: target report states that mean "prepared for this attempt"
 TARGET_PREPARED = frozenset({TargetState.LISTENING, TargetState.RECEIVED, TargetState.RUNNING})
 
@@ -333,6 +336,7 @@ def transfer_report(stats: MigrationStats, attempt: int, now: dt.datetime) -> Tr
         predicted_downtime_ms=stats.predicted_downtime_ms,
         forced=stats.forced,
         verify_ms=stats.verify_ms,
+        hashed_bytes=stats.hashed_bytes,
         digest=stats.digest,
         error=stats.error,
         updated_at=now,
@@ -350,8 +354,13 @@ def transfer_failed(attempt: int, error: str, now: dt.datetime) -> dict[str, Any
 
 
 def target_status(attempt: int, state: TargetState, now: dt.datetime, *, address: str | None = None,
-                  digest: str | None = None, error: str | None = None) -> dict[str, Any]:
-    return TargetReport(attempt, state, address, digest, error, now).to_patch()
+                  digest: str | None = None, error: str | None = None,
+                  stats: MigrationStats | None = None) -> dict[str, Any]:
+    """``status.target``; ``stats`` (the incoming VM's) adds the frozen point and its hash."""
+    if stats is None:
+        return TargetReport(attempt, state, address, digest, error, now).to_patch()
+    return TargetReport(attempt, state, address, digest, error, now, stats.frozen_point, stats.verify_ms,
+                        stats.hashed_bytes).to_patch()
 
 
 def _comparable(d: Mapping[str, Any] | None) -> dict[str, Any]:
@@ -476,14 +485,21 @@ def _plan_droplet(host: HostContext, key: VMKey, droplets: Mapping[VMKey, Drople
 
 def _held_for_cutover(me: str, vm: VMObs, lms: list[LiveMigration]) -> bool:
     """This VM is the paused source of the current attempt of a migration in PreCopy/CutOver
-    whose target has not reported Running yet."""
+    whose target has not reported Running yet, or (a frozen point, qemu) whose verdict is not
+    in yet, or whose verification found the copies different (kept until the user decides)."""
     ref = parse_migration_id(vm.source_busy_mid)
     if ref is None:
         return False
     for lm in lms:
-        if ((lm.namespace, lm.name) == (ref[0], ref[1]) and lm.status.source_host == me
-                and lm.status.attempt == ref[2] and lm.phase in (Phase.PRECOPY, Phase.CUTOVER)
-                and not (lm.target.attempt == ref[2] and lm.target.state == TargetState.RUNNING)):
+        if not ((lm.namespace, lm.name) == (ref[0], ref[1]) and lm.status.source_host == me
+                and lm.status.attempt == ref[2]):
+            continue
+        ver = lm.status.verification
+        if lm.phase == Phase.FAILED and ver is not None and ver.state in UNVERIFIED:
+            return True
+        frozen = lm.target.attempt == ref[2] and lm.target.frozen_point
+        if lm.phase in (Phase.PRECOPY, Phase.CUTOVER) and (
+                frozen or not (lm.target.attempt == ref[2] and lm.target.state == TargetState.RUNNING)):
             return True
     return False
 
@@ -578,22 +594,26 @@ def _target(host: HostContext, key: VMKey, lm: LiveMigration, d: Droplet | None,
                         out.append(StopVM(key, "powerState off (offline migration)"))
                     out.append(ReportTarget(key, ref, target_status(
                         n, TargetState.RUNNING, now, address=rep.address if rep.attempt == n else None,
-                        digest=stats.digest if stats else None)))
+                        digest=stats.digest if stats else None, stats=stats)))
                 elif not (rep.attempt == n and rep.state in (TargetState.RECEIVED, TargetState.RUNNING)):
                     out.append(ReportTarget(key, ref, target_status(
                         n, TargetState.RECEIVED, now, address=rep.address if rep.attempt == n else None,
-                        digest=stats.digest if stats else None)))
+                        digest=stats.digest if stats else None, stats=stats)))
             elif st in (MigrationState.FAILED, MigrationState.ABORTED):
                 if not _same_target(lm, n, TargetState.FAILED):
                     error = (stats.error if stats else None) or f"incoming migration {st.value.lower()}"
                     out.append(ReportTarget(key, ref, target_status(
                         n, TargetState.FAILED, now, address=rep.address if rep.attempt == n else None, error=error)))
             return out, True
-        # resumed already (Running, or Stopped when powered off): power management applies again
-        if owned and not _same_target(lm, n, TargetState.RUNNING):
+        # resumed already (Running, or Stopped when powered off): power management applies again.
+        # A frozen point's digest arrives after the resume: reported when it is there.
+        verified_late = (stats is not None and stats.frozen_point and stats.digest is not None
+                         and stats.migration_id == mid and rep.attempt == n and rep.digest != stats.digest)
+        if owned and (not _same_target(lm, n, TargetState.RUNNING) or verified_late):
             out.append(ReportTarget(key, ref, target_status(
                 n, TargetState.RUNNING, now, address=rep.address if rep.attempt == n else None,
-                digest=(stats.digest if stats else None) or rep.digest)))
+                digest=(stats.digest if stats else None) or rep.digest,
+                stats=stats if stats is not None and stats.migration_id == mid else None)))
         return out, False
 
     # Pending/Announced/Scheduling (a later attempt is being set up), Failed, Cancelled:
@@ -621,7 +641,13 @@ def _source(host: HostContext, key: VMKey, lm: LiveMigration, owned: bool, vm: V
     if source_mid is not None and ours:
         handled.add(source_mid)
     if not owned:
-        return out, handled  # the record moved (or is unknown): nothing to send, nothing to resume
+        # The record moved (or is unknown): nothing to send, nothing to resume. A paused source
+        # whose digest came after the switchover (qemu) still reports it while the operator
+        # waits for it to compare with the target's frozen point.
+        if (lm.phase == Phase.CUTOVER and stats is not None and stats.migration_id == mid
+                and stats.state == MigrationState.COMPLETED and lm.transfer.attempt == n):
+            out.extend(_report_transfer(host, key, lm, stats, n, now))
+        return out, handled
 
     if lm.phase in (Phase.PRECOPY, Phase.CUTOVER) and _died_sending(vm, mid):
         if not (lm.transfer.attempt == n and lm.transfer.failed):

@@ -19,6 +19,10 @@ MAINTENANCE_EVENT = "live_migrate"
 FINALIZER = "ferry.dev/migration"
 TRANSFER_SECRET_KEY = "key"
 
+#: the reason of a migration whose copies differed after the record moved (qemu's frozen point,
+#: checked after the resume): the source keeps its paused copy until the user decides
+VERIFICATION_FAILED = "VerificationFailed"
+
 
 def transfer_secret_name(migration: str) -> str:
     return f"{migration}-transfer"

@@ -130,6 +130,53 @@ class ProgressMark:
 
 
 @dataclasses.dataclass(frozen=True)
+class Verification:
+    """``status.verification``: what was checked about the copy, how, when, at what cost.
+
+    ``method``: ``in-stream`` (sim: every block checked against its hash as it arrived, then the
+    image digests of disk and memory compared before the record moved), ``before-flip`` (qemu,
+    offline: both disks hashed before the record moved; no guest was running), ``frozen-point``
+    (qemu, live: the target froze its disk at the switchover, the record moved and the guest
+    resumed, then the frozen point and the paused source were hashed and compared: outside the
+    downtime). ``state``: ``Pending`` (frozen point: the guest runs, the digests are not both
+    in), ``Verified`` (equal), ``Mismatch`` (different: the migration failed loudly, the source
+    keeps its paused copy), ``Incomplete`` (a digest never came within the time allowed; the
+    source keeps its copy). Digests, milliseconds hashing and bytes read per side; the downtime
+    the guest saw; ``at``: when the verdict was reached."""
+
+    method: str
+    state: str
+    source_digest: str | None = None
+    target_digest: str | None = None
+    source_verify_ms: int | None = None
+    target_verify_ms: int | None = None
+    source_hashed_bytes: int | None = None
+    target_hashed_bytes: int | None = None
+    downtime_ms: int | None = None
+    at: dt.datetime | None = None
+    message: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {"method": self.method, "state": self.state, "sourceDigest": self.source_digest,
+               "targetDigest": self.target_digest, "sourceVerifyMs": self.source_verify_ms,
+               "targetVerifyMs": self.target_verify_ms, "sourceHashedBytes": self.source_hashed_bytes,
+               "targetHashedBytes": self.target_hashed_bytes, "downtimeMs": self.downtime_ms,
+               "at": fmt_api(self.at), "message": self.message}
+        return {k: v for k, v in out.items() if v is not None}
+
+    @classmethod
+    def from_dict(cls, d: Any) -> Verification | None:
+        m = as_map(d)
+        method, state = as_str(m.get("method")), as_str(m.get("state"))
+        if method is None or state is None:
+            return None
+        return cls(method, state, as_str(m.get("sourceDigest")), as_str(m.get("targetDigest")),
+                   as_int(m.get("sourceVerifyMs")), as_int(m.get("targetVerifyMs")),
+                   as_int(m.get("sourceHashedBytes")), as_int(m.get("targetHashedBytes")),
+                   as_int(m.get("downtimeMs")), parse_any(m.get("at")), as_str(m.get("message")))
+
+
+@dataclasses.dataclass(frozen=True)
 class MigrationStatus:
     """The operator-owned part of ``LiveMigration.status`` (not ``transfer``/``target``).
 
@@ -158,6 +205,7 @@ class MigrationStatus:
     downtime_budget_ms: int | None = None  # the budget downtime_ms is measured against
     progress_mark: ProgressMark | None = None
     conditions: tuple[Condition, ...] = ()
+    verification: Verification | None = None
 
     def condition(self, type_: str) -> Condition | None:
         return find(self.conditions, type_)
@@ -193,6 +241,7 @@ class MigrationStatus:
             "downtimeBudgetMs": self.downtime_budget_ms,
             "progressMark": self.progress_mark.to_dict() if self.progress_mark else None,
             "conditions": [c.to_dict() for c in self.conditions] or None,
+            "verification": self.verification.to_dict() if self.verification else None,
         }
         return {k: v for k, v in out.items() if v is not None}
 
@@ -227,6 +276,7 @@ class MigrationStatus:
             downtime_budget_ms=as_int(d.get("downtimeBudgetMs")),
             progress_mark=ProgressMark.from_dict(d.get("progressMark")),
             conditions=parse_conditions(d.get("conditions") if isinstance(d.get("conditions"), list) else None),
+            verification=Verification.from_dict(d.get("verification")),
         )
 
 

@@ -137,6 +137,7 @@ class TransferReport:
     predicted_downtime_ms: int | None = None
     forced: bool = False
     verify_ms: int | None = None
+    hashed_bytes: int | None = None
     digest: str | None = None
     error: str | None = None
     updated_at: dt.datetime | None = None
@@ -174,6 +175,7 @@ class TransferReport:
             "predictedDowntimeMs": self.predicted_downtime_ms,
             "forced": self.forced or None,
             "verifyMs": self.verify_ms,
+            "hashedBytes": self.hashed_bytes,
             "digest": self.digest,
             "error": self.error,
             "updatedAt": fmt(self.updated_at, fraction=True),
@@ -219,6 +221,7 @@ class TransferReport:
             predicted_downtime_ms=as_int(m.get("predictedDowntimeMs")),
             forced=m.get("forced") is True,
             verify_ms=as_int(m.get("verifyMs")),
+            hashed_bytes=as_int(m.get("hashedBytes")),
             digest=as_str(m.get("digest")),
             error=as_str(m.get("error")),
             channel=as_str(m.get("channel")),
@@ -236,10 +239,16 @@ class TargetReport:
     digest: str | None = None
     error: str | None = None
     updated_at: dt.datetime | None = None
+    #: qemu: the received disk was frozen at the switchover point; ``digest`` (of that point)
+    #: follows after the guest resumed, with ``verify_ms`` and ``hashed_bytes``
+    frozen_point: bool = False
+    verify_ms: int | None = None
+    hashed_bytes: int | None = None
 
     def to_patch(self) -> dict[str, Any]:
         return {"attempt": self.attempt, "state": self.state, "address": self.address, "digest": self.digest,
-                "error": self.error, "updatedAt": fmt(self.updated_at, fraction=True)}
+                "error": self.error, "updatedAt": fmt(self.updated_at, fraction=True),
+                "frozenPoint": self.frozen_point or None, "verifyMs": self.verify_ms, "hashedBytes": self.hashed_bytes}
 
     @classmethod
     def from_dict(cls, d: Any) -> TargetReport | None:
@@ -248,7 +257,8 @@ class TargetReport:
         if attempt is None or state is None:
             return None
         return cls(attempt, state, as_str(m.get("address")), as_str(m.get("digest")), as_str(m.get("error")),
-                   parse_any(m.get("updatedAt")))
+                   parse_any(m.get("updatedAt")), m.get("frozenPoint") is True, as_int(m.get("verifyMs")),
+                   as_int(m.get("hashedBytes")))
 
 
 #: How the agents' errors say "my peer went away": ``PeerLost:`` (a driver that knows, e.g. the

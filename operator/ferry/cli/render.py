@@ -301,10 +301,16 @@ def report_subtitle(m: LiveMigration) -> str:
     if downtime is not None:
         budget = m.status.downtime_budget_ms or tr.downtime_budget_ms
         extra = [f"budget {budget} ms" if budget else "",
-                 f"predicted {tr.predicted_downtime_ms} ms" if tr.predicted_downtime_ms is not None else "",
-                 f"verification {tr.verify_ms} ms" if tr.verify_ms is not None else ""]
+                 f"predicted {tr.predicted_downtime_ms} ms" if tr.predicted_downtime_ms is not None else ""]
         extra = [x for x in extra if x]
         facts.append(f"downtime {downtime} ms" + (f" ({', '.join(extra)})" if extra else ""))
+    v = m.status.verification
+    if v is not None:
+        hashed = ", ".join(x for x in (
+            f"source {v.source_verify_ms} ms" if v.source_verify_ms is not None else "",
+            f"target {v.target_verify_ms} ms" if v.target_verify_ms is not None else "") if x)
+        where = " after the resume" if v.method == "frozen-point" else ""
+        facts.append(f"verification {v.state} ({v.method}" + (f"; hashed{where}: {hashed}" if hashed else "") + ")")
     if tr.downtime_steps:
         facts.append(f"{tr.downtime_steps} downtime steps to {tr.allowed_downtime_ms} ms (ceiling {tr.max_downtime_ms} ms)")
     if tr.forced:

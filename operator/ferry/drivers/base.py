@@ -122,7 +122,12 @@ class MigrationStats:
     downtime_steps: int = 0  # steps taken (the throttle was at its maximum and it still did not fit)
     predicted_downtime_ms: int | None = None  # what was expected when the guest was paused
     forced: bool = False  # paused by force-complete
-    verify_ms: int | None = None  # time spent verifying the copy (qemu: hashing both disks)
+    verify_ms: int | None = None  # time spent hashing this side's copy (qemu: outside the downtime, see frozen_point)
+    hashed_bytes: int | None = None  # bytes of disk data read for that hash (holes hash as zeros without a read)
+    #: target (qemu): the received disk was frozen at the switchover point (a qcow2 overlay takes
+    #: the guest's new writes), so its digest is computed after the guest resumed, not in the pause
+    frozen_point: bool = False
+    freeze_ms: int | None = None  # target: what freezing it cost in the pause (blockdev-snapshot-sync)
     digest: str | None = None
     error: str | None = None
     channel: str | None = None  # what protects the data channel (sim: aes-256-gcm or plain); None: not said

@@ -16,8 +16,8 @@ import datetime as dt
 from typing import Any
 
 from ferry.api.conditions import set_condition
-from ferry.api.constants import transfer_secret_name
-from ferry.api.livemigration import AttemptRecord, Limits, MigrationSpec, MigrationStatus, ProgressMark
+from ferry.api.constants import VERIFICATION_FAILED, transfer_secret_name
+from ferry.api.livemigration import AttemptRecord, Limits, MigrationSpec, MigrationStatus, ProgressMark, Verification
 from ferry.api.patch import merge_patch
 from ferry.api.phases import ATTEMPT, TERMINAL, TRANSFER_FINAL, Phase, TargetState, TransferState
 from ferry.api.reports import TargetReport, TransferReport, peer_lost
@@ -342,7 +342,9 @@ def _complete(b: _Builder, tr: TransferReport | None) -> None:
     took = f" in {_secs(b.now - started):.0f} s" if started else ""
     downtime = tr.downtime_ms if tr is not None and tr.downtime_ms is not None else st.downtime_ms
     dt_txt = f", downtime {downtime} ms" if downtime is not None else ""
-    message = f"droplet {obs.spec.droplet} moved from {src} to {dst}{took}{dt_txt}"
+    ver = st.verification
+    checked = "; verified after the resume (frozen point)" if ver is not None and ver.method == "frozen-point" else ""
+    message = f"droplet {obs.spec.droplet} moved from {src} to {dst}{took}{dt_txt}{checked}"
     _close_attempt(b, "Succeeded", "Completed")
     b.transition(Phase.COMPLETED, "Completed", message)
     b.set(progress=100, downtime_ms=downtime)
@@ -381,6 +383,7 @@ def _attempt_failed(b: _Builder, reason: str, detail: str) -> None:
         return
     delay = cfg.retry_backoff_seconds * 2 ** (n - 1)
     at = b.now + dt.timedelta(seconds=delay)
+    b.set(verification=None)  # a verification belongs to the attempt that moved the record
     message = f"attempt {n}/{max_attempts} failed ({reason}: {detail}); next attempt at {fmt_api(at)}"
     b.transition(Phase.SCHEDULING, "RetryBackoff", message, "Warning")
     b.set(target_host=None, next_attempt_at=at, progress_mark=None)
@@ -687,11 +690,12 @@ def _precopy(b: _Builder) -> None:
         b.set(progress=max(0, min(100, int(tr.progress))))
     _check_outlook(b, tr)
     if _ready_to_flip(b, tr, tg):
+        what = (f"target froze its copy at the switchover (checked against the paused source after the resume)"
+                if tg is not None and tg.frozen_point else f"copy verified (digest {tr.digest})")  # type: ignore[union-attr]
         b.transition(
             Phase.CUTOVER,
             "CutOver",
-            f"copy verified (digest {tr.digest}); moving droplet {b.obs.spec.droplet} record "  # type: ignore[union-attr]
-            f"from {b.st.source_host} to {b.st.target_host}",
+            f"{what}; moving droplet {b.obs.spec.droplet} record from {b.st.source_host} to {b.st.target_host}",
         )
         return
     if b.st.phase != Phase.PRECOPY:  # _ready_to_flip failed the attempt
@@ -703,18 +707,45 @@ def _precopy(b: _Builder) -> None:
 
 
 def _ready_to_flip(b: _Builder, tr: TransferReport | None, tg: TargetReport | None) -> bool:
-    """Both sides done for this attempt with equal digests: emit FlipRecord, return True.
-    Unequal digests fail the attempt (phase changes); otherwise False."""
+    """Both sides done for this attempt and the copy checked as far as it is checked before the
+    record moves: emit FlipRecord, return True. Unequal digests fail the attempt (phase
+    changes); otherwise False.
+
+    Two shapes (docs/architecture.md, "What verified means"): digests compared here, before the
+    flip (sim: in-stream; qemu offline: both disks hashed), or the target froze its disk at the
+    switchover (``tg.frozen_point``, qemu live): the record moves on the frozen point, the guest
+    resumes on the target, and the digests are compared after that (``_verify_after_flip``); the
+    source keeps its paused copy until the verdict."""
     if tr is None or tg is None or tr.state != TransferState.COMPLETED or tg.state != TargetState.RECEIVED:
         return False
-    if not tr.digest or tr.digest != tg.digest:
+    frozen = tg.frozen_point
+    if (not frozen or (tr.digest and tg.digest)) and (not tr.digest or tr.digest != tg.digest):
         _attempt_failed(b, "DigestMismatch", f"source digest {tr.digest or '(none)'} != target digest {tg.digest or '(none)'}")
         return False
     st = b.st
     b.actions.append(FlipRecord(b.obs.spec.droplet, st.source_host, st.target_host))  # type: ignore[arg-type]
     if tr.downtime_ms is not None:
         _record_downtime(b, tr)
+    if frozen:
+        b.set(verification=_verification(b, tr, tg, "frozen-point", "Pending",
+                                          "the target froze its disk at the switchover; the record moves on that "
+                                          "point and the guest resumes, then both sides are hashed and compared"))
+        b.condition("Verified", False, "VerificationPending", "the copy is checked after the guest resumes")
+    else:
+        method = "in-stream" if tr.verify_ms is None else "before-flip"
+        b.set(verification=_verification(b, tr, tg, method, "Verified", f"digests equal ({tr.digest})", at=b.now))
+        b.condition("Verified", True, "DigestsEqual", f"{method}: source and target digests equal ({tr.digest})")
     return True
+
+
+def _verification(b: _Builder, tr: TransferReport | None, tg: TargetReport | None, method: str, state: str,
+                  message: str, at: dt.datetime | None = None) -> Verification:
+    return Verification(
+        method=method, state=state,
+        source_digest=tr.digest if tr else None, target_digest=tg.digest if tg else None,
+        source_verify_ms=tr.verify_ms if tr else None, target_verify_ms=tg.verify_ms if tg else None,
+        source_hashed_bytes=tr.hashed_bytes if tr else None, target_hashed_bytes=tg.hashed_bytes if tg else None,
+        downtime_ms=b.st.downtime_ms, at=at, message=message)
 
 
 def _record_downtime(b: _Builder, tr: TransferReport) -> None:
@@ -798,8 +829,12 @@ def _cutover_before_flip(b: _Builder) -> None:
 def _after_flip(b: _Builder) -> None:
     obs, st = b.obs, b.st
     if st.phase == Phase.PRECOPY:
-        # The record moved but the status write was lost: catch up, never flip again.
+        # The record moved but the status write was lost (e.g. a conflict with an agent's report,
+        # likely when the source's digest lands at the flip): catch up, never flip again, and
+        # record what that write held: the downtime and, for a frozen point, the pending check.
+        tr, tg = _reports(obs)
         b.transition(Phase.CUTOVER, "CutOver", f"droplet {obs.spec.droplet} record names {st.target_host}")
+        _recorded_at_flip(b, tr, tg)
         return
     if (obs.spec.cancel or obs.deleting) and b.st.condition("CancelIgnored") is None:
         msg = f"cancel ignored: droplet {obs.spec.droplet} record already moved to {st.target_host}; finishing the migration"
@@ -809,8 +844,10 @@ def _after_flip(b: _Builder) -> None:
         _fail(b, "DropletDeleted", f"droplet {obs.spec.droplet} is being deleted; it was not resumed on {st.target_host}")
         return
     tr, tg = _reports(obs)
+    _recorded_at_flip(b, tr, tg)
     if tg is not None and (tg.state == TargetState.RUNNING or (tg.state == TargetState.RECEIVED and obs.droplet.power_state == "off")):
-        _complete(b, tr)
+        if _verify_after_flip(b, tr, tg):
+            _complete(b, tr)
         return
     if tg is not None and tg.state == TargetState.FAILED:
         # The target says its copy never ran (it reports Failed only then): the source still
@@ -822,3 +859,70 @@ def _after_flip(b: _Builder) -> None:
         b.wait("RecordReturned", msg, None, warn=True)
         return
     b.wait("WaitingForResume", f"waiting for target host {st.target_host} to resume the droplet", None)
+
+
+def _recorded_at_flip(b: _Builder, tr: TransferReport | None, tg: TargetReport | None) -> None:
+    """What the flip's status write records, if that write was lost: the measured downtime
+    and, for a frozen point, the pending verification."""
+    if b.st.downtime_ms is None and tr is not None and tr.downtime_ms is not None:
+        _record_downtime(b, tr)
+    if b.st.verification is None and tg is not None and tg.frozen_point:
+        b.set(verification=_verification(b, tr, tg, "frozen-point", "Pending",
+                                          "the target froze its disk at the switchover; the record moved on that "
+                                          "point, then both sides are hashed and compared"))
+        b.condition("Verified", False, "VerificationPending", "the copy is checked after the guest resumes")
+
+
+def _verify_after_flip(b: _Builder, tr: TransferReport | None, tg: TargetReport) -> bool:
+    """The target runs. True when the copy is verified (or was before the flip); a frozen point
+    waits here for both digests (reason ``Verifying``), then either verifies or fails the
+    migration loudly (``VerificationFailed``, or ``VerificationIncomplete`` when a digest did not
+    come within the attempt's completion budget): the guest runs on the target, and the source
+    keeps its paused copy until the user decides (the agents' hold rule)."""
+    ver = b.st.verification
+    if not tg.frozen_point or (ver is not None and ver.state == "Verified"):
+        return True
+    obs, st = b.obs, b.st
+    src, dst, d = st.source_host, st.target_host, obs.spec.droplet
+    if tr is None or not tr.digest or not tg.digest:
+        flipped = st.phase_times.get(Phase.CUTOVER) or b.now
+        waited = _secs(b.now - flipped)
+        allowed = b.cfg.budget_base_seconds + b.cfg.budget_seconds_per_gib * obs.droplet.image_gib
+        missing = " and ".join(w for w, have in ((f"source {src}", tr is not None and tr.digest),
+                                                   (f"target {dst}", tg.digest)) if not have)
+        if waited >= allowed:
+            msg = (f"the copy was not verified: no digest from {missing} within {allowed:.0f} s of the record moving. "
+                   f"Droplet {d} runs on {dst}; its source copy is kept paused on {src}. {_recovery(b)}")
+            b.set(verification=_verification(b, tr, tg, "frozen-point", "Incomplete", msg, at=b.now))
+            b.condition("Verified", False, "VerificationIncomplete", msg)
+            _fail(b, "VerificationIncomplete", msg)
+            b.actions.append(MarkDropletCondition(d, "MigrationUnverified", True, "VerificationIncomplete", msg))
+            return False
+        msg = (f"droplet {d} runs on {dst}; checking its disk as received at the switchover against the paused "
+               f"source on {src} (waiting for the digest of {missing})")
+        b.set(verification=_verification(b, tr, tg, "frozen-point", "Pending", msg))
+        b.wait("Verifying", msg, allowed - waited)
+        return False
+    if tr.digest == tg.digest:
+        msg = (f"frozen point verified after the resume: digests equal ({tg.digest}); hashed source "
+               f"{_mib(tr.hashed_bytes)} MiB in {tr.verify_ms} ms, target {_mib(tg.hashed_bytes)} MiB in "
+               f"{tg.verify_ms} ms, none of it in the {st.downtime_ms} ms downtime")
+        b.set(verification=_verification(b, tr, tg, "frozen-point", "Verified", msg, at=b.now))
+        b.condition("Verified", True, "DigestsEqual", msg)
+        return True
+    msg = (f"the copies differ: the target's disk as received at the switchover (digest {tg.digest}, "
+           f"on {dst}) is not the paused source's ({tr.digest}, on {src}). The record had already moved: "
+           f"droplet {d} runs on {dst}; its source copy is kept paused on {src}, so nothing is lost. {_recovery(b)}")
+    b.set(verification=_verification(b, tr, tg, "frozen-point", "Mismatch", msg, at=b.now))
+    b.condition("Verified", False, "DigestMismatch", msg)
+    _fail(b, VERIFICATION_FAILED, msg)
+    b.actions.append(MarkDropletCondition(d, "MigrationUnverified", True, "DigestMismatch", msg))
+    return False
+
+
+def _recovery(b: _Builder) -> str:
+    st, name, d = b.st, b.obs.name, b.obs.spec.droplet
+    return (f"To keep the copy on {st.target_host}: delete LiveMigration {name} (the paused source copy is then "
+            f"removed). To go back to the source copy as it was at the switchover (what the guest did on "
+            f"{st.target_host} since is lost): see docs/architecture.md, \"A verification that fails\" "
+            f"(droplet {d}).")

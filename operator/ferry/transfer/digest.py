@@ -140,6 +140,13 @@ def sparse_image_root(fd: int, size: int, block_size: int) -> bytes:
     return root_of(size, block_size, hashes)
 
 
+def data_bytes(fd: int, size: int, block_size: int) -> int:
+    """Bytes ``sparse_image_root`` reads: the blocks SEEK_DATA/SEEK_HOLE report as data."""
+    nblocks = -(-size // block_size)
+    blocks = sum(min(first + count, nblocks) - first for first, count in _data_blocks(fd, size, block_size))
+    return min(size, blocks * block_size)
+
+
 def _data_blocks(fd: int, size: int, block_size: int) -> list[tuple[int, int]]:
     """(first block, count) of every range SEEK_DATA/SEEK_HOLE reports as data; the whole
     image when the file system cannot tell."""

@@ -145,6 +145,12 @@ class VMLayout:
         return self.root / "vm.json"
 
     @property
+    def overlay(self) -> pathlib.Path:
+        """The target's qcow2 overlay between the switchover and the end of its verification
+        (the raw ``disk.img`` is its frozen backing file meanwhile)."""
+        return self.root / "frozen.qcow2"
+
+    @property
     def migration(self) -> pathlib.Path:
         return self.root / "migration.json"
 

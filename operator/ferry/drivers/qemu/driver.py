@@ -26,6 +26,7 @@ import os
 import pathlib
 import shutil
 import socket
+import subprocess
 import threading
 import time
 from collections.abc import Mapping
@@ -59,9 +60,11 @@ from .config import (
 from .sequence import (
     FINAL_STATES,
     EXPORT_NAME,
+    FrozenVerify,
     SourceMigration,
     TargetMigration,
     add_tls_creds,
+    disk_hash,
     object_ids,
     write_json,
 )
@@ -118,6 +121,8 @@ class QemuDriver:
         self._lock = threading.RLock()
         self._clients: dict[VMKey, QMPClient] = {}
         self._migrations: dict[VMKey, SourceMigration | TargetMigration] = {}
+        self._verifies: dict[VMKey, FrozenVerify] = {}
+        self._source_hashes: dict[VMKey, threading.Thread] = {}
 
     @classmethod
     def from_env(cls, data_dir: str | os.PathLike[str], environ: Mapping[str, str] | None = None,
@@ -156,10 +161,14 @@ class QemuDriver:
             for c in self._clients.values():
                 c.close()
             migrations = list(self._migrations.values())
+            verifies = list(self._verifies.values())
+            self._verifies.clear()
             self._clients.clear()
             self._migrations.clear()
         for m in migrations:
             m.thread.join(timeout=5)
+        for v in verifies:  # their monitor is closed: they end (a new instance starts them again)
+            v.thread.join(timeout=5)
 
     # -- helpers: files ----------------------------------------------------------------
 
@@ -233,6 +242,8 @@ class QemuDriver:
     def _launch(self, key: VMKey, meta: dict[str, Any], *, incoming: bool = False, prelaunch: bool = False) -> None:
         """Start QEMU through the launcher and return once its monitor answers."""
         layout = self.layout(key)
+        if not incoming:
+            self._settle_overlay(key, meta)
         size = GuestSize(**meta["size"])
         self._ensure_disk(layout, size)
         self._write_meta(layout, meta)
@@ -336,6 +347,7 @@ class QemuDriver:
                 continue
             key = VMKey(meta["spec"]["namespace"], meta["spec"]["name"])
             self._recover(key, meta)
+            self._resume_frozen_verify(key, meta)
             out.append(self._info(key, meta))
         return out
 
@@ -383,6 +395,7 @@ class QemuDriver:
         layout = self.layout(key)
         with self._lock:
             m = self._migrations.pop(key, None)
+            self._verifies.pop(key, None)
         if m is not None:
             m.detach()
         with self._lock:
@@ -475,6 +488,17 @@ class QemuDriver:
                 raise DriverError(f"{key} does not exist on this host")
             if meta.get("role") == "target":
                 raise DriverError(f"{key} is itself an incoming VM ({meta.get('migration_id')})")
+            v = self._verifies.get(key)
+        if meta.get("frozen_verify") or (v is not None and not v.done.is_set()):
+            # the guest still writes to the frozen point's overlay: a mirror of disk0 now would
+            # copy the frozen base without those writes. Wait for the merge.
+            self._resume_frozen_verify(key, meta)
+            v = self._verifies.get(key)
+            if v is None or not v.done.wait(120) or (self._read_meta(layout) or {}).get("frozen_verify"):
+                raise DriverError(f"{key}: the verification of its last incoming migration has not finished "
+                                  "(its overlay is not merged back yet)")
+        with self._lock:
+            meta = self._read_meta(layout) or meta
             alive = self._alive(layout)
             if options.offline:
                 if alive and not meta.get("offline_source"):
@@ -543,10 +567,11 @@ class QemuDriver:
             return
         if isinstance(m, SourceMigration):
             if not m.finished:
+                # (a completed one may still be hashing its paused disk: that ends, then it resumes)
                 m.cancel()
                 if not m.finished:
                     raise DriverError(f"{key}: the migration did not stop within 60 s")
-            elif m.state == MigrationState.COMPLETED:
+            if m.state == MigrationState.COMPLETED:
                 self._undo_completed(key, m)
         elif meta and meta.get("role") == "source":
             stats = self._persisted_stats(layout)
@@ -607,12 +632,105 @@ class QemuDriver:
                 if spec.power_on:
                     self._launch(key, meta)
             elif spec.power_on:
-                self._qmp(key).execute("cont")
+                if stats.frozen_point:
+                    meta["frozen_verify"] = meta["resumed_from"]
                 self._write_meta(layout, meta)
+                self._qmp(key).execute("cont")
+                if stats.frozen_point:
+                    self._start_frozen_verify(key, meta, stats)
             else:
                 self._kill(key, graceful=True)
                 self._write_meta(layout, meta)
+                if stats.frozen_point:  # powered off meanwhile: hash the base and merge, no QEMU needed
+                    self._settle_overlay(key, meta)
+                    self._write_meta(layout, meta)
             self._migrations.pop(key, None)
+
+    # -- the frozen point (target, after resume) -----------------------------------------
+
+    def _start_frozen_verify(self, key: VMKey, meta: dict[str, Any], stats: MigrationStats) -> None:
+        """Hash the frozen base and merge the overlay back, in a thread (sequence.FrozenVerify)."""
+        with self._lock:
+            v = self._verifies.get(key)
+            if v is not None and not v.done.is_set():
+                return
+            layout = self.layout(key)
+            mid = meta.get("frozen_verify")
+
+            def done() -> None:
+                with self._lock:
+                    m = self._read_meta(layout)
+                    if m and m.get("frozen_verify") == mid:
+                        m.pop("frozen_verify", None)
+                        self._write_meta(layout, m)
+            v = FrozenVerify(layout=layout, qmp=self._qmp(key), disk_bytes=meta["size"]["disk_bytes"],
+                             stats=stats, on_done=done)
+            self._verifies[key] = v
+            v.start()
+
+    def _hash_paused_source(self, key: VMKey, stats: MigrationStats) -> None:
+        """A source whose migration completed but whose agent died before it hashed the paused
+        disk (after the switchover, outside the downtime): hash it now, in a thread."""
+        with self._lock:
+            t = self._source_hashes.get(key)
+            if t is not None and t.is_alive():
+                return
+            layout = self.layout(key)
+            size = (self._read_meta(layout) or {}).get("size", {}).get("disk_bytes")
+            if size is None:
+                return
+
+            def run() -> None:
+                try:
+                    stats.digest, stats.verify_ms, stats.hashed_bytes = disk_hash(layout.disk, size)
+                    write_json(layout.migration, {**stats_to_dict(stats), "role": "source"})
+                    log.info("%s: paused source hashed after an agent restart (%s ms)", key, stats.verify_ms)
+                except OSError as exc:
+                    log.warning("%s: hashing the paused source failed: %s", key, exc)
+            t = threading.Thread(target=run, name=f"ferry-qemu-hash:{stats.migration_id}", daemon=True)
+            self._source_hashes[key] = t
+            t.start()
+
+    def _resume_frozen_verify(self, key: VMKey, meta: dict[str, Any]) -> None:
+        """After an agent restart: a resumed target whose verification had not ended."""
+        if not meta.get("frozen_verify") or meta.get("role"):
+            return
+        layout = self.layout(key)
+        with self._lock:
+            v = self._verifies.get(key)
+            if v is not None and not v.done.is_set():
+                return
+        stats = self._persisted_stats(layout)
+        if stats is None or not self._alive(layout):
+            return  # a dead QEMU: _launch settles the overlay before the guest boots again
+        if v is not None and stats.error:
+            return  # this driver's own attempt failed: said in the stats, not retried in a loop
+        self._start_frozen_verify(key, meta, stats)
+
+    def _settle_overlay(self, key: VMKey, meta: dict[str, Any]) -> None:
+        """Before a QEMU starts again over a disk whose frozen-point overlay is still there (the
+        target's QEMU died between the resume and the end of its verification): hash the frozen
+        base if that was not done, then merge the overlay into it with ``qemu-img commit``. The
+        overlay holds the guest's writes since the resume; booting the raw image alone would
+        lose them."""
+        layout = self.layout(key)
+        if not layout.overlay.exists():
+            return
+        stats = self._persisted_stats(layout)
+        if stats is not None and stats.frozen_point and stats.digest is None:
+            stats.digest, stats.verify_ms, stats.hashed_bytes = disk_hash(layout.disk, meta["size"]["disk_bytes"])
+            write_json(layout.migration, {**stats_to_dict(stats), "role": "target"})
+        img = shutil.which("qemu-img", path=os.path.dirname(shutil.which(self.config.binary) or "") or None) \
+            or shutil.which("qemu-img")
+        if img is None:
+            raise DriverError(f"{key}: the frozen-point overlay {layout.overlay} holds the guest's newest writes and "
+                              "qemu-img is not installed to merge it; not booting without them")
+        done = subprocess.run([img, "commit", "-q", str(layout.overlay)], capture_output=True, text=True)
+        if done.returncode != 0:
+            raise DriverError(f"{key}: qemu-img commit of {layout.overlay} failed: {done.stderr.strip()}")
+        layout.overlay.unlink()
+        meta.pop("frozen_verify", None)
+        log.info("%s: merged the frozen-point overlay left by a QEMU that died", key)
 
     # -- re-attach ---------------------------------------------------------------------
 
@@ -635,6 +753,9 @@ class QemuDriver:
             layout = self.layout(key)
             stats = self._persisted_stats(layout)
             if stats is not None and (stats.state in FINAL_STATES or stats.migration_id != mid):
+                if (role == "source" and stats.state == MigrationState.COMPLETED and stats.digest is None
+                        and stats.migration_id == mid and not meta.get("offline_source")):
+                    self._hash_paused_source(key, stats)
                 return None
             alive = self._alive(layout)
             if not alive:

@@ -5,8 +5,8 @@ TLS-PSK credentials derived from the migration's secret; ``nbd-server-start`` on
 migration's address with a writable ``block-export-add`` of its disk;
 ``migrate-incoming`` on the same address (NBD listens on the next port). A
 :class:`TargetMigration` thread then watches ``query-migrate`` and, once the stream is
-complete, removes the export, stops the NBD server and computes the digest; the guest
-stays paused until ``resume()``.
+complete, removes the export, stops the NBD server and freezes the received disk (below); the
+guest stays paused until ``resume()``, which starts :class:`FrozenVerify`.
 
 Source (:class:`SourceMigration`, a thread per migration, since ``start_migration``
 returns at once): ``blockdev-add`` an NBD client node for the target's export (TLS),
@@ -14,27 +14,30 @@ returns at once): ``blockdev-add`` an NBD client node for the target's export (T
 (events, auto-converge, pause-before-switchover) and parameters (downtime-limit,
 max-bandwidth, tls-creds); ``migrate``; at ``pre-switchover`` (guest paused)
 ``block-job-cancel`` of the READY mirror, which completes it consistently, then
-``migrate-continue``; on ``completed`` ``blockdev-del`` the NBD node and compute the
-digest. Any failure or cancel before that rolls back: ``migrate_cancel``, forced
+``migrate-continue``; on ``completed`` ``blockdev-del`` the NBD node, report Completed, then
+compute the digest of the paused disk. Any failure or cancel before that rolls back: ``migrate_cancel``, forced
 ``block-job-cancel``, ``blockdev-del``, ``object-del`` and ``cont``: the source runs
 on its own disk, which the mirror only ever read.
 
-Verification (what "verified" means for qemu): with both guests paused after the
-switchover, each side hashes its whole disk image as ferry's sim driver does (XXH3-128 per
-1 MiB block, SHA-256 over the block hashes: ``ferry.transfer.digest``), reading only the
-ranges that hold data (SEEK_DATA/SEEK_HOLE; holes hash as zeros without a read); the
-operator moves the record only when the two digests are equal. This is a real check of
-every byte of the disk, and it is inside the downtime: its cost grows with the data on the
-disk (``verifyMs`` in status, about 1 s per GiB of written data on this machine), not with
-the disk's size. The bounded variants (hashing during the mirror and re-hashing only what
-QEMU's dirty bitmaps say changed, or checking a frozen target point after resume) are not
-built: the placement protocol lets the target run only after the record moved on equal
-digests; see docs/architecture.md, and tests/qemu/test_qemu_frozen_point.py for the QEMU side
-of the frozen point (overlay at the pause, hash after resume, block-commit back). Memory is not hashed: QEMU's migration stream carries
-no end-to-end checksum of RAM; TLS (the PSK channel) authenticates every record of it on
-the wire, and QEMU's dirty logging decides what is resent. The qemu tests check memory
-from inside the guest (a checksum of a region written once at boot, printed before and
-after the move).
+Verification (what "verified" means for qemu; docs/architecture.md): the whole disk, every
+byte, hashed on both sides with the same scheme (XXH3-128 per 1 MiB block, SHA-256 over the
+block hashes: ``ferry.transfer.digest``), reading only the ranges that hold data
+(SEEK_DATA/SEEK_HOLE; holes hash as zeros without a read), OUTSIDE the downtime, against a
+frozen point. Live migration: once the incoming stream completed, the still paused target puts
+a qcow2 overlay on its ``disk0`` node (``blockdev-snapshot-sync``, milliseconds whatever the
+size): the raw image becomes a read-only backing file that stays exactly as received, and the
+guest's new writes go to the overlay. The target reports Received with ``frozen_point`` and no
+digest; the operator moves the record on that, and the guest runs again on the target without
+waiting for any hash. After ``cont`` (``driver.resume``) a :class:`FrozenVerify` thread hashes
+the frozen base, then ``block-commit`` + ``job-complete`` put the guest back on its one raw
+image. The source, paused for good after ``completed``, reports Completed with QEMU's downtime
+at once and then hashes its own disk, which nothing writes any more. The operator compares the
+two digests after the resume and fails the migration loudly on a difference (the source keeps
+its paused copy). An offline migration (no guest runs) hashes both sides before Completed /
+Received. Memory is not hashed: QEMU's migration stream carries no end-to-end checksum of RAM;
+TLS (the PSK channel) authenticates every record of it on the wire, and QEMU's dirty logging
+decides what is resent. The qemu tests check memory from inside the guest (a checksum of a
+region written once at boot, printed before and after the move).
 
 Force-complete (``force_complete``): the guest is stopped at once (QMP ``stop``) and the
 downtime-limit raised to QEMU's maximum, so the mirror and the memory copy finish with the
@@ -57,8 +60,9 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from ferry import failpoints
 from ferry.drivers.base import DriverError, MigrationOptions, MigrationState, MigrationStats
-from ferry.transfer.digest import sparse_image_root
+from ferry.transfer.digest import data_bytes, sparse_image_root
 from ferry.transfer.policy import KindSample, PolicyConfig, PolicyInput, RoundStep, after_round
 
 from .config import (
@@ -149,18 +153,25 @@ DIGEST_BLOCK = 1 << 20
 MAX_DOWNTIME_LIMIT_MS = 2_000_000  # QEMU's ceiling for downtime-limit (2000 s)
 
 
-def disk_digest(path: pathlib.Path, size: int) -> tuple[str, int]:
-    """The digest both ends report for the operator to compare before cut-over, and the
-    milliseconds it took: ``sha256:`` + the root of the raw image's XXH3-128 block hashes
+def disk_hash(path: pathlib.Path, size: int) -> tuple[str, int, int]:
+    """The digest both ends report for the operator to compare, the milliseconds it took and
+    the bytes it read: ``sha256:`` + the root of the raw image's XXH3-128 block hashes
     (``ferry.transfer.digest``, 1 MiB blocks; a short file's tail and holes count as zeros,
     as the guest reads them; only ranges holding data are read)."""
     t0 = time.monotonic()
     fd = os.open(path, os.O_RDONLY)
     try:
+        hashed = data_bytes(fd, size, DIGEST_BLOCK)
         root = sparse_image_root(fd, size, DIGEST_BLOCK)
     finally:
         os.close(fd)
-    return "sha256:" + root.hex(), int(round((time.monotonic() - t0) * 1000))
+    return "sha256:" + root.hex(), int(round((time.monotonic() - t0) * 1000)), hashed
+
+
+def disk_digest(path: pathlib.Path, size: int) -> tuple[str, int]:
+    """``disk_hash`` without the byte count."""
+    digest, ms, _ = disk_hash(path, size)
+    return digest, ms
 
 
 def write_json(path: pathlib.Path, data: dict) -> None:
@@ -494,25 +505,25 @@ class SourceMigration(_Migration):
             time.sleep(0.02)
 
     def _finish(self) -> None:
-        """After ``completed``: drop the NBD node and credentials, report the digest."""
+        """After ``completed``: drop the NBD node and credentials and report Completed with
+        QEMU's downtime; then hash the paused source's disk and report the digest. A live
+        migration's target froze its copy at the switchover, so nobody waits for this hash: the
+        operator moves the record on the frozen point and compares the digests after the
+        resume. An offline migration (no guest runs) hashes before Completed."""
         with contextlib.suppress(QMPError):
             self.qmp.execute("blockdev-del", {"node-name": self.ids["node"]})
         self._node = False
         remove_tls_creds(self.qmp, self.layout, self.migration_id)
         self._tls = False
-        digest, verify_ms = disk_digest(self.layout.disk, self.disk_bytes)
+        if self.offline:
+            self._hash()
         with self.lock:
             self.tracker.mirror_done()
-            self.tracker.stats.digest = digest
-            self.tracker.stats.verify_ms = verify_ms
             st = self.tracker.stats
-            if st.downtime_ms is not None or self._forced_at is not None:
-                # QEMU's figure is its own stop -> completed; a force-complete stopped the
-                # guest earlier; and the guest stays down while the disk is verified
-                paused = st.downtime_ms or 0
-                if self._forced_at is not None:
-                    paused = max(paused, int(round((time.monotonic() - self._forced_at) * 1000)) - verify_ms)
-                st.downtime_ms = paused + verify_ms
+            if self._forced_at is not None:
+                # QEMU's figure is its own stop -> completed; force-complete stopped the guest
+                # earlier (the hash after this is not downtime: the target resumes without it)
+                st.downtime_ms = max(st.downtime_ms or 0, int(round((time.monotonic() - self._forced_at) * 1000)))
             self.tracker.stats.throttle_percent = 0
             if self.offline:
                 # one copy of a stopped VM: no rounds, and no guest to be down
@@ -523,6 +534,19 @@ class SourceMigration(_Migration):
             self.tracker.stats.state = MigrationState.COMPLETED
         self.persist(force=True)
         log.info("migration %s completed, downtime %s ms", self.migration_id, self.tracker.stats.downtime_ms)
+        if not self.offline and self.snapshot().digest is None:
+            failpoints.hit("qemu.source-before-hash")
+            self._hash()
+            log.info("migration %s: paused source hashed after the switchover (%s ms, %s bytes)", self.migration_id,
+                     self.tracker.stats.verify_ms, self.tracker.stats.hashed_bytes)
+
+    def _hash(self) -> None:
+        digest, verify_ms, hashed = disk_hash(self.layout.disk, self.disk_bytes)
+        with self.lock:
+            self.tracker.stats.digest = digest
+            self.tracker.stats.verify_ms = verify_ms
+            self.tracker.stats.hashed_bytes = hashed
+        self.persist(force=True)
 
     # -- rollback ------------------------------------------------------------------
 
@@ -698,10 +722,23 @@ class TargetMigration(_Migration):
                 self._sleep(0.1)
             self.cleanup_nbd()
             remove_tls_creds(self.qmp, self.layout, self.migration_id)
-            digest, verify_ms = disk_digest(self.layout.disk, self.disk_bytes)
+            if self.qmp.execute("query-status").get("status") == "prelaunch":
+                # an offline migration: no guest waits, so both sides hash before Received
+                digest, verify_ms, hashed = disk_hash(self.layout.disk, self.disk_bytes)
+                with self.lock:
+                    self.tracker.stats.digest = digest
+                    self.tracker.stats.verify_ms = verify_ms
+                    self.tracker.stats.hashed_bytes = hashed
+            else:
+                # freeze the received disk while the guest is still paused: the raw image becomes
+                # the read-only base of an overlay, hashed after the guest runs (FrozenVerify)
+                t0 = time.monotonic()
+                freeze(self.qmp, self.layout)
+                with self.lock:
+                    self.tracker.stats.frozen_point = True
+                    self.tracker.stats.freeze_ms = int(round((time.monotonic() - t0) * 1000))
+                failpoints.hit("qemu.target-frozen")
             with self.lock:
-                self.tracker.stats.digest = digest
-                self.tracker.stats.verify_ms = verify_ms
                 self.tracker.stats.state = MigrationState.RECEIVED
             self.persist(force=True)
         except Cancelled:
@@ -718,3 +755,90 @@ class TargetMigration(_Migration):
             self.qmp.execute("block-export-del", {"id": self.ids["export"], "mode": "hard"})
         with contextlib.suppress(QMPError):
             self.qmp.execute("nbd-server-stop")
+
+
+# -- the frozen point (target) -----------------------------------------------------------
+
+FROZEN_NODE = "ferry-frozen"
+COMMIT_JOB = "ferry-commit"
+
+
+def freeze(qmp: QMPClient, layout: VMLayout) -> None:
+    """Put a qcow2 overlay on ``disk0`` (the guest paused): the raw image stays as received.
+    Idempotent: an overlay already in place is kept."""
+    nodes = [n.get("node-name") for n in qmp.execute("query-named-block-nodes")]
+    if FROZEN_NODE in nodes:
+        return
+    with contextlib.suppress(FileNotFoundError):
+        layout.overlay.unlink()
+    qmp.execute("blockdev-snapshot-sync", {"node-name": "disk0", "snapshot-file": str(layout.overlay),
+                                           "snapshot-node-name": FROZEN_NODE, "format": "qcow2"})
+
+
+class FrozenVerify:
+    """Target, after ``cont``: hash the frozen base (the raw image as received at the
+    switchover), then merge the overlay back (``block-commit`` of the active layer,
+    ``BLOCK_JOB_READY``, ``job-complete``) so the guest runs on its one raw image again.
+    The result goes into the VM's persisted stats (``migration.json``: digest, verify_ms,
+    hashed_bytes), which ``query_migration`` returns; ``on_done`` runs at the end. A new driver
+    instance (agent restart) starts it again while the overlay is still in place."""
+
+    def __init__(self, *, layout: VMLayout, qmp: QMPClient, disk_bytes: int, stats: MigrationStats,
+                 on_done: Callable[[], None] | None = None):
+        self.layout = layout
+        self.qmp = qmp
+        self.disk_bytes = disk_bytes
+        self.stats = stats
+        self.on_done = on_done
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._main, name=f"ferry-qemu-verify:{stats.migration_id}", daemon=True)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def _main(self) -> None:
+        try:
+            self.run()
+        except Exception:  # noqa: BLE001 - a thread must never die silently
+            log.exception("verification of the frozen point of %s failed", self.stats.migration_id)
+            self.stats.error = "verification after resume failed (see agent log); the overlay stays in place"
+            with contextlib.suppress(OSError):
+                write_json(self.layout.migration, {**stats_to_dict(self.stats), "role": "target"})
+        finally:
+            self.done.set()
+
+    def run(self) -> None:
+        self.stats.error = None
+        if self.stats.digest is None:
+            digest, verify_ms, hashed = disk_hash(self.layout.disk, self.disk_bytes)
+            self.stats.digest, self.stats.verify_ms, self.stats.hashed_bytes = digest, verify_ms, hashed
+            write_json(self.layout.migration, {**stats_to_dict(self.stats), "role": "target"})
+            log.info("%s: frozen point hashed after resume (%s ms, %s bytes)", self.stats.migration_id,
+                     verify_ms, hashed)
+        failpoints.hit("qemu.target-before-commit")
+        self.commit()
+        if self.on_done is not None:
+            self.on_done()
+
+    def commit(self) -> None:
+        q = self.qmp
+        nodes = [n.get("node-name") for n in q.execute("query-named-block-nodes")]
+        if FROZEN_NODE in nodes:
+            jobs = [j for j in q.execute("query-block-jobs") if j.get("device") == COMMIT_JOB]
+            since = q.event_seq
+            if not jobs:
+                q.execute("block-commit", {"job-id": COMMIT_JOB, "device": FROZEN_NODE})
+            if not (jobs and jobs[0].get("ready")):
+                ev = q.wait_event(lambda e: e.name in ("BLOCK_JOB_READY", "BLOCK_JOB_COMPLETED", "BLOCK_JOB_ERROR")
+                                  and e.data.get("device") == COMMIT_JOB, timeout=600, since=since)
+                if ev is None or ev.name != "BLOCK_JOB_READY":
+                    raise DriverError(f"committing the overlay: {ev.name if ev else 'no event in 600 s'}")
+            since = q.event_seq
+            q.execute("job-complete", {"id": COMMIT_JOB})
+            ev = q.wait_event(lambda e: e.name in ("BLOCK_JOB_COMPLETED", "BLOCK_JOB_ERROR")
+                              and e.data.get("device") == COMMIT_JOB, timeout=600, since=since)
+            if ev is None or ev.name != "BLOCK_JOB_COMPLETED" or ev.data.get("error"):
+                raise DriverError(f"committing the overlay: {ev.name if ev else 'no event in 600 s'} "
+                                  f"{(ev.data.get('error') if ev else '') or ''}".strip())
+        with contextlib.suppress(FileNotFoundError):
+            self.layout.overlay.unlink()
