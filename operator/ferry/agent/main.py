@@ -43,14 +43,15 @@ def make_launcher(host: str, data_dir: str, kube: Kube | None, environ: Mapping[
 
 
 def make_driver(name: str, data_dir: str, settings: Settings, environ: Mapping[str, str] | None = None,
-                launcher: Launcher | None = None) -> Driver:
+                launcher: Launcher | None = None, host: str = "") -> Driver:
     env = os.environ if environ is None else environ
     if name == "sim":
         from ferry.drivers.sim import SimDriver
 
         pods = launcher is not None and launcher.name == "pod"
         return SimDriver(data_dir, size_scale=settings.size_scale, write_log=env.get("FERRY_SIM_WRITE_LOG") == "1",
-                         channel=settings.sim_channel, launcher=launcher, start_timeout=120.0 if pods else 15.0)
+                         channel=settings.sim_channel, launcher=launcher, start_timeout=120.0 if pods else 15.0,
+                         service_port=settings.sim_service_port, host=host)
     if name == "qemu":
         from ferry.drivers.qemu import QemuDriver  # heavy and optional: only when asked for
 
@@ -97,7 +98,7 @@ def run(host: str, data_dir: str, driver: str, address: str, kubeconfig: str | N
     if lock is None:
         return 0
     kube = Kube.connect(kubeconfig)
-    drv = make_driver(driver, data_dir, settings, launcher=make_launcher(host, data_dir, kube, os.environ))
+    drv = make_driver(driver, data_dir, settings, launcher=make_launcher(host, data_dir, kube, os.environ), host=host)
     agent = Agent(host, drv, kube, settings, address=address, connect=lambda: Kube.connect(kubeconfig))
     if settings.agent_metrics_port > 0:
         agent.metrics.serve(settings.agent_metrics_port, log)

@@ -278,6 +278,7 @@ def vm_spec(droplet: Droplet, *, power_on: bool | None = None) -> VMSpec:
         cpu=r.cpu, memory_mib=r.memory_mib, disk_gib=r.disk_gib,
         workload=Workload(droplet.workload.pattern, droplet.workload.write_rate_kibps),
         power_on=droplet.power_on if power_on is None else power_on,
+        ip=droplet.address,
     )
 
 
