@@ -44,6 +44,8 @@ POINTS: dict[str, str] = {
     "target-agent.before-report-received": "the target's Received report with its digest is about to be written",
     "target-agent.before-resume": "the target VM is about to be resumed (the record names the target)",
     "target-agent.after-resume": "the target VM runs; its Running report is not written yet",
+    "target-agent.before-address": "the network cut-over: the target VM runs, its address is not on the target's node yet",
+    "target-agent.after-address": "the address is on the target's node; status.target.network and Running not written yet",
     # the sim VM process (ferry.drivers.sim.vm)
     "vm.source-paused": "the source guest was paused for the final copy",
     "vm.source-completed": "the source sent everything and the target's verdict came back (postmigrate)",

@@ -62,6 +62,8 @@ CASES = [
     FP("tgt-before-received", "target-agent", "target-agent.before-report-received"),
     FP("tgt-before-resume", "target-agent", "target-agent.before-resume", core=True),
     FP("tgt-after-resume", "target-agent", "target-agent.after-resume"),
+    FP("tgt-before-address", "target-agent", "target-agent.before-address", core=True),
+    FP("tgt-after-address", "target-agent", "target-agent.after-address"),
     # the VM processes (a crash loses the memory)
     FP("vm-source-paused", "source-vm", "vm.source-paused", reboot_ok=True),
     FP("vm-source-completed", "source-vm", "vm.source-completed"),

@@ -337,7 +337,15 @@ def test_agent_daemonset_serves_the_node_it_runs_on(helm: str) -> None:
     # VMs live in launcher pods, so agents roll like any DaemonSet
     assert ds["spec"]["updateStrategy"] == {"type": "RollingUpdate",
                                               "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}}
-    [c] = spec["containers"]
+    c, net = spec["containers"]
+    assert c["name"] == "agent" and net["name"] == "net"
+    # the network cut-over: the agent asks the net container (the only one with NET_ADMIN/NET_RAW)
+    assert net["args"] == ["agent-net", "--socket", "/run/ferry-net/net.sock", "--device", "eth0"]
+    assert env_value(c, "FERRY_NETWORK")["value"] == "node"
+    assert env_value(c, "FERRY_NETWORK_SOCKET")["value"] == "/run/ferry-net/net.sock"
+    mounts = {m["name"]: m["mountPath"] for m in net["volumeMounts"]}
+    assert mounts == {"net": "/run/ferry-net"} and {"name": "net", "emptyDir": {}} in spec["volumes"]
+    assert {m["name"]: m["mountPath"] for m in c["volumeMounts"]}["net"] == "/run/ferry-net"
     assert c["args"] == ["agent", "--host", "$(NODE_NAME)", "--data-dir", "/var/lib/ferry",
                          "--driver", "sim", "--address", "$(HOST_IP)"]
     assert env_value(c, "FERRY_LAUNCHER")["value"] == "pod"
@@ -349,6 +357,13 @@ def test_agent_daemonset_serves_the_node_it_runs_on(helm: str) -> None:
     assert data["hostPath"] == {"path": "/var/lib/ferry", "type": "DirectoryOrCreate"}
 
 
+def test_the_loopback_fabric_has_no_net_container(helm: str) -> None:
+    spec = one(render(helm, {"agent": {"network": {"fabric": "loopback"}}}), "DaemonSet", "ferry-agent")["spec"]
+    [c] = spec["template"]["spec"]["containers"]
+    assert env_value(c, "FERRY_NETWORK")["value"] == "loopback"
+    assert not [v for v in spec["template"]["spec"]["volumes"] if v["name"] == "net"]
+
+
 def test_only_the_qemu_agent_is_privileged(helm: str) -> None:
     def privileged(docs: list[dict[str, Any]]) -> set[str]:
         return {f"{d['metadata']['name']}/{c['name']}" for d in docs if d["kind"] in ("Deployment", "DaemonSet")
@@ -357,7 +372,7 @@ def test_only_the_qemu_agent_is_privileged(helm: str) -> None:
     assert privileged(render(helm)) == set()
     qemu = render(helm, {"settings": {"driver": "qemu"}})
     assert privileged(qemu) == {"ferry-agent/agent"}
-    [c] = one(qemu, "DaemonSet", "ferry-agent")["spec"]["template"]["spec"]["containers"]
+    c = one(qemu, "DaemonSet", "ferry-agent")["spec"]["template"]["spec"]["containers"][0]
     assert "qemu" in c["args"] and c["securityContext"]["runAsUser"] == 0
 
 
@@ -377,6 +392,7 @@ def test_processes_run_without_root_or_capabilities_where_they_can(helm: str) ->
         "ferry-operator/operator": (10001, ()),
         "ferry-agent/agent": (10001, ()),
         "ferry-agent/data-dir": (0, ("CHOWN", "FOWNER")),              # chown of the hostPath dir
+        "ferry-agent/net": (0, ("NET_ADMIN", "NET_RAW")),              # droplet addresses, gratuitous ARP
         "ferry-metadata/metadata": (0, ("NET_BIND_SERVICE",)),         # port 80
         "ferry-metadata/link-local-address": (0, ("NET_ADMIN",)),      # ip addr replace
     }
@@ -536,12 +552,12 @@ def test_the_programs_accept_the_arguments_the_chart_gives_them(helm: str, tmp_p
                                                                  workload: str, values: dict[str, Any]) -> None:
     docs = render(helm, values)
     pod = next(d for d in docs if d["metadata"]["name"] == workload and d["kind"] in ("Deployment", "DaemonSet"))
-    [container] = pod["spec"]["template"]["spec"]["containers"]
-    env = {"NODE_NAME": "node-1", "HOST_IP": "10.0.0.7", "POD_UID": "0000002a-1111-2222-3333-444444444444",
-           "POD_ID": "ferry-operator-abc"}
-    argv = container_argv(container, env, tmp_path)
-    # click parses every option before it acts on --help: an unknown option fails here.
-    proc = subprocess.run([sys.executable, "-m", "ferry.cli.main", *argv[1:], "--help"],
-                          capture_output=True, text=True, timeout=60)
-    assert proc.returncode == 0, f"{' '.join(argv)}: {proc.stderr.strip()}"
-    assert "Usage:" in proc.stdout
+    for container in pod["spec"]["template"]["spec"]["containers"]:  # the agent's net container too
+        env = {"NODE_NAME": "node-1", "HOST_IP": "10.0.0.7", "POD_UID": "0000002a-1111-2222-3333-444444444444",
+               "POD_ID": "ferry-operator-abc"}
+        argv = container_argv(container, env, tmp_path)
+        # click parses every option before it acts on --help: an unknown option fails here.
+        proc = subprocess.run([sys.executable, "-m", "ferry.cli.main", *argv[1:], "--help"],
+                              capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 0, f"{' '.join(argv)}: {proc.stderr.strip()}"
+        assert "Usage:" in proc.stdout

@@ -14,6 +14,7 @@ from ferry import logs
 from ferry.agent.loop import Agent
 from ferry.drivers.base import Driver
 from ferry.drivers.launcher import Launcher, ProcessLauncher
+from ferry.drivers.network import make_fabric
 from ferry.drivers.pod_launcher import PodLauncher
 from ferry.settings import Settings
 from ferry.storage import Kube
@@ -21,6 +22,7 @@ from ferry.storage import Kube
 log = logging.getLogger("ferry.agent")
 
 DRIVERS = ("sim", "qemu")
+NETWORK_SOCKET = "/run/ferry-net/net.sock"  # the chart's agent pod: the net container's socket
 
 
 def make_launcher(host: str, data_dir: str, kube: Kube | None, environ: Mapping[str, str]) -> Launcher:
@@ -99,7 +101,8 @@ def run(host: str, data_dir: str, driver: str, address: str, kubeconfig: str | N
         return 0
     kube = Kube.connect(kubeconfig)
     drv = make_driver(driver, data_dir, settings, launcher=make_launcher(host, data_dir, kube, os.environ), host=host)
-    agent = Agent(host, drv, kube, settings, address=address, connect=lambda: Kube.connect(kubeconfig))
+    fabric = make_fabric(os.environ.get("FERRY_NETWORK", ""), os.environ.get("FERRY_NETWORK_SOCKET") or NETWORK_SOCKET)
+    agent = Agent(host, drv, kube, settings, address=address, connect=lambda: Kube.connect(kubeconfig), fabric=fabric)
     if settings.agent_metrics_port > 0:
         agent.metrics.serve(settings.agent_metrics_port, log)
 
@@ -109,8 +112,8 @@ def run(host: str, data_dir: str, driver: str, address: str, kubeconfig: str | N
         agent.wake.put(None)
 
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
-    log.info("agent of host %s starting: driver %s, launcher %s, data dir %s, address %s", host, drv.name,
-             getattr(getattr(drv, "launcher", None), "name", "process"), data_dir, address)
+    log.info("agent of host %s starting: driver %s, launcher %s, network %s, data dir %s, address %s", host, drv.name,
+             getattr(getattr(drv, "launcher", None), "name", "process"), fabric.name, data_dir, address)
     try:
         agent.run(stop)
     finally:

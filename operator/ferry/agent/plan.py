@@ -168,6 +168,18 @@ class ResumeVM:
 
 
 @dataclasses.dataclass(frozen=True)
+class ClaimAddress:
+    """Target after its guest resumed: the network cut-over. The droplet's address moves to this
+    host (``ferry.drivers.network``); the executor reports it in status.target.network. The
+    Running report follows only once the address is here."""
+
+    key: VMKey
+    ip: str
+    migration: MigKey
+    attempt: int
+
+
+@dataclasses.dataclass(frozen=True)
 class PrepareIncoming:
     """Target: start the incoming VM; the executor reports Listening with its address."""
 
@@ -247,7 +259,7 @@ class Warn:
 #: because its VM process died
 GUEST_RESTARTED = "GuestRestarted"
 
-Action = Union[StartVM, StopVM, DestroyVM, ResumeVM, PrepareIncoming, StartMigration, CancelMigration, ForceComplete,
+Action = Union[StartVM, StopVM, DestroyVM, ResumeVM, ClaimAddress, PrepareIncoming, StartMigration, CancelMigration, ForceComplete,
                ReportTarget, ReportTransfer, Warn]
 DRIVER_ACTIONS = (StartVM, StopVM, DestroyVM, ResumeVM, PrepareIncoming, StartMigration, CancelMigration, ForceComplete)
 
@@ -577,6 +589,8 @@ def _target(host: HostContext, key: VMKey, lm: LiveMigration, d: Droplet | None,
                     out.append(ResumeVM(key, mid, f"the record names {me}"))
                     if d is not None and not d.power_on:
                         out.append(StopVM(key, "powerState off (offline migration)"))
+                    if d is not None and d.address:
+                        out.append(ClaimAddress(key, d.address, ref, n))
                     out.append(ReportTarget(key, ref, target_status(
                         n, TargetState.RUNNING, now, address=rep.address if rep.attempt == n else None,
                         digest=stats.digest if stats else None)))
@@ -592,6 +606,8 @@ def _target(host: HostContext, key: VMKey, lm: LiveMigration, d: Droplet | None,
             return out, True
         # resumed already (Running, or Stopped when powered off): power management applies again
         if owned and not _same_target(lm, n, TargetState.RUNNING):
+            if d is not None and d.address:
+                out.append(ClaimAddress(key, d.address, ref, n))  # idempotent: after a crash in between
             out.append(ReportTarget(key, ref, target_status(
                 n, TargetState.RUNNING, now, address=rep.address if rep.attempt == n else None,
                 digest=(stats.digest if stats else None) or rep.digest)))
@@ -723,3 +739,28 @@ def busy(vms: Mapping[VMKey, VMObs], migrations: Mapping[MigKey, LiveMigration |
         if vm.state == VMState.INCOMING and vm.migration_state not in (MigrationState.FAILED, MigrationState.ABORTED):
             return True
     return False
+
+
+def addresses(me: str, droplets: Mapping[VMKey, Droplet | None], vms: Mapping[VMKey, VMObs]) -> set[str]:
+    """The droplet addresses this host should hold: those of the droplets whose record names this
+    host and whose guest is here and not an incoming copy (running, paused or stopped). An
+    incoming VM gets its address only at the network cut-over (``ClaimAddress``), and a source
+    copy keeps it until it is destroyed. A droplet of unknown state keeps what it has (the caller
+    releases only addresses no known droplet of this host wants)."""
+    out: set[str] = set()
+    for key, vm in vms.items():
+        d = droplets.get(key)
+        if d is not None and d.host == me and d.address and vm.state != VMState.INCOMING:
+            out.add(d.address)
+    return out
+
+
+def addresses_to_release(me: str, droplets: Mapping[VMKey, Droplet | None], vms: Mapping[VMKey, VMObs],
+                         held: set[str]) -> set[str]:
+    """Held addresses no droplet of this host wants any more. An address of a droplet whose state
+    is unknown here (its VM is here but the droplet was not read) is kept until it is known."""
+    wanted = addresses(me, droplets, vms)
+    unknown = {key for key in vms if key not in droplets}
+    if unknown:
+        return set()  # cannot tell whose an address is: release nothing this cycle
+    return held - wanted

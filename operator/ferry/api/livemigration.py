@@ -158,6 +158,8 @@ class MigrationStatus:
     downtime_budget_ms: int | None = None  # the budget downtime_ms is measured against
     progress_mark: ProgressMark | None = None
     conditions: tuple[Condition, ...] = ()
+    #: the completed attempt's network cut-over {address, host, fabric, movedAt, ms}
+    network_cut_over: Mapping[str, Any] | None = None
 
     def condition(self, type_: str) -> Condition | None:
         return find(self.conditions, type_)
@@ -193,6 +195,7 @@ class MigrationStatus:
             "downtimeBudgetMs": self.downtime_budget_ms,
             "progressMark": self.progress_mark.to_dict() if self.progress_mark else None,
             "conditions": [c.to_dict() for c in self.conditions] or None,
+            "networkCutOver": dict(self.network_cut_over) if self.network_cut_over else None,
         }
         return {k: v for k, v in out.items() if v is not None}
 
@@ -227,6 +230,7 @@ class MigrationStatus:
             downtime_budget_ms=as_int(d.get("downtimeBudgetMs")),
             progress_mark=ProgressMark.from_dict(d.get("progressMark")),
             conditions=parse_conditions(d.get("conditions") if isinstance(d.get("conditions"), list) else None),
+            network_cut_over=as_map(d.get("networkCutOver")) or None,
         )
 
 

@@ -236,6 +236,9 @@ class TargetReport:
     digest: str | None = None
     error: str | None = None
     updated_at: dt.datetime | None = None
+    #: the network cut-over {attempt, address, fabric, movedAt, ms}: written by the target agent on
+    #: its own (``ferry.agent.execute``), never by ``to_patch`` (a state report leaves it as it is)
+    network: Mapping[str, Any] | None = None
 
     def to_patch(self) -> dict[str, Any]:
         return {"attempt": self.attempt, "state": self.state, "address": self.address, "digest": self.digest,
@@ -248,7 +251,7 @@ class TargetReport:
         if attempt is None or state is None:
             return None
         return cls(attempt, state, as_str(m.get("address")), as_str(m.get("digest")), as_str(m.get("error")),
-                   parse_any(m.get("updatedAt")))
+                   parse_any(m.get("updatedAt")), as_map(m.get("network")) or None)
 
 
 #: How the agents' errors say "my peer went away": ``PeerLost:`` (a driver that knows, e.g. the

@@ -32,7 +32,9 @@ from collections.abc import Callable
 log = logging.getLogger("ferry.sim.service")
 
 IP_FREEBIND = getattr(socket, "IP_FREEBIND", 15)
-POLL_SECONDS = 0.005  # how often a closed service checks whether its guest runs again
+POLL_SECONDS = 0.01  # how often a closed service checks whether its guest runs again (bounds the resume -> answer gap)
+RECV_SECONDS = 0.05  # how long a bound service waits for a request before it looks at its guest again
+BIND_RETRY_MAX = 1.0  # a bind that fails (the address and port in use) is retried at most this far apart
 MAX_REQUEST = 512
 
 
@@ -47,6 +49,7 @@ class GuestService:
         self._stop = threading.Event()
         self._sock: socket.socket | None = None
         self._bind_error: str | None = None
+        self._bind_delay = POLL_SECONDS
         self._thread = threading.Thread(target=self._serve, name="guest-service", daemon=True)
 
     def start(self) -> None:
@@ -75,8 +78,8 @@ class GuestService:
                 level = logging.INFO if e.errno == errno.EADDRINUSE else logging.WARNING
                 log.log(level, "guest service cannot bind %s:%d yet: %s (retrying)", self.ip, self.port, e)
             return
-        s.settimeout(0.02)
-        self._sock, self._bind_error = s, None
+        s.settimeout(RECV_SECONDS)
+        self._sock, self._bind_error, self._bind_delay = s, None, POLL_SECONDS
         log.info("guest service answers on %s:%d/udp", self.ip, self.port)
 
     def _close(self) -> None:
@@ -94,7 +97,8 @@ class GuestService:
             if self._sock is None:
                 self._open()
                 if self._sock is None:
-                    self._stop.wait(POLL_SECONDS)
+                    self._stop.wait(self._bind_delay)
+                    self._bind_delay = min(BIND_RETRY_MAX, self._bind_delay * 2)
                     continue
             try:
                 data, peer = self._sock.recvfrom(MAX_REQUEST)
