@@ -111,3 +111,14 @@ class Probe:
     def line(r: dict) -> str:
         return (f"probes sent {r['sent']}, answered {r['answered']}, lost {r['lost']}, longest gap {r['longest_gap_ms']} ms, "
                 f"answered by {' -> '.join(map(str, r['hosts']))}, boots {r['boots']}, seq went back: {r['seq_went_back']}")
+
+
+def ask(ip: str, port: int, timeout: float = 0.3) -> dict | None:
+    """One request to the guest's service: its answer, or None."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.settimeout(timeout)
+        try:
+            s.sendto(b"ask 0", (ip, port))
+            return json.loads(s.recv(2048))
+        except (OSError, ValueError):
+            return None
