@@ -71,13 +71,13 @@ class Probe:
                 continue
             except OSError:
                 return
-            t = time.monotonic()
+            t, wall = time.monotonic(), time.time()
             try:
                 answer = json.loads(data)
                 n = int(str(answer.get("echo", "")).split()[1])
             except (ValueError, IndexError):
                 continue
-            self.answers.setdefault(n, (t, answer))
+            self.answers.setdefault(n, (t, {**answer, "_at": wall}))
 
     def answered_by(self, host: str) -> bool:
         return any(a.get("host") == host for _, a in list(self.answers.values()))
@@ -94,10 +94,14 @@ class Probe:
         for a, b in zip(ok, ok[1:]):
             gap = max(gap, (sent[b] - sent[a]) * 1000 - self.interval * 1000)
         hosts: list[str] = []
+        switch: tuple[float, float] | None = None  # wall times: last answer of the first host, first of the next
         boots: set = set()
         seq_back, last_seq = False, -1
         for n in ok:
             a = on_time[n]
+            if hosts and hosts[-1] != a.get("host") and switch is None:
+                prev = max(on_time[m]["_at"] for m in ok if m < n and on_time[m].get("host") == hosts[-1])
+                switch = (prev, a["_at"])
             if not hosts or hosts[-1] != a.get("host"):
                 hosts.append(a.get("host"))
             boots.add(a.get("boot"))
@@ -105,7 +109,7 @@ class Probe:
                 seq_back = True
             last_seq = max(last_seq, int(a.get("seq", 0)))
         return {"sent": len(counted), "answered": len(ok), "lost": len(lost), "longest_gap_ms": round(gap),
-                "hosts": hosts, "boots": sorted(boots, key=str), "seq_went_back": seq_back}
+                "hosts": hosts, "boots": sorted(boots, key=str), "seq_went_back": seq_back, "switch": switch}
 
     @staticmethod
     def line(r: dict) -> str:

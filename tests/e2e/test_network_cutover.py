@@ -13,6 +13,7 @@ Elsewhere it skips: local dev keeps droplets on loopback addresses, where nothin
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import os
 
@@ -71,9 +72,15 @@ def test_a_client_outside_the_nodes_probes_the_droplet_through_its_migration(e2e
         wait_until(lambda: probe.answered_by(dst), 20, what=f"the guest answering from {dst}")
     r = probe.result()
     net = st.get("networkCutOver") or {}
+    where = ""
+    if r["switch"] and net.get("movedAt"):  # the gap around the moment the address moved
+        moved = dt.datetime.fromisoformat(net["movedAt"].replace("Z", "+00:00")).timestamp()
+        last, first = r["switch"]
+        where = (f"; last answer from {src} -> address on {dst}: {(moved - last) * 1000:.0f} ms, "
+                 f"-> first answer from {dst}: {(first - moved) * 1000:.0f} ms (clocks of one machine)")
     figure(e2e, f"network cut-over (sim, node fabric, {src} -> {dst}): {Probe.line(r)}; reported downtime "
                 f"{st.get('downtimeMs')} ms (budget {st.get('downtimeBudgetMs')} ms); address move {net.get('ms')} ms "
-                f"at {net.get('movedAt')}")
+                f"at {net.get('movedAt')}{where}")
     assert r["hosts"] == [src, dst], f"answered by {r['hosts']}: one move, never both"
     assert r["boots"] == [1] and not r["seq_went_back"], r
     assert net.get("address") == ip and net.get("host") == dst and net.get("fabric") == "node"

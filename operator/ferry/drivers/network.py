@@ -40,7 +40,7 @@ from typing import Protocol
 log = logging.getLogger("ferry.network")
 
 LABEL_SUFFIX = "ferry"
-GARP_COUNT = 3  # announcements per claim (the first at once, then GARP_INTERVAL apart)
+GARP_COUNT = 3  # announcements per claim: the first before the claim returns, the rest GARP_INTERVAL apart
 GARP_INTERVAL = 0.05
 
 
@@ -204,15 +204,30 @@ class NetHelper:
                 self._ip("addr", "del", f"{ip}/32", "dev", self.device)
 
     def announce(self, ip: str) -> None:
+        """The first gratuitous ARP before it returns (the neighbours move their traffic on it), the
+        repeats (for a frame lost on the way) GARP_INTERVAL apart in the background."""
         [link] = json.loads(self._ip("-j", "link", "show", "dev", self.device))
         mac = bytes.fromhex(str(link["address"]).replace(":", ""))
         frame = garp_frame(mac, ip)
-        with socket.socket(socket.AF_PACKET, socket.SOCK_RAW) as s:
+        s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)
+        try:
             s.bind((self.device, 0))
-            for i in range(GARP_COUNT):
-                if i:
+            s.send(frame)
+        except OSError:
+            s.close()
+            raise
+
+        def repeat() -> None:
+            try:
+                for _ in range(GARP_COUNT - 1):
                     time.sleep(GARP_INTERVAL)
-                s.send(frame)
+                    s.send(frame)
+            except OSError as e:
+                log.warning("gratuitous ARP for %s on %s: %s", ip, self.device, e)
+            finally:
+                s.close()
+
+        threading.Thread(target=repeat, name=f"garp {ip}", daemon=True).start()
 
 
 class _Handler(socketserver.StreamRequestHandler):

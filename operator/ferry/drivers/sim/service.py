@@ -34,7 +34,9 @@ log = logging.getLogger("ferry.sim.service")
 IP_FREEBIND = getattr(socket, "IP_FREEBIND", 15)
 POLL_SECONDS = 0.01  # how often a closed service checks whether its guest runs again (bounds the resume -> answer gap)
 RECV_SECONDS = 0.05  # how long a bound service waits for a request before it looks at its guest again
-BIND_RETRY_MAX = 1.0  # a bind that fails (the address and port in use) is retried at most this far apart
+BIND_FAST_TRIES = 100  # a bind that fails (the address and port in use: on loopback, the source's socket not
+#                        closed yet) is retried every POLL_SECONDS this many times, then less and less often,
+BIND_RETRY_MAX = 1.0  # at most this far apart
 MAX_REQUEST = 512
 
 
@@ -50,6 +52,7 @@ class GuestService:
         self._sock: socket.socket | None = None
         self._bind_error: str | None = None
         self._bind_delay = POLL_SECONDS
+        self._bind_failures = 0
         self._thread = threading.Thread(target=self._serve, name="guest-service", daemon=True)
 
     def start(self) -> None:
@@ -79,7 +82,7 @@ class GuestService:
                 log.log(level, "guest service cannot bind %s:%d yet: %s (retrying)", self.ip, self.port, e)
             return
         s.settimeout(RECV_SECONDS)
-        self._sock, self._bind_error, self._bind_delay = s, None, POLL_SECONDS
+        self._sock, self._bind_error, self._bind_delay, self._bind_failures = s, None, POLL_SECONDS, 0
         log.info("guest service answers on %s:%d/udp", self.ip, self.port)
 
     def _close(self) -> None:
@@ -98,7 +101,9 @@ class GuestService:
                 self._open()
                 if self._sock is None:
                     self._stop.wait(self._bind_delay)
-                    self._bind_delay = min(BIND_RETRY_MAX, self._bind_delay * 2)
+                    self._bind_failures += 1
+                    if self._bind_failures > BIND_FAST_TRIES:  # in use for long: another VM's, not a cut-over
+                        self._bind_delay = min(BIND_RETRY_MAX, self._bind_delay * 2)
                     continue
             try:
                 data, peer = self._sock.recvfrom(MAX_REQUEST)
