@@ -66,7 +66,8 @@ def test_the_guest_answers_while_it_runs_and_the_target_answers_after_the_move(h
 
     secret = os.urandom(32)
     addr = dst.prepare_incoming(spec, "127.0.0.1", secret, "lm-net")
-    assert ask(ip, port)["host"] == "host-a", "an incoming VM must not answer"
+    # an incoming VM must not answer: the source still does, and only it
+    assert {wait_until(lambda: ask(ip, port), 5, what="an answer")["host"] for _ in range(5)} == {"host-a"}
     src.start_migration(KEY, addr, secret, "lm-net", MigrationOptions(downtime_budget_ms=50))
     wait_until(lambda: src.query_migration(KEY).state is MigrationState.COMPLETED, 30, what="copy completed")
     assert ask(ip, port) is None, "the paused source (or the unresumed target) answered"
