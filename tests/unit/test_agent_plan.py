@@ -561,3 +561,17 @@ def test_addresses_released_only_when_every_vm_here_is_known():
     assert p.addresses_to_release("a", d2, v2, {IP}) == set()
     d3, _, v3 = world(droplets=[droplet(host="a", ip=IP)], vms=[vm()])
     assert p.addresses_to_release("a", d3, v3, {IP}) == set()
+
+
+def test_a_droplet_in_address_conflict_never_takes_the_address():
+    body = __import__("fakes").droplet_body(host="b", ip=IP)
+    body["status"]["conditions"] = [{"type": "AddressConflict", "status": "True", "reason": "AddressInUse"}]
+    from ferry.api.models import Droplet
+
+    d = Droplet.from_body(body)
+    assert p.owned_address(d) is None
+    dd, _, v = world(droplets=[d], vms=[vm()])
+    assert p.addresses("b", dd, v) == set()
+    acts = run(B, droplets=[d], migrations=[lm(phase="CutOver", target_report=treport(1, "Received"))],
+               vms=[vm(state=V.INCOMING, mid=MID1, st=stats(MID1, M.RECEIVED))])
+    assert summary(acts) == ["resume ns/web", "target ns/move#1 Running"]

@@ -589,8 +589,8 @@ def _target(host: HostContext, key: VMKey, lm: LiveMigration, d: Droplet | None,
                     out.append(ResumeVM(key, mid, f"the record names {me}"))
                     if d is not None and not d.power_on:
                         out.append(StopVM(key, "powerState off (offline migration)"))
-                    if d is not None and d.address:
-                        out.append(ClaimAddress(key, d.address, ref, n))
+                    if d is not None and owned_address(d):
+                        out.append(ClaimAddress(key, owned_address(d), ref, n))
                     out.append(ReportTarget(key, ref, target_status(
                         n, TargetState.RUNNING, now, address=rep.address if rep.attempt == n else None,
                         digest=stats.digest if stats else None)))
@@ -606,8 +606,8 @@ def _target(host: HostContext, key: VMKey, lm: LiveMigration, d: Droplet | None,
             return out, True
         # resumed already (Running, or Stopped when powered off): power management applies again
         if owned and not _same_target(lm, n, TargetState.RUNNING):
-            if d is not None and d.address:
-                out.append(ClaimAddress(key, d.address, ref, n))  # idempotent: after a crash in between
+            if d is not None and owned_address(d):
+                out.append(ClaimAddress(key, owned_address(d), ref, n))  # idempotent: after a crash in between
             out.append(ReportTarget(key, ref, target_status(
                 n, TargetState.RUNNING, now, address=rep.address if rep.attempt == n else None,
                 digest=(stats.digest if stats else None) or rep.digest)))
@@ -741,6 +741,15 @@ def busy(vms: Mapping[VMKey, VMObs], migrations: Mapping[MigKey, LiveMigration |
     return False
 
 
+def owned_address(d: Droplet) -> str | None:
+    """The droplet's address if it is its own: a droplet flagged ``AddressConflict`` (an older
+    droplet claims the same address, docs/architecture.md) never takes the address from its owner."""
+    conflict = d.condition("AddressConflict")
+    if conflict is not None and conflict.status == "True":
+        return None
+    return d.address
+
+
 def addresses(me: str, droplets: Mapping[VMKey, Droplet | None], vms: Mapping[VMKey, VMObs]) -> set[str]:
     """The droplet addresses this host should hold: those of the droplets whose record names this
     host and whose guest is here and not an incoming copy (running, paused or stopped). An
@@ -750,8 +759,9 @@ def addresses(me: str, droplets: Mapping[VMKey, Droplet | None], vms: Mapping[VM
     out: set[str] = set()
     for key, vm in vms.items():
         d = droplets.get(key)
-        if d is not None and d.host == me and d.address and vm.state != VMState.INCOMING:
-            out.add(d.address)
+        ip = owned_address(d) if d is not None else None
+        if d is not None and d.host == me and ip and vm.state != VMState.INCOMING:
+            out.add(ip)
     return out
 
 
