@@ -40,6 +40,9 @@ E2E_TESTS=tests/e2e
 BIN="${CACHE}/bin"
 PYTHON="${ROOT}/.venv/bin/python"
 NODES=(host-a host-b host-c)
+# Droplet addresses of the network tests (tests/e2e/test_network_cutover.py): .200 and up on the
+# nodes' shared segment ferrybr0 (10.250.0.1 is this machine, the nodes .11 ...; hack/nodes.sh).
+DROPLET_SUBNET=10.250.0
 
 log() { printf 'nodes-e2e: %s\n' "$*" >&2; }
 die() { log "$*"; exit 1; }
@@ -180,6 +183,7 @@ set +e
   FERRY_E2E_HEARTBEAT_TIMEOUT_SECONDS="${HEARTBEAT_TIMEOUT_SECONDS}" \
   FERRY_E2E_METADATA_URL="${METADATA_URL}" \
   FERRY_E2E_NODE_EXEC="ip netns exec ferry-{node}" \
+  FERRY_E2E_DROPLET_SUBNET="${DROPLET_SUBNET}" \
   FERRY_E2E_VALUES="${VALUES}" \
   FERRY_E2E_IMAGE="${IMAGE}" \
   FERRY_E2E_FIGURES="${ARTIFACTS}/figures.txt" \

@@ -44,7 +44,7 @@ def ts(seconds_ago: float = 0.0) -> str:
 
 
 def droplet_body(name: str = "web", host: str | None = "a", *, power: str = "on", ns: str = NS, rv: str = "1",
-                 label: str | None = "same") -> dict:
+                 label: str | None = "same", ip: str | None = None) -> dict:
     labels = {} if label is None else {"ferry.dev/host": host if label == "same" else label}
     body = {"apiVersion": "ferry.dev/v1alpha1", "kind": "Droplet",
             "metadata": {"name": name, "namespace": ns, "resourceVersion": rv, "labels": labels, "uid": "u-" + name},
@@ -53,6 +53,8 @@ def droplet_body(name: str = "web", host: str | None = "a", *, power: str = "on"
             "status": {}}
     if host is not None:
         body["status"]["host"] = host
+    if ip is not None:
+        body["spec"]["ip"] = ip
     return body
 
 

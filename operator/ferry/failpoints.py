@@ -50,6 +50,8 @@ POINTS: dict[str, str] = {
     "qemu.source-before-hash": "the source completed (Completed persisted, guest paused for good); its disk is not hashed yet",
     "qemu.target-frozen": "the target froze its received disk (overlay in place, guest paused); Received is not reported yet",
     "qemu.target-before-commit": "the target hashed the frozen base after the resume; the overlay is not merged back yet",
+    "target-agent.before-address": "the network cut-over: the target VM runs, its address is not on the target's node yet",
+    "target-agent.after-address": "the address is on the target's node; status.target.network and Running not written yet",
     # the sim VM process (ferry.drivers.sim.vm)
     "vm.source-paused": "the source guest was paused for the final copy",
     "vm.source-completed": "the source sent everything and the target's verdict came back (postmigrate)",

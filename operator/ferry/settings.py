@@ -45,6 +45,8 @@ class Settings:
     namespace: str = ""  # empty: all namespaces
     log_format: str = "text"  # text | json (ferry.logs reads it before the settings are parsed)
     sim_channel: str = "aes-256-gcm"  # agents, sim driver: the migration data channel (aes-256-gcm | plain: opt-out)
+    #: agents, sim driver: the UDP port each guest answers on its droplet's address (0: no service)
+    sim_service_port: int = 7077
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None, **overrides: Any) -> Settings:
@@ -72,6 +74,8 @@ class Settings:
         for name in ("metrics_port", "agent_metrics_port"):
             if not 0 <= getattr(self, name) <= 65535:
                 raise SettingsError(f"FERRY_{name.upper()} must be a port number (0: off)")
+        if not 0 <= self.sim_service_port <= 65535:
+            raise SettingsError(f"FERRY_SIM_SERVICE_PORT must be 0..65535, not {self.sim_service_port}")
         if self.sim_channel not in ("aes-256-gcm", "plain"):
             raise SettingsError(f"FERRY_SIM_CHANNEL must be aes-256-gcm or plain, not {self.sim_channel!r}")
         if self.driver not in ("sim", "qemu"):

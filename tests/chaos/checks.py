@@ -19,7 +19,7 @@ from ferry.drivers.sim import SimDriver
 from ferry.drivers.sim.workload import MAGIC, MEMORY, MEMORY_LOST, content, read_log, replay
 
 ROWS: list[dict] = []  # one per case run, printed as the table at the end of the session
-INVARIANTS = ("terminal", "no-reboot", "one-process", "record=label", "writes", "source-ran", "no-orphans")
+INVARIANTS = ("terminal", "no-reboot", "one-process", "record=label", "writes", "source-ran", "address", "no-orphans")
 
 
 def vm_processes(dirs: dict[str, Any], ns: str, name: str) -> list[tuple[str, int]]:

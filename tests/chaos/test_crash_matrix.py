@@ -20,6 +20,7 @@ import time
 
 import pytest
 from checks import ROWS, compare_with_replay, kill_ss, vm_processes
+from probe import ask
 from stack import Stack
 from support import wait_until
 
@@ -62,6 +63,8 @@ CASES = [
     FP("tgt-before-received", "target-agent", "target-agent.before-report-received"),
     FP("tgt-before-resume", "target-agent", "target-agent.before-resume", core=True),
     FP("tgt-after-resume", "target-agent", "target-agent.after-resume"),
+    FP("tgt-before-address", "target-agent", "target-agent.before-address", core=True),
+    FP("tgt-after-address", "target-agent", "target-agent.after-address"),
     # the VM processes (a crash loses the memory)
     FP("vm-source-paused", "source-vm", "vm.source-paused", reboot_ok=True),
     FP("vm-source-completed", "source-vm", "vm.source-completed"),
@@ -140,10 +143,11 @@ def test_crash_case(case: Case, stack: Stack, kubectl, kubeconfig):
     stack.start_agent(a, env=_fp_env(case, "source-agent") | _fp_env(case, "source-vm"))
     operators = _start_operators(stack, case, kubectl)
     stack.wait_hosts_ready()
+    ip = f"127.{90 + os.getpid() % 100}.{(os.getpid() // 100) % 250}.{1 + int(stack.tag, 16) % 250}"
     if case.slow_copy:  # a disk full of data and a 1 MiB/s link: the copy lasts seconds
-        stack.droplet("web", write_kibps=768, pattern="sequential")
+        stack.droplet("web", write_kibps=768, pattern="sequential", ip=ip)
     else:
-        stack.droplet("web", write_kibps=256)
+        stack.droplet("web", write_kibps=256, ip=ip)
     assert stack.wait_running("web") == a
     if case.slow_copy:
         wait_until(lambda: (_driver(stack, a).status(key) or {}).get("bytes_written", 0) >= 4 << 20, 60,
@@ -207,6 +211,15 @@ def test_crash_case(case: Case, stack: Stack, kubectl, kubeconfig):
                              f"record {host}, source VM pid {source_pid} -> {_vm_pid(stack, a)}")
     else:
         inv["source-ran"] = None
+    # the droplet's address answers, from the guest of the record's host (loopback fabric: the
+    # guest that runs answers; a paused or dead copy does not)
+    port = int(stack.env["FERRY_SIM_SERVICE_PORT"])
+    try:
+        answer = wait_until(lambda: ask(ip, port), 10, interval=0.2, what=f"an answer on {ip}:{port}")
+    except (AssertionError, pytest.fail.Exception):
+        answer = None
+    inv["address"] = (answer is not None and answer.get("host") == host,
+                      f"answered by {(answer or {}).get('host')}, record {host}")
     inv["no-orphans"] = _no_orphans(stack, kubectl, a, b, host)
 
     final = {a: "a (source)", b: "b (target)"}.get(host, str(host))

@@ -40,12 +40,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def free_udp_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 class Stack:
     def __init__(self, ferry_process, kubectl, namespace: str, env: dict[str, str] | None = None):
         self.ferry_process = ferry_process
         self.kubectl = kubectl
         self.ns = namespace
         self.env = {**ENV, **(env or {})}
+        # the sim guests' UDP service: a port of this stack's own (test runs share the loopback)
+        self.env.setdefault("FERRY_SIM_SERVICE_PORT", str(free_udp_port()))
         self.tag = uuid.uuid4().hex[:5]
         self.hosts: list[str] = []
         self.dirs: dict[str, pathlib.Path] = {}

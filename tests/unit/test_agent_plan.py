@@ -30,6 +30,8 @@ def summary(actions: list[p.Action]) -> list[str]:
             out.append(f"destroy {a.key}")
         elif isinstance(a, p.ResumeVM):
             out.append(f"resume {a.key}")
+        elif isinstance(a, p.ClaimAddress):
+            out.append(f"claim {a.ip} {a.migration[0]}/{a.migration[1]}#{a.attempt}")
         elif isinstance(a, p.PrepareIncoming):
             out.append(f"prepare {a.key} {a.migration_id}")
         elif isinstance(a, p.StartMigration):
@@ -131,6 +133,24 @@ CASES = [
           migrations=[lm(phase="CutOver", mode="offline", target_report=treport(1, "Received"))],
           vms=[vm(state=V.INCOMING, mid=MID1, st=stats(MID1, M.RECEIVED))]),
      ["resume ns/web", "stop ns/web", "target ns/move#1 Running"]),
+    # --- the network cut-over: after the resume, before the Running report ---------------------
+    ("record flipped, droplet with an address: resume, claim it, report Running", B,
+     dict(droplets=[droplet(host="b", ip="10.250.0.200")],
+          migrations=[lm(phase="CutOver", target_report=treport(1, "Received"))],
+          vms=[vm(state=V.INCOMING, mid=MID1, st=stats(MID1, M.RECEIVED, digest="abc"))]),
+     ["resume ns/web", "claim 10.250.0.200 ns/move#1", "target ns/move#1 Running"]),
+    ("resumed, crashed before the claim: claim, then report Running", B,
+     dict(droplets=[droplet(host="b", ip="10.250.0.200")],
+          migrations=[lm(phase="CutOver", target_report=treport(1, "Received"))],
+          vms=[vm(mid=MID1, st=stats(MID1, M.RECEIVED))]), ["claim 10.250.0.200 ns/move#1", "target ns/move#1 Running"]),
+    ("received before the flip: no claim", B,
+     dict(droplets=[droplet(host="a", ip="10.250.0.200")],
+          migrations=[lm(phase="CutOver", target_report=treport(1, "Received"))],
+          vms=[vm(state=V.INCOMING, mid=MID1, st=stats(MID1, M.RECEIVED))]), []),
+    ("Running reported: no claim again", B,
+     dict(droplets=[droplet(host="b", ip="10.250.0.200")],
+          migrations=[lm(phase="Completed", target_report=treport(1, "Running"))],
+          vms=[vm(mid=MID1, st=stats(MID1, M.RECEIVED))]), []),
     ("resumed but report lost: report Running", B,
      dict(droplets=[droplet(host="b")], migrations=[lm(phase="CutOver", target_report=treport(1, "Received"))],
           vms=[vm(mid=MID1, st=stats(MID1, M.RECEIVED))]), ["target ns/move#1 Running"]),
@@ -567,3 +587,45 @@ def test_the_target_reports_the_frozen_points_digest_once_it_is_hashed():
     assert acts[0].status["frozenPoint"] is True and acts[0].status["hashedBytes"] == 64 << 20
     done = lm(phase="CutOver", target_report=_frozen_target("Running", "sha256:aa"))
     assert summary(run(B, droplets=[droplet(host="b")], migrations=[done], vms=[vm(mid=MID1, st=s)])) == []
+# --- which addresses a host holds (plan.addresses) -------------------------------------------------
+
+IP = "10.250.0.200"
+
+
+@pytest.mark.parametrize("name, host, world_kw, want", [
+    ("running here", "a", dict(droplets=[droplet(host="a", ip=IP)], vms=[vm()]), {IP}),
+    ("stopped here: still its address", "a", dict(droplets=[droplet(host="a", ip=IP)],
+                                                  vms=[vm(state=V.STOPPED, pid=None)]), {IP}),
+    ("no address", "a", dict(droplets=[droplet(host="a")], vms=[vm()]), set()),
+    ("incoming copy: only at the cut-over", "b", dict(droplets=[droplet(host="b", ip=IP)],
+                                                      vms=[vm(state=V.INCOMING, mid=MID1)]), set()),
+    ("record moved away: the paused source holds it no more", "a",
+     dict(droplets=[droplet(host="b", ip=IP)], vms=[vm(state=V.PAUSED, mid=MID1)]), set()),
+    ("placed here, VM not started yet", "a", dict(droplets=[droplet(host="a", ip=IP)]), set()),
+])
+def test_addresses_are_those_of_the_guests_the_record_places_here(name, host, world_kw, want):
+    d, _, v = world(**world_kw)
+    assert p.addresses(host, d, v) == want
+
+
+def test_addresses_released_only_when_every_vm_here_is_known():
+    d, _, v = world(droplets=[droplet(host="b", ip=IP)], vms=[vm()])
+    assert p.addresses_to_release("a", d, v, {IP, "10.250.0.201"}) == {IP, "10.250.0.201"}
+    d2, _, v2 = world(vms=[vm()])  # the droplet of a VM here was not read: release nothing
+    assert p.addresses_to_release("a", d2, v2, {IP}) == set()
+    d3, _, v3 = world(droplets=[droplet(host="a", ip=IP)], vms=[vm()])
+    assert p.addresses_to_release("a", d3, v3, {IP}) == set()
+
+
+def test_a_droplet_in_address_conflict_never_takes_the_address():
+    body = __import__("fakes").droplet_body(host="b", ip=IP)
+    body["status"]["conditions"] = [{"type": "AddressConflict", "status": "True", "reason": "AddressInUse"}]
+    from ferry.api.models import Droplet
+
+    d = Droplet.from_body(body)
+    assert p.owned_address(d) is None
+    dd, _, v = world(droplets=[d], vms=[vm()])
+    assert p.addresses("b", dd, v) == set()
+    acts = run(B, droplets=[d], migrations=[lm(phase="CutOver", target_report=treport(1, "Received"))],
+               vms=[vm(state=V.INCOMING, mid=MID1, st=stats(MID1, M.RECEIVED))])
+    assert summary(acts) == ["resume ns/web", "target ns/move#1 Running"]

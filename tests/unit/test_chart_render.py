@@ -342,7 +342,15 @@ def test_agent_daemonset_serves_the_node_it_runs_on(helm: str) -> None:
     # VMs live in launcher pods, so agents roll like any DaemonSet
     assert ds["spec"]["updateStrategy"] == {"type": "RollingUpdate",
                                               "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}}
-    [c] = spec["containers"]
+    c, net = spec["containers"]
+    assert c["name"] == "agent" and net["name"] == "net"
+    # the network cut-over: the agent asks the net container (the only one with NET_ADMIN/NET_RAW)
+    assert net["args"] == ["agent-net", "--socket", "/run/ferry-net/net.sock", "--device", "eth0"]
+    assert env_value(c, "FERRY_NETWORK")["value"] == "node"
+    assert env_value(c, "FERRY_NETWORK_SOCKET")["value"] == "/run/ferry-net/net.sock"
+    mounts = {m["name"]: m["mountPath"] for m in net["volumeMounts"]}
+    assert mounts == {"net": "/run/ferry-net"} and {"name": "net", "emptyDir": {}} in spec["volumes"]
+    assert {m["name"]: m["mountPath"] for m in c["volumeMounts"]}["net"] == "/run/ferry-net"
     assert c["args"] == ["agent", "--host", "$(NODE_NAME)", "--data-dir", "/var/lib/ferry",
                          "--driver", "sim", "--address", "$(HOST_IP)"]
     assert env_value(c, "FERRY_LAUNCHER")["value"] == "pod"
@@ -354,6 +362,13 @@ def test_agent_daemonset_serves_the_node_it_runs_on(helm: str) -> None:
     assert data["hostPath"] == {"path": "/var/lib/ferry", "type": "DirectoryOrCreate"}
 
 
+def test_the_loopback_fabric_has_no_net_container(helm: str) -> None:
+    spec = one(render(helm, {"agent": {"network": {"fabric": "loopback"}}}), "DaemonSet", "ferry-agent")["spec"]
+    [c] = spec["template"]["spec"]["containers"]
+    assert env_value(c, "FERRY_NETWORK")["value"] == "loopback"
+    assert not [v for v in spec["template"]["spec"]["volumes"] if v["name"] == "net"]
+
+
 def test_only_a_qemu_agent_that_runs_qemu_itself_is_privileged(helm: str) -> None:
     def privileged(docs: list[dict[str, Any]]) -> set[str]:
         return {f"{d['metadata']['name']}/{c['name']}" for d in docs if d["kind"] in ("Deployment", "DaemonSet")
@@ -363,26 +378,26 @@ def test_only_a_qemu_agent_that_runs_qemu_itself_is_privileged(helm: str) -> Non
     # qemu in launcher pods (the default launcher): the agent only orchestrates, unprivileged
     pods = render(helm, {"settings": {"driver": "qemu"}})
     assert privileged(pods) == set()
-    [c] = one(pods, "DaemonSet", "ferry-agent")["spec"]["template"]["spec"]["containers"]
+    c = one(pods, "DaemonSet", "ferry-agent")["spec"]["template"]["spec"]["containers"][0]
     assert "qemu" in c["args"] and c["securityContext"]["runAsUser"] == 10001
     assert env_value(c, "FERRY_LAUNCHER")["value"] == "pod"
     assert env_value(c, "FERRY_LAUNCHER_DEVICE_RESOURCES")["value"] == ""  # TCG: no device
     # QEMU inside the agent's container (launcher: process): root and privileged, for /dev/kvm
     inside = render(helm, {"settings": {"driver": "qemu"}, "agent": {"launcher": "process"}})
     assert privileged(inside) == {"ferry-agent/agent"}
-    [c] = one(inside, "DaemonSet", "ferry-agent")["spec"]["template"]["spec"]["containers"]
+    c = one(inside, "DaemonSet", "ferry-agent")["spec"]["template"]["spec"]["containers"][0]
     assert c["securityContext"]["runAsUser"] == 0 and env_value(c, "FERRY_LAUNCHER")["value"] == "process"
 
 
 def test_launcher_pod_overhead_is_a_runtime_class_the_pods_name(helm: str) -> None:
     assert [d for d in render(helm) if d["kind"] == "RuntimeClass"] == []  # default: none
-    [c] = one(render(helm), "DaemonSet", "ferry-agent")["spec"]["template"]["spec"]["containers"]
+    c = one(render(helm), "DaemonSet", "ferry-agent")["spec"]["template"]["spec"]["containers"][0]
     assert env_value(c, "FERRY_LAUNCHER_RUNTIME_CLASS")["value"] == ""
     docs = render(helm, {"settings": {"driver": "qemu"},
                          "agent": {"launcherPod": {"overhead": {"memory": "256Mi", "cpu": "50m"}}}})
     rc = one(docs, "RuntimeClass", "ferry-vm")
     assert rc["handler"] == "runc" and rc["overhead"] == {"podFixed": {"memory": "256Mi", "cpu": "50m"}}
-    [c] = one(docs, "DaemonSet", "ferry-agent")["spec"]["template"]["spec"]["containers"]
+    c = one(docs, "DaemonSet", "ferry-agent")["spec"]["template"]["spec"]["containers"][0]
     assert env_value(c, "FERRY_LAUNCHER_RUNTIME_CLASS")["value"] == "ferry-vm"
 
 
@@ -390,7 +405,7 @@ def test_kvm_for_launcher_pods_is_a_device_resource_and_a_group(helm: str) -> No
     docs = render(helm, {"settings": {"driver": "qemu"},
                          "agent": {"launcherPod": {"deviceResources": {"devices.kubevirt.io/kvm": 1},
                                                    "supplementalGroups": [108]}}})
-    [c] = one(docs, "DaemonSet", "ferry-agent")["spec"]["template"]["spec"]["containers"]
+    c = one(docs, "DaemonSet", "ferry-agent")["spec"]["template"]["spec"]["containers"][0]
     assert env_value(c, "FERRY_LAUNCHER_DEVICE_RESOURCES")["value"] == "devices.kubevirt.io/kvm=1"
     assert env_value(c, "FERRY_LAUNCHER_SUPPLEMENTAL_GROUPS")["value"] == "108"
     assert c["securityContext"].get("privileged") is not True
@@ -417,6 +432,7 @@ def test_processes_run_without_root_or_capabilities_where_they_can(helm: str) ->
         "ferry-operator/operator": (10001, ()),
         "ferry-agent/agent": (10001, ()),
         "ferry-agent/data-dir": (0, ("CHOWN", "FOWNER")),              # chown of the hostPath dir
+        "ferry-agent/net": (0, ("NET_ADMIN", "NET_RAW")),              # droplet addresses, gratuitous ARP
         "ferry-metadata/metadata": (0, ("NET_BIND_SERVICE",)),         # port 80
         "ferry-metadata/link-local-address": (0, ("NET_ADMIN",)),      # ip addr replace
     }
@@ -576,12 +592,12 @@ def test_the_programs_accept_the_arguments_the_chart_gives_them(helm: str, tmp_p
                                                                  workload: str, values: dict[str, Any]) -> None:
     docs = render(helm, values)
     pod = next(d for d in docs if d["metadata"]["name"] == workload and d["kind"] in ("Deployment", "DaemonSet"))
-    [container] = pod["spec"]["template"]["spec"]["containers"]
-    env = {"NODE_NAME": "node-1", "HOST_IP": "10.0.0.7", "POD_UID": "0000002a-1111-2222-3333-444444444444",
-           "POD_ID": "ferry-operator-abc"}
-    argv = container_argv(container, env, tmp_path)
-    # click parses every option before it acts on --help: an unknown option fails here.
-    proc = subprocess.run([sys.executable, "-m", "ferry.cli.main", *argv[1:], "--help"],
-                          capture_output=True, text=True, timeout=60)
-    assert proc.returncode == 0, f"{' '.join(argv)}: {proc.stderr.strip()}"
-    assert "Usage:" in proc.stdout
+    for container in pod["spec"]["template"]["spec"]["containers"]:  # the agent's net container too
+        env = {"NODE_NAME": "node-1", "HOST_IP": "10.0.0.7", "POD_UID": "0000002a-1111-2222-3333-444444444444",
+               "POD_ID": "ferry-operator-abc"}
+        argv = container_argv(container, env, tmp_path)
+        # click parses every option before it acts on --help: an unknown option fails here.
+        proc = subprocess.run([sys.executable, "-m", "ferry.cli.main", *argv[1:], "--help"],
+                              capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 0, f"{' '.join(argv)}: {proc.stderr.strip()}"
+        assert "Usage:" in proc.stdout

@@ -681,6 +681,24 @@ def test_completed_when_target_runs():
     assert not any(a.type == "NestedVirtualizationRestartNeeded" for a in acts if isinstance(a, MarkDropletCondition))
 
 
+def test_completed_records_the_network_cut_over_of_this_attempt():
+    net = {"attempt": 1, "address": "10.250.0.200", "fabric": "node", "movedAt": "2026-01-01T00:00:01.5Z", "ms": 12}
+    o = flipped(target=TargetReport(1, "Running", "10.0.0.2:7000", "sha256:aa", network=net))
+    d = decide(o, T0)
+    assert d.phase == "Completed"
+    assert d.new_status.network_cut_over == {"address": "10.250.0.200", "host": "h2", "fabric": "node",
+                                             "movedAt": "2026-01-01T00:00:01.5Z", "ms": 12}
+    assert d.new_status.to_dict()["networkCutOver"]["host"] == "h2"
+    assert "address 10.250.0.200 on h2" in d.new_status.message
+    [ev] = [e for e in events(d) if e.reason == "NetworkCutOver"]
+    assert ev.type == "Normal" and "10.250.0.200" in ev.message and "h2" in ev.message
+    # another attempt's cut-over (a stale report) is not this one's; no address, no record
+    for stale in ({**net, "attempt": 2}, None):
+        d = decide(flipped(target=TargetReport(1, "Running", "10.0.0.2:7000", "sha256:aa", network=stale)), T0)
+        assert d.phase == "Completed" and d.new_status.network_cut_over is None
+        assert not [e for e in events(d) if e.reason == "NetworkCutOver"]
+
+
 def test_nested_virtualization_condition_and_event():
     o = flipped(target=TargetReport(1, "Running"), droplet=droplet(host="h2", nested_virtualization=True))
     d = decide(o, T0)

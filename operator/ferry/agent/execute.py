@@ -23,7 +23,9 @@ from ferry.api import constants as c
 from ferry.api.meta import InvalidSpec
 from ferry.api.models import Droplet, Platform
 from ferry.api.phases import TargetState
+from ferry.api.times import fmt
 from ferry.drivers.base import Driver, DriverError, VMInfo, VMKey, VMState, host_cpu
+from ferry.drivers.network import Fabric, FabricError, LoopbackFabric
 from ferry.settings import Settings
 from ferry.storage import Backoff, Kube, NotFound, StorageError
 
@@ -70,9 +72,11 @@ def _backoff_name(action: p.Action) -> str:
 
 class Executor:
     def __init__(self, ctx: p.HostContext, driver: Driver, kube: Kube, observer: Observer, warn: Warnings, *,
-                 wake: Callable[[], None], now: Callable[[], dt.datetime], clock: Callable[[], float]):
+                 wake: Callable[[], None], now: Callable[[], dt.datetime], clock: Callable[[], float],
+                 fabric: Fabric | None = None):
         self.ctx = ctx
         self.driver = driver
+        self.fabric: Fabric = fabric or LoopbackFabric()
         self.kube = kube
         self.observer = observer
         self.warn = warn
@@ -179,6 +183,8 @@ class Executor:
             if ok:
                 failpoints.hit("target-agent.after-resume")
             return ok
+        if isinstance(a, p.ClaimAddress):
+            return self._claim(a, snap)
         if isinstance(a, p.CancelMigration):
             if not self._require_owned(a.key, "resuming the source of"):
                 return False
@@ -198,6 +204,53 @@ class Executor:
         if isinstance(a, p.StartMigration):
             return self._start_migration(a, snap)
         raise TypeError(f"unknown action {a!r}")
+
+    # --- the droplets' addresses (ferry.drivers.network) -----------------------------------
+    def _claim(self, a: p.ClaimAddress, snap: Snapshot) -> bool:
+        """The network cut-over: the address moves here, then status.target.network says when."""
+        failpoints.hit("target-agent.before-address")
+        t0 = self.clock()
+        try:
+            self.fabric.claim(a.ip)
+        except FabricError as exc:
+            self.warn(a.key, f"cannot move address {a.ip} of {a.key} to host {self.host}: {exc}",
+                      event_reason="AddressNotMoved")
+            return False
+        ms = round((self.clock() - t0) * 1000)
+        log.info("network cut-over of %s: address %s moved to host %s (%s fabric, %d ms)", a.key, a.ip, self.host,
+                 self.fabric.name, ms)
+        failpoints.hit("target-agent.after-address")
+        network = {"attempt": a.attempt, "address": a.ip, "fabric": self.fabric.name,
+                   "movedAt": fmt(self.now(), fraction=True), "ms": ms}
+        ns, name = a.migration
+        try:
+            body = self.kube.patch_status("LiveMigration", name, {"target": {"network": network}}, ns)
+        except NotFound:
+            return True  # the address is here; the migration is gone
+        self.observer.written(body)
+        return True
+
+    def sync_addresses(self, snap: Snapshot) -> None:
+        """Hold exactly the addresses of the droplets whose guests this host runs (``plan.addresses``):
+        claims what a restart or a new droplet lacks, releases what moved away or was deleted."""
+        try:
+            held = self.fabric.held()
+        except FabricError as exc:
+            self.warn(VMKey("", ""), f"cannot read the droplet addresses of host {self.host}: {exc}")
+            return
+        wanted = p.addresses(self.host, snap.droplets, snap.vms)
+        for ip in sorted(wanted - held):
+            try:
+                self.fabric.claim(ip)
+                log.info("address %s claimed on host %s (%s fabric)", ip, self.host, self.fabric.name)
+            except FabricError as exc:
+                self.warn(VMKey("", ""), f"cannot claim address {ip} on host {self.host}: {exc}")
+        for ip in sorted(p.addresses_to_release(self.host, snap.droplets, snap.vms, held)):
+            try:
+                self.fabric.release(ip)
+                log.info("address %s released on host %s (%s fabric)", ip, self.host, self.fabric.name)
+            except FabricError as exc:
+                self.warn(VMKey("", ""), f"cannot release address {ip} on host {self.host}: {exc}")
 
     def _driver_call(self, key: VMKey, what: str, call: Callable[[], None]) -> bool:
         try:

@@ -26,6 +26,7 @@ from ferry.agent.metrics import AgentMetrics
 from ferry.agent.observe import Observer
 from ferry.api.times import now as utcnow
 from ferry.drivers.base import Driver
+from ferry.drivers.network import Fabric
 from ferry.settings import Settings
 from ferry.storage import Kube
 from ferry.api.meta import ObjectKey
@@ -39,7 +40,8 @@ RESYNC_SECONDS = 5.0
 class Agent:
     def __init__(self, host: str, driver: Driver, kube: Kube, settings: Settings, *, address: str = "127.0.0.1",
                  connect: Callable[[], Kube] | None = None, version: str = __version__,
-                 now: Callable[[], dt.datetime] = utcnow, clock: Callable[[], float] = time.monotonic):
+                 now: Callable[[], dt.datetime] = utcnow, clock: Callable[[], float] = time.monotonic,
+                 fabric: Fabric | None = None):
         self.ctx = p.HostContext(host, address, settings.downtime_budget_ms, settings.report_interval_seconds)
         self.driver = driver
         self.connect = connect or (lambda: kube)
@@ -50,7 +52,7 @@ class Agent:
         warn = Warnings(host, kube, clock)
         self.observer = Observer(host, driver, kube, warn=warn, clock=clock)
         self.executor = Executor(self.ctx, driver, kube, self.observer, warn, wake=lambda: self.wake.put(None),
-                                 now=now, clock=clock)
+                                 now=now, clock=clock, fabric=fabric)
         self.heartbeats = Heartbeat(self.ctx, driver, kube, settings, warn, version=version, now=now, clock=clock)
         self.metrics = AgentMetrics(host)
         self.cycles = 0
@@ -65,6 +67,7 @@ class Agent:
         snap = self.observer.observe()
         if snap is None:
             return False
+        self.executor.sync_addresses(snap)
         actions = [a for a in p.plan(self.ctx, snap.droplets, snap.migrations, snap.vms, self.now())
                    if a.key not in snap.uncertain]
         if self.executor.execute(actions, snap):

@@ -14,6 +14,7 @@ from ferry import logs
 from ferry.agent.loop import Agent
 from ferry.drivers.base import Driver
 from ferry.drivers.launcher import Launcher, ProcessLauncher
+from ferry.drivers.network import make_fabric
 from ferry.drivers.pod_launcher import PodLauncher, parse_device_resources, parse_groups
 from ferry.settings import Settings
 from ferry.storage import Kube
@@ -21,6 +22,7 @@ from ferry.storage import Kube
 log = logging.getLogger("ferry.agent")
 
 DRIVERS = ("sim", "qemu")
+NETWORK_SOCKET = "/run/ferry-net/net.sock"  # the chart's agent pod: the net container's socket
 
 
 def make_launcher(host: str, data_dir: str, kube: Kube | None, environ: Mapping[str, str]) -> Launcher:
@@ -47,14 +49,15 @@ def make_launcher(host: str, data_dir: str, kube: Kube | None, environ: Mapping[
 
 
 def make_driver(name: str, data_dir: str, settings: Settings, environ: Mapping[str, str] | None = None,
-                launcher: Launcher | None = None) -> Driver:
+                launcher: Launcher | None = None, host: str = "") -> Driver:
     env = os.environ if environ is None else environ
     if name == "sim":
         from ferry.drivers.sim import SimDriver
 
         pods = launcher is not None and launcher.name == "pod"
         return SimDriver(data_dir, size_scale=settings.size_scale, write_log=env.get("FERRY_SIM_WRITE_LOG") == "1",
-                         channel=settings.sim_channel, launcher=launcher, start_timeout=120.0 if pods else 15.0)
+                         channel=settings.sim_channel, launcher=launcher, start_timeout=120.0 if pods else 15.0,
+                         service_port=settings.sim_service_port, host=host)
     if name == "qemu":
         from ferry.drivers.qemu import QemuDriver  # heavy and optional: only when asked for
 
@@ -103,8 +106,9 @@ def run(host: str, data_dir: str, driver: str, address: str, kubeconfig: str | N
     if lock is None:
         return 0
     kube = Kube.connect(kubeconfig)
-    drv = make_driver(driver, data_dir, settings, launcher=make_launcher(host, data_dir, kube, os.environ))
-    agent = Agent(host, drv, kube, settings, address=address, connect=lambda: Kube.connect(kubeconfig))
+    drv = make_driver(driver, data_dir, settings, launcher=make_launcher(host, data_dir, kube, os.environ), host=host)
+    fabric = make_fabric(os.environ.get("FERRY_NETWORK", ""), os.environ.get("FERRY_NETWORK_SOCKET") or NETWORK_SOCKET)
+    agent = Agent(host, drv, kube, settings, address=address, connect=lambda: Kube.connect(kubeconfig), fabric=fabric)
     if settings.agent_metrics_port > 0:
         agent.metrics.serve(settings.agent_metrics_port, log)
 
@@ -114,8 +118,8 @@ def run(host: str, data_dir: str, driver: str, address: str, kubeconfig: str | N
         agent.wake.put(None)
 
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
-    log.info("agent of host %s starting: driver %s, launcher %s, data dir %s, address %s", host, drv.name,
-             getattr(getattr(drv, "launcher", None), "name", "process"), data_dir, address)
+    log.info("agent of host %s starting: driver %s, launcher %s, network %s, data dir %s, address %s", host, drv.name,
+             getattr(getattr(drv, "launcher", None), "name", "process"), fabric.name, data_dir, address)
     try:
         agent.run(stop)
     finally:

@@ -171,6 +171,18 @@ class ResumeVM:
 
 
 @dataclasses.dataclass(frozen=True)
+class ClaimAddress:
+    """Target after its guest resumed: the network cut-over. The droplet's address moves to this
+    host (``ferry.drivers.network``); the executor reports it in status.target.network. The
+    Running report follows only once the address is here."""
+
+    key: VMKey
+    ip: str
+    migration: MigKey
+    attempt: int
+
+
+@dataclasses.dataclass(frozen=True)
 class PrepareIncoming:
     """Target: start the incoming VM; the executor reports Listening with its address."""
 
@@ -250,7 +262,7 @@ class Warn:
 #: because its VM process died
 GUEST_RESTARTED = "GuestRestarted"
 
-Action = Union[StartVM, StopVM, DestroyVM, ResumeVM, PrepareIncoming, StartMigration, CancelMigration, ForceComplete,
+Action = Union[StartVM, StopVM, DestroyVM, ResumeVM, ClaimAddress, PrepareIncoming, StartMigration, CancelMigration, ForceComplete,
                ReportTarget, ReportTransfer, Warn]
 DRIVER_ACTIONS = (StartVM, StopVM, DestroyVM, ResumeVM, PrepareIncoming, StartMigration, CancelMigration, ForceComplete)
 
@@ -281,6 +293,7 @@ def vm_spec(droplet: Droplet, *, power_on: bool | None = None) -> VMSpec:
         cpu=r.cpu, memory_mib=r.memory_mib, disk_gib=r.disk_gib,
         workload=Workload(droplet.workload.pattern, droplet.workload.write_rate_kibps),
         power_on=droplet.power_on if power_on is None else power_on,
+        ip=droplet.address,
     )
 
 
@@ -592,6 +605,8 @@ def _target(host: HostContext, key: VMKey, lm: LiveMigration, d: Droplet | None,
                     out.append(ResumeVM(key, mid, f"the record names {me}"))
                     if d is not None and not d.power_on:
                         out.append(StopVM(key, "powerState off (offline migration)"))
+                    if d is not None and owned_address(d):
+                        out.append(ClaimAddress(key, owned_address(d), ref, n))
                     out.append(ReportTarget(key, ref, target_status(
                         n, TargetState.RUNNING, now, address=rep.address if rep.attempt == n else None,
                         digest=stats.digest if stats else None, stats=stats)))
@@ -610,6 +625,8 @@ def _target(host: HostContext, key: VMKey, lm: LiveMigration, d: Droplet | None,
         verified_late = (stats is not None and stats.frozen_point and stats.digest is not None
                          and stats.migration_id == mid and rep.attempt == n and rep.digest != stats.digest)
         if owned and (not _same_target(lm, n, TargetState.RUNNING) or verified_late):
+            if d is not None and owned_address(d):
+                out.append(ClaimAddress(key, owned_address(d), ref, n))  # idempotent: after a crash in between
             out.append(ReportTarget(key, ref, target_status(
                 n, TargetState.RUNNING, now, address=rep.address if rep.attempt == n else None,
                 digest=(stats.digest if stats else None) or rep.digest,
@@ -748,3 +765,38 @@ def busy(vms: Mapping[VMKey, VMObs], migrations: Mapping[MigKey, LiveMigration |
         if vm.state == VMState.INCOMING and vm.migration_state not in (MigrationState.FAILED, MigrationState.ABORTED):
             return True
     return False
+
+
+def owned_address(d: Droplet) -> str | None:
+    """The droplet's address if it is its own: a droplet flagged ``AddressConflict`` (an older
+    droplet claims the same address, docs/architecture.md) never takes the address from its owner."""
+    conflict = d.condition("AddressConflict")
+    if conflict is not None and conflict.status == "True":
+        return None
+    return d.address
+
+
+def addresses(me: str, droplets: Mapping[VMKey, Droplet | None], vms: Mapping[VMKey, VMObs]) -> set[str]:
+    """The droplet addresses this host should hold: those of the droplets whose record names this
+    host and whose guest is here and not an incoming copy (running, paused or stopped). An
+    incoming VM gets its address only at the network cut-over (``ClaimAddress``), and a source
+    copy keeps it until it is destroyed. A droplet of unknown state keeps what it has (the caller
+    releases only addresses no known droplet of this host wants)."""
+    out: set[str] = set()
+    for key, vm in vms.items():
+        d = droplets.get(key)
+        ip = owned_address(d) if d is not None else None
+        if d is not None and d.host == me and ip and vm.state != VMState.INCOMING:
+            out.add(ip)
+    return out
+
+
+def addresses_to_release(me: str, droplets: Mapping[VMKey, Droplet | None], vms: Mapping[VMKey, VMObs],
+                         held: set[str]) -> set[str]:
+    """Held addresses no droplet of this host wants any more. An address of a droplet whose state
+    is unknown here (its VM is here but the droplet was not read) is kept until it is known."""
+    wanted = addresses(me, droplets, vms)
+    unknown = {key for key in vms if key not in droplets}
+    if unknown:
+        return set()  # cannot tell whose an address is: release nothing this cycle
+    return held - wanted

@@ -206,6 +206,8 @@ class MigrationStatus:
     progress_mark: ProgressMark | None = None
     conditions: tuple[Condition, ...] = ()
     verification: Verification | None = None
+    #: the completed attempt's network cut-over {address, host, fabric, movedAt, ms}
+    network_cut_over: Mapping[str, Any] | None = None
 
     def condition(self, type_: str) -> Condition | None:
         return find(self.conditions, type_)
@@ -242,6 +244,7 @@ class MigrationStatus:
             "progressMark": self.progress_mark.to_dict() if self.progress_mark else None,
             "conditions": [c.to_dict() for c in self.conditions] or None,
             "verification": self.verification.to_dict() if self.verification else None,
+            "networkCutOver": dict(self.network_cut_over) if self.network_cut_over else None,
         }
         return {k: v for k, v in out.items() if v is not None}
 
@@ -277,6 +280,7 @@ class MigrationStatus:
             progress_mark=ProgressMark.from_dict(d.get("progressMark")),
             conditions=parse_conditions(d.get("conditions") if isinstance(d.get("conditions"), list) else None),
             verification=Verification.from_dict(d.get("verification")),
+            network_cut_over=as_map(d.get("networkCutOver")) or None,
         )
 
 

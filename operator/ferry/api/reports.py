@@ -244,6 +244,9 @@ class TargetReport:
     frozen_point: bool = False
     verify_ms: int | None = None
     hashed_bytes: int | None = None
+    #: the network cut-over {attempt, address, fabric, movedAt, ms}: written by the target agent on
+    #: its own (``ferry.agent.execute``), never by ``to_patch`` (a state report leaves it as it is)
+    network: Mapping[str, Any] | None = None
 
     def to_patch(self) -> dict[str, Any]:
         return {"attempt": self.attempt, "state": self.state, "address": self.address, "digest": self.digest,
@@ -258,7 +261,7 @@ class TargetReport:
             return None
         return cls(attempt, state, as_str(m.get("address")), as_str(m.get("digest")), as_str(m.get("error")),
                    parse_any(m.get("updatedAt")), m.get("frozenPoint") is True, as_int(m.get("verifyMs")),
-                   as_int(m.get("hashedBytes")))
+                   as_int(m.get("hashedBytes")), as_map(m.get("network")) or None)
 
 
 #: How the agents' errors say "my peer went away": ``PeerLost:`` (a driver that knows, e.g. the

@@ -22,3 +22,25 @@ def agent(ctx: click.Context, host: str, data_dir: str, driver: str | None, addr
     settings = Settings.from_env()
     obj = ctx.obj or {}
     ctx.exit(run(host, data_dir, driver or settings.driver, address, obj.get("kubeconfig"), settings))
+
+
+@click.command("agent-net")
+@click.option("--socket", "socket_path", envvar="FERRY_NETWORK_SOCKET", default="/run/ferry-net/net.sock",
+              show_default=True, help="Unix socket the agent asks on.")
+@click.option("--device", envvar="FERRY_NETWORK_DEVICE", default="eth0", show_default=True,
+              help="The node's uplink device: droplet addresses go on it as /32s labelled <device>:ferry.")
+def agent_net(socket_path: str, device: str) -> None:
+    """The node's network helper: puts droplet addresses on this node and announces them (gratuitous
+    ARP) when the agent claims them. Needs CAP_NET_ADMIN and CAP_NET_RAW (the chart's agent pod
+    runs it as its `net` container)."""
+    import signal
+    import threading
+
+    from ferry import logs
+    from ferry.drivers.network import serve
+
+    logs.for_server()
+    stop = threading.Event()
+    for s in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(s, lambda *_: stop.set())
+    serve(socket_path, device, stop)

@@ -15,5 +15,5 @@ def _add(module: str, *names: str) -> None:
 
 
 _add("ferry.cli.server", "operator", "metadata", "dev")
-_add("ferry.cli.agent_cmd", "agent")
+_add("ferry.cli.agent_cmd", "agent", "agent_net")
 _add("ferry.cli.user", "migrate", "watch", "complete", "cancel", "drain", "uncordon", "status", "explain", "report")

@@ -47,6 +47,9 @@ class VMSpec:
     disk_gib: int
     workload: Workload = Workload()
     power_on: bool = True
+    #: the droplet's address (``spec.ip`` in normal form; None: none): the guest's network
+    #: service answers on it (sim: docs/architecture.md, "The droplet's address")
+    ip: str | None = None
 
 
 class VMState(str, enum.Enum):

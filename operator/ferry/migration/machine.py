@@ -335,7 +335,17 @@ def _fail(
         )
 
 
-def _complete(b: _Builder, tr: TransferReport | None) -> None:
+def network_cut_over(tg: TargetReport | None, attempt: int, host: str) -> dict[str, Any] | None:
+    """The target's account of this attempt's network cut-over, as status.networkCutOver."""
+    net = tg.network if tg is not None else None
+    if not net or net.get("attempt") != attempt or not net.get("address"):
+        return None
+    out = {"address": net.get("address"), "host": host, "fabric": net.get("fabric"), "movedAt": net.get("movedAt"),
+           "ms": net.get("ms")}
+    return {k: v for k, v in out.items() if v is not None}
+
+
+def _complete(b: _Builder, tr: TransferReport | None, tg: TargetReport | None = None) -> None:
     obs, st = b.obs, b.st
     src, dst = st.source_host or "?", st.target_host or "?"
     started = st.phase_times.get(Phase.PREPARING)
@@ -344,10 +354,16 @@ def _complete(b: _Builder, tr: TransferReport | None) -> None:
     dt_txt = f", downtime {downtime} ms" if downtime is not None else ""
     ver = st.verification
     checked = "; verified after the resume (frozen point)" if ver is not None and ver.method == "frozen-point" else ""
-    message = f"droplet {obs.spec.droplet} moved from {src} to {dst}{took}{dt_txt}{checked}"
+    net = network_cut_over(tg, st.attempt, dst)
+    net_txt = f", address {net['address']} on {dst} since {net.get('movedAt', '?')}" if net else ""
+    message = f"droplet {obs.spec.droplet} moved from {src} to {dst}{took}{dt_txt}{net_txt}{checked}"
     _close_attempt(b, "Succeeded", "Completed")
     b.transition(Phase.COMPLETED, "Completed", message)
-    b.set(progress=100, downtime_ms=downtime)
+    b.set(progress=100, downtime_ms=downtime, network_cut_over=net)
+    if net:
+        b.event("Normal", "NetworkCutOver",
+                f"address {net['address']} of droplet {obs.spec.droplet} moved to {dst} at {net.get('movedAt', '?')} "
+                f"({net.get('fabric', '?')} fabric, {net.get('ms', '?')} ms)")
     b.condition("Succeeded", True, "Completed", message)
     _cleanup(b)
     d = obs.spec.droplet
@@ -847,7 +863,7 @@ def _after_flip(b: _Builder) -> None:
     _recorded_at_flip(b, tr, tg)
     if tg is not None and (tg.state == TargetState.RUNNING or (tg.state == TargetState.RECEIVED and obs.droplet.power_state == "off")):
         if _verify_after_flip(b, tr, tg):
-            _complete(b, tr)
+            _complete(b, tr, tg)
         return
     if tg is not None and tg.state == TargetState.FAILED:
         # The target says its copy never ran (it reports Failed only then): the source still

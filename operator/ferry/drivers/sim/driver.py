@@ -107,7 +107,7 @@ class SimDriver:
 
     def __init__(self, data_dir: str, size_scale: float = 1.0, write_log: bool = False, *,
                  python: str | None = None, start_timeout: float = 15.0, channel: str = AES_256_GCM,
-                 launcher: Launcher | None = None):
+                 launcher: Launcher | None = None, service_port: int = 0, host: str = ""):
         if size_scale <= 0:
             raise ValueError("size_scale must be > 0")
         if channel not in CHANNELS:
@@ -117,6 +117,9 @@ class SimDriver:
         self.vms_dir = os.path.join(self.data_dir, "vms")
         self.size_scale = size_scale
         self.write_log = write_log
+        #: UDP port of the guest's network service on the droplet's address (0: no service)
+        self.service_port = int(service_port)
+        self.host = host  # named in the guest service's answers
         self.python = python or sys.executable
         self.start_timeout = start_timeout
         self.launcher: Launcher = launcher or ProcessLauncher(PID_FILE)
@@ -180,6 +183,10 @@ class SimDriver:
             "workload": {"pattern": spec.workload.pattern, "write_rate_kibps": spec.workload.write_rate_kibps},
             "power_on": spec.power_on,
             "write_log": self.write_log,
+            # the guest's network service (ferry.drivers.sim.service): its address and port
+            "ip": spec.ip,
+            "service_port": self.service_port if spec.ip else 0,
+            "host": self.host,
             # a target not resumed yet: its images are partial or unconfirmed and must
             # never run as the droplet (cleared by the VM process on `cont`)
             "incoming_pending": incoming,

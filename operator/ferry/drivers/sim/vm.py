@@ -50,6 +50,7 @@ from ferry.drivers.sim.layout import (
     WRITE_LOG,
 )
 from ferry.drivers.sim.image import DISK_BLOCK_SIZE, MEMORY_PAGE_SIZE, Image
+from ferry.drivers.sim.service import GuestService, identity_fields
 from ferry.drivers.sim.workload import Guest, last_logged_seq, log_memory_lost
 from ferry.transfer import session
 from ferry.transfer.channel import AES_256_GCM, CHANNELS, PLAIN
@@ -145,6 +146,14 @@ class VM:
         self._lock = threading.RLock()
         self._corrupt_frame: int | None = None
         self.quit_event = threading.Event()
+        self.service: GuestService | None = None
+        if self.spec.get("ip") and int(self.spec.get("service_port") or 0) > 0:
+            self.service = GuestService(
+                self.spec["ip"], int(self.spec["service_port"]),
+                running=lambda: self.power == "running" and self.guest.running,
+                identity=lambda: identity_fields(self.spec.get("key"), str(self.spec.get("host") or ""), self.boot,
+                                                 self.guest.seq))
+            self.service.start()
         if not incoming:
             self._persist_guest()  # not clean from now on: a crash from here loses the memory
             if crashed:
@@ -216,6 +225,8 @@ class VM:
             "bytes_written": self.guest.bytes_written,
             "disk_bytes": self.disk.size,
             "memory_bytes": self.memory.size,
+            "service": ({"ip": self.service.ip, "port": self.service.port, "bound": self.service.bound,
+                         "answered": self.service.answered} if self.service else None),
         }
 
     def cmd_stop(self) -> dict:
@@ -407,6 +418,8 @@ class VM:
         if self.target is not None:
             self.target.cancel("VM quit")
         was_running = self.guest.running
+        if self.service is not None:
+            self.service.stop()
         self.guest.shutdown()
         if self.power != "inmigrate":
             state = self._guest_state(clean=True)
