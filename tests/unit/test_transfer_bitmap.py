@@ -147,7 +147,9 @@ def test_sparse_image_root_equals_the_full_read(tmp_path):
         _os.close(fd)
     with open(p, "r+b") as f:  # one byte changed in the data: a different root
         f.seek(41 * bs + 7)
-        f.write(b"\xff")
+        byte = f.read(1)[0]
+        f.seek(41 * bs + 7)
+        f.write(bytes([byte ^ 0xFF]))  # flipped: writing a constant left a random 0xff as it was (1 in 256)
     fd = _os.open(p, _os.O_RDONLY)
     try:
         assert sparse_image_root(fd, size, bs) != full
