@@ -28,13 +28,19 @@ pytestmark = [pytest.mark.qemu, pytest.mark.timeout(300)]
 MIB = 1 << 20
 DATA_AT = 512 * MIB  # 64 MiB of random data the guest never writes (it writes its first 4 MiB)
 DATA_LEN = 64 * MIB
+# The corrupted run: its data near the start and a 128 MiB/s mirror. QEMU's rate limit counts
+# the sparse disk's zeros too, so the 1.1 GiB pass takes ~9 s (70 s at 16 MiB/s with the data
+# in the middle), and the byte is flipped on the target once the data's first MiB is there,
+# before the mirror has gone through the zeros after it (the mirror goes front to back).
+CORRUPT_DATA_AT = 16 * MIB
+CORRUPT_BANDWIDTH = 128 * MIB
 
 
 def big_spec(name: str) -> VMSpec:
     return VMSpec(key=VMKey("t", name), cpu=1, memory_mib=1024, disk_gib=1100)  # x0.001: 1.1 GiB disk
 
 
-def sparse_disk_with_data(driver, spec: VMSpec) -> bytes:
+def sparse_disk_with_data(driver, spec: VMSpec, data_at: int = DATA_AT) -> bytes:
     layout = driver.layout(spec.key)
     layout.root.mkdir(parents=True, exist_ok=True)
     size = driver.guest_size(spec).disk_bytes
@@ -42,7 +48,7 @@ def sparse_disk_with_data(driver, spec: VMSpec) -> bytes:
     data = os.urandom(DATA_LEN)
     with open(layout.disk, "wb") as f:
         f.truncate(size)
-        f.seek(DATA_AT)
+        f.seek(data_at)
         f.write(data)
     return data
 
@@ -55,12 +61,12 @@ def full_read_digest(path, size: int) -> str:
         os.close(fd)
 
 
-def write_data(driver, spec: VMSpec, mib: int) -> bytes:
-    """``mib`` MiB of random data at DATA_AT of a sparse 1.1 GiB disk; returns its first 64 MiB."""
-    data = sparse_disk_with_data(driver, spec)
+def write_data(driver, spec: VMSpec, mib: int, data_at: int = DATA_AT) -> bytes:
+    """``mib`` MiB of random data at ``data_at`` of a sparse 1.1 GiB disk; returns its first 64 MiB."""
+    data = sparse_disk_with_data(driver, spec, data_at)
     with open(driver.layout(spec.key).disk, "r+b") as f:
         for i in range(1, mib // (DATA_LEN // MIB)):
-            f.seek(DATA_AT + i * DATA_LEN)
+            f.seek(data_at + i * DATA_LEN)
             f.write(bytes([i]) + data[1:])  # distinct 64 MiB chunks
     return data
 
@@ -80,7 +86,8 @@ def test_one_gib_disk_is_verified_after_the_resume_and_a_corrupted_byte_is_caugh
                                                                                    capsys) -> None:
     a, b = hosts
     spec = big_spec(f"big-{mib}-{'bad' if corrupt else 'ok'}")
-    data = write_data(a, spec, mib)
+    data_at = CORRUPT_DATA_AT if corrupt else DATA_AT
+    data = write_data(a, spec, mib, data_at)
     boot(a, spec)
     serial_a = a.layout(spec.key).serial
     wait_until(lambda: memsums(serial_a), 60, what="the guest's first RAM checksum")
@@ -88,7 +95,7 @@ def test_one_gib_disk_is_verified_after_the_resume_and_a_corrupted_byte_is_caugh
     address = b.prepare_incoming(spec, "127.0.0.1", SECRET, "m-big")
     # the corrupted run needs a window to flip a byte on the target mid-mirror: a rate limit
     a.start_migration(spec.key, address, SECRET, "m-big",
-                      MigrationOptions(downtime_budget_ms=300, bandwidth_bps=16 * MIB if corrupt else None))
+                      MigrationOptions(downtime_budget_ms=300, bandwidth_bps=CORRUPT_BANDWIDTH if corrupt else None))
     if corrupt:
         # once the mirror has copied the first MiB of the data to the target, flip one byte
         # there: the mirror never copies it again (the guest does not write it)
@@ -96,12 +103,12 @@ def test_one_gib_disk_is_verified_after_the_resume_and_a_corrupted_byte_is_caugh
 
         def copied() -> bool:
             with open(target_disk, "rb") as f:
-                f.seek(DATA_AT)
+                f.seek(data_at)
                 return f.read(MIB) == data[:MIB]
         wait_until(copied, 120, interval=0.02, what="the mirror to copy the data's first MiB")
         assert a.query_migration(spec.key).state not in (MigrationState.COMPLETED, MigrationState.FAILED)
         with open(target_disk, "r+b") as f:
-            f.seek(DATA_AT + 4321)
+            f.seek(data_at + 4321)
             f.write(bytes([data[4321] ^ 0x01]))
     src = wait_migration(a, spec, {MigrationState.COMPLETED, MigrationState.FAILED, MigrationState.ABORTED}, 240)
     assert src.state == MigrationState.COMPLETED, src.error
