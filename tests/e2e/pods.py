@@ -14,6 +14,15 @@ QUERY_SEQ = ("import json,socket;s=socket.socket(socket.AF_UNIX);s.connect('cont
              "print(json.loads(b)['return']['seq'])")
 
 
+def memory_bytes(q: str) -> int:
+    """A Kubernetes memory quantity (plain bytes or Ki/Mi/Gi) in bytes."""
+    units = {"Ki": 1 << 10, "Mi": 1 << 20, "Gi": 1 << 30}
+    for suffix, factor in units.items():
+        if q.endswith(suffix):
+            return int(q[:-2]) * factor
+    return int(q)
+
+
 def figure(e2e, line: str) -> None:
     """A figure for the closing note: printed, and kept in FERRY_E2E_FIGURES when set."""
     import os

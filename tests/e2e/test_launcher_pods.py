@@ -6,8 +6,8 @@ from __future__ import annotations
 import json
 
 import pytest
-from pods import (Stopwatch, assert_no_guest_restarted, create_droplet, figure, finished, guests, running_pod,
-                  vm_pods)
+from pods import (Stopwatch, assert_no_guest_restarted, create_droplet, figure, finished, guests, memory_bytes,
+                  running_pod, vm_pods)
 from steps import apply_example_hosts, migration
 from support import wait_until
 
@@ -18,14 +18,6 @@ SIZES = {"s-1vcpu-1gb": (1, 1024), "s-2vcpu-4gb": (2, 4096), "s-4vcpu-8gb": (4, 
 
 def cpu_millis(q: str) -> int:
     return int(q[:-1]) if q.endswith("m") else int(float(q) * 1000)
-
-
-def memory_bytes(q: str) -> int:
-    units = {"Ki": 1 << 10, "Mi": 1 << 20, "Gi": 1 << 30}
-    for suffix, factor in units.items():
-        if q.endswith(suffix):
-            return int(q[:-2]) * factor
-    return int(q)
 
 
 def test_each_droplet_has_a_pod_on_its_host_asking_its_size_times_the_scale(e2e, ns):

@@ -17,7 +17,7 @@ import os
 import re
 
 import pytest
-from pods import Stopwatch, figure, finished, running_pod, vm_pods
+from pods import Stopwatch, figure, finished, memory_bytes, running_pod, vm_pods
 from steps import apply_example_hosts
 from support import wait_until
 
@@ -41,14 +41,6 @@ def counters(text: str) -> list[int]:
 def in_pod(e2e, pod: dict, *cmd: str) -> str:
     return e2e.kubectl("exec", "-n", pod["metadata"]["namespace"], pod["metadata"]["name"], "-c", "vm", "--",
                        *cmd, timeout=60).stdout
-
-
-def memory_bytes(q: str) -> int:
-    units = {"Ki": 1 << 10, "Mi": 1 << 20, "Gi": 1 << 30}
-    for suffix, factor in units.items():
-        if q.endswith(suffix):
-            return int(q[:-2]) * factor
-    return int(q)
 
 
 def agent_pod(e2e, node: str) -> dict | None:

@@ -10,10 +10,8 @@ from __future__ import annotations
 import json
 import pathlib
 import shutil
-import signal
 import socket
 import tempfile
-import time
 import uuid
 from typing import Any
 

@@ -14,13 +14,6 @@ from support import wait_until
 MAINT = "ferry.dev/maintenance-event"
 
 
-@pytest.fixture
-def stack(ferry_process, kubectl, namespace):
-    s = Stack(ferry_process, kubectl, namespace)
-    yield s
-    s.close()
-
-
 def _copying(stack: Stack, name: str = "move") -> bool:
     st = stack.lm(name)
     return st.get("phase") == "PreCopy" and int((st.get("transfer") or {}).get("bytesSent") or 0) > 0

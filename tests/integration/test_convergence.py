@@ -6,15 +6,7 @@ from __future__ import annotations
 import time
 
 import pytest
-from stack import Stack
 from support import wait_until
-
-
-@pytest.fixture
-def stack(ferry_process, kubectl, namespace):
-    s = Stack(ferry_process, kubectl, namespace)
-    yield s
-    s.close()
 
 
 def _conditions(st: dict) -> dict[str, dict]:

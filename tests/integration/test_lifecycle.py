@@ -5,16 +5,7 @@ from __future__ import annotations
 
 import signal
 
-import pytest
-from stack import Stack
 from support import wait_until
-
-
-@pytest.fixture
-def stack(ferry_process, kubectl, namespace):
-    s = Stack(ferry_process, kubectl, namespace)
-    yield s
-    s.close()
 
 
 def test_live_migration_completes_and_moves_the_record(stack):

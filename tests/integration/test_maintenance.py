@@ -6,20 +6,12 @@ from __future__ import annotations
 import json
 import time
 
-import pytest
 from stack import Stack
 from support import wait_until
 
 IN_FLIGHT = ("Scheduling", "Preparing", "PreCopy", "CutOver")
 TERMINAL = ("Completed", "Failed", "Cancelled")
 MAINT = "ferry.dev/maintenance-event"
-
-
-@pytest.fixture
-def stack(ferry_process, kubectl, namespace):
-    s = Stack(ferry_process, kubectl, namespace)
-    yield s
-    s.close()
 
 
 def _drain(stack: Stack, host: str) -> None:

@@ -10,17 +10,9 @@ import os
 
 import pytest
 from probe import Probe
-from stack import Stack
 from support import wait_until
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture
-def stack(ferry_process, kubectl, namespace):
-    s = Stack(ferry_process, kubectl, namespace)
-    yield s
-    s.close()
 
 
 def droplet_ip() -> str:

@@ -14,13 +14,6 @@ from support import wait_until
 pytestmark = pytest.mark.integration
 
 
-@pytest.fixture
-def stack(ferry_process, kubectl, namespace):
-    s = Stack(ferry_process, kubectl, namespace)
-    yield s
-    s.close()
-
-
 def _vm_pid(stack: Stack, host: str, droplet: str) -> int | None:
     path = stack.dirs[host] / "vms"
     for d in path.iterdir() if path.exists() else ():
