@@ -66,7 +66,6 @@ class QemuConfig:
             "FERRY_QEMU_MIN_MEMORY_MIB": ("min_memory_mib", int),
             "FERRY_QEMU_MAX_VCPUS": ("max_vcpus", int),
             "FERRY_QEMU_MIRROR_COPY_MODE": ("mirror_copy_mode", str),
-            "FERRY_QEMU_TCP_PORT": ("tcp_port", int),
         }
         for var, (field, cast) in names.items():
             raw = env.get(var)

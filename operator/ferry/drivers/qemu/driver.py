@@ -45,7 +45,7 @@ from ferry.drivers.base import (
     Workload,
 )
 from ferry.drivers.launcher import Launch, Launcher, ProcessLauncher, VMResources
-from ferry.drivers.network import FabricError, Taps, guest_mac, tap_name
+from ferry.drivers.network import FabricError, Taps, guest_mac, is_loopback, tap_name
 
 from . import process
 from .config import (
@@ -152,7 +152,7 @@ class QemuDriver:
     def _nic(self, key: VMKey, meta: dict[str, Any]) -> Nic | None:
         """The guest's NIC, its tap made (idempotent); None without taps or without an address."""
         ip = meta["spec"].get("ip")
-        if self.taps is None or not ip:
+        if self.taps is None or not ip or is_loopback(ip):  # a loopback address stays the node's
             return None
         tap = tap_name(str(self.layout(key).root))
         try:
