@@ -201,9 +201,11 @@ class _Probes:
         # what the client saw: the longest time without any answer arriving (TCP answers, held
         # back and retransmitted, arrive late but count as answered within LATE_MS)
         arrivals = sorted(self.answers[n] for n in ok)
-        silence = max((b - a for a, b in zip(arrivals, arrivals[1:])), default=0.0) * 1000
+        window = max(zip(arrivals, arrivals[1:]), key=lambda ab: ab[1] - ab[0], default=(0.0, 0.0))
+        offset = time.time() - time.monotonic()  # the silence's bounds as wall-clock times
         return {"kind": self.kind, "sent": len(counted), "answered": len(ok), "lost": len(counted) - len(ok),
-                "longest_gap_ms": round(gap), "longest_silence_ms": round(silence)}
+                "longest_gap_ms": round(gap), "longest_silence_ms": round((window[1] - window[0]) * 1000),
+                "silence": (window[0] + offset, window[1] + offset)}
 
     @staticmethod
     def line(r: dict) -> str:

@@ -16,6 +16,7 @@ Elsewhere it skips (the sim driver's release, or no droplet subnet on the nodes'
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import json
 import os
 import time
@@ -88,10 +89,16 @@ def test_a_qemu_guest_keeps_its_address_ping_and_tcp_connections_through_a_migra
     fate = long_lived.check()
     icmp, tcp_r = ping.result(), tcp.result()
     net = st.get("networkCutOver") or {}
+    where = ""
+    if net.get("movedAt"):  # the ICMP silence around the moment the target announced the MAC
+        moved = dt.datetime.fromisoformat(net["movedAt"].replace("Z", "+00:00")).timestamp()
+        last, first = icmp["silence"]
+        where = (f"; last ping answer -> announce-self done: {(moved - last) * 1000:.0f} ms, -> first answer after: "
+                 f"{(first - moved) * 1000:.0f} ms (clocks of one machine)")
     figure(e2e, f"qemu guest NIC ({source} -> {target}): {IcmpProbe.line(icmp)}; {TcpProbe.line(tcp_r)} "
                 f"(connection errors {tcp_r['connection_errors']}); reported downtime {st.get('downtimeMs')} ms "
                 f"(budget {st.get('downtimeBudgetMs')} ms); cut-over {net.get('fabric')} {net.get('ms')} ms at "
-                f"{net.get('movedAt')}; long-lived TCP connection (opened before, used after): {fate}")
+                f"{net.get('movedAt')}{where}; long-lived TCP connection (opened before, used after): {fate}")
     assert fate == "survived"
     assert tcp_r["connection_errors"] == []
     assert net.get("fabric") == "guest-nic/announce-self" and net.get("address") == ip, net
@@ -102,3 +109,52 @@ def test_a_qemu_guest_keeps_its_address_ping_and_tcp_connections_through_a_migra
     assert ip not in eth0_addresses(e2e, target)
     e2e.kubectl("delete", "-n", ns, "droplet", name, "--wait=false")
     wait_until(lambda: not taps_on(e2e, target), 120, what=f"the tap gone from {target} with the droplet")
+
+
+def test_a_cancelled_qemu_migration_leaves_the_guest_answering_on_the_source(e2e, ns):
+    e2e.require_cluster("the qemu guest's NIC")
+    if os.environ.get("FERRY_E2E_DRIVER") != "qemu":
+        pytest.skip("the release runs the sim driver: FERRY_NODES_QEMU=1 hack/nodes-e2e.sh runs this test")
+    prefix = os.environ.get("FERRY_E2E_DROPLET_SUBNET", "")
+    if not prefix or not e2e.node_exec:
+        pytest.skip("needs droplet addresses on the nodes' segment (FERRY_E2E_DROPLET_SUBNET) and FERRY_E2E_NODE_EXEC")
+    ip = f"{prefix}.211"
+    apply_example_hosts(e2e)
+    name = "qstay"
+    e2e.kubectl("apply", "-n", ns, "-f", "-", input=json.dumps({
+        "apiVersion": "ferry.dev/v1alpha1", "kind": "Droplet", "metadata": {"name": name},
+        "spec": {"size": "s-1vcpu-1gb", "datacenter": os.environ.get("FERRY_E2E_DATACENTER", "nyc3"), "ip": ip}}))
+    pod = wait_until(lambda: running_pod(e2e, ns, name), 180, what=f"{ns}/{name}'s QEMU in its pod")
+    source = pod["spec"]["nodeName"]
+    wait_until(lambda: _echo_once(ip), 240, interval=1, what=f"the guest's echo service on {ip}:{TCP_PORT}")
+    [source_tap] = taps_on(e2e, source)
+    long_lived = LongLivedTcp(ip, TCP_PORT)
+    with IcmpProbe(ip) as ping, TcpProbe(ip, TCP_PORT) as tcp:
+        wait_until(lambda: len(ping.answers) >= 50, 30, what="ping answered")
+        e2e.kubectl("apply", "-n", ns, "-f", "-", input=json.dumps({
+            "apiVersion": "ferry.dev/v1alpha1", "kind": "LiveMigration", "metadata": {"name": "qstay-move"},
+            "spec": {"droplet": name, "limits": {"bandwidthMiBps": 1}}}))
+        e2e.kubectl("wait", "-n", ns, "livemigration/qstay-move", "--for=jsonpath={.status.phase}=PreCopy",
+                    "--timeout=180s", timeout=190)
+        target = json.loads(e2e.kubectl("get", "-n", ns, "livemigration", "qstay-move", "-o", "json").stdout
+                            )["status"].get("targetHost")
+        # the target's QEMU waits for the stream on its own tap meanwhile
+        if target:
+            wait_until(lambda: taps_on(e2e, target), 60, what=f"the target's tap on {target}")
+        e2e.kubectl("patch", "-n", ns, "livemigration", "qstay-move", "--type=merge", "-p", '{"spec":{"cancel":true}}')
+        e2e.kubectl("wait", "-n", ns, "livemigration/qstay-move", "--for=jsonpath={.status.phase}=Cancelled",
+                    "--timeout=120s", timeout=130)
+        after = time.monotonic()
+        wait_until(lambda: ping.answered_since(after) >= 100 and tcp.answered_since(after) >= 100, 30,
+                   what="the guest answering on the source after the cancel")
+    fate = long_lived.check()
+    icmp, tcp_r = ping.result(), tcp.result()
+    figure(e2e, f"cancelled qemu migration ({source} -> {target}, cancelled in PreCopy): {IcmpProbe.line(icmp)}; "
+                f"{TcpProbe.line(tcp_r)}; long-lived TCP connection: {fate}")
+    assert fate == "survived" and tcp_r["connection_errors"] == []
+    assert list(taps_on(e2e, source)) == [source_tap]  # the guest, its tap and its address stay on the source
+    if target:
+        wait_until(lambda: not taps_on(e2e, target), 60, what=f"the cancelled target's tap gone from {target}")
+    assert running_pod(e2e, ns, name)["spec"]["nodeName"] == source
+    e2e.kubectl("delete", "-n", ns, "droplet", name, "--wait=false")
+    wait_until(lambda: not taps_on(e2e, source), 120, what=f"the tap gone from {source} with the droplet")
