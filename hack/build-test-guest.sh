@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Build the qemu driver's test guest from Debian packages only:
 #   OUTDIR/vmlinuz     the kernel of the installed Debian kernel package (linux-image-amd64)
-#   OUTDIR/initrd.img  a gzip'd cpio with busybox-static, the virtio-blk modules and
-#                      hack/guest/init (prints "ferry-counter N" every ~100 ms, dirties
-#                      memory and disk)
+#   OUTDIR/initrd.img  a gzip'd cpio with busybox-static, the virtio-blk and virtio-net
+#                      modules and hack/guest/init (prints "ferry-counter N" every ~100 ms,
+#                      dirties memory and disk; with ferry.ip=A on its command line it
+#                      puts A on eth0, answers ping and echoes lines on TCP port 7078)
 #   OUTDIR/kernel-version
 #
 # Usage: hack/build-test-guest.sh OUTDIR
@@ -70,7 +71,7 @@ if [ ! -f "$CACHE/.complete" ]; then
     cp "$BUSYBOX" "$ROOT/bin/busybox"
     cp "$INIT" "$ROOT/init"
     chmod 0755 "$ROOT/init" "$ROOT/bin/busybox"
-    # virtio-blk is a module in Debian's kernel: ship it and everything it needs (from
+    # virtio-blk and virtio-net are modules in Debian's kernel: ship it and everything it needs (from
     # modules.dep), flat, with lib/modules/load-order listing them dependencies first.
     ORDER=()
     add_module() { # $1: path relative to $MODDIR
@@ -82,7 +83,7 @@ if [ ! -f "$CACHE/.complete" ]; then
         done
         ORDER+=("$rel")
     }
-    for m in virtio_pci virtio_blk; do
+    for m in virtio_pci virtio_blk virtio_net; do
         rel="$(grep -E "(^|/)$m\.ko(\.xz|\.zst|\.gz)?:" "$MODDIR/modules.dep" | head -n1 | cut -d: -f1 || true)"
         if [ -z "$rel" ]; then
             grep -qE "/$m\.ko" "$MODDIR/modules.builtin" 2>/dev/null \

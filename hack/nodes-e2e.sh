@@ -36,7 +36,7 @@ QEMU="${FERRY_NODES_QEMU:-0}"
 if [ "${QEMU}" = 1 ]; then IMAGE="${FERRY_IMAGE:-localhost/ferry:dev-qemu}"; else IMAGE="${FERRY_IMAGE:-localhost/ferry:dev}"; fi
 VALUES="${ROOT}/tests/e2e/values.yaml"
 QEMU_VALUES="${ROOT}/tests/e2e/values-qemu.yaml"
-E2E_TESTS=tests/e2e
+E2E_TESTS=(tests/e2e)
 BIN="${CACHE}/bin"
 PYTHON="${ROOT}/.venv/bin/python"
 NODES=(host-a host-b host-c)
@@ -133,7 +133,7 @@ if [ "${QEMU}" = 1 ]; then
   done
   figure "test guest into ${#NODES[@]} nodes: $((SECONDS - t0))s"
   extra_helm_args+=(-f "${QEMU_VALUES}")
-  E2E_TESTS=tests/e2e/test_qemu_pods.py
+  E2E_TESTS=(tests/e2e/test_qemu_pods.py tests/e2e/test_qemu_network.py)
 fi
 
 # -- 3. chart -------------------------------------------------------------------------------------
@@ -167,7 +167,7 @@ figure "Hosts Ready: $((SECONDS - t0))s"
 
 # -- 5. tests -------------------------------------------------------------------------------------
 hosts_csv="$(IFS=,; echo "${NODES[*]}")"
-log "running ${E2E_TESTS} against ${hosts_csv}"
+log "running ${E2E_TESTS[*]} against ${hosts_csv}"
 t0=${SECONDS}
 set +e
 (
@@ -188,10 +188,10 @@ set +e
   FERRY_E2E_IMAGE="${IMAGE}" \
   FERRY_E2E_FIGURES="${ARTIFACTS}/figures.txt" \
   FERRY_E2E_DRIVER="$([ "${QEMU}" = 1 ] && echo qemu || echo sim)" \
-    "${PYTHON}" -m pytest -p no:cacheprovider "${E2E_TESTS}" "$@"
+    "${PYTHON}" -m pytest -p no:cacheprovider "${E2E_TESTS[@]}" "$@"
 )
 rc=$?
 set -e
-figure "${E2E_TESTS} wall time: $((SECONDS - t0))s"
+figure "${E2E_TESTS[*]} wall time: $((SECONDS - t0))s"
 if [ "${rc}" -eq 0 ]; then log "tests/e2e passed"; else log "tests/e2e failed (exit ${rc})"; fi
 exit "${rc}"

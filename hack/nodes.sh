@@ -4,7 +4,9 @@
 # and one node per example host (host-a, host-b, host-c), each with
 #   - its own network namespace (ferry-NODE) with one address on the bridge ferrybr0: the
 #     agents' host-network data channels cross real interfaces, ports never collide, and the
-#     metadata endpoint sees a droplet's real source address;
+#     metadata endpoint sees a droplet's real source address; and a VM bridge ferryvm (no
+#     address) with a second uplink to ferrybr0, for the qemu guests' taps (the chart's
+#     agent.network.vmBridge): guests' NICs on the same L2 segment as the nodes;
 #   - its own mount namespace in which /run, /var/lib and /var/log are the node's own
 #     directories (a node's hostPath /var/lib/ferry is its own; the pods' mounts live and die
 #     with the node);
@@ -31,6 +33,7 @@ BIN="${CACHE}/bin"
 DIR="${FERRY_NODES_DIR:-${CACHE}/nodes}"
 read -r -a NODE_NAMES <<< "${FERRY_NODE_NAMES:-host-a host-b host-c}"
 BRIDGE=ferrybr0
+VM_BRIDGE=ferryvm     # in each node's namespace: the qemu guests' taps
 NET=10.250.0          # nodes: .1 the bridge (control plane), .11 .12 ... the nodes
 POD_NET=10.251        # node i: 10.251.i.0/24
 SERVICE_CIDR=10.252.0.0/24
@@ -140,6 +143,13 @@ setup_network() {
     ip -n "${ns}" link set lo up
     ip -n "${ns}" addr add "$(node_ip "${i}")/24" dev eth0
     ip -n "${ns}" link set eth0 up
+    # the VM bridge: a port of the L2 segment for the guests' taps (a host's VM bridge
+    # enslaving its uplink, as in a data center, without moving the node's own address)
+    ip link add "fm-${node:0:12}" type veth peer name vmlink netns "${ns}"
+    ip link set "fm-${node:0:12}" master "${BRIDGE}" up
+    ip -n "${ns}" link add "${VM_BRIDGE}" type bridge
+    ip -n "${ns}" link set vmlink master "${VM_BRIDGE}" up
+    ip -n "${ns}" link set "${VM_BRIDGE}" up
     # No default route: Services through the control plane's side (kube-proxy rewrites them
     # before they leave), the other nodes' pods through those nodes.
     ip -n "${ns}" route add "${SERVICE_CIDR}" via "${NET}.1"
@@ -451,8 +461,12 @@ remove_node_network() {  # after every node's processes are gone
   ip netns del "ferry-${node}" 2>/dev/null || true
   # A namespace still held by the kernel (lingering sockets) keeps its veth: delete it here.
   deadline=$((SECONDS + 5))
-  while ip link show "${veth}" >/dev/null 2>&1; do
-    if [ "${SECONDS}" -ge "${deadline}" ]; then ip link del "${veth}" 2>/dev/null || true; break; fi
+  while ip link show "${veth}" >/dev/null 2>&1 || ip link show "fm-${node:0:12}" >/dev/null 2>&1; do
+    if [ "${SECONDS}" -ge "${deadline}" ]; then
+      ip link del "${veth}" 2>/dev/null || true
+      ip link del "fm-${node:0:12}" 2>/dev/null || true
+      break
+    fi
     sleep 0.1
   done
 }

@@ -369,6 +369,23 @@ def test_the_loopback_fabric_has_no_net_container(helm: str) -> None:
     assert not [v for v in spec["template"]["spec"]["volumes"] if v["name"] == "net"]
 
 
+def test_a_vm_bridge_gives_the_net_container_the_taps_and_dev_net_tun(helm: str) -> None:
+    plain = one(render(helm), "DaemonSet", "ferry-agent")["spec"]["template"]["spec"]
+    assert not [v for v in plain["volumes"] if v["name"] == "tun"]
+    assert "FERRY_NETWORK_VM_BRIDGE" not in {e["name"] for e in plain["containers"][0]["env"]}
+    spec = one(render(helm, {"agent": {"network": {"vmBridge": "ferryvm"}}}), "DaemonSet",
+               "ferry-agent")["spec"]["template"]["spec"]
+    c, net = spec["containers"]
+    # the taps are owned by the launcher pods' user (10001): QEMU attaches without a capability
+    assert net["args"] == ["agent-net", "--socket", "/run/ferry-net/net.sock", "--device", "eth0",
+                           "--vm-bridge", "ferryvm", "--tap-uid", "10001"]
+    assert env_value(c, "FERRY_NETWORK_VM_BRIDGE")["value"] == "ferryvm"
+    assert {"name": "tun", "mountPath": "/dev/net/tun"} in net["volumeMounts"]
+    assert {"name": "tun", "hostPath": {"path": "/dev/net/tun", "type": "CharDevice"}} in spec["volumes"]
+    assert net["securityContext"]["capabilities"] == {"drop": ["ALL"], "add": ["NET_ADMIN", "NET_RAW"]}
+    assert "tun" not in {m["name"] for m in c["volumeMounts"]}  # the agent itself gets nothing new
+
+
 def test_only_a_qemu_agent_that_runs_qemu_itself_is_privileged(helm: str) -> None:
     def privileged(docs: list[dict[str, Any]]) -> set[str]:
         return {f"{d['metadata']['name']}/{c['name']}" for d in docs if d["kind"] in ("Deployment", "DaemonSet")

@@ -110,3 +110,70 @@ def test_node_fabric_claims_announces_and_releases_in_a_network_namespace(tmp_pa
     assert len(out["garps"]) >= 3, out
     assert "own address" in out["own"]  # the node's own address is never a droplet's
     assert out["left"] == ["10.250.0.11"]
+
+
+def test_tap_names_and_macs_are_derived():
+    from ferry.drivers.network import check_tap, guest_mac, tap_name
+
+    a, b = tap_name("/var/lib/ferry/vms/ns__web-1"), tap_name("/srv/host-b/vms/ns__web-1")
+    assert a != b and len(a) <= 15 and a.startswith("ft") and check_tap(a) == a
+    assert tap_name("/var/lib/ferry/vms/ns__web-1") == a  # the same after a restart
+    mac = guest_mac("ns", "web-1")
+    assert mac == guest_mac("ns", "web-1") != guest_mac("ns", "web-2")  # the droplet's, on every host
+    first = int(mac.split(":")[0], 16)
+    assert first & 0x02 and not first & 0x01  # locally administered, unicast
+    for bad in ("eth0", "ft0123", "ftXYZXYZXYZXYZ", "ferrybr0", "ft0123456789abc"):
+        with pytest.raises(FabricError):
+            check_tap(bad)
+
+
+TAP_SCRIPT = textwrap.dedent("""
+    import json, subprocess, sys, threading, time
+    from ferry.drivers.network import NodeFabric, FabricError, serve, tap_owner
+    run = lambda *a: subprocess.run(a, check=True, capture_output=True)
+    run("ip", "link", "add", "eth0", "type", "veth", "peer", "name", "peer0"); run("ip", "link", "set", "eth0", "up")
+    run("ip", "link", "add", "ferryvm", "type", "bridge"); run("ip", "link", "set", "ferryvm", "up")
+    stop = threading.Event()
+    sock = sys.argv[1]
+    threading.Thread(target=serve, args=(sock, "eth0", stop), kwargs={"vm_bridge": "ferryvm", "tap_uid": 10001},
+                     daemon=True).start()
+    fabric = NodeFabric(sock)
+    for _ in range(100):
+        try:
+            fabric.held(); break
+        except FabricError:
+            time.sleep(0.05)
+    out = {}
+    fabric.add_tap("ft0123456789ab"); fabric.add_tap("ft0123456789ab")
+    link = json.loads(run("ip", "-j", "-d", "link", "show", "dev", "ft0123456789ab").stdout)[0]
+    out["master"], out["owner"], out["up"] = link.get("master"), tap_owner("ft0123456789ab"), "UP" in link["flags"]
+    for bad in ("eth0", "ferryvm"):
+        try:
+            fabric.add_tap(bad)
+        except FabricError as e:
+            out["refused_" + bad] = str(e)
+    run("ip", "tuntap", "add", "dev", "ft00000000000b", "mode", "tap", "user", "4242")
+    try:
+        fabric.add_tap("ft00000000000b")
+    except FabricError as e:
+        out["other_user"] = str(e)
+    fabric.del_tap("ft0123456789ab"); fabric.del_tap("ft0123456789ab")
+    out["left"] = sorted(l["ifname"] for l in json.loads(run("ip", "-j", "link", "show").stdout))
+    print(json.dumps(out))
+""")
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("unshare") or not shutil.which("ip")
+                    or not os.path.exists("/dev/net/tun"),
+                    reason="needs root, unshare, iproute2 and /dev/net/tun (a private network namespace)")
+def test_the_helper_makes_only_ferrys_taps_on_its_bridge_for_its_user(tmp_path):
+    import json
+
+    proc = subprocess.run(["unshare", "-n", sys.executable, "-c", TAP_SCRIPT, str(tmp_path / "net.sock")],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["master"] == "ferryvm" and out["owner"] == 10001 and out["up"], out
+    assert "not one of ferry's tap devices" in out["refused_eth0"] and "refused_ferryvm" in out
+    assert "not a tap of user 10001" in out["other_user"]  # never takes over someone else's tap
+    assert "ft0123456789ab" not in out["left"] and "eth0" in out["left"] and "ferryvm" in out["left"]

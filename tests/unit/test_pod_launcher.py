@@ -153,3 +153,19 @@ def test_a_runtime_class_carries_the_overhead_and_the_requests_stay_the_scaled_s
     assert p["spec"]["containers"][0]["resources"] == {
         "requests": {"cpu": "2m", "memory": str(round(4096 * 0.001 * 2**20))}}
     assert "runtimeClassName" not in pod()["spec"]
+
+
+def test_a_guest_with_a_nic_gets_dev_net_tun_and_still_no_capability():
+    import dataclasses
+
+    req = dataclasses.replace(qemu_req(), tun=True)
+    p = launcher_pod(req, node="host-b", image="ferry:dev-qemu", pull_policy="Never",
+                     host_data_dir="/srv/ferry", data_dir="/var/lib/ferry", owner=OWNER)
+    [c] = p["spec"]["containers"]
+    assert {"name": "tun", "mountPath": "/dev/net/tun"} in c["volumeMounts"]
+    assert {"name": "tun", "hostPath": {"path": "/dev/net/tun", "type": "CharDevice"}} in p["spec"]["volumes"]
+    assert c["securityContext"]["capabilities"] == {"drop": ["ALL"]} and "privileged" not in c["securityContext"]
+    assert p["spec"]["securityContext"]["runAsUser"] == 10001  # the taps' owner (agent-net --tap-uid)
+    plain = launcher_pod(qemu_req(), node="host-b", image="ferry:dev-qemu", pull_policy="Never",
+                         host_data_dir="/srv/ferry", data_dir="/var/lib/ferry", owner=OWNER)
+    assert [v["name"] for v in plain["spec"]["volumes"]] == ["data"]

@@ -10,6 +10,7 @@ from ferry.drivers.base import VMKey, VMSpec, VMState
 from ferry.drivers.qemu.config import (
     MIB,
     GuestSize,
+    Nic,
     QemuConfig,
     VMLayout,
     build_argv,
@@ -74,6 +75,21 @@ def test_argv_kvm_and_commas_in_paths() -> None:
     joined = " ".join(argv)
     assert "-accel kvm " in joined and "-cpu host" in joined and "-kernel" not in argv
     assert "filename=/data/a,,b/disk.img" in joined
+
+
+def test_argv_with_a_nic_on_a_tap_and_the_address_on_the_kernel_command_line() -> None:
+    config = QemuConfig(kernel="/k", initrd="/i", size_scale=0.001)
+    layout = VMLayout.of(pathlib.Path("/data"), SPEC.key)
+    size = guest_size(SPEC, config)
+    nic = Nic(tap="ft0123456789ab", mac="52:aa:bb:cc:dd:ee", ip="10.250.0.210")
+    argv = build_argv(config, layout, size, "ns-web-1", nic=nic)
+    assert argv[argv.index("-netdev") + 1] == "tap,id=net0,ifname=ft0123456789ab,script=no,downscript=no"
+    assert argv[argv.index("-device", argv.index("-netdev")) + 1] == "virtio-net-pci,netdev=net0,mac=52:aa:bb:cc:dd:ee,id=nic0"
+    assert argv[argv.index("-append") + 1] == "console=ttyS0 quiet panic=-1 ferry.ip=10.250.0.210 ferry.tcp_port=7078"
+    # the target's command line: the same NIC (its own tap), paused for the incoming stream
+    target = build_argv(config, layout, size, "ns-web-1", incoming=True, nic=nic)
+    assert target[: len(argv)] == argv
+    assert "-netdev" not in build_argv(config, layout, size, "ns-web-1")
 
 
 @pytest.mark.parametrize(

@@ -60,6 +60,10 @@ class Warnings:
             self.kube.event(obj, "Warning", event_reason, f"host {self.host}: {message}", component="ferry-agent")
 
 
+#: status.target.network.fabric of a guest with its own NIC: QEMU announced its MAC from here
+GUEST_NIC_FABRIC = "guest-nic/announce-self"
+
+
 def _vm_view(infos: list[VMInfo]) -> list[tuple[VMKey, str, int]]:
     """What a heartbeat says of the VMs: a change of any of it is worth a beat now."""
     return sorted((i.key, i.state.value, i.restarts) for i in infos)
@@ -210,17 +214,22 @@ class Executor:
         """The network cut-over: the address moves here, then status.target.network says when."""
         failpoints.hit("target-agent.before-address")
         t0 = self.clock()
+        guest_nic = self._guests_own_addresses()
         try:
-            self.fabric.claim(a.ip)
-        except FabricError as exc:
+            if guest_nic:  # the address is the guest's: its MAC moves (QEMU's announce-self)
+                self.driver.announce(a.key)  # type: ignore[attr-defined]
+            else:
+                self.fabric.claim(a.ip)
+        except (FabricError, DriverError) as exc:
             self.warn(a.key, f"cannot move address {a.ip} of {a.key} to host {self.host}: {exc}",
                       event_reason="AddressNotMoved")
             return False
+        fabric = GUEST_NIC_FABRIC if guest_nic else self.fabric.name
         ms = round((self.clock() - t0) * 1000)
         log.info("network cut-over of %s: address %s moved to host %s (%s fabric, %d ms)", a.key, a.ip, self.host,
-                 self.fabric.name, ms)
+                 fabric, ms)
         failpoints.hit("target-agent.after-address")
-        network = {"attempt": a.attempt, "address": a.ip, "fabric": self.fabric.name,
+        network = {"attempt": a.attempt, "address": a.ip, "fabric": fabric,
                    "movedAt": fmt(self.now(), fraction=True), "ms": ms}
         ns, name = a.migration
         try:
@@ -230,13 +239,25 @@ class Executor:
         self.observer.written(body)
         return True
 
+    def _guests_own_addresses(self) -> bool:
+        """The driver's guests have NICs of their own (qemu with taps): nothing goes on the node."""
+        return bool(getattr(self.driver, "owns_addresses", False))
+
     def sync_addresses(self, snap: Snapshot) -> None:
         """Hold exactly the addresses of the droplets whose guests this host runs (``plan.addresses``):
-        claims what a restart or a new droplet lacks, releases what moved away or was deleted."""
+        claims what a restart or a new droplet lacks, releases what moved away or was deleted. With
+        guests that hold their own addresses the node holds none (it releases what it held)."""
         try:
             held = self.fabric.held()
         except FabricError as exc:
             self.warn(VMKey("", ""), f"cannot read the droplet addresses of host {self.host}: {exc}")
+            return
+        if self._guests_own_addresses():
+            for ip in sorted(held):
+                try:
+                    self.fabric.release(ip)
+                except FabricError as exc:
+                    self.warn(VMKey("", ""), f"cannot release address {ip} on host {self.host}: {exc}")
             return
         wanted = p.addresses(self.host, snap.droplets, snap.vms)
         for ip in sorted(wanted - held):

@@ -14,7 +14,7 @@ from ferry import logs
 from ferry.agent.loop import Agent
 from ferry.drivers.base import Driver
 from ferry.drivers.launcher import Launcher, ProcessLauncher
-from ferry.drivers.network import make_fabric
+from ferry.drivers.network import Taps, make_fabric, make_taps
 from ferry.drivers.pod_launcher import PodLauncher, parse_device_resources, parse_groups
 from ferry.settings import Settings
 from ferry.storage import Kube
@@ -49,7 +49,7 @@ def make_launcher(host: str, data_dir: str, kube: Kube | None, environ: Mapping[
 
 
 def make_driver(name: str, data_dir: str, settings: Settings, environ: Mapping[str, str] | None = None,
-                launcher: Launcher | None = None, host: str = "") -> Driver:
+                launcher: Launcher | None = None, host: str = "", taps: Taps | None = None) -> Driver:
     env = os.environ if environ is None else environ
     if name == "sim":
         from ferry.drivers.sim import SimDriver
@@ -62,7 +62,7 @@ def make_driver(name: str, data_dir: str, settings: Settings, environ: Mapping[s
         from ferry.drivers.qemu import QemuDriver  # heavy and optional: only when asked for
 
         pods = launcher is not None and launcher.name == "pod"
-        return QemuDriver.from_settings(settings, data_dir, env, launcher=launcher,
+        return QemuDriver.from_settings(settings, data_dir, env, launcher=launcher, taps=taps,
                                         launch_timeout=120.0 if pods else None)
     raise ValueError(f"unknown driver {name!r} (choose one of {', '.join(DRIVERS)})")
 
@@ -106,8 +106,9 @@ def run(host: str, data_dir: str, driver: str, address: str, kubeconfig: str | N
     if lock is None:
         return 0
     kube = Kube.connect(kubeconfig)
-    drv = make_driver(driver, data_dir, settings, launcher=make_launcher(host, data_dir, kube, os.environ), host=host)
     fabric = make_fabric(os.environ.get("FERRY_NETWORK", ""), os.environ.get("FERRY_NETWORK_SOCKET") or NETWORK_SOCKET)
+    drv = make_driver(driver, data_dir, settings, launcher=make_launcher(host, data_dir, kube, os.environ), host=host,
+                      taps=make_taps(fabric, os.environ))
     agent = Agent(host, drv, kube, settings, address=address, connect=lambda: Kube.connect(kubeconfig), fabric=fabric)
     if settings.agent_metrics_port > 0:
         agent.metrics.serve(settings.agent_metrics_port, log)

@@ -29,9 +29,13 @@ def agent(ctx: click.Context, host: str, data_dir: str, driver: str | None, addr
               show_default=True, help="Unix socket the agent asks on.")
 @click.option("--device", envvar="FERRY_NETWORK_DEVICE", default="eth0", show_default=True,
               help="The node's uplink device: droplet addresses go on it as /32s labelled <device>:ferry.")
-def agent_net(socket_path: str, device: str) -> None:
+@click.option("--vm-bridge", envvar="FERRY_NETWORK_VM_BRIDGE", default="", show_default=True,
+              help="The node's bridge for qemu guests' taps (empty: guests get no NIC).")
+@click.option("--tap-uid", envvar="FERRY_NETWORK_TAP_UID", type=int, default=10001, show_default=True,
+              help="The user owning the guests' taps: the launcher pods' user (QEMU attaches as it).")
+def agent_net(socket_path: str, device: str, vm_bridge: str, tap_uid: int) -> None:
     """The node's network helper: puts droplet addresses on this node and announces them (gratuitous
-    ARP) when the agent claims them. Needs CAP_NET_ADMIN and CAP_NET_RAW (the chart's agent pod
+    ARP) when the agent claims them, and makes the qemu guests' tap devices on --vm-bridge. Needs CAP_NET_ADMIN and CAP_NET_RAW (the chart's agent pod
     runs it as its `net` container)."""
     import signal
     import threading
@@ -43,4 +47,4 @@ def agent_net(socket_path: str, device: str) -> None:
     stop = threading.Event()
     for s in (signal.SIGTERM, signal.SIGINT):
         signal.signal(s, lambda *_: stop.set())
-    serve(socket_path, device, stop)
+    serve(socket_path, device, stop, vm_bridge=vm_bridge, tap_uid=tap_uid)

@@ -59,6 +59,7 @@ class Launch:
     env: tuple[tuple[str, str], ...]  # extra environment (FERRY_* settings the VM process reads)
     resources: VMResources
     role: str = "vm"  # vm | incoming (target of a migration, not resumed yet)
+    tun: bool = False  # the VM process attaches to a tap: it needs /dev/net/tun (a pod mounts it)
 
 
 @runtime_checkable

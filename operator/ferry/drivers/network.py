@@ -25,16 +25,19 @@ addresses with that label.
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 import json
 import logging
 import os
+import pwd
 import socket
 import socketserver
 import struct
 import subprocess
 import threading
 import time
+from collections.abc import Mapping
 from typing import Protocol
 
 log = logging.getLogger("ferry.network")
@@ -44,8 +47,60 @@ GARP_COUNT = 3  # announcements per claim: the first before the claim returns, t
 GARP_INTERVAL = 0.05
 
 
+TAP_PREFIX = "ft"
+
+
 class FabricError(Exception):
     pass
+
+
+def tap_name(vm_dir: str) -> str:
+    """The tap device of the VM whose directory is ``vm_dir``: ``ft`` + 12 hex digits (15 bytes
+    at most, Linux's limit). Per VM directory, so a source and a target on one machine (local
+    development) get two taps; the same after an agent restart."""
+    return TAP_PREFIX + hashlib.sha256(os.path.abspath(vm_dir).encode()).hexdigest()[:12]
+
+
+def guest_mac(namespace: str, name: str) -> str:
+    """The MAC of a droplet's NIC, derived from the droplet: the same on source and target (it
+    moves with the guest). ``52:`` (locally administered, unicast) + 5 bytes of a hash."""
+    digest = hashlib.sha256(f"ferry-mac/{namespace}/{name}".encode()).digest()
+    return ":".join(f"{b:02x}" for b in b"\x52" + digest[:5])
+
+
+def check_tap(name: object) -> str:
+    text = str(name)
+    if not (text.startswith(TAP_PREFIX) and len(text) == len(TAP_PREFIX) + 12
+            and all(c in "0123456789abcdef" for c in text[len(TAP_PREFIX):])):
+        raise FabricError(f"{name!r} is not one of ferry's tap devices (ft + 12 hex digits)")
+    return text
+
+
+def tap_owner(name: str, ip_command: str = "ip") -> int | None:
+    """The user a tap device belongs to (iproute2 prints the name when the user has one); None:
+    no such tap, or no owner."""
+    proc = subprocess.run([ip_command, "-j", "-d", "link", "show", "dev", name], capture_output=True, text=True,
+                          timeout=10)
+    if proc.returncode != 0:
+        return None
+    [link] = json.loads(proc.stdout)
+    user = ((link.get("linkinfo") or {}).get("info_data") or {}).get("user")
+    if user is None:
+        return None
+    try:
+        return int(user)
+    except ValueError:
+        try:
+            return pwd.getpwnam(str(user)).pw_uid
+        except KeyError:
+            return None
+
+
+class Taps(Protocol):
+    """Tap devices for the guests' NICs on the node's VM bridge."""
+
+    def add_tap(self, name: str) -> None: ...   # exists, owned by the launcher's user, on the bridge, up (idempotent)
+    def del_tap(self, name: str) -> None: ...   # gone (idempotent)
 
 
 class Fabric(Protocol):
@@ -98,12 +153,12 @@ class NodeFabric:
         self.timeout = timeout
         self._loopback: set[str] = set()
 
-    def _call(self, op: str, ip: str | None = None) -> dict:
+    def _call(self, op: str, ip: str | None = None, **extra: str) -> dict:
         try:
             with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
                 s.settimeout(self.timeout)
                 s.connect(self.socket_path)
-                s.sendall(json.dumps({"op": op, "ip": ip}).encode() + b"\n")
+                s.sendall(json.dumps({"op": op, "ip": ip, **extra}).encode() + b"\n")
                 data = b""
                 while not data.endswith(b"\n"):
                     chunk = s.recv(4096)
@@ -117,8 +172,14 @@ class NodeFabric:
         except ValueError:
             raise FabricError(f"the node's network helper answered {data[:200]!r}") from None
         if not answer.get("ok"):
-            raise FabricError(f"{op} {ip or ''}: {answer.get('error') or 'refused'}".replace("  ", " "))
+            raise FabricError(f"{op} {ip or extra.get('name') or ''}: {answer.get('error') or 'refused'}".replace("  ", " "))
         return answer
+
+    def add_tap(self, name: str) -> None:
+        self._call("tap-add", name=name)
+
+    def del_tap(self, name: str) -> None:
+        self._call("tap-del", name=name)
 
     def held(self) -> set[str]:
         return set(self._call("held").get("ips") or []) | self._loopback
@@ -160,12 +221,15 @@ def check_address(ip: object) -> str:
 
 
 class NetHelper:
-    """Adds and removes droplet addresses on ``device`` with ``ip`` (iproute2) and announces them."""
+    """Adds and removes droplet addresses on ``device`` with ``ip`` (iproute2) and announces them;
+    creates and deletes the guests' taps on ``vm_bridge`` (owned by ``tap_uid``)."""
 
-    def __init__(self, device: str, ip_command: str = "ip"):
+    def __init__(self, device: str, ip_command: str = "ip", *, vm_bridge: str = "", tap_uid: int = 10001):
         self.device = device
         self.label = f"{device}:{LABEL_SUFFIX}"[:15]
         self.ip_command = ip_command
+        self.vm_bridge = vm_bridge
+        self.tap_uid = tap_uid
         self._lock = threading.Lock()
 
     def _ip(self, *args: str) -> str:
@@ -202,6 +266,34 @@ class NetHelper:
         with self._lock:
             if self._addresses().get(ip) == self.label:
                 self._ip("addr", "del", f"{ip}/32", "dev", self.device)
+
+    def _link(self, name: str) -> dict | None:
+        proc = subprocess.run([self.ip_command, "-j", "-d", "link", "show", "dev", name], capture_output=True,
+                              text=True, timeout=10)
+        if proc.returncode != 0:
+            return None
+        [link] = json.loads(proc.stdout)
+        return link
+
+    def add_tap(self, name: str) -> None:
+        """A persistent tap owned by ``tap_uid`` (QEMU attaches without CAP_NET_ADMIN), a port of
+        ``vm_bridge``, up. An existing tap of that name is checked and kept (idempotent)."""
+        name = check_tap(name)
+        if not self.vm_bridge:
+            raise FabricError("no VM bridge configured (agent.network.vmBridge): guests have no NIC here")
+        with self._lock:
+            link = self._link(name)
+            if link is None:
+                self._ip("tuntap", "add", "dev", name, "mode", "tap", "user", str(self.tap_uid), "vnet_hdr")
+            elif (link.get("linkinfo") or {}).get("info_kind") != "tun" or tap_owner(name, self.ip_command) != self.tap_uid:
+                raise FabricError(f"{name} exists and is not a tap of user {self.tap_uid}")
+            self._ip("link", "set", "dev", name, "master", self.vm_bridge, "up")
+
+    def del_tap(self, name: str) -> None:
+        name = check_tap(name)
+        with self._lock:
+            if self._link(name) is not None:
+                self._ip("link", "del", "dev", name)
 
     def announce(self, ip: str) -> None:
         """The first gratuitous ARP before it returns (the neighbours move their traffic on it), the
@@ -248,6 +340,14 @@ class _Handler(socketserver.StreamRequestHandler):
                     helper.release(ip)
                     answer = {"ok": True}
                     log.info("released %s on %s", ip, helper.device)
+                elif op == "tap-add":
+                    helper.add_tap(req.get("name"))
+                    answer = {"ok": True}
+                    log.info("tap %s on %s (user %d)", req.get("name"), helper.vm_bridge, helper.tap_uid)
+                elif op == "tap-del":
+                    helper.del_tap(req.get("name"))
+                    answer = {"ok": True}
+                    log.info("tap %s deleted", req.get("name"))
                 else:
                     answer = {"ok": False, "error": f"unknown op {op!r}"}
             except (FabricError, OSError, ValueError, subprocess.SubprocessError) as e:
@@ -264,10 +364,12 @@ class _Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
     daemon_threads = True
 
 
-def serve(socket_path: str, device: str, stop: threading.Event) -> None:
+def serve(socket_path: str, device: str, stop: threading.Event, *, vm_bridge: str = "", tap_uid: int = 10001) -> None:
     """``ferry agent-net``: serve the node's network helper on ``socket_path`` until ``stop``."""
-    helper = NetHelper(device)
+    helper = NetHelper(device, vm_bridge=vm_bridge, tap_uid=tap_uid)
     helper._addresses()  # the device exists and iproute2 works, or fail at start
+    if vm_bridge and helper._link(vm_bridge) is None:
+        raise FabricError(f"the VM bridge {vm_bridge} does not exist in this network namespace")
     os.makedirs(os.path.dirname(socket_path) or ".", exist_ok=True)
     try:
         os.unlink(socket_path)
@@ -277,8 +379,8 @@ def serve(socket_path: str, device: str, stop: threading.Event) -> None:
     os.chmod(socket_path, 0o666)  # the agent runs as another user; the directory is the pod's own
     server.helper = helper  # type: ignore[attr-defined]
     threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.2}, daemon=True).start()
-    log.info("network helper on %s: droplet addresses on %s (label %s), held now: %s", socket_path, device,
-             helper.label, ", ".join(sorted(helper.held())) or "none")
+    log.info("network helper on %s: droplet addresses on %s (label %s), held now: %s; guests' taps on %s", socket_path,
+             device, helper.label, ", ".join(sorted(helper.held())) or "none", vm_bridge or "(no VM bridge)")
     stop.wait()
     server.shutdown()
     server.server_close()
@@ -291,3 +393,28 @@ def make_fabric(kind: str, socket_path: str) -> Fabric:
     if kind == "node":
         return NodeFabric(socket_path)
     raise ValueError(f"unknown FERRY_NETWORK {kind!r} (loopback or node)")
+
+
+class LocalTaps:
+    """The guests' taps made in-process by the helper's own code (needs CAP_NET_ADMIN: root in
+    ``tests/qemu`` and local development with ``FERRY_QEMU_BRIDGE``)."""
+
+    def __init__(self, bridge: str, uid: int | None = None):
+        self.helper = NetHelper(bridge, vm_bridge=bridge, tap_uid=os.getuid() if uid is None else uid)
+
+    def add_tap(self, name: str) -> None:
+        self.helper.add_tap(name)
+
+    def del_tap(self, name: str) -> None:
+        self.helper.del_tap(name)
+
+
+def make_taps(fabric: Fabric, environ: Mapping[str, str]) -> Taps | None:
+    """Who makes the qemu guests' taps: the node's helper when it has a VM bridge
+    (``FERRY_NETWORK_VM_BRIDGE``, the chart's ``agent.network.vmBridge``), or this process on
+    ``FERRY_QEMU_BRIDGE`` (local development, as root); None: guests get no NIC."""
+    if isinstance(fabric, NodeFabric) and environ.get("FERRY_NETWORK_VM_BRIDGE"):
+        return fabric
+    if environ.get("FERRY_QEMU_BRIDGE"):
+        return LocalTaps(environ["FERRY_QEMU_BRIDGE"])
+    return None

@@ -118,6 +118,14 @@ def launcher_pod(req: Launch, *, node: str, image: str, pull_policy: str, host_d
     if supplemental_groups:
         pod_security["supplementalGroups"] = list(supplemental_groups)
     extra: dict[str, Any] = {"runtimeClassName": runtime_class} if runtime_class else {}
+    mounts: list[dict[str, Any]] = [{"name": "data", "mountPath": data_dir}]
+    volumes: list[dict[str, Any]] = [{"name": "data", "hostPath": {"path": host_data_dir, "type": "Directory"}}]
+    if req.tun:
+        # the guest's NIC: QEMU opens /dev/net/tun and attaches to its tap, which the node's
+        # network helper made owned by this pod's user (no capability needed for that; the
+        # runtime's default device rules allow c 10:200, the node's device node is mounted)
+        mounts.append({"name": "tun", "mountPath": "/dev/net/tun"})
+        volumes.append({"name": "tun", "hostPath": {"path": "/dev/net/tun", "type": "CharDevice"}})
     return {
         "apiVersion": "v1", "kind": "Pod", "metadata": meta,
         "spec": {
@@ -142,9 +150,9 @@ def launcher_pod(req: Launch, *, node: str, image: str, pull_policy: str, host_d
                 "resources": resources,
                 "securityContext": {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
                                     "capabilities": {"drop": ["ALL"]}},
-                "volumeMounts": [{"name": "data", "mountPath": data_dir}],
+                "volumeMounts": mounts,
             }],
-            "volumes": [{"name": "data", "hostPath": {"path": host_data_dir, "type": "Directory"}}],
+            "volumes": volumes,
         },
     }
 

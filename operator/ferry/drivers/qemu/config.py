@@ -47,6 +47,8 @@ class QemuConfig:
     stop_timeout: float = 10.0
     launch_timeout: float = 30.0  # until QEMU's monitor answers (the agent gives a launcher pod 120 s)
     extra_args: tuple[str, ...] = ()
+    #: the guest's TCP echo service port (the test guest's ferry.tcp_port; docs only otherwise)
+    tcp_port: int = 7078
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> QemuConfig:
@@ -88,6 +90,18 @@ class QemuConfig:
             raise ValueError("an initrd needs a kernel")
         if self.max_vcpus < 1 or self.min_memory_mib < 1 or self.min_disk_mib < 1:
             raise ValueError("max_vcpus, min_memory_mib and min_disk_mib must be at least 1")
+
+
+@dataclasses.dataclass(frozen=True)
+class Nic:
+    """A guest's virtio-net NIC: on the tap ``tap`` (the node's, per VM), with the droplet's
+    ``mac`` (the same on every host) and ``ip`` (handed to the guest on the kernel command line
+    as ``ferry.ip``, with ``ferry.tcp_port``, when QEMU boots a kernel directly)."""
+
+    tap: str
+    mac: str
+    ip: str
+    tcp_port: int = 7078
 
 
 @dataclasses.dataclass(frozen=True)
@@ -172,6 +186,7 @@ def build_argv(
     *,
     incoming: bool = False,
     prelaunch: bool = False,
+    nic: Nic | None = None,
 ) -> list[str]:
     """The QEMU command line of a VM; the same for a source and its incoming target.
 
@@ -209,8 +224,15 @@ def build_argv(
     ]
     if config.cpu_model:
         argv += ["-cpu", config.cpu_model]
+    append = config.append
+    if nic is not None:
+        # the tap exists already (the node's network helper made it, owned by QEMU's user):
+        # QEMU attaches to it by name through /dev/net/tun, without any capability
+        argv += ["-netdev", f"tap,id=net0,ifname={nic.tap},script=no,downscript=no",
+                 "-device", f"virtio-net-pci,netdev=net0,mac={nic.mac},id=nic0"]
+        append = f"{append} ferry.ip={nic.ip} ferry.tcp_port={nic.tcp_port}".strip()
     if config.kernel:
-        argv += ["-kernel", config.kernel, "-append", config.append]
+        argv += ["-kernel", config.kernel, "-append", append]
         if config.initrd:
             argv += ["-initrd", config.initrd]
     if incoming:

@@ -45,10 +45,12 @@ from ferry.drivers.base import (
     Workload,
 )
 from ferry.drivers.launcher import Launch, Launcher, ProcessLauncher, VMResources
+from ferry.drivers.network import FabricError, Taps, guest_mac, is_loopback, tap_name
 
 from . import process
 from .config import (
     GuestSize,
+    Nic,
     QemuConfig,
     VMLayout,
     build_argv,
@@ -107,16 +109,19 @@ class QemuDriver:
         *,
         config: QemuConfig | None = None,
         launcher: Launcher | None = None,
+        taps: Taps | None = None,
         **overrides: Any,
     ):
         """``QemuDriver(data_dir, size_scale=0.001, kernel=..., initrd=...)``; any
         :class:`QemuConfig` field may be given as a keyword. ``launcher``: where QEMU runs
-        (default: a plain process, ``ProcessLauncher``)."""
+        (default: a plain process, ``ProcessLauncher``). ``taps``: who makes the guests' tap
+        devices (``ferry.drivers.network``); None: guests have no NIC."""
         self.data_dir = pathlib.Path(data_dir).resolve()
         base = config or QemuConfig()
         self.config = dataclasses.replace(base, **overrides) if overrides else base
         self.config.validate()
         self.launcher: Launcher = launcher or ProcessLauncher()
+        self.taps = taps
         (self.data_dir / "vms").mkdir(parents=True, exist_ok=True)
         self._lock = threading.RLock()
         self._clients: dict[VMKey, QMPClient] = {}
@@ -126,17 +131,55 @@ class QemuDriver:
 
     @classmethod
     def from_env(cls, data_dir: str | os.PathLike[str], environ: Mapping[str, str] | None = None,
-                 launcher: Launcher | None = None, **overrides: Any) -> QemuDriver:
+                 launcher: Launcher | None = None, taps: Taps | None = None, **overrides: Any) -> QemuDriver:
         """Configured by FERRY_QEMU_KERNEL, FERRY_QEMU_INITRD, FERRY_QEMU_BINARY, FERRY_SIZE_SCALE, ..."""
-        return cls(data_dir, config=QemuConfig.from_env(environ, **overrides), launcher=launcher)
+        return cls(data_dir, config=QemuConfig.from_env(environ, **overrides), launcher=launcher, taps=taps)
 
     @classmethod
     def from_settings(cls, settings: Any, data_dir: str | os.PathLike[str],
                       environ: Mapping[str, str] | None = None, launcher: Launcher | None = None,
-                      **overrides: Any) -> QemuDriver:
+                      taps: Taps | None = None, **overrides: Any) -> QemuDriver:
         """From ferry.settings.Settings (size_scale) plus the FERRY_QEMU_* variables."""
-        return cls.from_env(data_dir, environ, launcher, size_scale=getattr(settings, "size_scale", None),
+        return cls.from_env(data_dir, environ, launcher, taps, size_scale=getattr(settings, "size_scale", None),
                             **overrides)
+
+    @property
+    def owns_addresses(self) -> bool:
+        """The guests hold their own addresses (a NIC each): nothing goes on the node, and the
+        network cut-over is ``announce`` (docs/architecture.md, "A qemu guest's NIC")."""
+        return self.taps is not None
+
+    def _nic(self, key: VMKey, meta: dict[str, Any]) -> Nic | None:
+        """The guest's NIC, its tap made (idempotent); None without taps or without an address."""
+        ip = meta["spec"].get("ip")
+        if self.taps is None or not ip or is_loopback(ip):  # a loopback address stays the node's
+            return None
+        tap = tap_name(str(self.layout(key).root))
+        try:
+            self.taps.add_tap(tap)
+        except FabricError as exc:
+            raise DriverError(f"{key}: no tap device for its NIC: {exc}") from exc
+        return Nic(tap=tap, mac=guest_mac(key.namespace, key.name), ip=ip, tcp_port=self.config.tcp_port)
+
+    def _drop_tap(self, key: VMKey) -> None:
+        """The VM's tap goes with its QEMU (a tap QEMU still holds goes when QEMU closes it)."""
+        if self.taps is None:
+            return
+        try:
+            self.taps.del_tap(tap_name(str(self.layout(key).root)))
+        except FabricError as exc:
+            log.warning("%s: its tap device stays: %s", key, exc)
+
+    def announce(self, key: VMKey) -> None:
+        """The network cut-over of a guest with a NIC: QEMU's ``announce-self`` (RARP frames from
+        the guest's MAC, and a gratuitous ARP from the guest itself where virtio-net negotiated
+        GUEST_ANNOUNCE), so the segment's bridges send the guest's traffic to this node's tap.
+        The first round leaves at once, four more 50 ms apart (a frame lost on the way)."""
+        try:
+            self._qmp(key).execute("announce-self", {"initial": 0, "max": 200, "rounds": 5, "step": 50},
+                                   timeout=self.config.qmp_timeout)
+        except (QMPError, QMPConnectionError) as exc:
+            raise DriverError(f"{key}: announce-self failed: {exc}") from exc
 
     def hypervisor_version(self) -> str | None:
         """QEMU's version (``qemu-system-x86_64 --version``), None if it cannot be run."""
@@ -247,8 +290,9 @@ class QemuDriver:
         size = GuestSize(**meta["size"])
         self._ensure_disk(layout, size)
         self._write_meta(layout, meta)
+        nic = None if prelaunch else self._nic(key, meta)
         argv = build_argv(self.config, layout, size, safe_id(f"{key.namespace}-{key.name}"),
-                          incoming=incoming, prelaunch=prelaunch)
+                          incoming=incoming, prelaunch=prelaunch, nic=nic)
         log.info("starting QEMU for %s (launcher %s): %s", key, self.launcher.name, " ".join(argv))
         self._drop_client(key)
         for stale in (layout.pidfile, layout.qmp, layout.qmp_aux):
@@ -258,7 +302,7 @@ class QemuDriver:
         self.launcher.launch(Launch(
             key=key, argv=tuple(argv), vm_dir=str(layout.root), log_path=str(layout.stderr), env=(),
             resources=VMResources.of(int(spec["cpu"]), int(spec["memory_mib"]), self.config.size_scale),
-            role="incoming" if incoming else "vm"))
+            role="incoming" if incoming else "vm", tun=nic is not None))
         deadline = time.monotonic() + self.config.launch_timeout
         next_check = 0.0
         last: Exception | None = None
@@ -386,6 +430,7 @@ class QemuDriver:
             m.cancel()
         with self._lock:
             self._kill(key, graceful=True)
+            self._drop_tap(key)
             meta = self._read_meta(layout)
             if meta and meta.get("role") == "source":
                 meta.update(role=None, migration_id=None, offline_source=False)
@@ -400,6 +445,7 @@ class QemuDriver:
             m.detach()
         with self._lock:
             self._kill(key, graceful=False)
+            self._drop_tap(key)
             shutil.rmtree(layout.root, ignore_errors=True)
         if m is not None:
             m.thread.join(timeout=10)
@@ -599,6 +645,10 @@ class QemuDriver:
             self._stop_offline_source(key)
         elif self._alive(self.layout(key)) and self._runstate(key) != "running":
             self._qmp(key).execute("cont")
+        if self.owns_addresses and self._alive(self.layout(key)):
+            # the target's QEMU announced the guest's MAC when its copy arrived: take it back
+            with contextlib.suppress(DriverError):
+                self.announce(key)
         if m is not None:
             m.set_state(MigrationState.ABORTED)
         else:
@@ -820,6 +870,7 @@ def _spec_to_dict(spec: VMSpec) -> dict[str, Any]:
         "disk_gib": spec.disk_gib,
         "workload": dataclasses.asdict(spec.workload),
         "power_on": spec.power_on,
+        "ip": spec.ip,
     }
 
 
@@ -831,4 +882,5 @@ def _spec_from_dict(d: Mapping[str, Any]) -> VMSpec:
         disk_gib=int(d["disk_gib"]),
         workload=Workload(**d.get("workload", {})),
         power_on=bool(d.get("power_on", True)),
+        ip=d.get("ip"),
     )
