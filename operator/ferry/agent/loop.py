@@ -29,7 +29,7 @@ from ferry.agent.execute import Executor, Heartbeat, Warnings
 from ferry.agent.metrics import AgentMetrics
 from ferry.agent.observe import Observer
 from ferry.api.times import now as utcnow
-from ferry.drivers.base import MIGRATION_SETTLED, Driver, MigrationState, VMKey
+from ferry.drivers.base import MIGRATION_SETTLED, Driver, VMKey
 from ferry.drivers.network import Fabric
 from ferry.settings import Settings
 from ferry.storage import Kube
@@ -46,15 +46,17 @@ GATHER_SECONDS = 0.005
 
 class VMWaiters:
     """One thread per VM with a migration under way, blocked in ``driver.wait_migration``
-    until the migration leaves the state last seen; then it wakes the loop and ends (the next
-    cycle arms a new one if the migration is still under way). A wait that returns at once
-    without a change (the VM cannot be asked) is not repeated before ``POLL_SECONDS``."""
+    until the migration ends; then it wakes the loop and ends (the next cycle arms a new one if
+    the migration is still under way, e.g. after the wait's timeout). A wait that returns at
+    once (the VM cannot be asked) is not repeated before ``POLL_SECONDS``. Only the end wakes
+    the loop: a wake-up at every step (Converging, Paused) would write a report while the
+    guest is paused, in the way of the ones the record flip waits for."""
 
     def __init__(self, driver: Driver, wake: Callable[[], None], stop: threading.Event,
                  clock: Callable[[], float] = time.monotonic):
         self.driver, self.wake, self.stop, self.clock = driver, wake, stop, clock
         self._threads: dict[VMKey, threading.Thread] = {}
-        self._quick: dict[VMKey, tuple[MigrationState, float]] = {}  # a wait that came back at once
+        self._quick: dict[VMKey, float] = {}  # when a wait came back at once
 
     def arm(self, vms: dict[VMKey, p.VMObs]) -> None:
         now = self.clock()
@@ -66,24 +68,24 @@ class VMWaiters:
             if t is not None and t.is_alive():
                 continue
             quick = self._quick.get(key)
-            if quick is not None and quick[0] == st.state and now - quick[1] < POLL_SECONDS:
+            if quick is not None and now - quick < POLL_SECONDS:
                 continue
-            t = threading.Thread(target=self._wait, args=(key, st.state), name=f"wait {key}", daemon=True)
+            t = threading.Thread(target=self._wait, args=(key,), name=f"wait {key}", daemon=True)
             self._threads[key] = t
             t.start()
         for key in [k for k, t in self._threads.items() if not t.is_alive() and k not in vms]:
             self._threads.pop(key, None)
             self._quick.pop(key, None)
 
-    def _wait(self, key: VMKey, state: MigrationState) -> None:
+    def _wait(self, key: VMKey) -> None:
         began = self.clock()
         try:
-            self.driver.wait_migration(key, state, WAIT_SECONDS)
+            self.driver.wait_migration(key, WAIT_SECONDS)
         except Exception:  # noqa: BLE001 - a waiter only speeds the loop up; the poll still runs
             log.debug("waiting on the migration of %s failed", key, exc_info=True)
         ended = self.clock()
         if ended - began < 0.05:
-            self._quick[key] = (state, ended)
+            self._quick[key] = ended
         else:
             self._quick.pop(key, None)
         if not self.stop.is_set():

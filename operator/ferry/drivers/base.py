@@ -184,10 +184,12 @@ class Driver(Protocol):
     def query_migration(self, key: VMKey) -> MigrationStats:
         """Progress of the VM's current or last migration (either side)."""
 
-    def wait_migration(self, key: VMKey, state: MigrationState, timeout: float) -> None:
-        """Return when the VM's migration is no longer in ``state``, or after ``timeout`` s,
-        or at once when the VM cannot be asked (the agent then reads it as usual). Lets the
-        agent see a copy finish when it finishes rather than at its next poll."""
+    def wait_migration(self, key: VMKey, timeout: float) -> None:
+        """Return when the VM's migration has settled (``MIGRATION_SETTLED``: it ended, nothing
+        more happens on its own), or after ``timeout`` s, or at once when the VM cannot be asked
+        (the agent then reads it as usual). Lets the agent see a copy end when it ends rather
+        than at its next poll; the steps in between (Converging, Paused) wait for the poll, so
+        they cost no extra report while the guest is paused."""
 
     def cancel_migration(self, key: VMKey) -> None:
         """Source side: abort, lift any throttle, resume the guest. Idempotent."""
@@ -204,13 +206,13 @@ MIGRATION_SETTLED = frozenset({MigrationState.COMPLETED, MigrationState.RECEIVED
                                MigrationState.ABORTED})
 
 
-def poll_migration(driver: Driver, key: VMKey, state: MigrationState, timeout: float, interval: float) -> None:
+def poll_migration(driver: Driver, key: VMKey, timeout: float, interval: float) -> None:
     """``Driver.wait_migration`` for a driver whose state is cheap to read: read it every
     ``interval`` s."""
     end = time.monotonic() + timeout
     while True:
         try:
-            if driver.query_migration(key).state != state:
+            if driver.query_migration(key).state in MIGRATION_SETTLED:
                 return
         except DriverError:
             return

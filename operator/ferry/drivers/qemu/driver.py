@@ -556,9 +556,9 @@ class QemuDriver:
                 return m.snapshot()
         return self._persisted_stats(layout) or MigrationStats()
 
-    def wait_migration(self, key: VMKey, state: MigrationState, timeout: float) -> None:
+    def wait_migration(self, key: VMKey, timeout: float) -> None:
         """A migration's state lives in this process (its sequence thread): read it every 20 ms."""
-        poll_migration(self, key, state, timeout, interval=0.02)
+        poll_migration(self, key, timeout, interval=0.02)
 
     def cancel_migration(self, key: VMKey) -> None:
         layout = self.layout(key)

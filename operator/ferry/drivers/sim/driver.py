@@ -443,13 +443,12 @@ class SimDriver:
         except (OSError, ValueError):
             return MigrationStats()
 
-    def wait_migration(self, key: VMKey, state: MigrationState, timeout: float) -> None:
-        """The VM process answers ``wait-migrate`` when its migration leaves ``state``."""
+    def wait_migration(self, key: VMKey, timeout: float) -> None:
+        """The VM process answers ``wait-migrate`` when its migration has ended."""
         if not self._alive(key):
             return
         try:
-            control.execute(self._sock(key), "wait-migrate", {"state": state.value, "timeout": timeout},
-                            timeout=timeout + 5.0)
+            control.execute(self._sock(key), "wait-migrate", {"timeout": timeout}, timeout=timeout + 5.0)
         except (control.ControlError, control.ControlUnavailable, ValueError):
             return
 

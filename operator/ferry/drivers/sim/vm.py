@@ -63,7 +63,7 @@ log = logging.getLogger("ferry.sim.vm")
 
 
 
-#: how often a wait-migrate re-reads the state that no callback announces (e.g. Copying -> Converging)
+#: how often a wait-migrate re-reads the state besides the finish callbacks' notices
 WAIT_RECHECK_SECONDS = 0.25
 
 
@@ -89,7 +89,6 @@ class _EngineGuest:
     def pause(self) -> bool:
         was = self.vm.guest.pause()
         self.vm.paused_at = time.time()
-        self.vm.changed()
         failpoints.hit("vm.source-paused")
         return was
 
@@ -395,13 +394,14 @@ class VM:
         eng = self._engine()
         return eng.state if eng is not None else session.NONE
 
-    def cmd_wait_migrate(self, state: str, timeout: float = 10.0) -> dict:
-        """Answer when the migration is no longer in ``state`` (or after ``timeout`` s, at most
-        30): the agent learns that a copy finished when it does, not at its next poll. Steps
-        nobody notifies are seen within WAIT_RECHECK_SECONDS."""
+    def cmd_wait_migrate(self, timeout: float = 10.0) -> dict:
+        """Answer when the migration has ended (Completed, Received, Failed, Aborted; or there is
+        none), or after ``timeout`` s, at most 30: the agent learns that a copy ended when it
+        does, not at its next poll. The engines' finish callbacks notify; the state is also read
+        every WAIT_RECHECK_SECONDS."""
         end = time.monotonic() + min(max(float(timeout), 0.0), 30.0)
         with self._changed:
-            while self._migration_state() == state:
+            while self._migration_state() not in session.TERMINAL and self._engine() is not None:
                 left = end - time.monotonic()
                 if left <= 0:
                     break
