@@ -521,6 +521,9 @@ class FakeDriver:
                               digest=v.digest if v.mstate in (MigrationState.COMPLETED, MigrationState.RECEIVED) else None,
                               error=v.error, round=1 if v.role == "source" else 0)
 
+    def wait_migration(self, key: VMKey, timeout: float) -> None:
+        """A fake migration moves only when it is queried: nothing happens while waiting."""
+
     def cancel_migration(self, key: VMKey) -> None:
         self._check("cancel_migration", key)
         v = self.vms.get(key)

@@ -79,11 +79,13 @@ def test_a_client_outside_the_nodes_probes_the_droplet_through_its_migration(e2e
         where = (f"; last answer from {src} -> address on {dst}: {(moved - last) * 1000:.0f} ms, "
                  f"-> first answer from {dst}: {(first - moved) * 1000:.0f} ms (clocks of one machine)")
     figure(e2e, f"network cut-over (sim, node fabric, {src} -> {dst}): {Probe.line(r)}; reported downtime "
-                f"{st.get('downtimeMs')} ms (budget {st.get('downtimeBudgetMs')} ms); address move {net.get('ms')} ms "
+                f"{st.get('downtimeMs')} ms (budget {st.get('downtimeBudgetMs')} ms), guest paused "
+                f"{st.get('guestPauseMs')} ms in all; address move {net.get('ms')} ms "
                 f"at {net.get('movedAt')}{where}")
     assert r["hosts"] == [src, dst], f"answered by {r['hosts']}: one move, never both"
     assert r["boots"] == [1] and not r["seq_went_back"], r
     assert net.get("address") == ip and net.get("host") == dst and net.get("fabric") == "node"
+    assert st["guestPauseMs"] >= st["downtimeMs"], st  # the nodes share the machine's clock
     wait_until(lambda: holders(e2e, ip) == [dst], 30, what=f"{ip} on {dst} only (released on {src})")
     assert addresses_on(e2e, dst)[ip] == "eth0:ferry"
     e2e.kubectl("delete", "-n", ns, "droplet", "reach", "--wait=false")

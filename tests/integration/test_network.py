@@ -34,10 +34,15 @@ def test_probes_through_a_migration_see_one_guest_move(stack):
         st = stack.wait_phase("move", "Completed", timeout=120)
         wait_until(lambda: probe.answered_by(dst), 10, what="the guest answering from the target")
     r = probe.result()
-    print(f"\nloopback fabric, sim: {Probe.line(r)}; reported downtime {st.get('downtimeMs')} ms")
+    print(f"\nloopback fabric, sim: {Probe.line(r)}; reported downtime {st.get('downtimeMs')} ms, "
+          f"guest paused {st.get('guestPauseMs')} ms in all")
     assert r["hosts"] == [src, dst], f"answered by {r['hosts']}: the guest must move once, never answer from both"
     assert r["boots"] == [1] and not r["seq_went_back"], r
     assert r["answered"] > 0 and r["lost"] < r["sent"]
+    # the guest's whole pause: the source paused it, the target resumed it after the record moved
+    assert st["transfer"]["pausedAt"] and st["target"]["resumedAt"]
+    assert st["guestPauseMs"] >= st["downtimeMs"], st
+    assert st["downtimeText"] == f"{st['downtimeMs']}ms (paused {st['guestPauseMs']}ms)"
     net = st["networkCutOver"]
     assert net["address"] == ip and net["host"] == dst and net["fabric"] == "loopback" and net["movedAt"]
     assert st["target"]["network"]["attempt"] == st["attempt"]

@@ -699,6 +699,21 @@ def test_completed_records_the_network_cut_over_of_this_attempt():
         assert not [e for e in events(d) if e.reason == "NetworkCutOver"]
 
 
+def test_completed_reports_the_guests_whole_pause_next_to_the_downtime():
+    paused = T0 - sec(1)
+    tr = TransferReport(1, "Completed", round=4, bytes_sent=5, progress=100, digest="sha256:aa", downtime_ms=87,
+                        paused_at=paused)
+    tg = TargetReport(1, "Running", "10.0.0.2:7000", "sha256:aa", resumed_at=paused + dt.timedelta(milliseconds=212))
+    d = decide(flipped(transfer=tr, target=tg), T0)
+    assert d.phase == "Completed"
+    assert d.new_status.downtime_ms == 87 and d.new_status.guest_pause_ms == 212
+    assert "downtime 87 ms (the guest was paused 212 ms in all, until it ran on h2)" in d.new_status.message
+    assert d.new_status.to_dict()["downtimeText"] == "87ms (paused 212ms)"
+    # a target that did not say when it resumed: the downtime alone, no guess
+    d = decide(flipped(transfer=tr, target=TargetReport(1, "Running", "10.0.0.2:7000", "sha256:aa")), T0)
+    assert d.new_status.guest_pause_ms is None and "paused" not in d.new_status.message
+
+
 def test_nested_virtualization_condition_and_event():
     o = flipped(target=TargetReport(1, "Running"), droplet=droplet(host="h2", nested_virtualization=True))
     d = decide(o, T0)

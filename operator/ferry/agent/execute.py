@@ -88,6 +88,8 @@ class Executor:
         self.now = now
         self.clock = clock
         self._retry: dict[tuple[VMKey, str], tuple[float, int]] = {}  # (key, call) -> (retry at, failures)
+        #: the last resume this agent did of each VM: (migration id, when), for the Running report
+        self.resumed: dict[VMKey, tuple[str, dt.datetime]] = {}
 
     @property
     def host(self) -> str:
@@ -185,6 +187,7 @@ class Executor:
             failpoints.hit("target-agent.before-resume")
             ok = self._driver_call(a.key, "resume", lambda: self.driver.resume(a.key))
             if ok:
+                self.resumed[a.key] = (a.migration_id, self.now())
                 failpoints.hit("target-agent.after-resume")
             return ok
         if isinstance(a, p.ClaimAddress):
@@ -328,6 +331,10 @@ class Executor:
     def _report(self, a: p.ReportTarget | p.ReportTransfer, field: str, snap: Snapshot) -> bool:
         ns, name = a.migration
         status = dict(a.status)
+        if field == "target" and status.get("state") == "Running" and not status.get("resumedAt"):
+            resumed = self.resumed.get(a.key)
+            if resumed is not None and resumed[0] == p.migration_id(ns, name, int(status.get("attempt") or 0)):
+                status["resumedAt"] = fmt(resumed[1], fraction=True)  # the resume this agent just did
         lm = snap.migrations.get(a.migration)
         previous = getattr(lm, field) if lm is not None else None
         changed = previous is None or previous.state != status.get("state") or previous.attempt != status.get("attempt")

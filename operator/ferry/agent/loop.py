@@ -4,6 +4,10 @@ heartbeat.
 One loop thread does everything that changes anything; the watch threads only fill tables
 and wake it. A cycle runs at once on a watch event, every ``POLL_SECONDS`` while a
 migration is in flight here (to report progress), and every ``RESYNC_SECONDS`` otherwise.
+A VM whose migration is under way also has a waiter thread (``VMWaiters``) blocked in the
+driver's ``wait_migration``: when the copy finishes (source Completed, target Received) the
+loop wakes at once, so the reports that let the record move go out within milliseconds of
+the pause rather than at the next poll (the guest is paused until the record moves).
 Actions of a droplet whose stats could not be read are dropped for that cycle. The
 heartbeat (Host.status.agent) goes out every ``FERRY_HEARTBEAT_SECONDS`` and whenever the
 VM list changed. Nothing here is needed after a restart: the driver and the API hold all
@@ -25,7 +29,7 @@ from ferry.agent.execute import Executor, Heartbeat, Warnings
 from ferry.agent.metrics import AgentMetrics
 from ferry.agent.observe import Observer
 from ferry.api.times import now as utcnow
-from ferry.drivers.base import Driver
+from ferry.drivers.base import MIGRATION_SETTLED, Driver, VMKey
 from ferry.drivers.network import Fabric
 from ferry.settings import Settings
 from ferry.storage import Kube
@@ -35,6 +39,57 @@ log = logging.getLogger("ferry.agent")
 
 POLL_SECONDS = 0.25
 RESYNC_SECONDS = 5.0
+WAIT_SECONDS = 10.0  # a waiter's longest wait_migration call
+#: how long the loop gathers wake tokens after the first one (a burst of watch events is one cycle)
+GATHER_SECONDS = 0.005
+
+
+class VMWaiters:
+    """One thread per VM with a migration under way, blocked in ``driver.wait_migration``
+    until the migration ends; then it wakes the loop and ends (the next cycle arms a new one if
+    the migration is still under way, e.g. after the wait's timeout). A wait that returns at
+    once (the VM cannot be asked) is not repeated before ``POLL_SECONDS``. Only the end wakes
+    the loop: a wake-up at every step (Converging, Paused) would write a report while the
+    guest is paused, in the way of the ones the record flip waits for."""
+
+    def __init__(self, driver: Driver, wake: Callable[[], None], stop: threading.Event,
+                 clock: Callable[[], float] = time.monotonic):
+        self.driver, self.wake, self.stop, self.clock = driver, wake, stop, clock
+        self._threads: dict[VMKey, threading.Thread] = {}
+        self._quick: dict[VMKey, float] = {}  # when a wait came back at once
+
+    def arm(self, vms: dict[VMKey, p.VMObs]) -> None:
+        now = self.clock()
+        for key, vm in vms.items():
+            st = vm.stats
+            if st is None or st.state in MIGRATION_SETTLED or not vm.migration_id:
+                continue
+            t = self._threads.get(key)
+            if t is not None and t.is_alive():
+                continue
+            quick = self._quick.get(key)
+            if quick is not None and now - quick < POLL_SECONDS:
+                continue
+            t = threading.Thread(target=self._wait, args=(key,), name=f"wait {key}", daemon=True)
+            self._threads[key] = t
+            t.start()
+        for key in [k for k, t in self._threads.items() if not t.is_alive() and k not in vms]:
+            self._threads.pop(key, None)
+            self._quick.pop(key, None)
+
+    def _wait(self, key: VMKey) -> None:
+        began = self.clock()
+        try:
+            self.driver.wait_migration(key, WAIT_SECONDS)
+        except Exception:  # noqa: BLE001 - a waiter only speeds the loop up; the poll still runs
+            log.debug("waiting on the migration of %s failed", key, exc_info=True)
+        ended = self.clock()
+        if ended - began < 0.05:
+            self._quick[key] = ended
+        else:
+            self._quick.pop(key, None)
+        if not self.stop.is_set():
+            self.wake()
 
 
 class Agent:
@@ -56,6 +111,7 @@ class Agent:
         self.heartbeats = Heartbeat(self.ctx, driver, kube, settings, warn, version=version, now=now, clock=clock)
         self.metrics = AgentMetrics(host)
         self.cycles = 0
+        self.last_vms: dict[VMKey, p.VMObs] = {}
 
     @property
     def host(self) -> str:
@@ -75,6 +131,7 @@ class Agent:
         self.observer.remember_settled(snap, actions)
         self.heartbeats.note_vms([vm.info for vm in snap.vms.values()])
         self.metrics.refresh(snap.vms, snap.migrations)
+        self.last_vms = snap.vms
         return p.busy(snap.vms, snap.migrations, self.host)
 
     def heartbeat(self) -> bool:
@@ -83,6 +140,7 @@ class Agent:
     def run(self, stop: threading.Event) -> None:
         """Until ``stop`` is set (and ``wake`` gets a token to notice at once)."""
         self.observer.start_watches(self.connect, self.namespace, stop, lambda kind, key: self.wake.put((kind, key)))
+        waiters = VMWaiters(self.driver, lambda: self.wake.put(None), stop, self.clock)
         next_heartbeat = 0.0
         in_flight = False
         announced = False
@@ -100,6 +158,7 @@ class Agent:
                 except Exception:  # noqa: BLE001 - a bug must not stop heartbeats; logged with traceback
                     log.exception("agent cycle failed; retrying")
                     in_flight = False
+                waiters.arm(self.last_vms)
                 if self.heartbeats.due:
                     self.heartbeat()
                     next_heartbeat = self.clock() + self.heartbeats.period
@@ -114,7 +173,7 @@ class Agent:
         except queue.Empty:
             return
         items = [item]
-        deadline = self.clock() + 0.02
+        deadline = self.clock() + GATHER_SECONDS
         while not stop.is_set():
             try:
                 items.append(self.wake.get(timeout=max(0.0, deadline - self.clock())))

@@ -354,7 +354,13 @@ def transfer_report(stats: MigrationStats, attempt: int, now: dt.datetime) -> Tr
         error=stats.error,
         updated_at=now,
         channel=stats.channel,
+        paused_at=epoch(stats.paused_at),
     )
+
+
+def epoch(t: float | None) -> dt.datetime | None:
+    """A driver's wall-clock seconds as a time."""
+    return dt.datetime.fromtimestamp(t, dt.timezone.utc) if t is not None else None
 
 
 def transfer_status(stats: MigrationStats, attempt: int, now: dt.datetime) -> dict[str, Any]:
@@ -368,12 +374,14 @@ def transfer_failed(attempt: int, error: str, now: dt.datetime) -> dict[str, Any
 
 def target_status(attempt: int, state: TargetState, now: dt.datetime, *, address: str | None = None,
                   digest: str | None = None, error: str | None = None,
-                  stats: MigrationStats | None = None) -> dict[str, Any]:
-    """``status.target``; ``stats`` (the incoming VM's) adds the frozen point and its hash."""
+                  stats: MigrationStats | None = None, resumed_at: dt.datetime | None = None) -> dict[str, Any]:
+    """``status.target``; ``stats`` (the incoming VM's) adds the frozen point and its hash, and
+    when the guest was resumed if the driver says (else ``resumed_at``: as reported before;
+    the executor stamps a resume it just did, ``Executor.resumed``)."""
     if stats is None:
-        return TargetReport(attempt, state, address, digest, error, now).to_patch()
+        return TargetReport(attempt, state, address, digest, error, now, resumed_at=resumed_at).to_patch()
     return TargetReport(attempt, state, address, digest, error, now, stats.frozen_point, stats.verify_ms,
-                        stats.hashed_bytes).to_patch()
+                        stats.hashed_bytes, resumed_at=epoch(stats.resumed_at) or resumed_at).to_patch()
 
 
 def _comparable(d: Mapping[str, Any] | None) -> dict[str, Any]:
@@ -555,6 +563,18 @@ def _power(key: VMKey, d: Droplet, vm: VMObs | None, lms: list[LiveMigration], m
     return []
 
 
+def _flipped(lm: LiveMigration, n: int) -> bool:
+    """The record (which names this host: the caller checks) moved for attempt ``n`` of ``lm``:
+    the operator says CutOver, or it has not written that yet but the source reported the copy
+    Completed (the operator moves the record only then, and writes the phase after the move). The
+    guest resumes as soon as the record names this host, not one status write later: it is paused
+    meanwhile."""
+    if lm.phase in (Phase.CUTOVER, Phase.COMPLETED):
+        return True
+    return (lm.phase == Phase.PRECOPY and lm.transfer.attempt == n
+            and lm.transfer.state == TransferState.COMPLETED)
+
+
 def _target(host: HostContext, key: VMKey, lm: LiveMigration, d: Droplet | None, known: bool, owned: bool,
             elsewhere: bool, vm: VMObs | None, destroyed: bool, now: dt.datetime) -> tuple[list[Action], bool]:
     """Actions of the target role for ``lm``; the bool says whether it decided about the VM."""
@@ -601,7 +621,7 @@ def _target(host: HostContext, key: VMKey, lm: LiveMigration, d: Droplet | None,
                         n, TargetState.FAILED, now, address=rep.address if rep.attempt == n else None,
                         error=f"the incoming VM of {mid} died on host {me} before it ran")))
             elif st == MigrationState.RECEIVED:
-                if owned and lm.phase in (Phase.CUTOVER, Phase.COMPLETED):
+                if owned and _flipped(lm, n):
                     out.append(ResumeVM(key, mid, f"the record names {me}"))
                     if d is not None and not d.power_on:
                         out.append(StopVM(key, "powerState off (offline migration)"))
@@ -630,7 +650,8 @@ def _target(host: HostContext, key: VMKey, lm: LiveMigration, d: Droplet | None,
             out.append(ReportTarget(key, ref, target_status(
                 n, TargetState.RUNNING, now, address=rep.address if rep.attempt == n else None,
                 digest=(stats.digest if stats else None) or rep.digest,
-                stats=stats if stats is not None and stats.migration_id == mid else None)))
+                stats=stats if stats is not None and stats.migration_id == mid else None,
+                resumed_at=rep.resumed_at if rep.attempt == n else None)))
         return out, False
 
     # Pending/Announced/Scheduling (a later attempt is being set up), Failed, Cancelled:

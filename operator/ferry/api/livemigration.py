@@ -208,6 +208,9 @@ class MigrationStatus:
     verification: Verification | None = None
     #: the completed attempt's network cut-over {address, host, fabric, movedAt, ms}
     network_cut_over: Mapping[str, Any] | None = None
+    #: the guest's whole pause: the source paused it for the final copy -> the target resumed it
+    #: (downtime_ms is the copy's part of it; the rest is the record flip); None when not known
+    guest_pause_ms: int | None = None
 
     def condition(self, type_: str) -> Condition | None:
         return find(self.conditions, type_)
@@ -239,7 +242,8 @@ class MigrationStatus:
             "progress": self.progress,
             "progressText": f"{self.progress}%" if self.progress is not None else None,
             "downtimeMs": self.downtime_ms,
-            "downtimeText": f"{self.downtime_ms}ms" if self.downtime_ms is not None else None,
+            "downtimeText": downtime_text(self.downtime_ms, self.guest_pause_ms),
+            "guestPauseMs": self.guest_pause_ms,
             "downtimeBudgetMs": self.downtime_budget_ms,
             "progressMark": self.progress_mark.to_dict() if self.progress_mark else None,
             "conditions": [c.to_dict() for c in self.conditions] or None,
@@ -281,7 +285,16 @@ class MigrationStatus:
             conditions=parse_conditions(d.get("conditions") if isinstance(d.get("conditions"), list) else None),
             verification=Verification.from_dict(d.get("verification")),
             network_cut_over=as_map(d.get("networkCutOver")) or None,
+            guest_pause_ms=as_int(d.get("guestPauseMs")),
         )
+
+
+def downtime_text(downtime_ms: int | None, guest_pause_ms: int | None) -> str | None:
+    """The Downtime printer column: "87ms", or "87ms (paused 140ms)" once the guest's whole pause
+    is known."""
+    if downtime_ms is None:
+        return None
+    return f"{downtime_ms}ms" + (f" (paused {guest_pause_ms}ms)" if guest_pause_ms is not None else "")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -142,6 +142,7 @@ class TransferReport:
     error: str | None = None
     updated_at: dt.datetime | None = None
     channel: str | None = None  # what protects the data channel: aes-256-gcm | plain (sim)
+    paused_at: dt.datetime | None = None  # the source paused the guest for the final copy (its clock)
 
     @property
     def failed(self) -> bool:
@@ -180,6 +181,7 @@ class TransferReport:
             "error": self.error,
             "updatedAt": fmt(self.updated_at, fraction=True),
             "channel": self.channel,
+            "pausedAt": fmt(self.paused_at, fraction=True),
         }
 
     @classmethod
@@ -226,6 +228,7 @@ class TransferReport:
             error=as_str(m.get("error")),
             channel=as_str(m.get("channel")),
             updated_at=parse_any(m.get("updatedAt")),
+            paused_at=parse_any(m.get("pausedAt")),
         )
 
 
@@ -247,11 +250,13 @@ class TargetReport:
     #: the network cut-over {attempt, address, fabric, movedAt, ms}: written by the target agent on
     #: its own (``ferry.agent.execute``), never by ``to_patch`` (a state report leaves it as it is)
     network: Mapping[str, Any] | None = None
+    resumed_at: dt.datetime | None = None  # the target resumed the guest (its clock)
 
     def to_patch(self) -> dict[str, Any]:
         return {"attempt": self.attempt, "state": self.state, "address": self.address, "digest": self.digest,
                 "error": self.error, "updatedAt": fmt(self.updated_at, fraction=True),
-                "frozenPoint": self.frozen_point or None, "verifyMs": self.verify_ms, "hashedBytes": self.hashed_bytes}
+                "frozenPoint": self.frozen_point or None, "verifyMs": self.verify_ms, "hashedBytes": self.hashed_bytes,
+                "resumedAt": fmt(self.resumed_at, fraction=True)}
 
     @classmethod
     def from_dict(cls, d: Any) -> TargetReport | None:
@@ -261,7 +266,7 @@ class TargetReport:
             return None
         return cls(attempt, state, as_str(m.get("address")), as_str(m.get("digest")), as_str(m.get("error")),
                    parse_any(m.get("updatedAt")), m.get("frozenPoint") is True, as_int(m.get("verifyMs")),
-                   as_int(m.get("hashedBytes")), as_map(m.get("network")) or None)
+                   as_int(m.get("hashedBytes")), as_map(m.get("network")) or None, parse_any(m.get("resumedAt")))
 
 
 #: How the agents' errors say "my peer went away": ``PeerLost:`` (a driver that knows, e.g. the

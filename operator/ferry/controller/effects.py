@@ -106,27 +106,28 @@ async def flip_record(cx: Context, ns: str, action: a.FlipRecord | a.ReturnRecor
     """The commit point of a migration (DESIGN invariant 1).
 
     ``status.host`` is the placement record: it moves in one write guarded by the droplet's
-    resourceVersion, read fresh, and only from ``from_host``. The ``ferry.dev/host`` label
-    follows in a second write (Kubernetes cannot change a label and a status subresource in
-    one request); it is an index only, and the droplet reconciler repairs it if the operator
-    dies between the two writes. ``ReturnRecord`` (the target failed before it ran) is the
-    same write the other way.
+    resourceVersion, and only from ``from_host``. The guard is the resourceVersion the operator's
+    watch last saw (no read in the guest's pause); a conflict means that copy was behind, and the
+    write is tried again on a fresh read. The ``ferry.dev/host`` label follows in a second write
+    (Kubernetes cannot change a label and a status subresource in one request); it is an index
+    only, and the droplet reconciler repairs it if the operator dies between the two writes.
+    ``ReturnRecord`` (the target failed before it ran) is the same write the other way.
     """
     back = isinstance(action, a.ReturnRecord)
-    body = await cx.call(cx.kube.get, "Droplet", action.droplet, ns)
-    current = Droplet.from_body(body).host
-    if current != action.to_host:
-        if current != action.from_host:
-            raise StorageError(f"record of droplet {ns}/{action.droplet} names {current}, not {action.from_host}")
-        failpoints.hit("operator.before-record-return" if back else "operator.before-record-write")
-        body = await cx.call(cx.kube.patch_status, "Droplet", action.droplet,
-                             {"host": action.to_host, "phase": DropletPhase.MIGRATING,
-                              "reason": "RecordReturned" if back else "RecordMoved",
-                              "message": f"record {'moved back' if back else 'moved'} from {action.from_host} "
-                                         f"to {action.to_host}"},
-                             ns, resource_version=body["metadata"]["resourceVersion"])
-        log.info("record of droplet %s/%s moved %s%s -> %s", ns, action.droplet, "back " if back else "",
-                 action.from_host, action.to_host)
+    body: dict[str, Any] | None = None
+    seen = cx.world.droplets.get((ns, action.droplet))
+    if seen is not None and seen.host == action.from_host and seen.meta.resource_version:
+        try:
+            body = await _write_record(cx, ns, action, back, seen.meta.resource_version)
+        except Conflict:
+            body = None  # the watch's copy was behind: read it fresh
+    if body is None:
+        body = await cx.call(cx.kube.get, "Droplet", action.droplet, ns)
+        current = Droplet.from_body(body).host
+        if current != action.to_host:
+            if current != action.from_host:
+                raise StorageError(f"record of droplet {ns}/{action.droplet} names {current}, not {action.from_host}")
+            body = await _write_record(cx, ns, action, back, body["metadata"]["resourceVersion"])
     cx.world.observe("Droplet", "MODIFIED", body)
     if not back:
         failpoints.hit("operator.after-record-write")
@@ -135,6 +136,20 @@ async def flip_record(cx: Context, ns: str, action: a.FlipRecord | a.ReturnRecor
         await set_host_label(cx, (ns, action.droplet), action.to_host)
     if not back:
         failpoints.hit("operator.after-label-write")
+
+
+async def _write_record(cx: Context, ns: str, action: a.FlipRecord | a.ReturnRecord, back: bool,
+                        resource_version: str) -> dict[str, Any]:
+    failpoints.hit("operator.before-record-return" if back else "operator.before-record-write")
+    body = await cx.call(cx.kube.patch_status, "Droplet", action.droplet,
+                         {"host": action.to_host, "phase": DropletPhase.MIGRATING,
+                          "reason": "RecordReturned" if back else "RecordMoved",
+                          "message": f"record {'moved back' if back else 'moved'} from {action.from_host} "
+                                     f"to {action.to_host}"},
+                         ns, resource_version=resource_version)
+    log.info("record of droplet %s/%s moved %s%s -> %s", ns, action.droplet, "back " if back else "",
+             action.from_host, action.to_host)
+    return body
 
 
 async def mark_droplet_condition(cx: Context, ns: str, action: a.MarkDropletCondition) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import time
 from typing import Protocol, runtime_checkable
 
 from ferry.api.reports import RoundReport
@@ -134,6 +135,10 @@ class MigrationStats:
     digest: str | None = None
     error: str | None = None
     channel: str | None = None  # what protects the data channel (sim: aes-256-gcm or plain); None: not said
+    #: wall-clock seconds (time.time()): when the source paused the guest for the final copy, and
+    #: when the target resumed it (None: not yet, or the driver cannot tell)
+    paused_at: float | None = None
+    resumed_at: float | None = None
 
     @property
     def bytes_total(self) -> int:
@@ -179,6 +184,13 @@ class Driver(Protocol):
     def query_migration(self, key: VMKey) -> MigrationStats:
         """Progress of the VM's current or last migration (either side)."""
 
+    def wait_migration(self, key: VMKey, timeout: float) -> None:
+        """Return when the VM's migration has settled (``MIGRATION_SETTLED``: it ended, nothing
+        more happens on its own), or after ``timeout`` s, or at once when the VM cannot be asked
+        (the agent then reads it as usual). Lets the agent see a copy end when it ends rather
+        than at its next poll; the steps in between (Converging, Paused) wait for the poll, so
+        they cost no extra report while the guest is paused."""
+
     def cancel_migration(self, key: VMKey) -> None:
         """Source side: abort, lift any throttle, resume the guest. Idempotent."""
 
@@ -187,6 +199,27 @@ class Driver(Protocol):
 
     def force_complete(self, key: VMKey) -> None:
         """Source side: pause the guest now and finish the copy whatever the budget. Idempotent."""
+
+
+#: a migration in these states changes on its own; in the others only when told to
+MIGRATION_SETTLED = frozenset({MigrationState.COMPLETED, MigrationState.RECEIVED, MigrationState.FAILED,
+                               MigrationState.ABORTED})
+
+
+def poll_migration(driver: Driver, key: VMKey, timeout: float, interval: float) -> None:
+    """``Driver.wait_migration`` for a driver whose state is cheap to read: read it every
+    ``interval`` s."""
+    end = time.monotonic() + timeout
+    while True:
+        try:
+            if driver.query_migration(key).state in MIGRATION_SETTLED:
+                return
+        except DriverError:
+            return
+        left = end - time.monotonic()
+        if left <= 0:
+            return
+        time.sleep(min(interval, left))
 
 
 def host_cpu(cpuinfo: str = "/proc/cpuinfo") -> tuple[str | None, frozenset[str]]:

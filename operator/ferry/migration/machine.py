@@ -345,13 +345,29 @@ def network_cut_over(tg: TargetReport | None, attempt: int, host: str) -> dict[s
     return {k: v for k, v in out.items() if v is not None}
 
 
+def guest_pause_ms(tr: TransferReport | None, tg: TargetReport | None, attempt: int,
+                   downtime_ms: int | None) -> int | None:
+    """The guest's whole pause: the source paused it for the final copy (its clock) -> the target
+    resumed it (its clock). None when either side did not say, or when the two hosts' clocks
+    make it shorter than the downtime it contains (they disagree)."""
+    if tr is None or tg is None or tr.attempt != attempt or tg.attempt != attempt:
+        return None
+    if tr.paused_at is None or tg.resumed_at is None:
+        return None
+    ms = round((tg.resumed_at - tr.paused_at).total_seconds() * 1000)
+    return ms if ms >= (downtime_ms or 0) else None
+
+
 def _complete(b: _Builder, tr: TransferReport | None, tg: TargetReport | None = None) -> None:
     obs, st = b.obs, b.st
     src, dst = st.source_host or "?", st.target_host or "?"
     started = st.phase_times.get(Phase.PREPARING)
     took = f" in {_secs(b.now - started):.0f} s" if started else ""
     downtime = tr.downtime_ms if tr is not None and tr.downtime_ms is not None else st.downtime_ms
+    pause = guest_pause_ms(tr, tg, st.attempt, downtime)
     dt_txt = f", downtime {downtime} ms" if downtime is not None else ""
+    if pause is not None:
+        dt_txt += f" (the guest was paused {pause} ms in all, until it ran on {dst})"
     ver = st.verification
     checked = "; verified after the resume (frozen point)" if ver is not None and ver.method == "frozen-point" else ""
     net = network_cut_over(tg, st.attempt, dst)
@@ -359,7 +375,7 @@ def _complete(b: _Builder, tr: TransferReport | None, tg: TargetReport | None = 
     message = f"droplet {obs.spec.droplet} moved from {src} to {dst}{took}{dt_txt}{net_txt}{checked}"
     _close_attempt(b, "Succeeded", "Completed")
     b.transition(Phase.COMPLETED, "Completed", message)
-    b.set(progress=100, downtime_ms=downtime, network_cut_over=net)
+    b.set(progress=100, downtime_ms=downtime, network_cut_over=net, guest_pause_ms=pause)
     if net:
         b.event("Normal", "NetworkCutOver",
                 f"address {net['address']} of droplet {obs.spec.droplet} moved to {dst} at {net.get('movedAt', '?')} "

@@ -43,6 +43,7 @@ from ferry.drivers.base import (
     VMSpec,
     VMState,
     Workload,
+    poll_migration,
 )
 from ferry.drivers.launcher import Launch, Launcher, ProcessLauncher, VMResources
 from ferry.drivers.network import FabricError, Taps, guest_mac, is_loopback, tap_name
@@ -600,6 +601,10 @@ class QemuDriver:
             if m is not None:
                 return m.snapshot()
         return self._persisted_stats(layout) or MigrationStats()
+
+    def wait_migration(self, key: VMKey, timeout: float) -> None:
+        """A migration's state lives in this process (its sequence thread): read it every 20 ms."""
+        poll_migration(self, key, timeout, interval=0.02)
 
     def cancel_migration(self, key: VMKey) -> None:
         layout = self.layout(key)

@@ -298,6 +298,7 @@ class SourceMigration(_Migration):
         self._tls = self._node = self._mirror = self._migrate = recover
         self._force = threading.Event()
         self._forced_at: float | None = None  # when force-complete stopped the guest
+        self._begun_wall = time.time()  # QEMU events stamped before this are an earlier migration's
         # downtime steps: ferry's policy decides them per dirty-sync round (QEMU's auto-converge
         # does the throttle and the switchover itself)
         self._policy = PolicyConfig(downtime_budget_ms=max(1, int(options.downtime_budget_ms)),
@@ -525,6 +526,10 @@ class SourceMigration(_Migration):
                 # earlier (the hash after this is not downtime: the target resumes without it)
                 st.downtime_ms = max(st.downtime_ms or 0, int(round((time.monotonic() - self._forced_at) * 1000)))
             self.tracker.stats.throttle_percent = 0
+            if not self.offline:
+                # when the guest stopped for the switchover: QEMU's STOP event, stamped by QEMU
+                stops = [e for e in self.qmp.events() if e.name == "STOP" and e.timestamp >= self._begun_wall]
+                st.paused_at = stops[-1].timestamp if stops else None
             if self.offline:
                 # one copy of a stopped VM: no rounds, and no guest to be down
                 self.tracker.stats.round = 1

@@ -84,6 +84,8 @@ def stats_from_dict(d: dict) -> MigrationStats:
         digest=d.get("digest"),
         error=d.get("error"),
         channel=d.get("channel"),
+        paused_at=d.get("paused_at"),
+        resumed_at=d.get("resumed_at"),
     )
 
 
@@ -440,6 +442,15 @@ class SimDriver:
                 return stats_from_dict(json.load(f))
         except (OSError, ValueError):
             return MigrationStats()
+
+    def wait_migration(self, key: VMKey, timeout: float) -> None:
+        """The VM process answers ``wait-migrate`` when its migration has ended."""
+        if not self._alive(key):
+            return
+        try:
+            control.execute(self._sock(key), "wait-migrate", {"timeout": timeout}, timeout=timeout + 5.0)
+        except (control.ControlError, control.ControlUnavailable, ValueError):
+            return
 
     def cancel_migration(self, key: VMKey) -> None:
         if self._status(key) is None:

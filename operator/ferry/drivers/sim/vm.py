@@ -63,6 +63,10 @@ log = logging.getLogger("ferry.sim.vm")
 
 
 
+#: how often a wait-migrate re-reads the state besides the finish callbacks' notices
+WAIT_RECHECK_SECONDS = 0.25
+
+
 class CommandError(Exception):
     def __init__(self, desc: str, cls: str = "GenericError"):
         super().__init__(desc)
@@ -84,6 +88,7 @@ class _EngineGuest:
 
     def pause(self) -> bool:
         was = self.vm.guest.pause()
+        self.vm.paused_at = time.time()
         failpoints.hit("vm.source-paused")
         return was
 
@@ -144,6 +149,10 @@ class VM:
         self.target: TargetEngine | None = None
         self.power = "inmigrate" if incoming else "stopped"
         self._lock = threading.RLock()
+        #: notified when a migration of this VM ends a step the agent waits for (wait-migrate)
+        self._changed = threading.Condition()
+        self.paused_at: float | None = None  # wall clock of the source's pause for the final copy
+        self.resumed_at: float | None = None  # wall clock of the target's resume
         self._corrupt_frame: int | None = None
         self.quit_event = threading.Event()
         self.service: GuestService | None = None
@@ -196,7 +205,7 @@ class VM:
     # --- commands ---------------------------------------------------------------
 
     # read-only commands answer without waiting for a state change in progress
-    LOCK_FREE = frozenset({"query-status", "query-migrate", "query-digest"})
+    LOCK_FREE = frozenset({"query-status", "query-migrate", "query-digest", "wait-migrate"})
 
     def dispatch(self, command: str, args: dict) -> dict:
         handler = getattr(self, "cmd_" + command.replace("-", "_"), None)
@@ -252,6 +261,7 @@ class VM:
             _write_json(self.path(SPEC_FILE), self.spec)
             self.power = "running"
             self.guest.run()
+            self.resumed_at = time.time()
             self._persist_guest()
             log.info("resumed after incoming migration %s (seq %d)", tgt.migration_id, self.guest.seq)
             return {}
@@ -318,6 +328,7 @@ class VM:
         if self._corrupt_frame is not None:
             eng.corrupt_data_frame, self._corrupt_frame = self._corrupt_frame, None
         self.source, self.target = eng, None
+        self.paused_at = None
         # On disk before a byte moves: if this process dies mid-copy, the agent still learns
         # which migration it was sending (and says the source failed, not the target).
         self._persist_migration({**eng.stats(), "state": session.COPYING})
@@ -326,8 +337,9 @@ class VM:
         return {}
 
     def _source_finished(self, eng: SourceEngine) -> None:
-        self._persist_migration(eng.stats())
+        self._persist_migration({**eng.stats(), "paused_at": self.paused_at})
         self._persist_guest()
+        self.changed()
         if eng.state == session.COMPLETED:
             failpoints.hit("vm.source-completed")
 
@@ -370,13 +382,36 @@ class VM:
 
     def _target_finished(self, eng: TargetEngine) -> None:
         self._persist_migration(eng.stats())
+        self.changed()
         if eng.state == session.RECEIVED:
             failpoints.hit("vm.target-received")
+
+    def changed(self) -> None:
+        with self._changed:
+            self._changed.notify_all()
+
+    def _migration_state(self) -> str:
+        eng = self._engine()
+        return eng.state if eng is not None else session.NONE
+
+    def cmd_wait_migrate(self, timeout: float = 10.0) -> dict:
+        """Answer when the migration has ended (Completed, Received, Failed, Aborted; or there is
+        none), or after ``timeout`` s, at most 30: the agent learns that a copy ended when it
+        does, not at its next poll. The engines' finish callbacks notify; the state is also read
+        every WAIT_RECHECK_SECONDS."""
+        end = time.monotonic() + min(max(float(timeout), 0.0), 30.0)
+        with self._changed:
+            while self._migration_state() not in session.TERMINAL and self._engine() is not None:
+                left = end - time.monotonic()
+                if left <= 0:
+                    break
+                self._changed.wait(min(left, WAIT_RECHECK_SECONDS))
+        return self.cmd_query_migrate()
 
     def cmd_query_migrate(self) -> dict:
         eng = self._engine()
         if eng is not None:
-            return eng.stats()
+            return {**eng.stats(), "paused_at": self.paused_at, "resumed_at": self.resumed_at}
         try:
             with open(self.path(MIGRATION_FILE)) as f:
                 return json.load(f)
