@@ -97,7 +97,7 @@ def test_a_qemu_guest_keeps_its_address_ping_and_tcp_connections_through_a_migra
                  f"{(first - moved) * 1000:.0f} ms (clocks of one machine)")
     figure(e2e, f"qemu guest NIC ({source} -> {target}): {IcmpProbe.line(icmp)}; {TcpProbe.line(tcp_r)} "
                 f"(connection errors {tcp_r['connection_errors']}); reported downtime {st.get('downtimeMs')} ms "
-                f"(budget {st.get('downtimeBudgetMs')} ms); cut-over {net.get('fabric')} {net.get('ms')} ms at "
+                f"(budget {st.get('downtimeBudgetMs')} ms), guest paused {st.get('guestPauseMs')} ms in all; cut-over {net.get('fabric')} {net.get('ms')} ms at "
                 f"{net.get('movedAt')}{where}; long-lived TCP connection (opened before, used after): {fate}")
     assert fate == "survived"
     assert tcp_r["connection_errors"] == []

@@ -202,6 +202,9 @@ def test_live_migration_moves_the_running_guest(stack: QemuStack) -> None:
     wait_until(lambda: not dst_layout.overlay.exists(), 30, what="the overlay merged back on the target")
     assert st["target"]["state"] == "Running" and st["progress"] == 100
     assert st["transfer"]["downtimeMs"] is not None and st["transfer"]["bytesSent"] > DISK_BYTES
+    # the guest's whole pause: QEMU's STOP on the source (its event's stamp) to the resume on the target
+    assert st["transfer"]["pausedAt"] and st["target"]["resumedAt"]
+    assert st["guestPauseMs"] >= st["downtimeMs"], st
     assert stack.record("web") == (b, b)
 
     # the same guest counts on at the target: no gap, no repeat, no second boot
