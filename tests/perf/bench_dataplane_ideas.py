@@ -11,8 +11,12 @@ variant time) comes from one run. A variant changes one thing of the shipped eng
 its child process only (module attributes, as a patch would):
 
 - ``shipped, plain`` / ``shipped, aes-256-gcm``: the engines as they are.
+- ``aes-256-gcm, sealed through copies (before)``: the sealed channel before it sealed
+  in place: a plaintext and a ciphertext buffer on each end, a copy between them.
 - ``aes-256-gcm, one sendmsg per frame``: the source seals a whole frame before it sends
   it, instead of sending every two records (512 KiB).
+- ``socket buffers autotuned``: neither end sets SO_SNDBUF/SO_RCVBUF (which fixes them
+  at 4 MiB and turns autotuning off): the kernel sizes them, as for the baseline.
 - ``frames 4 MiB``: data frames of up to 4 MiB instead of 1 MiB (larger frames).
 - ``target chunk 1 MiB``: the target receives, checks and writes 1 MiB at a time, not 256 KiB.
 - ``Python socket timeouts``: both sockets in Python's timeout mode (a poll before every
@@ -200,10 +204,51 @@ def sendfile_mmap_hash(role: str) -> None:
     source.SourceEngine._send_blocks = _send_blocks
 
 
+def sealed_through_copies(role: str) -> None:
+    """The sealed channel as it was before it sealed in place: the source reads an extent
+    into one buffer and encrypts it into another; the target receives a record into one
+    buffer and decrypts it into another."""
+    from ferry.transfer.channel import SealedChannel
+
+    def data_views(self, nbytes):
+        if len(getattr(self, "_copy_in", b"")) < nbytes:
+            self._copy_in = bytearray(nbytes)
+        return [memoryview(self._copy_in)[:nbytes]]
+
+    def send_data(self, head, hashes, nbytes):
+        self.send_parts([head, hashes, memoryview(self._copy_in)[:nbytes]])
+
+    def recv_data(self, n, should_stop=None):
+        if len(getattr(self, "_copy_out", b"")) < n:
+            self._copy_out = bytearray(n)
+        view = memoryview(self._copy_out)[:n]
+        self.recv_into(view, should_stop)
+        return view
+
+    SealedChannel.data_views, SealedChannel.send_data, SealedChannel.recv_data = data_views, send_data, recv_data
+
+
+def autotuned_buffers(role: str) -> None:
+    """Neither end fixes its socket buffer (SO_SNDBUF/SO_RCVBUF 4 MiB, which also turns the
+    kernel's autotuning off): the kernel sizes them, as it does for the sendfile baseline."""
+    real = socket.socket.setsockopt
+
+    class _Sock(socket.socket):
+        def setsockopt(self, level, opt, value, *rest):
+            if level == socket.SOL_SOCKET and opt in (socket.SO_SNDBUF, socket.SO_RCVBUF):
+                return None
+            return real(self, level, opt, value, *rest)
+
+    socket.socket.setsockopt = _Sock.setsockopt
+
+
 VARIANTS = [
     ("shipped, plain", "plain", None),
     ("shipped, aes-256-gcm", "aes-256-gcm", None),
+    ("aes-256-gcm, sealed through copies (before)", "aes-256-gcm", sealed_through_copies),
     ("aes-256-gcm, one sendmsg per frame", "aes-256-gcm", seal_whole_frames),
+    ("socket buffers autotuned (plain)", "plain", autotuned_buffers),
+    ("socket buffers autotuned, aes-256-gcm", "aes-256-gcm", autotuned_buffers),
     ("frames 4 MiB (plain)", "plain", frames_4mib),
     ("target chunk 1 MiB (plain)", "plain", target_chunk_1mib),
     ("Python socket timeouts (plain)", "plain", python_timeouts),
