@@ -248,7 +248,7 @@ VARIANTS = [
     ("aes-256-gcm, sealed through copies (before)", "aes-256-gcm", sealed_through_copies),
     ("aes-256-gcm, one sendmsg per frame", "aes-256-gcm", seal_whole_frames),
     ("socket buffers autotuned (plain)", "plain", autotuned_buffers),
-    ("socket buffers autotuned, aes-256-gcm", "aes-256-gcm", autotuned_buffers),
+    ("aes-256-gcm, socket buffers autotuned", "aes-256-gcm", autotuned_buffers),
     ("frames 4 MiB (plain)", "plain", frames_4mib),
     ("target chunk 1 MiB (plain)", "plain", target_chunk_1mib),
     ("Python socket timeouts (plain)", "plain", python_timeouts),
