@@ -20,6 +20,9 @@ its child process only (module attributes, as a patch would):
 - ``target writes with O_DIRECT``: the target writes data frames with O_DIRECT from
   page-aligned receive buffers (QEMU's cache=none): no page cache allocated and copied
   into on the target (the baseline's receiver writes through the page cache).
+- ``target writes with O_DIRECT, overlapped``: the same, the writes done by a writer
+  thread while the target receives the next chunk (three receive buffers in turn; the
+  verdict waits for every write).
 - ``frames 4 MiB``: data frames of up to 4 MiB instead of 1 MiB (larger frames).
 - ``target chunk 1 MiB``: the target receives, checks and writes 1 MiB at a time, not 256 KiB.
 - ``Python socket timeouts``: both sockets in Python's timeout mode (a poll before every
@@ -277,6 +280,80 @@ def target_o_direct(role: str) -> None:
     target.os = _Proxy(os, pwritev=pwritev)
 
 
+def target_o_direct_overlapped(role: str) -> None:
+    """``target_o_direct``, the writes done by a writer thread while the target receives the
+    next chunk (three page-aligned receive buffers in turn; the verdict waits for the writes)."""
+    if role != "target":
+        return
+    import queue
+    import threading
+
+    from ferry.transfer import channel as ch
+
+    nbuf = 3
+    jobs: queue.Queue = queue.Queue()
+    free = [threading.Semaphore(1) for _ in range(nbuf)]
+    failed: list[BaseException] = []
+    direct: dict[int, int] = {}
+    real = os.pwritev
+
+    def writer():
+        while True:
+            job = jobs.get()
+            if job is None:
+                return
+            fd, view, off, k = job
+            try:
+                if fd not in direct:
+                    direct[fd] = os.open(f"/proc/self/fd/{fd}", os.O_WRONLY | os.O_DIRECT)
+                try:
+                    real(direct[fd], [view], off)
+                except OSError:
+                    real(fd, [view], off)
+            except BaseException as e:  # noqa: BLE001
+                failed.append(e)
+            finally:
+                free[k].release()
+                jobs.task_done()
+
+    threading.Thread(target=writer, daemon=True).start()
+    bufs = [mmap.mmap(-1, ch.RECORD_BYTES + ch.TAG_SIZE + 4096) for _ in range(nbuf)]
+    state = {"k": -1, "addr": {}}
+
+    for cls in (ch.PlainChannel, ch.SealedChannel):
+        recv_data = cls.recv_data
+
+        def wrapped(self, n, should_stop=None, _recv=recv_data):
+            k = (state["k"] + 1) % nbuf
+            free[k].acquire()  # its previous write is done
+            state["k"] = k
+            self._rdata = bufs[k]
+            view = _recv(self, n, should_stop)
+            state["addr"][k] = view
+            return view
+
+        cls.recv_data = wrapped
+
+    def pwritev(fd, buffers, offset):
+        if failed:
+            raise failed[0]
+        k = state["k"]
+        view = buffers[0]
+        jobs.put((fd, view, offset, k))
+        return len(view)
+
+    verify = target.TargetEngine._verify
+
+    def _verify(self, chan, body):
+        jobs.join()
+        if failed:
+            raise failed[0]
+        return verify(self, chan, body)
+
+    target.os = _Proxy(os, pwritev=pwritev)
+    target.TargetEngine._verify = _verify
+
+
 VARIANTS = [
     ("shipped, plain", "plain", None),
     ("shipped, aes-256-gcm", "aes-256-gcm", None),
@@ -286,6 +363,8 @@ VARIANTS = [
     ("aes-256-gcm, socket buffers autotuned", "aes-256-gcm", autotuned_buffers),
     ("target writes with O_DIRECT (plain)", "plain", target_o_direct),
     ("aes-256-gcm, target writes with O_DIRECT", "aes-256-gcm", target_o_direct),
+    ("target writes with O_DIRECT, overlapped (plain)", "plain", target_o_direct_overlapped),
+    ("aes-256-gcm, target writes with O_DIRECT, overlapped", "aes-256-gcm", target_o_direct_overlapped),
     ("frames 4 MiB (plain)", "plain", frames_4mib),
     ("target chunk 1 MiB (plain)", "plain", target_chunk_1mib),
     ("Python socket timeouts (plain)", "plain", python_timeouts),
