@@ -178,6 +178,7 @@ class SealedChannel:
         self._small = bytearray(RECORD_HEADER.size + SMALL_PART + TAG_SIZE)
         self._scratch = bytearray(0 if IN_PLACE else RECORD_BYTES + TAG_SIZE)
         self._rdata = bytearray(RECORD_BYTES + TAG_SIZE)
+        self._copy = bytearray(0)
 
     @classmethod
     def for_source(cls, sock: socket.socket, secret: bytes, server_nonce: bytes, client_nonce: bytes,
@@ -317,8 +318,11 @@ class SealedChannel:
         return self._recv_data_copy(n, should_stop)
 
     def _recv_data_copy(self, n: int, should_stop=None) -> memoryview:
-        buf = bytearray(n)
-        view = memoryview(buf)
+        """Small frames (their data shares a record with the header) and reads that do not
+        match the records: through ``recv_into``, into a buffer kept for it."""
+        if len(self._copy) < n:
+            self._copy = bytearray(n)
+        view = memoryview(self._copy)[:n]
         self.recv_into(view, should_stop)
         return view
 
