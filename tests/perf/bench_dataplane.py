@@ -110,9 +110,11 @@ class Hosts:
         self.src.start(spec)
         return os.path.join(d, DISK_FILE), os.path.join(d, MEMORY_FILE)
 
-    def migrate(self, spec: VMSpec, mid: str, options: MigrationOptions, timeout: float = 600) -> dict:
+    def migrate(self, spec: VMSpec, mid: str, options: MigrationOptions, timeout: float = 600, before_start=None) -> dict:
         secret = os.urandom(32)
         addr = self.dst.prepare_incoming(spec, "127.0.0.1", secret, mid)
+        if before_start is not None:
+            before_start()
         self.src.start_migration(spec.key, addr, secret, mid, options)
         st = wait_terminal(self.src, spec.key, timeout)
         tgt = self.dst.execute(spec.key, "query-migrate")
@@ -160,12 +162,15 @@ def proc_cpu(pid: int) -> float:
     return sum(proc_times(pid))
 
 
-def baseline_sendfile(paths: list[str], out_path: str) -> tuple[float, float]:
+def baseline_sendfile(paths: list[str], out_path: str, before_start=None, keep_output: bool = False) -> tuple[float, float]:
     """(seconds, CPU seconds of sender + receiver) to send the files with os.sendfile to a
-    receiver process that writes them to a file."""
+    receiver process that writes them to a file. ``before_start`` runs once the receiver
+    listens; with ``keep_output`` the caller deletes ``out_path``."""
     rx = subprocess.Popen([sys.executable, "-c", RECEIVER, out_path], stdout=subprocess.PIPE, text=True)
     try:
         port = int(rx.stdout.readline())
+        if before_start is not None:
+            before_start()
         t0 = time.perf_counter()
         c0 = os.times()
         s = socket.create_connection(("127.0.0.1", port))
@@ -183,10 +188,45 @@ def baseline_sendfile(paths: list[str], out_path: str) -> tuple[float, float]:
         return dt, rx_cpu + (c1.user - c0.user) + (c1.system - c0.system)
     finally:
         rx.wait(30)
-        try:
-            os.unlink(out_path)
-        except FileNotFoundError:
-            pass
+        if not keep_output:
+            try:
+                os.unlink(out_path)
+            except FileNotFoundError:
+                pass
+
+
+class Recycler:
+    """Gives every receiver the same memory to write into.
+
+    On a VM whose balloon reports free pages to the hypervisor (this one: virtio_balloon,
+    page_reporting), memory freed a few seconds ago is taken back by the host, and the
+    first touch of each of those pages faults in the hypervisor: writing 1 GiB of new page
+    cache took 0.2 s into just-freed memory and 0.8-1.4 s four seconds after the free
+    (measured while building this). Which one a receiver gets decided the ratios more than
+    the software did: sendfile always ran right after the previous migration's target was
+    destroyed (its 1 GiB just freed), while a ferry target started a VM process first.
+
+    So each transfer's output is kept (a hard link) until the next receiver is ready, and
+    freed right before that transfer starts (``--memory recycled``, the default), or freed
+    and then ``wait`` seconds allowed for the host to take it back (``--memory cold``).
+    Both treat every method alike."""
+
+    def __init__(self, root: str, mode: str, wait: float):
+        self.held = os.path.join(root, "held-output")
+        self.mode, self.wait = mode, wait
+
+    def hold(self, paths: list[str]) -> None:
+        """Keep these output files alive (their page cache) past their owner's cleanup."""
+        self.release(wait=False)
+        os.makedirs(self.held, exist_ok=True)
+        for i, p in enumerate(paths):
+            os.link(p, os.path.join(self.held, str(i)))
+
+    def release(self, wait: bool = True) -> None:
+        if os.path.isdir(self.held):
+            shutil.rmtree(self.held)
+        if wait and self.mode == "cold":
+            time.sleep(self.wait)  # the condition under test: the host takes the freed pages back
 
 
 CHANNELS = ("plain", "aes-256-gcm")
@@ -196,9 +236,12 @@ def _spread(xs: list[float]) -> str:
     return f"{min(xs):.2f}-{max(xs):.2f}"
 
 
-def bench_throughput(root: str, disk_gib: float, memory_mib: int, runs: int, channels=CHANNELS) -> dict:
+def bench_throughput(root: str, disk_gib: float, memory_mib: int, runs: int, channels=CHANNELS,
+                     memory: str = "recycled", cold_wait: float = 5.0) -> dict:
     """Each run: sendfile, then ferry over each channel, interleaved, all from the page cache.
-    A ratio is sendfile's time over ferry's in the same run (> 1: ferry faster)."""
+    A ratio is sendfile's time over ferry's in the same run (> 1: ferry faster). Every
+    receiver writes into memory in the same state (``Recycler``)."""
+    recycler = Recycler(root, memory, cold_wait)
     # size_scale applies to both images: the disk size is the scale, memory follows
     hosts = Hosts(os.path.join(root, "a"), disk_gib)
     scale_spec = VMSpec(KEY, 1, int(round(memory_mib / disk_gib)), 1, Workload("uniform", 0))
@@ -211,7 +254,10 @@ def bench_throughput(root: str, disk_gib: float, memory_mib: int, runs: int, cha
         res = {ch: {"s": [], "ratio": [], "cpu": [], "user": [], "src": [], "dst": []} for ch in channels}
         rows = []
         for i in range(runs):
-            b, b_cpu = baseline_sendfile([disk_path, mem_path], os.path.join(root, "baseline.out"))
+            out_path = os.path.join(root, "baseline.out")
+            b, b_cpu = baseline_sendfile([disk_path, mem_path], out_path, recycler.release, keep_output=True)
+            recycler.hold([out_path])
+            os.unlink(out_path)
             base.append(b)
             base_cpu.append(b_cpu / gib)
             row = [i + 1, f"{total / MiB / b:.0f}", f"{b_cpu / gib:.2f}"]
@@ -219,7 +265,8 @@ def bench_throughput(root: str, disk_gib: float, memory_mib: int, runs: int, cha
                 hosts.src.channel = hosts.dst.channel = ch
                 src_pid = hosts.src.status(KEY)["pid"]
                 su0, ss0 = proc_times(src_pid)
-                st = hosts.migrate(scale_spec, f"tp-{ch}-{i}", MigrationOptions(downtime_budget_ms=300))
+                st = hosts.migrate(scale_spec, f"tp-{ch}-{i}", MigrationOptions(downtime_budget_ms=300),
+                                   before_start=recycler.release)
                 su1, ss1 = proc_times(src_pid)
                 du, ds = proc_times(hosts.dst.status(KEY)["pid"])
                 if st["state"] != COMPLETED or st["target_digest"] != st["digest"]:
@@ -237,15 +284,20 @@ def bench_throughput(root: str, disk_gib: float, memory_mib: int, runs: int, cha
                 r["user"].append(((su1 - su0) + du) / max(src_cpu + dst_cpu, 1e-9))
                 row += [f"{total / MiB / o:.0f}", f"{b / o:.2f}", f"{(src_cpu + dst_cpu) / gib:.2f} ({src_cpu / gib:.2f}+{dst_cpu / gib:.2f})"]
                 hosts.src.cancel_migration(KEY)  # resume the source for the next run
+                dst_dir = hosts.dst.vm_dir(KEY)
+                recycler.hold([os.path.join(dst_dir, DISK_FILE), os.path.join(dst_dir, MEMORY_FILE)])
                 hosts.dst.destroy(KEY)
             rows.append(row)
+        recycler.release(wait=False)
         header = ["run", "sendfile MiB/s", "sendfile CPU s/GiB"]
         for ch in channels:
             header += [f"{ch} MiB/s", f"{ch} ratio", f"{ch} CPU s/GiB (src+dst)"]
         table(
             f"(a) throughput: {total / MiB:.0f} MiB (disk {os.path.getsize(disk_path) / MiB:.0f} MiB + memory "
             f"{os.path.getsize(mem_path) / MiB:.0f} MiB, fully written), loopback; runs interleaved "
-            f"(sendfile, then ferry over each channel)",
+            f"(sendfile, then ferry over each channel); receivers write into "
+            + ("memory the previous transfer freed just before" if memory == "recycled"
+               else f"memory freed {cold_wait:.0f} s before (taken back by the host)"),
             header,
             rows,
         )
@@ -454,6 +506,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--memory-mib", type=int, default=16, help="(a)/(b) memory image size")
     p.add_argument("--runs", type=int, default=7, help="(a) repetitions")
     p.add_argument("--channels", default=",".join(CHANNELS), help="(a) ferry channels to measure")
+    p.add_argument("--memory", choices=("recycled", "cold"), default="recycled",
+                   help="(a) what every receiver writes into: the memory the previous transfer freed just before, "
+                        "or memory freed --cold-wait seconds before (see Recycler)")
+    p.add_argument("--cold-wait", type=float, default=5.0, help="(a) seconds between the free and the transfer with --memory cold")
     p.add_argument("--dirty", type=float, default=0.05, help="(b) fraction of blocks changed")
     p.add_argument("--conv-disk-mib", type=int, default=256, help="(c) disk image size")
     p.add_argument("--conv-memory-mib", type=int, default=64, help="(c) memory image size")
@@ -476,7 +532,8 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.monotonic()
     try:
         if "a" in args.parts:
-            bench_throughput(root, args.disk_gib, args.memory_mib, args.runs, tuple(args.channels.split(",")))
+            bench_throughput(root, args.disk_gib, args.memory_mib, args.runs, tuple(args.channels.split(",")),
+                             args.memory, 0.5 if args.quick else args.cold_wait)
         if "b" in args.parts:
             bench_recopy(root, args.disk_gib, args.memory_mib, args.dirty)
         if "c" in args.parts:

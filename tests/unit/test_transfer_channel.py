@@ -184,3 +184,108 @@ def test_the_sim_driver_asks_for_the_channel_of_its_setting(tmp_path):
 
     assert make_driver("sim", str(tmp_path), Settings.from_env({})).channel == "aes-256-gcm"
     assert make_driver("sim", str(tmp_path), Settings.from_env({"FERRY_SIM_CHANNEL": "plain"})).channel == "plain"
+
+
+# --- data frames sealed in place (data_views / send_data / recv_data) -----------------------
+
+
+def _in_place_wire(parts_list, monkeypatch=None, in_place=True, mid="lm-1"):
+    """The bytes a source puts on the wire for data frames sent the in-place way."""
+    if monkeypatch is not None:
+        monkeypatch.setattr(channel, "IN_PLACE", in_place)
+    a, b = socket.socketpair()
+    src = SealedChannel.for_source(a, SECRET, SN, CN, mid)
+
+    def send():
+        for head, hl, data in parts_list:
+            views = src.data_views(len(data))
+            o = 0
+            for v in views:
+                v[:] = data[o : o + len(v)]
+                o += len(v)
+            src.send_data(head, hl, len(data))
+        a.shutdown(socket.SHUT_WR)
+
+    t = send_in_thread(send)
+    wire = bytearray()
+    while chunk := b.recv(1 << 16):
+        wire += chunk
+    t.join(5)
+    return wire
+
+
+@pytest.mark.parametrize("nbytes", [RECORD_BYTES * 4, RECORD_BYTES * 2 + 8192, 4096])
+def test_sealing_in_place_puts_the_same_records_on_the_wire(nbytes, monkeypatch):
+    frames = [frame_parts(nbytes), frame_parts(nbytes)]
+    want = _sealed_bytes([list(p) for p in frames])  # through send_parts: plaintext copied into the sealed buffer
+    assert _in_place_wire(frames) == want
+    assert _in_place_wire(frames, monkeypatch, in_place=False) == want  # the fallback without in-place sealing
+
+
+def test_the_target_opens_data_records_in_place_and_gets_the_data():
+    parts = frame_parts(RECORD_BYTES * 3 + 4096 * 5)
+    wire = _in_place_wire([parts])
+    a, b = socket.socketpair()
+    dst = SealedChannel.for_target(b, SECRET, SN, CN, "lm-1")
+    t = send_in_thread(lambda: (a.sendall(wire), a.shutdown(socket.SHUT_WR)))
+    assert dst.recv_exact(framing.HEADER_SIZE) == parts[0]
+    assert dst.recv_exact(len(parts[1])) == parts[1]
+    got = bytearray()
+    while len(got) < len(parts[2]):  # as the target reads: chunk by chunk, each in the channel's buffer
+        got += dst.recv_data(min(RECORD_BYTES, len(parts[2]) - len(got)))
+    t.join(5)
+    assert bytes(got) == parts[2]
+
+
+def test_reads_of_other_sizes_than_the_records_still_get_the_data():
+    parts = frame_parts(RECORD_BYTES * 2)
+    wire = _in_place_wire([parts])
+    a, b = socket.socketpair()
+    dst = SealedChannel.for_target(b, SECRET, SN, CN, "lm-1")
+    t = send_in_thread(lambda: (a.sendall(wire), a.shutdown(socket.SHUT_WR)))
+    dst.recv_exact(framing.HEADER_SIZE + len(parts[1]))
+    sizes = [1000, RECORD_BYTES, 5, RECORD_BYTES]
+    got = bytearray()
+    for n in sizes:
+        n = min(n, len(parts[2]) - len(got))
+        got += dst.recv_data(n)
+    t.join(5)
+    assert bytes(got) == parts[2]
+
+
+@pytest.mark.parametrize("where", ["data", "tag"])
+def test_a_changed_bit_in_a_data_record_fails_before_the_data_is_handed_out(where):
+    parts = frame_parts(RECORD_BYTES * 2)
+    wire = _in_place_wire([parts])
+    first_data = 4 + framing.HEADER_SIZE + len(parts[1]) + 16  # the first data record's length field
+    at = {"data": first_data + 4 + 1000, "tag": first_data + 4 + RECORD_BYTES + 15}[where]
+    a, b = socket.socketpair()
+    dst = SealedChannel.for_target(b, SECRET, SN, CN, "lm-1")
+    def send():
+        try:
+            a.sendall(_flip(wire, at))
+        except OSError:
+            pass  # the receiver stopped reading at the bad record and closed
+
+    t = send_in_thread(send)
+    dst.recv_exact(framing.HEADER_SIZE + len(parts[1]))
+    with pytest.raises(framing.ChecksumError):
+        dst.recv_data(RECORD_BYTES)
+    b.close()
+    t.join(5)
+
+
+def test_plain_channel_data_frames_pass_through():
+    a, b = socket.socketpair()
+    src, dst = PlainChannel(a), PlainChannel(b)
+    head, hl, data = frame_parts(RECORD_BYTES + 4096)
+    (view,) = src.data_views(len(data))
+    view[:] = data
+    t = send_in_thread(lambda: src.send_data(head, hl, len(data)))
+    assert dst.recv_exact(len(head) + len(hl)) == head + hl
+    assert bytes(dst.recv_data(RECORD_BYTES)) + bytes(dst.recv_data(4096)) == data
+    t.join(5)
+
+
+def test_this_cryptography_seals_in_place():
+    assert channel.IN_PLACE  # else every record costs a copy through a scratch buffer (still correct)

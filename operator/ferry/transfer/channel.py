@@ -21,6 +21,14 @@ send and receive every frame through it:
   and hash list in one record, the data in ``RECORD_BYTES`` records), so the receiver
   decrypts each data record straight into the buffer it checks and writes from.
 
+  Data frames are sealed in place on both ends (``data_views``/``send_data`` and
+  ``recv_data``): the source reads an extent straight into the record slots it will send
+  (gaps left for each record's length and tag), hashes it there and encrypts it where it
+  lies; the target receives a record into the buffer it checks and writes from and
+  decrypts it there. One buffer per direction, no copy between a plaintext and a
+  ciphertext buffer. (OpenSSL's EVP supports in == out; ``IN_PLACE`` checks once that
+  this build of ``cryptography`` does it right and falls back to a scratch buffer if not.)
+
 Kernel TLS would keep ``sendfile`` possible, but it needs ``CONFIG_TLS``
 (``/proc/net/tls_stat``, ``TCP_ULP "tls"``); ``ktls_available()`` says whether this kernel
 has it. ferry seals in user space (OpenSSL through ``cryptography``) either way; the
@@ -66,6 +74,27 @@ def ktls_available() -> bool:
         return False
 
 
+def _in_place_works() -> bool:
+    """True if AES-GCM seals and opens correctly with input and output the same memory."""
+    try:
+        aead, nonce, aad = AESGCM(bytes(range(32))), bytes(12), b"ferry"
+        pt = bytes(range(256)) * 3
+        want = aead.encrypt(nonce, pt, aad)
+        buf = bytearray(len(pt) + TAG_SIZE)
+        mv = memoryview(buf)
+        mv[: len(pt)] = pt
+        aead.encrypt_into(nonce, mv[: len(pt)], aad, mv)
+        if bytes(buf) != want:
+            return False
+        aead.decrypt_into(nonce, mv, aad, mv[: len(pt)])
+        return bytes(mv[: len(pt)]) == pt
+    except Exception:  # noqa: BLE001 - any refusal means: not in place
+        return False
+
+
+IN_PLACE = _in_place_works()
+
+
 class PlainChannel:
     """Frames straight on the socket."""
 
@@ -73,9 +102,28 @@ class PlainChannel:
 
     def __init__(self, sock: socket.socket):
         self.sock = sock
+        self._data = bytearray(0)
+        self._rdata = bytearray(0)
 
     def send_parts(self, parts: list) -> None:
         framing.send_parts(self.sock, parts)
+
+    # data frames: the source reads an extent into data_views(), then send_data() sends it
+    def data_views(self, nbytes: int) -> list[memoryview]:
+        if len(self._data) < nbytes:
+            self._data = bytearray(nbytes)
+        return [memoryview(self._data)[:nbytes]]
+
+    def send_data(self, head: bytes, hashes: bytes, nbytes: int) -> None:
+        framing.send_parts(self.sock, [head, hashes, memoryview(self._data)[:nbytes]])
+
+    def recv_data(self, n: int, should_stop=None) -> memoryview:
+        """The next ``n`` bytes, in a buffer of the channel's (valid until the next call)."""
+        if len(self._rdata) < n:
+            self._rdata = bytearray(n)
+        view = memoryview(self._rdata)[:n]
+        framing.recv_exact_into(self.sock, view, should_stop)
+        return view
 
     def recv_into(self, view: memoryview, should_stop=None) -> None:
         framing.recv_exact_into(self.sock, view, should_stop)
@@ -126,6 +174,11 @@ class SealedChannel:
         self._ct = bytearray(RECORD_BYTES + TAG_SIZE)
         self._pt = bytearray(RECORD_BYTES)
         self._pt_pos = self._pt_end = 0  # plaintext of the last record not consumed yet
+        self._slots = bytearray(0)  # data records sealed in place: [length | data | tag] ...
+        self._small = bytearray(RECORD_HEADER.size + SMALL_PART + TAG_SIZE)
+        self._scratch = bytearray(0 if IN_PLACE else RECORD_BYTES + TAG_SIZE)
+        self._rdata = bytearray(RECORD_BYTES + TAG_SIZE)
+        self._copy = bytearray(0)
 
     @classmethod
     def for_source(cls, sock: socket.socket, secret: bytes, server_nonce: bytes, client_nonce: bytes,
@@ -181,7 +234,97 @@ class SealedChannel:
         if pos:
             framing.send_parts(self.sock, [out[:pos]])
 
+    _SLOT = RECORD_HEADER.size + RECORD_BYTES + TAG_SIZE
+
+    def data_views(self, nbytes: int) -> list[memoryview]:
+        """Where the source puts a data frame's ``nbytes``: one view per record, each
+        between the gaps for its record's length and tag (``send_data`` seals them there)."""
+        k = -(-nbytes // RECORD_BYTES)
+        if len(self._slots) < k * self._SLOT:
+            self._slots = bytearray(k * self._SLOT)
+        mv = memoryview(self._slots)
+        h = RECORD_HEADER.size
+        return [mv[i * self._SLOT + h : i * self._SLOT + h + min(RECORD_BYTES, nbytes - i * RECORD_BYTES)]
+                for i in range(k)]
+
+    def send_data(self, head: bytes, hashes: bytes, nbytes: int) -> None:
+        """Send a data frame whose data is in ``data_views(nbytes)``: the header and hash
+        list in one record, then each data record sealed where it lies; a sendmsg per
+        ``FLUSH_BYTES`` (the same records ``send_parts`` would make)."""
+        h = RECORD_HEADER.size
+        if nbytes < SMALL_PART:  # a small frame: one record, as send_parts cuts it
+            self.send_parts([head, hashes, memoryview(self._slots)[h : h + nbytes]])
+            return
+        small = head + hashes
+        if len(small) >= SMALL_PART:  # a hash list this long does not happen with 1 MiB extents
+            self.send_parts([head, hashes])
+            pending, pos = [], 0
+        else:
+            sv = memoryview(self._small)
+            n = len(small) + TAG_SIZE
+            RECORD_HEADER.pack_into(sv, 0, n)
+            self._tx.aead.encrypt_into(self._tx.nonce(), small, bytes(sv[: RECORD_HEADER.size]),
+                                       sv[RECORD_HEADER.size : RECORD_HEADER.size + n])
+            pending, pos = [sv[: RECORD_HEADER.size + n]], RECORD_HEADER.size + n
+        mv = memoryview(self._slots)
+        for i in range(-(-nbytes // RECORD_BYTES)):
+            plen = min(RECORD_BYTES, nbytes - i * RECORD_BYTES)
+            rec = mv[i * self._SLOT : i * self._SLOT + h + plen + TAG_SIZE]
+            if pending and pos + len(rec) > self.FLUSH_BYTES:
+                framing.send_parts(self.sock, pending)
+                pending, pos = [], 0
+            RECORD_HEADER.pack_into(rec, 0, plen + TAG_SIZE)
+            aad = bytes(rec[:h])
+            if IN_PLACE:
+                self._tx.aead.encrypt_into(self._tx.nonce(), rec[h : h + plen], aad, rec[h:])
+            else:
+                out = memoryview(self._scratch)[: plen + TAG_SIZE]
+                self._tx.aead.encrypt_into(self._tx.nonce(), rec[h : h + plen], aad, out)
+                rec[h:] = out
+            pending.append(rec)
+            pos += len(rec)
+        if pending:
+            framing.send_parts(self.sock, pending)
+
     # --- receiving -------------------------------------------------------------
+
+    def recv_data(self, n: int, should_stop=None) -> memoryview:
+        """The next ``n`` plaintext bytes, in a buffer of the channel's (valid until the next
+        call). A record of exactly ``n`` bytes (every data record the sender cut for this
+        read) is received into that buffer and decrypted where it lies."""
+        if self._pt_pos < self._pt_end or not IN_PLACE:
+            return self._recv_data_copy(n, should_stop)
+        framing.recv_exact_into(self.sock, memoryview(self._head), should_stop)
+        (length,) = RECORD_HEADER.unpack(self._head)
+        if not TAG_SIZE <= length <= MAX_RECORD:
+            raise framing.FrameError(f"sealed record of {length} bytes")
+        if len(self._rdata) < length:
+            self._rdata = bytearray(length)
+        rec = memoryview(self._rdata)[:length]
+        framing.recv_exact_into(self.sock, rec, should_stop)
+        plen = length - TAG_SIZE
+        try:
+            self._rx.aead.decrypt_into(self._rx.nonce(), rec, bytes(self._head), rec[:plen])
+        except InvalidTag:
+            raise framing.ChecksumError("sealed record failed authentication (altered, replayed or not from the peer)") from None
+        if plen == n:
+            return rec[:plen]
+        # a record of another size (not what a ferry source sends for data): hand out what
+        # was asked for, keep the rest for the next read
+        if len(self._pt) < plen:
+            self._pt = bytearray(plen)
+        self._pt[:plen] = rec[:plen]
+        self._pt_pos, self._pt_end = 0, plen
+        return self._recv_data_copy(n, should_stop)
+
+    def _recv_data_copy(self, n: int, should_stop=None) -> memoryview:
+        """Small frames (their data shares a record with the header) and reads that do not
+        match the records: through ``recv_into``, into a buffer kept for it."""
+        if len(self._copy) < n:
+            self._copy = bytearray(n)
+        view = memoryview(self._copy)[:n]
+        self.recv_into(view, should_stop)
+        return view
 
     def recv_into(self, view: memoryview, should_stop=None) -> None:
         """Fill ``view`` with plaintext; a record that fits is decrypted straight into it."""

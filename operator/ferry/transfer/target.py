@@ -85,7 +85,6 @@ class TargetEngine:
         self._conn: socket.socket | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._buf = bytearray(RECV_CHUNK_BYTES)
         self._hl_buf = bytearray(HASH_SIZE * 256)
         self.address: tuple[str, int] | None = None
         self.started_at = time.monotonic()
@@ -219,7 +218,6 @@ class TargetEngine:
                 Kind.ZERO_DISK: ("disk", self.disk), Kind.ZERO_MEMORY: ("memory", self.memory)}
         head = bytearray(framing.HEADER_SIZE)
         headv = memoryview(head)
-        bufv = memoryview(self._buf)
         got_info = False
         while True:
             chan.recv_into(headv, stop)
@@ -240,15 +238,12 @@ class TargetEngine:
                 if zlib.crc32(hlv) != check:
                     raise framing.ChecksumError(f"checksum mismatch in {name} frame at block {index}")
                 hl = bytes(hlv)
-                # receive, verify and write in chunks that stay in the CPU cache
+                # receive, verify and write in chunks that stay in the CPU cache, each in
+                # the channel's buffer (a sealed record is decrypted where it was received)
                 per = max(1, RECV_CHUNK_BYTES // bs)
-                if len(self._buf) < per * bs:
-                    self._buf = bytearray(per * bs)
-                    bufv = memoryview(self._buf)
                 for c0 in range(0, count, per):
                     n = min(per, count - c0)
-                    data = bufv[: n * bs]
-                    chan.recv_into(data, stop)
+                    data = chan.recv_data(n * bs, stop)
                     bad = first_mismatch(data, bs, hl[c0 * HASH_SIZE : (c0 + n) * HASH_SIZE])
                     if bad is not None:
                         raise framing.ChecksumError(f"checksum mismatch in {name} frame at block {index + c0 + bad}")
