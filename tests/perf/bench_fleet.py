@@ -149,6 +149,9 @@ def operator_process(src: str, ns: str, control: str) -> None:
     ctl = pathlib.Path(control)
     max_queue = 0
     cpu0 = 0.0
+    import logging
+
+    logging.getLogger("kopf").setLevel(logging.WARNING)  # as `ferry operator` runs it (controller/main.py)
     runner = KopfRunner(["run", "--standalone", "-n", ns, "-m", "ferry.controller.handlers"], reraise=False)
     with runner:
         while not (ctl / "stop").exists():
@@ -201,7 +204,8 @@ def classify(method: str, url: str, body: dict) -> str:
         if kind == "Droplet":
             if "host" in keys:
                 return "Droplet status host (the record flip)"
-            return "Droplet status " + ",".join(k for k in keys if k not in ("reason", "message", "observedGeneration"))
+            what = ",".join(k for k in keys if k not in ("reason", "message", "observedGeneration"))
+            return f"Droplet status {what}" + (f" {st['phase']}/{st.get('reason')}" if "phase" in st else "")
         return f"{kind} status"
     if "jsonPatch" in body:
         return f"{kind} finalizers (JSON patch)"
@@ -406,7 +410,7 @@ def run_once(kubeconfig: str, label: str, src: str, scenario: str, args: argpars
             pathlib.Path(args.profile).mkdir(parents=True, exist_ok=True)
             out = pathlib.Path(args.profile) / f"{label}-{scenario}.txt"
             spy = subprocess.Popen([str(pathlib.Path(sys.executable).parent / "py-spy"), "record", "-p",
-                                    str(operator.pid), "--format", "raw", "--rate", "50", "-o", str(out)],
+                                    str(operator.pid), "--format", "raw", "--rate", "50", "--gil", "-o", str(out)],
                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             procs.append(spy)
         watch = AnnounceWatch(port)
@@ -588,7 +592,7 @@ def main() -> None:
     ap.add_argument("--timeout", type=float, default=1800, help="seconds a scenario may take")
     ap.add_argument("--json", default=None, help="also write every run's figures here")
     ap.add_argument("--profile", default=None,
-                    help="a directory: py-spy samples each measured operator into <label>-<scenario>.txt "
+                    help="a directory: py-spy samples each measured operator (threads holding the GIL) into <label>-<scenario>.txt "
                          "(raw collapsed stacks, e.g. for flamegraph.pl or speedscope)")
     args = ap.parse_args()
     sys.path.insert(0, str(ROOT / "operator"))

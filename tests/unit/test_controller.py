@@ -291,3 +291,43 @@ def test_admission_verdicts_follow_the_world_without_judging_everything_each_tim
     assert verdicts() == everything()
     assert verdicts()[f"{NS}/m1"].admitted and not verdicts()[f"{NS}/m2"].admitted  # the slot is free again
     assert verdicts()[f"{NS}/p"].admitted  # its droplet's migration finished
+
+
+def test_the_worlds_host_indexes_follow_moves_relabels_and_deletions():
+    """A host's reconcile reads its share through World.droplets_on / evacuations_of /
+    allocated_on: always what a scan of every object would give."""
+    w = World()
+
+    def droplet(name: str, host: str | None, rv: int) -> dict:
+        return {"kind": "Droplet", "metadata": {"name": name, "namespace": NS, "resourceVersion": str(rv)},
+                "spec": {"size": "s-1vcpu-1gb", "datacenter": "nyc3"}, "status": {"host": host} if host else {}}
+
+    def evac(name: str, host: str | None, rv: int) -> dict:
+        labels = {"ferry.dev/evacuation": host} if host else {}
+        return {"kind": "LiveMigration", "metadata": {"name": name, "namespace": NS, "resourceVersion": str(rv),
+                                                      "labels": labels}, "spec": {"droplet": "d0"}}
+
+    def check() -> None:
+        for h in ("h1", "h2", "h3"):
+            assert sorted(d.name for d in w.droplets_on(h)) == sorted(d.name for d in w.droplets.values()
+                                                                      if d.host == h)
+            assert w.allocated_on(h) == w.allocated().get(h, Resources(0, 0, 0))
+            assert sorted(m.name for m in w.evacuations_of(h)) == sorted(
+                m.name for m in w.migrations.values() if m.meta.labels.get("ferry.dev/evacuation") == h)
+
+    for i in range(6):
+        w.observe("Droplet", "ADDED", droplet(f"d{i}", f"h{i % 3 + 1}", 10 + i))
+    w.observe("Droplet", "ADDED", droplet("new", None, 20))
+    w.expect.placed((NS, "new"), "h2", Resources(1, 1024, 25))
+    w.observe("LiveMigration", "ADDED", evac("e1", "h1", 30))
+    w.observe("LiveMigration", "ADDED", evac("e2", "h1", 31))
+    check()
+    w.observe("Droplet", "MODIFIED", droplet("d0", "h3", 40))  # the record flipped
+    w.observe("Droplet", "MODIFIED", droplet("new", "h2", 41))  # the placement seen back
+    w.observe("LiveMigration", "MODIFIED", evac("e2", "h2", 42))  # relabelled
+    w.observe("Droplet", "DELETED", droplet("d1", "h2", 43))
+    w.observe("LiveMigration", "DELETED", evac("e1", "h1", 44))
+    check()
+    w.resync("Droplet", [droplet("d2", "h3", 50)])  # a re-list that no longer holds the others
+    check()
+    assert [d.name for d in w.droplets_on("h3")] == ["d2"] and not w.droplets_on("h1")

@@ -4,7 +4,9 @@ metrics, and the world loaded whole before any handler decides."""
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import dataclasses
+import functools
 import logging
 import time
 from typing import Any
@@ -14,7 +16,7 @@ import kopf
 from ferry.api import constants as c
 from ferry.api.phases import QUEUED
 from ferry.api.times import now
-from ferry.controller.events import EventRecorder
+from ferry.controller.events import POSTERS as EVENT_POSTERS, EventRecorder
 from ferry.controller.metrics import Metrics
 from ferry.controller.world import World
 from ferry.settings import Settings
@@ -126,7 +128,12 @@ async def start(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: loggin
     # be judged against a world that has not seen its droplet or its hosts yet.
     await load_world(cx)
     cx.reconciled_at = time.monotonic()
-    cx.events = EventRecorder(kube, cx.call)
+    # The Events' own threads: posting them never waits for, nor holds up, the decisions' calls
+    # (asyncio's default executor has min(32, cores + 4) threads for every other API call).
+    pool = concurrent.futures.ThreadPoolExecutor(EVENT_POSTERS, thread_name_prefix="ferry-events")
+    loop = asyncio.get_running_loop()
+    cx.events = EventRecorder(kube, lambda fn, *args: loop.run_in_executor(pool, functools.partial(fn, *args)),
+                              posters=EVENT_POSTERS)
     memo["ferry_events_task"] = asyncio.create_task(cx.events.run(), name="ferry-events")
     if cfg.metrics_port > 0:
         refresh_metrics(cx)

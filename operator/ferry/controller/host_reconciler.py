@@ -8,7 +8,6 @@ import time
 
 from ferry.api.meta import ObjectKey
 from ferry.api.phases import HostPhase
-from ferry.api.sizes import Resources
 from ferry.api.times import now
 from ferry.controller import effects
 from ferry.controller.app import Context, ensure_current
@@ -59,12 +58,17 @@ async def reconcile_host(cx: Context, name: str, logger: logging.Logger) -> None
         if host is None:
             return
         t = now()
-        allocated = world.allocated().get(name, Resources(0, 0, 0))
+        allocated = world.allocated_on(name)
         for r in world.reservations():
             if r.host == name:
                 allocated = allocated + r.resources
-        droplets = list(world.droplets.values())
-        migrations = list(world.migrations.values())
+        # Its own share of the fleet (the world's indexes): its droplets, their migrations and
+        # its evacuations. What the decisions below read of the others is nothing.
+        droplets = world.droplets_on(name)
+        migrations = {m.key: m for m in world.evacuations_of(name)}
+        for d in droplets:
+            migrations.update((m.key, m) for m in world.migrations_of(d.key))
+        migrations = list(migrations.values())
         desired = host_status(host, droplets, migrations, allocated, t, cx.settings.heartbeat_timeout_seconds)
         if status_changed(host.status, desired) and _write_now(cx, name, host.status, desired):
             if host.status.get("phase") != desired["phase"]:
