@@ -343,7 +343,12 @@ def run_once(kubeconfig: str, label: str, src: str, scenario: str, args: argpars
         "apiVersion": GROUP, "kind": "Host", "metadata": {"name": h, "labels": {"bench": ns}},
         "spec": {"datacenter": "nyc3", "capacity": {"cpu": 1000, "memoryMiB": 10**7, "diskGiB": 10**6}}}), hosts))
     limit = str(max(args.droplets, args.migrations))
-    env = {**os.environ, "KUBECONFIG": kubeconfig, "FERRY_NOTICE_SECONDS": "0", "FERRY_METRICS_PORT": "0",
+    # FERRY_NAMESPACE: the operator loads its run's namespace only. Without it, it loaded every
+    # namespace: an earlier run's droplets (same addresses: AddressConflict on every droplet) and
+    # its unfinished migrations (holding concurrency slots), left behind in a namespace kept
+    # Terminating by their finalizers, slowed whichever version ran second.
+    env = {**os.environ, "KUBECONFIG": kubeconfig, "FERRY_NAMESPACE": ns, "FERRY_NOTICE_SECONDS": "0",
+           "FERRY_METRICS_PORT": "0",
            "FERRY_MAX_PARALLEL": limit, "FERRY_MAX_OUTBOUND_PER_HOST": limit, "FERRY_MAX_INBOUND_PER_HOST": limit,
            "FERRY_HEARTBEAT_TIMEOUT_SECONDS": "600", "FERRY_PROGRESS_TIMEOUT_SECONDS": "3600",
            "FERRY_BUDGET_BASE_SECONDS": "3600"}
