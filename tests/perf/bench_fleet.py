@@ -33,8 +33,9 @@ Scenarios:
 Figures per run: time until every droplet concerned is Announced (the endpoint answered
 live_migrate to it: "missed" counts droplets whose move finished before the endpoint was
 seen answering live_migrate), time until all migrations are terminal (drain), API requests,
-writes and conflicts per migration, operator CPU-seconds (from the scenario's start to its
-end) and peak RSS (process lifetime), reconcile latency p50/p99 (one call of
+writes and conflicts per migration (and each write by writer and what it carried), operator
+CPU-seconds (from the scenario's start to its end: once all are terminal, the operator's last
+write, e.g. its queued Events, within TAIL_MAX_SECONDS) and peak RSS (process lifetime), reconcile latency p50/p99 (one call of
 migration_reconciler.reconcile, lock waits included), and the largest number of watch events
 waiting in kopf's per-object queues (sampled every 50 ms).
 """
@@ -87,22 +88,42 @@ def operator_process(src: str, ns: str, control: str) -> None:
     counter = bench_operator.Counter()
     bench_operator.instrument(counter)
     status_writes: collections.Counter = collections.Counter()  # what each migration status write carried
+    writes: collections.Counter = collections.Counter()  # every write, by writer, object and what it carried
+    import kopf._cogs.clients.api as kopf_api
     import requests
 
     inner = requests.Session.request
 
     def request(self, method, url, *args, **kwargs):
-        if counter.enabled and method.upper() == "PATCH" and "/livemigrations/" in str(url) and str(url).endswith(
-                "/status"):
-            try:
-                body = json.loads(kwargs.get("data") or "{}")
-                st = body.get("status", body)
-                status_writes[f"{st.get('phase', '-')}/{st.get('reason', '-')}"] += 1
-            except ValueError:
-                pass
-        return inner(self, method, url, *args, **kwargs)
+        if (not counter.enabled or method.upper() not in WRITE_VERBS
+                or threading.current_thread() is threading.main_thread()):
+            return inner(self, method, url, *args, **kwargs)
+        try:
+            body = json.loads(kwargs.get("data") or "{}")
+        except ValueError:
+            body = {}
+        what = classify(method, str(url), body)
+        if what.startswith("LiveMigration status"):
+            st = body.get("status", body)
+            status_writes[f"{st.get('phase', '-')}/{st.get('reason', '-')}"] += 1
+        resp = inner(self, method, url, *args, **kwargs)
+        with counter.lock:
+            writes[f"ferry {what}"] += 1
+            if resp.status_code == 409:
+                writes[f"ferry {what} (409 conflict)"] += 1
+        return resp
 
     requests.Session.request = request
+    kopf_patch = kopf_api.patch
+
+    async def kopf_write(url, *args, payload=None, **kwargs):
+        if counter.enabled:
+            with counter.lock:
+                writes["kopf " + classify("PATCH", str(url), payload if isinstance(payload, dict)
+                                          else {"jsonPatch": payload})] += 1
+        return await kopf_patch(url, *args, payload=payload, **kwargs)
+
+    kopf_api.patch = kopf_write
 
     backlogs: list = []
     orig_stream = queueing.Stream
@@ -128,6 +149,9 @@ def operator_process(src: str, ns: str, control: str) -> None:
     ctl = pathlib.Path(control)
     max_queue = 0
     cpu0 = 0.0
+    import logging
+
+    logging.getLogger("kopf").setLevel(logging.WARNING)  # as `ferry operator` runs it (controller/main.py)
     runner = KopfRunner(["run", "--standalone", "-n", ns, "-m", "ferry.controller.handlers"], reraise=False)
     with runner:
         while not (ctl / "stop").exists():
@@ -143,20 +167,75 @@ def operator_process(src: str, ns: str, control: str) -> None:
                 if len(backlogs) > 20000:  # finished workers' queues: keep the live ones only
                     backlogs[:] = [b for b in backlogs if b.qsize()]
             time.sleep(0.05)
+        # Every migration is terminal; what they caused may still be queued (the Events, posted by
+        # one task in the background): count on until the operator wrote nothing for 2 s.
+        t_stop, last, quiet_since = time.monotonic(), None, time.monotonic()
+        while time.monotonic() - quiet_since < 2.0 and time.monotonic() - t_stop < TAIL_MAX_SECONDS:
+            total = sum(writes.values())
+            if total != last:
+                last, quiet_since = total, time.monotonic()
+            time.sleep(0.1)
+        tail = time.monotonic() - t_stop - (time.monotonic() - quiet_since)
         cpu = _cpu_seconds() - cpu0
         counter.enabled = False
         # written before kopf stops: stopping a thousand objects' workers may take long
-        _write_stats(ctl, counter, cpu, latencies, max_queue, status_writes, None, None)
-    _write_stats(ctl, counter, cpu, latencies, max_queue, status_writes, runner.exit_code, runner.exception)
+        _write_stats(ctl, counter, cpu, latencies, max_queue, status_writes, writes, tail, None, None)
+    _write_stats(ctl, counter, cpu, latencies, max_queue, status_writes, writes, tail, runner.exit_code,
+                 runner.exception)
 
 
-def _write_stats(ctl, counter, cpu, latencies, max_queue, status_writes, exit_code, exception) -> None:
+#: how long the figures wait, after the drain, for the operator's last writes (its Event queue)
+TAIL_MAX_SECONDS = 240.0
+
+
+def classify(method: str, url: str, body: dict) -> str:
+    """One operator write as "<kind> <what it carried>": the table of writes by writer and kind."""
+    parts = [x for x in url.split("?")[0].split("/") if x]
+    kind = next((k for k, plural in (("LiveMigration", "livemigrations"), ("Droplet", "droplets"), ("Host", "hosts"),
+                                     ("Secret", "secrets"), ("Event", "events")) if plural in parts), "other")
+    verb = method.upper()
+    if kind in ("Secret", "Event") or verb in ("POST", "DELETE"):
+        return f"{kind} {'create' if verb == 'POST' else verb.lower()}"
+    if parts[-1] == "status":
+        st = body.get("status", body) if isinstance(body, dict) else {}
+        keys = sorted(k for k in st if k != "metadata") if isinstance(st, dict) else []
+        if kind == "LiveMigration":
+            return "LiveMigration status"
+        if kind == "Droplet":
+            if "host" in keys:
+                return "Droplet status host (the record flip)"
+            what = ",".join(k for k in keys if k not in ("reason", "message", "observedGeneration"))
+            return f"Droplet status {what}" + (f" {st['phase']}/{st.get('reason')}" if "phase" in st else "")
+        return f"{kind} status"
+    if "jsonPatch" in body:
+        return f"{kind} finalizers (JSON patch)"
+    meta = (body or {}).get("metadata") or {}
+    what = []
+    if "finalizers" in meta:
+        what.append("finalizers")
+    ann = meta.get("annotations") or {}
+    if ann:
+        if any(k.startswith("ferry.dev/maintenance") or k.endswith("maintenance-event") for k in ann):
+            what.append("announcement " + ("cleared" if all(v is None for v in ann.values()) else "set"))
+        other = sorted(k for k in ann if "maintenance" not in k)
+        if other:
+            what.append("annotations " + ",".join(other))
+    if "labels" in meta:
+        what.append("labels")
+    if "spec" in (body or {}):
+        what.append("spec")
+    return f"{kind} {'+'.join(what) or 'metadata'}"
+
+
+def _write_stats(ctl, counter, cpu, latencies, max_queue, status_writes, writes, tail, exit_code,
+                 exception) -> None:
     lat = sorted(latencies)
     stats = {
         "by_verb": dict(counter.by_verb), "by_kind": dict(counter.by_kind), "cpu_seconds": cpu,
         "max_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "reconciles": len(lat), "reconcile_p50_ms": _pct(lat, 0.50) * 1000, "reconcile_p99_ms": _pct(lat, 0.99) * 1000,
-        "max_queue": max_queue, "status_writes": dict(status_writes), "exit_code": exit_code,
+        "max_queue": max_queue, "status_writes": dict(status_writes), "writes": dict(writes), "tail_s": tail,
+        "exit_code": exit_code,
         "exception": repr(exception) if exception else None,
     }
     tmp = ctl / "stats.json.tmp"
@@ -264,7 +343,12 @@ def run_once(kubeconfig: str, label: str, src: str, scenario: str, args: argpars
         "apiVersion": GROUP, "kind": "Host", "metadata": {"name": h, "labels": {"bench": ns}},
         "spec": {"datacenter": "nyc3", "capacity": {"cpu": 1000, "memoryMiB": 10**7, "diskGiB": 10**6}}}), hosts))
     limit = str(max(args.droplets, args.migrations))
-    env = {**os.environ, "KUBECONFIG": kubeconfig, "FERRY_NOTICE_SECONDS": "0", "FERRY_METRICS_PORT": "0",
+    # FERRY_NAMESPACE: the operator loads its run's namespace only. Without it, it loaded every
+    # namespace: an earlier run's droplets (same addresses: AddressConflict on every droplet) and
+    # its unfinished migrations (holding concurrency slots), left behind in a namespace kept
+    # Terminating by their finalizers, slowed whichever version ran second.
+    env = {**os.environ, "KUBECONFIG": kubeconfig, "FERRY_NAMESPACE": ns, "FERRY_NOTICE_SECONDS": "0",
+           "FERRY_METRICS_PORT": "0",
            "FERRY_MAX_PARALLEL": limit, "FERRY_MAX_OUTBOUND_PER_HOST": limit, "FERRY_MAX_INBOUND_PER_HOST": limit,
            "FERRY_HEARTBEAT_TIMEOUT_SECONDS": "600", "FERRY_PROGRESS_TIMEOUT_SECONDS": "3600",
            "FERRY_BUDGET_BASE_SECONDS": "3600"}
@@ -326,6 +410,14 @@ def run_once(kubeconfig: str, label: str, src: str, scenario: str, args: argpars
 
         wait_for("the fleet settled", settled, 600, 0.5)
         (ctl / "count").write_text("")
+        spy = None
+        if args.profile:  # py-spy samples the operator process while it is measured
+            pathlib.Path(args.profile).mkdir(parents=True, exist_ok=True)
+            out = pathlib.Path(args.profile) / f"{label}-{scenario}.txt"
+            spy = subprocess.Popen([str(pathlib.Path(sys.executable).parent / "py-spy"), "record", "-p",
+                                    str(operator.pid), "--format", "raw", "--rate", "50", "--gil", "-o", str(out)],
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            procs.append(spy)
         watch = AnnounceWatch(port)
         t0 = time.perf_counter()
         if scenario == "maintenance":
@@ -367,6 +459,9 @@ def run_once(kubeconfig: str, label: str, src: str, scenario: str, args: argpars
             t_announced = max(heard.values())
         (ctl / "stop").write_text("")
         wait_for("the operator's figures", lambda: (ctl / "stats.json").exists(), 300, 0.2)
+        if spy is not None:
+            spy.send_signal(signal.SIGINT)  # py-spy writes its samples on SIGINT
+            spy.wait(timeout=60)
         try:
             operator.wait(timeout=120)
         except subprocess.TimeoutExpired:
@@ -404,6 +499,7 @@ ROWS = [
     ("  Announced p50, s", "announce_p50_s", "{:.1f}"),
     ("  missed (moved before heard)", "missed", "{:.0f}"),
     ("time to drain (all terminal), s", "drain_s", "{:.1f}"),
+    ("  operator writing after that, s", "tail_s", "{:.1f}"),
     ("API requests / migration", "req_per", "{:.1f}"),
     ("  writes / migration", "writes_per", "{:.1f}"),
     ("  conflicts / migration", "conflicts_per", "{:.2f}"),
@@ -469,6 +565,14 @@ def print_report(results: list[dict], args: argparse.Namespace) -> None:
             for r in results:
                 if r["label"] == lb and r["scenario"] == scenario:
                     sw.update(r.get("status_writes") or {})
+            ws = collections.Counter()
+            for r in results:
+                if r["label"] == lb and r["scenario"] == scenario:
+                    ws.update(r.get("writes") or {})
+            if ws:
+                print(f"  {lb} writes per migration by writer and what they carry:")
+                for k, v in sorted(ws.items()):
+                    print(f"    {k:64}{v / n:8.2f}")
             print(f"  {lb} migration status writes per migration (phase/reason): "
                   + ", ".join(f"{k} {v / n:.2f}" for k, v in sw.most_common()))
         for r in results:
@@ -492,6 +596,9 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=1)
     ap.add_argument("--timeout", type=float, default=1800, help="seconds a scenario may take")
     ap.add_argument("--json", default=None, help="also write every run's figures here")
+    ap.add_argument("--profile", default=None,
+                    help="a directory: py-spy samples each measured operator (threads holding the GIL) into <label>-<scenario>.txt "
+                         "(raw collapsed stacks, e.g. for flamegraph.pl or speedscope)")
     args = ap.parse_args()
     sys.path.insert(0, str(ROOT / "operator"))
     sys.path.insert(0, str(HERE))

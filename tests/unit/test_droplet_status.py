@@ -144,3 +144,15 @@ def test_guest_restarted_is_set_from_the_host_report_and_moves_with_each_restart
     assert "2 times" in c2["message"] and c2["lastTransitionTime"] == "2030-01-01T12:00:00Z"
     # moved away: the new host says nothing of it, the record stays
     assert restart_condition(once, host_reporting(None), NOW) is None
+
+
+def test_the_flips_own_words_stand_while_the_migration_finishes():
+    """The record flip writes phase Migrating with its reason (RecordMoved): kept, not rewritten
+    to LiveMigration (one write per migration less); Placed once the migration is terminal."""
+    d = droplet(host="h1", phase="Migrating", reason="RecordMoved", message="record moved from h0 to h1")
+    state = droplet_state(d, host(1), [migration("CutOver")], NOW, 30)
+    assert (state.phase, state.reason, state.message) == ("Migrating", "RecordMoved", "record moved from h0 to h1")
+    assert not state_changed(d, state)
+    assert droplet_state(d, host(1), [migration("Completed")], NOW, 30).phase == "Placed"
+    before = droplet(host="h0", phase="Placed", reason="Placed", message="running on h0")
+    assert droplet_state(before, host(1), [migration("Preparing")], NOW, 30).reason == "LiveMigration"

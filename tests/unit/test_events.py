@@ -71,10 +71,45 @@ def test_recorder_posts_then_patches_the_count():
         obj = {"kind": "LiveMigration", "metadata": {"namespace": "ns", "name": "m", "uid": "u"}}
         for _ in range(3):
             r.record(obj, "Warning", "Retry", "failed")
-        await r.queue.join()
+        await r.join()
         task.cancel()
         return r
 
     r = asyncio.run(main())
     assert calls == [("post", "Retry", "failed"), ("repeat", "ev1", 2), ("repeat", "ev1", 3)]
     assert (r.posted, r.repeated, r.dropped) == (1, 2, 0)
+
+
+def test_posters_keep_each_objects_events_in_order():
+    """Several tasks post at once; the Events of one object all go through one of them, in order."""
+    calls = []
+
+    class Kube:
+        def event(self, obj, type_, reason, message):
+            calls.append((obj["metadata"]["name"], reason))
+            return f"ev{len(calls)}"
+
+        def event_repeat(self, ns, name, count):
+            raise AssertionError("no repeats here")
+
+    async def call(fn, *args):
+        await asyncio.sleep(0)  # let the other posters run in between
+        return fn(*args)
+
+    async def main():
+        r = EventRecorder(Kube(), call, posters=4)
+        task = asyncio.create_task(r.run())
+        names = [f"m{i}" for i in range(20)]
+        for reason in ("Accepted", "Announced", "Scheduling", "TargetChosen"):
+            for n in names:
+                r.record({"kind": "LiveMigration", "metadata": {"namespace": "ns", "name": n, "uid": n}},
+                         "Normal", reason, f"{n} {reason}")
+        await r.join()
+        task.cancel()
+        return names
+
+    names = asyncio.run(main())
+    assert len(calls) == 80
+    for n in names:
+        assert [reason for name, reason in calls if name == n] == ["Accepted", "Announced", "Scheduling",
+                                                                   "TargetChosen"]

@@ -78,7 +78,11 @@ async def apply(cx: Context, m: LiveMigration, action: a.Action, logger: logging
         await cx.call(kube.delete_secret, ns, action.name)
         cx.world.expect.secret_deleted(key)
     elif isinstance(action, (a.FlipRecord, a.ReturnRecord)):
-        await flip_record(cx, ns, action)
+        # Holding the droplet's lock: its reconciler (woken by the record's watch event) repairs
+        # a label that does not follow the record, and without the lock it wrote the label a
+        # second time while this wrote it (one more write per migration in bench_fleet).
+        async with cx.object_lock(("Droplet", (ns, action.droplet))):
+            await flip_record(cx, ns, action)
     elif isinstance(action, a.EmitEvent):
         if action.on == "droplet":
             d = cx.world.droplets.get((ns, m.droplet))

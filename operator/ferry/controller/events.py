@@ -1,7 +1,8 @@
 """Events posted the way Kubernetes' own recorder posts them (client-go ``tools/record``).
 
-- **Off the decision path.** ``EventRecorder.record`` only queues; one background task
-  posts (client-go's broadcaster: a channel and a goroutine). A reconcile never waits for
+- **Off the decision path.** ``EventRecorder.record`` only queues; background tasks post
+  (client-go's broadcaster: a channel and a goroutine), ``POSTERS`` of them, each owning a
+  share of the objects (an object's Events stay in order). A reconcile never waits for
   its Events, and still queues them only after the status that tells the same story was
   written (so a conflicting write never duplicates them).
 - **Correlated** (``EventCorrelator``, client-go's defaults), decided by the pure
@@ -92,32 +93,50 @@ def _put(lru: collections.OrderedDict, key: Any, value: Any) -> None:
         lru.popitem(last=False)
 
 
-class EventRecorder:
-    """Queues Events and posts them from one task (``run``), through ``kube.event`` and
-    ``kube.event_repeat`` called with ``call`` (off the event loop)."""
+#: Events are posted by this many tasks at once, each owning a share of the objects (so the
+#: Events of one object keep their order and their correlation). One task posted ~15 Events a
+#: second on a busy machine: a thousand migrations' ~9,000 transition Events came minutes late.
+POSTERS = 4
 
-    def __init__(self, kube: Any, call: Callable, correlator: Correlator | None = None) -> None:
+
+class EventRecorder:
+    """Queues Events and posts them from ``posters`` tasks (``run``), through ``kube.event`` and
+    ``kube.event_repeat`` called with ``call`` (off the event loop). An object's Events all go
+    through one task, in the order they were recorded."""
+
+    def __init__(self, kube: Any, call: Callable, correlator: Correlator | None = None,
+                 posters: int = POSTERS) -> None:
         self.kube = kube
         self.call = call
         self.correlator = correlator or Correlator()
-        self.queue: asyncio.Queue = asyncio.Queue()
+        self.queues: list[asyncio.Queue] = [asyncio.Queue() for _ in range(max(1, posters))]
         self.names: collections.OrderedDict = collections.OrderedDict()  # dedup key -> (namespace, name)
         self.dropped = 0
         self.posted = 0
         self.repeated = 0
 
     def record(self, obj: dict[str, Any], type_: str, reason: str, message: str) -> None:
-        self.queue.put_nowait((obj, type_, reason, message))
+        meta = obj.get("metadata", {})
+        shard = hash((meta.get("namespace"), meta.get("name"))) % len(self.queues)
+        self.queues[shard].put_nowait((obj, type_, reason, message))
+
+    async def join(self) -> None:
+        """Until every Event recorded so far is posted (or dropped)."""
+        for q in self.queues:
+            await q.join()
 
     async def run(self) -> None:
+        await asyncio.gather(*(self._poster(q) for q in self.queues))
+
+    async def _poster(self, queue: asyncio.Queue) -> None:
         while True:
-            item = await self.queue.get()
+            item = await queue.get()
             try:
                 await self._post(*item)
             except Exception:  # noqa: BLE001 - an Event must never stop the operator; logged with traceback
                 log.exception("posting an event failed")
             finally:
-                self.queue.task_done()
+                queue.task_done()
 
     async def _post(self, obj: dict[str, Any], type_: str, reason: str, message: str) -> None:
         meta = obj.get("metadata", {})

@@ -103,6 +103,10 @@ class Expectations:
             return Phase.ANNOUNCED
         return m.phase
 
+    def placements(self) -> list[tuple[ObjectKey, str, Resources]]:
+        """The placements decided and not seen back: (droplet, host, resources)."""
+        return [(k, h, r) for k, (h, r) in self._placements.items()]
+
     def placement(self, key: ObjectKey) -> str | None:
         p = self._placements.get(key)
         return p[0] if p else None

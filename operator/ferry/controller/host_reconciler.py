@@ -8,7 +8,6 @@ import time
 
 from ferry.api.meta import ObjectKey
 from ferry.api.phases import HostPhase
-from ferry.api.sizes import Resources
 from ferry.api.times import now
 from ferry.controller import effects
 from ferry.controller.app import Context, ensure_current
@@ -36,7 +35,7 @@ def _write_now(cx: Context, name: str, current: dict, desired: dict) -> bool:
 
 async def on_event(cx: Context, event_type: str | None, body: dict, logger: logging.Logger) -> list[ObjectKey]:
     """Returns the droplets whose VM restarts the host now reports differently (their
-    ``GuestRestarted`` condition is due)."""
+    ``GuestRestarted`` condition is due), or all of its droplets when it was deleted."""
     name = body["metadata"]["name"]
     before = cx.world.hosts.get(name)
     cx.world.observe("Host", event_type, body)
@@ -44,30 +43,39 @@ async def on_event(cx: Context, event_type: str | None, body: dict, logger: logg
     # React at once to spec changes (maintenance on/off); heartbeats are handled by the timer.
     if after is not None and (before is None or before.meta.generation != after.meta.generation):
         await reconcile_host(cx, name, logger)
-    if after is None:
-        return []
+    if after is None:  # deleted: its droplets are HostMissing now
+        return [d.key for d in cx.world.droplets_on(name)]
     was = before.agent.restarts if before is not None else {}
     return [k for k, v in after.agent.restarts.items() if was.get(k) != v]
 
 
-async def reconcile_host(cx: Context, name: str, logger: logging.Logger) -> None:
+async def reconcile_host(cx: Context, name: str, logger: logging.Logger) -> list[ObjectKey]:
+    """Returns the host's droplets when its phase changed (ready or not: their own phase
+    follows it, HostLost or back), for the caller to reconcile."""
     await ensure_current(cx)
     cx.reconciled_at = time.monotonic()
     async with cx.object_lock(("Host", name)):
         world = cx.world
         host = world.hosts.get(name)
         if host is None:
-            return
+            return []
+        moved: list[ObjectKey] = []
         t = now()
-        allocated = world.allocated().get(name, Resources(0, 0, 0))
+        allocated = world.allocated_on(name)
         for r in world.reservations():
             if r.host == name:
                 allocated = allocated + r.resources
-        droplets = list(world.droplets.values())
-        migrations = list(world.migrations.values())
+        # Its own share of the fleet (the world's indexes): its droplets, their migrations and
+        # its evacuations. What the decisions below read of the others is nothing.
+        droplets = world.droplets_on(name)
+        migrations = {m.key: m for m in world.evacuations_of(name)}
+        for d in droplets:
+            migrations.update((m.key, m) for m in world.migrations_of(d.key))
+        migrations = list(migrations.values())
         desired = host_status(host, droplets, migrations, allocated, t, cx.settings.heartbeat_timeout_seconds)
         if status_changed(host.status, desired) and _write_now(cx, name, host.status, desired):
             if host.status.get("phase") != desired["phase"]:
+                moved = [d.key for d in droplets]
                 log.info("host %s: %s -> %s", name, host.status.get("phase"), desired["phase"])
                 not_ready = desired["phase"] == HostPhase.NOT_READY
                 await effects.post_event(cx, effects.ref("Host", name, None, host.meta.uid),
@@ -96,3 +104,4 @@ async def reconcile_host(cx: Context, name: str, logger: logging.Logger) -> None
                 pass
         cx.metrics.hosts_ready.set(sum(1 for h in world.hosts.values()
                                        if h.ready(t, cx.settings.heartbeat_timeout_seconds)))
+        return moved

@@ -26,7 +26,8 @@ from ferry.controller.app import Context, ensure_current
 from ferry.controller.droplet_reconciler import reconcile_droplet
 from ferry.controller.host_reconciler import reconcile_host
 from ferry.api.meta import ObjectKey
-from ferry.migration.actions import EmitEvent, RecomputeAllocations
+from ferry.api.patch import merge_patch
+from ferry.migration.actions import Announce, CreateSecret, EmitEvent, RecomputeAllocations, SetLabels
 from ferry.migration.admission import Admission, ConcurrencyLimits, MigrationRef, admit
 from ferry.migration.machine import Decision, decide, needs_admission, needs_placement
 from ferry.migration.observation import DropletObs, MachineConfig, Observation
@@ -177,6 +178,12 @@ def admission(cx: Context, m: LiveMigration, t: dt.datetime) -> Admission | None
     key = f"{m.namespace}/{m.name}"
     if world.expect.phase_of(m) in (None, Phase.PENDING):
         return admit([_ref(cx, x, t) for x in world.migrations_of((m.namespace, m.droplet))], limits, t).get(key)
+    if world.migrations.get(m.key) is not m:
+        # A decision merged into the previous one's write (``_reconcile_once``): judged on the
+        # status it was made on, not the world's (not written yet), and not cached.
+        refs = [_ref(cx, m if x.key == m.key else x, t) for x in world.migrations.values()
+                if world.expect.phase_of(m if x.key == m.key else x) in OWNING]
+        return admit(refs, limits, t).get(key)
     cache = cx.slot_verdicts
     version = (world.admission_version, world.expect.version, limits)
     if cache.version != version or (cache.valid_until is not None and t >= cache.valid_until):
@@ -241,34 +248,52 @@ async def _reconcile_once(cx: Context, key: ObjectKey, logger: logging.Logger) -
                 fresh = await cx.call(cx.kube.get_or_none, "Host", name)
                 if fresh is not None:
                     cx.world.observe("Host", "MODIFIED", fresh)
-    async with cx.lock:  # admission, placement and the expectations decide together
-        obs = observe(cx, m)
-        decision = decide(obs, now(), machine_config(cx))
-        _expect(cx, m, obs, decision)
-    if not decision.status and not decision.actions:
+    # One look may hold several decisions, written as ONE status patch: a transition asks to be
+    # looked at again at once (requeue 0), and the next decision is made here on the status the
+    # last one left (in memory), as long as it stays mergeable (``_mergeable``). Each decision's
+    # actions are applied in order before the write, as for one decision; its Events and its
+    # phase timestamp are kept, so nothing of what status and Events tell is lost.
+    steps: list[tuple[Observation, Decision]] = []
+    cur, rv = m, m.meta.resource_version
+    while len(steps) < MAX_MERGED_DECISIONS:
+        async with cx.lock:  # admission, placement and the expectations decide together
+            obs = observe(cx, cur)
+            decision = decide(obs, now(), machine_config(cx))
+            if steps and not _mergeable(steps[-1][1], obs, decision):
+                break  # decided again, on the written status, by the look that write causes
+            _expect(cx, cur, obs, decision)
+        steps.append((obs, decision))
+        try:
+            for action in decision.actions:
+                if isinstance(action, EmitEvent):
+                    continue
+                if isinstance(action, RecomputeAllocations):
+                    for h in action.hosts:
+                        await reconcile_host(cx, h, logger)
+                    continue
+                new_rv = await effects.apply(cx, cur, action, logger)
+                if new_rv:  # our own write to this LiveMigration (labels): guard the status with it
+                    rv = new_rv
+                    cur = dataclasses.replace(cur, meta=dataclasses.replace(cur.meta, resource_version=new_rv))
+        except Conflict:  # the labels' write met a newer version: decide again on a fresh read
+            cx.world.expect.forget_migration(key)
+            return False
+        except StorageError as exc:
+            logger.warning("migration %s/%s: %s; will retry", *key, exc)
+            cx.world.expect.forget_migration(key)
+            return True
+        if decision.done or decision.requeue_after != 0 or not decision.status:
+            break
+        cur = dataclasses.replace(cur, status=decision.new_status)
+    first, (_, decision) = steps[0][0], steps[-1]
+    status = merge_patch(m.status.to_dict(), decision.new_status.to_dict()) if len(steps) > 1 else decision.status
+    if not status and not any(d.actions for _, d in steps):
         return True
-    effects_ = [x for x in decision.actions if not isinstance(x, EmitEvent)]
-    events = [x for x in decision.actions if isinstance(x, EmitEvent)]
-    rv = m.meta.resource_version
-    try:
-        for action in effects_:
-            if isinstance(action, RecomputeAllocations):
-                for h in action.hosts:
-                    await reconcile_host(cx, h, logger)
-                continue
-            new_rv = await effects.apply(cx, m, action, logger)
-            if new_rv:  # our own write to this LiveMigration (labels): guard the status with it
-                rv = new_rv
-    except StorageError as exc:
-        logger.warning("migration %s/%s: %s; will retry", *key, exc)
-        cx.world.expect.forget_migration(key)
-        return True
-    if decision.status:
+    if status:
         if decision.new_status.phase in TERMINAL:
             failpoints.hit("operator.before-release")
         try:
-            new = await cx.call(cx.kube.patch_status, "LiveMigration", key[1], decision.status, key[0],
-                                resource_version=rv)
+            new = await cx.call(cx.kube.patch_status, "LiveMigration", key[1], status, key[0], resource_version=rv)
         except Conflict:
             cx.world.expect.forget_migration(key)
             return False
@@ -276,15 +301,42 @@ async def _reconcile_once(cx: Context, key: ObjectKey, logger: logging.Logger) -
             return True
         cx.world.observe("LiveMigration", "MODIFIED", new)
     # Events only once the status that tells the same story is written: never twice.
-    for action in events:
-        await effects.apply(cx, m, action, logger)
-    if decision.new_status.phase != obs.status.phase:
-        _log_transition(key, obs.status.phase, decision.new_status)
-        _count(cx, obs, decision)
+    for obs, d in steps:
+        for action in d.actions:
+            if isinstance(action, EmitEvent):
+                await effects.apply(cx, m, action, logger)
+        if d.new_status.phase != obs.status.phase:
+            _log_transition(key, obs.status.phase, d.new_status)
+            _count(cx, obs, d)
+    if decision.new_status.phase != first.status.phase:
         await reconcile_droplet(cx, (key[0], m.droplet), logger)  # its phase follows at once
         if decision.new_status.phase in TERMINAL:
             await expire(cx, key, logger)
     return True
+
+
+#: at most this many decisions in one status write (a migration created with no notice and a
+#: free slot goes Pending, Announced, Scheduling, Preparing and waits for its target: one write)
+MAX_MERGED_DECISIONS = 6
+#: actions a decision merged into the previous one's write may carry: writes that are
+#: idempotent and that the next look (the world, updated by each write) can see
+_MERGEABLE_ACTIONS = (Announce, SetLabels, CreateSecret, EmitEvent, RecomputeAllocations)
+
+
+def _mergeable(previous: Decision, obs: Observation, decision: Decision) -> bool:
+    """May ``decision`` (made on ``previous``'s status, not yet written) share its write?
+
+    Only after a transition (``previous`` asked to look again at once), and only while no
+    attempt runs: Pending, Announced and Scheduling, whose actions are announcing, labelling
+    and the Secret. From Preparing on, only a decision without effects that stays in its phase
+    (the reason it waits for, e.g. WaitingForTarget right after TargetChosen): the copy, the
+    flip and the record's writes each get their own status write, as they always had.
+    """
+    if previous.done or previous.requeue_after != 0 or not decision.status:
+        return False
+    if obs.status.phase in (None, Phase.PENDING, Phase.ANNOUNCED, Phase.SCHEDULING):
+        return all(isinstance(x, _MERGEABLE_ACTIONS) for x in decision.actions)
+    return decision.new_status.phase == obs.status.phase and all(isinstance(x, EmitEvent) for x in decision.actions)
 
 
 def _log_transition(key: ObjectKey, before: Phase | None, st: MigrationStatus) -> None:

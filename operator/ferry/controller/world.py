@@ -13,6 +13,7 @@ from __future__ import annotations
 import datetime as dt
 from collections.abc import Iterable
 
+from ferry.api import constants as c
 from ferry.api.livemigration import LiveMigration
 from ferry.api.models import Droplet, Host
 from ferry.api.sizes import Resources
@@ -39,6 +40,11 @@ class World:
         #: bumped whenever something admission reads changes (a migration's phase, droplet,
         #: hosts, notBefore; a droplet's host): cached admission verdicts stay valid until then
         self.admission_version = 0
+        #: host -> the droplets whose record names it, and host -> the LiveMigrations labelled
+        #: as its evacuation: a host's reconcile (every 2 s, every host) reads its own share,
+        #: not every droplet and migration of the fleet (that was O(hosts x objects) a round)
+        self.on_host: dict[str, dict[ObjectKey, None]] = {}
+        self.evacuating: dict[str, dict[ObjectKey, None]] = {}
 
     # --- watch events and own writes ------------------------------------------------------
     def observe(self, kind: str, event_type: str | None, body: dict) -> None:
@@ -63,6 +69,13 @@ class World:
             return
         self.invalid.pop((kind, key), None)
         table[k] = parsed
+        if kind == "Droplet" and (current is None or current.host != parsed.host):
+            _move(self.on_host, key, current.host if current is not None else None, parsed.host)
+        elif kind == "LiveMigration":
+            before = current.meta.labels.get(c.EVACUATION_LABEL) if current is not None else None
+            after = parsed.meta.labels.get(c.EVACUATION_LABEL)
+            if before != after or current is None:
+                _move(self.evacuating, key, before, after)
         if kind == "LiveMigration":
             if current is None or current.droplet != parsed.droplet:
                 if current is not None:
@@ -99,7 +112,10 @@ class World:
         gone = table.pop(key[1] if kind == "Host" else key, None)
         if kind == "LiveMigration" and gone is not None:
             self._unindex(gone)
+            _move(self.evacuating, key, gone.meta.labels.get(c.EVACUATION_LABEL), None)
             self.admission_version += 1
+        elif kind == "Droplet" and gone is not None:
+            _move(self.on_host, key, gone.host, None)
 
     def _unindex(self, m: LiveMigration) -> None:
         d = (m.namespace, m.droplet)
@@ -160,6 +176,26 @@ class World:
                 out[h] = out.get(h, ZERO) + d.resources
         return out
 
+    def droplets_on(self, host: str) -> list[Droplet]:
+        """The droplets whose record names ``host``."""
+        return [self.droplets[k] for k in self.on_host.get(host, ()) if k in self.droplets]
+
+    def evacuations_of(self, host: str) -> list[LiveMigration]:
+        """The LiveMigrations labelled as ``host``'s evacuation (every window)."""
+        return [self.migrations[k] for k in self.evacuating.get(host, ()) if k in self.migrations]
+
+    def allocated_on(self, host: str) -> Resources:
+        """``allocated()[host]`` without the others: its droplets, and the placements on it not
+        seen back yet."""
+        total = ZERO
+        for d in self.droplets_on(host):
+            total = total + d.resources
+        for key, h, _ in self.expect.placements():
+            d = self.droplets.get(key)
+            if h == host and d is not None and not d.host:
+                total = total + d.resources
+        return total
+
     def in_flight_by_host(self) -> tuple[dict[str, int], dict[str, int]]:
         """(outbound per source host, inbound per target host) of migrations in flight."""
         out: dict[str, int] = {}
@@ -199,6 +235,16 @@ class World:
 
     def migrations_of(self, droplet: ObjectKey) -> Iterable[LiveMigration]:
         return [self.migrations[k] for k in self.by_droplet.get(droplet, ()) if k in self.migrations]
+
+
+def _move(index: dict[str, dict[ObjectKey, None]], key: ObjectKey, old: str | None, new: str | None) -> None:
+    """``key`` leaves ``index[old]`` and joins ``index[new]`` (None: neither)."""
+    if old is not None and old in index:
+        index[old].pop(key, None)
+        if not index[old]:
+            del index[old]
+    if new is not None:
+        index.setdefault(new, {})[key] = None
 
 
 def _admission_view(m: LiveMigration) -> tuple:

@@ -38,6 +38,10 @@ def placement_status(d: Droplet, result: PlacementResult, now: dt.datetime) -> d
     return status
 
 
+#: the reasons the record flip writes with a droplet's phase Migrating (controller.effects.flip_record)
+FLIP_REASONS = frozenset({"RecordMoved", "RecordReturned"})
+
+
 def droplet_state(d: Droplet, host: Host | None, migrations: Iterable[LiveMigration], now: dt.datetime,
                   heartbeat_timeout: float) -> DropletState:
     """The phase of a placed droplet: where it runs, whether that host lives, whether it moves."""
@@ -49,6 +53,10 @@ def droplet_state(d: Droplet, host: Host | None, migrations: Iterable[LiveMigrat
                             "live-migrated until its host is back")
     moving = next((m for m in migrations if m.in_flight), None)
     if moving is not None:
+        if d.phase == DropletPhase.MIGRATING and d.status.get("reason") in FLIP_REASONS:
+            # the record flip's own words ("record moved from a to b"), written with the record:
+            # as true as ours, and replacing them cost one more write per migration
+            return DropletState(DropletPhase.MIGRATING, d.status["reason"], d.status.get("message") or "")
         return DropletState(DropletPhase.MIGRATING, "LiveMigration", f"being live-migrated by {moving.name}")
     return DropletState(DropletPhase.PLACED, "Placed", f"running on {d.host}")
 

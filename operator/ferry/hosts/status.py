@@ -140,11 +140,15 @@ def host_status(host: Host, droplets: Iterable[Droplet], migrations: Iterable[Li
     else:
         phase = HostPhase.READY
     hb = host.agent.heartbeat
+    # The message names no age: one that did ("last heartbeat 1s ago") changed with every look
+    # and rewrote every host's status every few seconds, migrations or not (status.agent's
+    # heartbeatTime is the last heartbeat).
     if hb is None:
         ready_msg = "no heartbeat from the host's agent yet"
+    elif ready:
+        ready_msg = f"agent heartbeats arrive within the timeout ({heartbeat_timeout:.0f}s)"
     else:
-        age = (now - hb).total_seconds()
-        ready_msg = f"last agent heartbeat {age:.0f}s ago (timeout {heartbeat_timeout:.0f}s)"
+        ready_msg = f"no agent heartbeat for more than {heartbeat_timeout:.0f}s (the last at {fmt(hb)})"
     schedulable = host.schedulable and not host.in_maintenance and ready
     conds = parse_conditions(host.status.get("conditions"))
     conds = set_condition(conds, "Ready", ready, "AgentHeartbeat" if ready else "AgentHeartbeatStale", ready_msg, now)
