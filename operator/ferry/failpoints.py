@@ -23,6 +23,7 @@ import sys
 import threading
 
 ENV = "FERRY_FAILPOINTS"
+FIRED_ENV = "FERRY_FAILPOINTS_FIRED"  # optional: a file each firing is appended to
 CRASH_EXIT_CODE = 86  # distinct from a signal's 128+n and from a Python error's 1
 ACTIONS = ("crash", "stop")
 
@@ -82,8 +83,16 @@ def parse(value: str | None) -> dict[str, str]:
 
 
 def _fire(name: str, action: str) -> None:
-    sys.stderr.write(f"ferry failpoint {name}: {action} (pid {os.getpid()})\n")
+    line = f"ferry failpoint {name}: {action} (pid {os.getpid()})\n"
+    sys.stderr.write(line)
     sys.stderr.flush()
+    fired = os.environ.get(FIRED_ENV)
+    if fired:  # a record that outlives the process and its directory (a test's witness)
+        try:
+            with open(fired, "a") as f:
+                f.write(line)
+        except OSError:
+            pass
     if action == "crash":
         os._exit(CRASH_EXIT_CODE)
     threading.Event().wait()  # stop: hang here until the process is killed

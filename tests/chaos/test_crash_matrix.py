@@ -102,6 +102,23 @@ def _fp_env(case: Case, component: str) -> dict[str, str]:
     return {"FERRY_FAILPOINTS": ",".join(names)} if names else {}
 
 
+def _fired_path(kubeconfig: str, side: str) -> pathlib.Path:
+    return pathlib.Path(kubeconfig).parent / f"failpoints-fired-{side}"
+
+
+def _fired_env(kubeconfig: str, side: str) -> dict[str, str]:
+    """Where a host's processes (its agent and the VMs it starts) record a failpoint firing: a
+    VM's own log goes with its directory, which a fast cleanup removes before a poll reads it."""
+    return {"FERRY_FAILPOINTS_FIRED": str(_fired_path(kubeconfig, side))}
+
+
+def _fired_recorded(kubeconfig: str, side: str, name: str) -> bool:
+    try:
+        return f"ferry failpoint {name}:" in _fired_path(kubeconfig, side).read_text(errors="replace")
+    except OSError:
+        return False
+
+
 def _lm(stack: Stack) -> dict:
     return stack.lm("move")
 
@@ -140,7 +157,7 @@ def test_crash_case(case: Case, stack: Stack, kubectl, kubeconfig):
     t0 = time.monotonic()
     ns, key = stack.ns, VMKey(stack.ns, "web")
     a = stack.host("a", agent=False)
-    stack.start_agent(a, env=_fp_env(case, "source-agent") | _fp_env(case, "source-vm"))
+    stack.start_agent(a, env=_fp_env(case, "source-agent") | _fp_env(case, "source-vm") | _fired_env(kubeconfig, f"{case.id}-a"))
     operators = _start_operators(stack, case, kubectl)
     stack.wait_hosts_ready()
     ip = f"127.{90 + os.getpid() % 100}.{(os.getpid() // 100) % 250}.{1 + int(stack.tag, 16) % 250}"
@@ -153,7 +170,7 @@ def test_crash_case(case: Case, stack: Stack, kubectl, kubeconfig):
         wait_until(lambda: (_driver(stack, a).status(key) or {}).get("bytes_written", 0) >= 4 << 20, 60,
                    what="4 MiB written by the guest")
     b = stack.host("b", agent=False)
-    stack.start_agent(b, env=_fp_env(case, "target-agent") | _fp_env(case, "target-vm"))
+    stack.start_agent(b, env=_fp_env(case, "target-agent") | _fp_env(case, "target-vm") | _fired_env(kubeconfig, f"{case.id}-b"))
     stack.wait_hosts_ready()
     source_pid = _vm_pid(stack, a)
     assert source_pid, "no VM process of the droplet on its host"
@@ -278,7 +295,7 @@ def _inject(case: Case, stack: Stack, kubeconfig: str, a: str, b: str, operators
         return f"{n} socket(s) aborted at {where}" if n else ""
     if case.fault.startswith("SIGKILL"):
         return _kill_vm(case, stack, a, b)
-    return _await_failpoint(case, stack, a, b, operators)
+    return _await_failpoint(case, stack, a, b, operators, kubeconfig)
 
 
 def _copying(stack: Stack) -> bool:
@@ -308,7 +325,7 @@ def _fired_in_vm_log(stack: Stack, host: str, name: str) -> bool:
     return False
 
 
-def _await_failpoint(case: Case, stack: Stack, a: str, b: str, operators: list) -> str:
+def _await_failpoint(case: Case, stack: Stack, a: str, b: str, operators: list, kubeconfig: str) -> str:
     """Wait until the case's failpoint crashed its process; restart what crashed without
     failpoints (the processes of `also` points too, once they fired)."""
     armed = [(case.component, case.fault), *case.also]
@@ -331,7 +348,8 @@ def _await_failpoint(case: Case, stack: Stack, a: str, b: str, operators: list) 
                     stack.start_agent(host)
             elif comp in ("source-vm", "target-vm"):
                 host = a if comp == "source-vm" else b
-                done = _fired_in_vm_log(stack, host, name)
+                side = f"{case.id}-{'a' if comp == 'source-vm' else 'b'}"
+                done = _fired_in_vm_log(stack, host, name) or _fired_recorded(kubeconfig, side, name)
                 if done:  # later VMs of this host must not inherit the failpoint
                     stack.agents[host].stop()
                     stack.start_agent(host)
