@@ -286,6 +286,7 @@ def test_evacuation_obeys_every_concurrency_limit(stack, capsys):
     assert not violations, violations[:5]
     host = stack.get("host", a)
     assert host["status"]["evacuation"] == {"window": 1, "dropletsLeft": 0, "migrationsRunning": 0,
+                                            "migrationsOutgoing": 0,
                                             "migrationsFailed": 0, "migrationsCompleted": 5}
     for n in names:
         assert stack.get("droplet", n)["status"]["host"] in (b, c)

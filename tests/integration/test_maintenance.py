@@ -49,6 +49,7 @@ def test_a_host_is_drained_again_and_again(stack, capsys):
         took.append(time.monotonic() - t0)
         st = stack.get("host", a)["status"]
         assert st["evacuation"] == {"window": window, "dropletsLeft": 0, "migrationsRunning": 0,
+                                    "migrationsOutgoing": 0,
                                     "migrationsFailed": 0, "migrationsCompleted": 3}
         assert st["maintenanceWindow"] == window
         for n in names:

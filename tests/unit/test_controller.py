@@ -302,10 +302,11 @@ def test_the_worlds_host_indexes_follow_moves_relabels_and_deletions():
         return {"kind": "Droplet", "metadata": {"name": name, "namespace": NS, "resourceVersion": str(rv)},
                 "spec": {"size": "s-1vcpu-1gb", "datacenter": "nyc3"}, "status": {"host": host} if host else {}}
 
-    def evac(name: str, host: str | None, rv: int) -> dict:
+    def evac(name: str, host: str | None, rv: int, phase: str = "PreCopy", source: str | None = None) -> dict:
         labels = {"ferry.dev/evacuation": host} if host else {}
         return {"kind": "LiveMigration", "metadata": {"name": name, "namespace": NS, "resourceVersion": str(rv),
-                                                      "labels": labels}, "spec": {"droplet": "d0"}}
+                                                      "labels": labels}, "spec": {"droplet": "d0"},
+                "status": {"phase": phase, **({"sourceHost": source} if source else {})}}
 
     def check() -> None:
         for h in ("h1", "h2", "h3"):
@@ -314,6 +315,8 @@ def test_the_worlds_host_indexes_follow_moves_relabels_and_deletions():
             assert w.allocated_on(h) == w.allocated().get(h, Resources(0, 0, 0))
             assert sorted(m.name for m in w.evacuations_of(h)) == sorted(
                 m.name for m in w.migrations.values() if m.meta.labels.get("ferry.dev/evacuation") == h)
+            assert sorted(m.name for m in w.leaving_from(h)) == sorted(
+                m.name for m in w.migrations.values() if m.status.source_host == h and not m.terminal)
 
     for i in range(6):
         w.observe("Droplet", "ADDED", droplet(f"d{i}", f"h{i % 3 + 1}", 10 + i))
@@ -321,13 +324,22 @@ def test_the_worlds_host_indexes_follow_moves_relabels_and_deletions():
     w.expect.placed((NS, "new"), "h2", Resources(1, 1024, 25))
     w.observe("LiveMigration", "ADDED", evac("e1", "h1", 30))
     w.observe("LiveMigration", "ADDED", evac("e2", "h1", 31))
+    w.observe("LiveMigration", "ADDED", evac("own", None, 32, "CutOver", source="h1"))  # a user's, off h1
+    w.observe("LiveMigration", "ADDED", evac("own2", None, 33, "Announced"))  # no source yet
     check()
+    assert [m.name for m in w.leaving_from("h1")] == ["own"]
+    w.observe("LiveMigration", "MODIFIED", evac("own2", None, 34, "Scheduling", source="h2"))
+    w.observe("LiveMigration", "MODIFIED", evac("own", None, 35, "Completed", source="h1"))  # finished: gone
+    check()
+    assert not w.leaving_from("h1") and [m.name for m in w.leaving_from("h2")] == ["own2"]
     w.observe("Droplet", "MODIFIED", droplet("d0", "h3", 40))  # the record flipped
     w.observe("Droplet", "MODIFIED", droplet("new", "h2", 41))  # the placement seen back
     w.observe("LiveMigration", "MODIFIED", evac("e2", "h2", 42))  # relabelled
     w.observe("Droplet", "DELETED", droplet("d1", "h2", 43))
     w.observe("LiveMigration", "DELETED", evac("e1", "h1", 44))
+    w.observe("LiveMigration", "DELETED", evac("own2", None, 45, "Scheduling", source="h2"))
     check()
+    assert not w.leaving_from("h2")
     w.resync("Droplet", [droplet("d2", "h3", 50)])  # a re-list that no longer holds the others
     check()
     assert [d.name for d in w.droplets_on("h3")] == ["d2"] and not w.droplets_on("h1")

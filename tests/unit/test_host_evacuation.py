@@ -29,7 +29,7 @@ def droplet(name: str, on: str = "host-a") -> Droplet:
 
 
 def lm(name: str, droplet_: str, phase: str | None, *, window: int | None = None, evac: bool = True,
-       cancel: bool = False) -> LiveMigration:
+       cancel: bool = False, source: str | None = None) -> LiveMigration:
     labels = {}
     if evac:
         labels["ferry.dev/evacuation"] = "host-a"
@@ -38,7 +38,8 @@ def lm(name: str, droplet_: str, phase: str | None, *, window: int | None = None
     return LiveMigration.from_body({"metadata": {"name": name, "namespace": "ns", "labels": labels,
                                                  "resourceVersion": "7"},
                                     "spec": {"droplet": droplet_, "cancel": cancel},
-                                    "status": {"phase": phase} if phase else {}})
+                                    "status": {**({"phase": phase} if phase else {}),
+                                               **({"sourceHost": source} if source else {})}})
 
 
 def status_of(h: Host, droplets, migrations) -> dict:
@@ -110,3 +111,23 @@ def test_uncordon_withdraws_only_the_queued_evacuations():
     # still in maintenance: nothing of the open window is withdrawn
     h = host(maintenance=True, status={"maintenanceWindow": 1, "evacuation": {"window": 1}})
     assert evacuation_withdrawals(h, ms) == []
+
+
+def test_a_host_is_not_evacuated_while_a_migration_off_it_is_unfinished():
+    """CI: a user's own migration off a host that went into maintenance was in CutOver, its
+    droplet's record already on the target, and the host said Evacuated: the source copy the
+    migration falls back on (a target that fails after the flip) was still on it."""
+    h = host(maintenance=True, status={"maintenanceWindow": 1, "evacuation": {"window": 1}})
+    done = lm(evacuation_name("host-a", "web1", 1), "web1", "Completed", window=1, source="host-a")
+    mine = lm("users-own", "mine", "CutOver", evac=False, source="host-a")
+    st = status_of(h, [], [done, mine])
+    assert st["phase"] == "Draining"
+    assert st["evacuation"]["migrationsOutgoing"] == 1 and st["evacuation"]["migrationsRunning"] == 0
+    ev = next(cnd for cnd in st["conditions"] if cnd["type"] == "Evacuated")
+    assert ev["status"] == "False" and "1 migration(s) off this host unfinished" in ev["message"]
+    finished = lm("users-own", "mine", "Completed", evac=False, source="host-a")
+    st = status_of(h, [], [done, finished])
+    assert st["phase"] == "Evacuated" and st["evacuation"]["migrationsOutgoing"] == 0
+    # another host's migration is not this host's business
+    other = lm("theirs", "x", "CutOver", evac=False, source="host-b")
+    assert status_of(h, [], [done, other])["phase"] == "Evacuated"

@@ -483,7 +483,7 @@ def _plan_droplet(host: HostContext, key: VMKey, droplets: Mapping[VMKey, Drople
     for lm in lms:
         if lm.status.source_host != me or lm.status.attempt < 1:
             continue
-        acts, mids = _source(host, key, lm, owned, vm, source_mid, now)
+        acts, mids = _source(host, key, lm, owned, vm, source_mid, _known(source_mid, migrations), now)
         out.extend(acts)
         handled |= mids
     if source_mid is not None:
@@ -523,6 +523,12 @@ def _held_for_cutover(me: str, vm: VMObs, lms: list[LiveMigration]) -> bool:
                 frozen or not (lm.target.attempt == ref[2] and lm.target.state == TargetState.RUNNING)):
             return True
     return False
+
+
+def _known(mid: str | None, migrations: Mapping[MigKey, LiveMigration | None]) -> bool:
+    """``mid`` belongs to a migration this agent has seen (present, or None when deleted)."""
+    ref = parse_migration_id(mid) if mid is not None else None
+    return ref is not None and (ref[0], ref[1]) in migrations
 
 
 def _orphaned(me: str, mid: str, migrations: Mapping[MigKey, LiveMigration | None]) -> bool:
@@ -666,8 +672,10 @@ def _target(host: HostContext, key: VMKey, lm: LiveMigration, d: Droplet | None,
 
 
 def _source(host: HostContext, key: VMKey, lm: LiveMigration, owned: bool, vm: VMObs | None,
-            source_mid: str | None, now: dt.datetime) -> tuple[list[Action], set[str]]:
-    """Actions of the source role for ``lm``; the set holds the migration ids it decided about."""
+            source_mid: str | None, source_known: bool, now: dt.datetime) -> tuple[list[Action], set[str]]:
+    """Actions of the source role for ``lm``; the set holds the migration ids it decided about.
+    ``source_known``: the migration the VM's copy in progress (``source_mid``) belongs to is one
+    this agent has seen, present or deleted."""
     n = lm.status.attempt
     ref = (lm.namespace, lm.name)
     mid = migration_id(lm.namespace, lm.name, n)
@@ -710,6 +718,8 @@ def _source(host: HostContext, key: VMKey, lm: LiveMigration, owned: bool, vm: V
         target = lm.target
         if target.attempt == n and target.state == TargetState.LISTENING and target.address:
             if source_mid is not None and source_mid != mid:
+                if not source_known:
+                    return out, handled  # a copy for a migration this agent has not seen: wait, as _orphaned does
                 out.append(CancelMigration(key, source_mid, f"{mid} replaces it"))
                 handled.add(source_mid)
             out.append(StartMigration(key, ref, n, target.address, migration_options(lm, host.downtime_budget_ms)))

@@ -65,10 +65,12 @@ async def reconcile_host(cx: Context, name: str, logger: logging.Logger) -> list
         for r in world.reservations():
             if r.host == name:
                 allocated = allocated + r.resources
-        # Its own share of the fleet (the world's indexes): its droplets, their migrations and
-        # its evacuations. What the decisions below read of the others is nothing.
+        # Its own share of the fleet (the world's indexes): its droplets, their migrations, its
+        # evacuations and the unfinished migrations off it. What the decisions below read of
+        # the others is nothing.
         droplets = world.droplets_on(name)
         migrations = {m.key: m for m in world.evacuations_of(name)}
+        migrations.update((m.key, m) for m in world.leaving_from(name))
         for d in droplets:
             migrations.update((m.key, m) for m in world.migrations_of(d.key))
         migrations = list(migrations.values())

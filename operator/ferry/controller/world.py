@@ -45,6 +45,9 @@ class World:
         #: not every droplet and migration of the fleet (that was O(hosts x objects) a round)
         self.on_host: dict[str, dict[ObjectKey, None]] = {}
         self.evacuating: dict[str, dict[ObjectKey, None]] = {}
+        #: host -> the unfinished LiveMigrations whose status.sourceHost names it (the users'
+        #: own too): the host is not Evacuated while one of them may still fall back to it
+        self.leaving: dict[str, dict[ObjectKey, None]] = {}
 
     # --- watch events and own writes ------------------------------------------------------
     def observe(self, kind: str, event_type: str | None, body: dict) -> None:
@@ -76,6 +79,9 @@ class World:
             after = parsed.meta.labels.get(c.EVACUATION_LABEL)
             if before != after or current is None:
                 _move(self.evacuating, key, before, after)
+            was, now_ = _leaving(current), _leaving(parsed)
+            if was != now_:
+                _move(self.leaving, key, was, now_)
         if kind == "LiveMigration":
             if current is None or current.droplet != parsed.droplet:
                 if current is not None:
@@ -113,6 +119,7 @@ class World:
         if kind == "LiveMigration" and gone is not None:
             self._unindex(gone)
             _move(self.evacuating, key, gone.meta.labels.get(c.EVACUATION_LABEL), None)
+            _move(self.leaving, key, _leaving(gone), None)
             self.admission_version += 1
         elif kind == "Droplet" and gone is not None:
             _move(self.on_host, key, gone.host, None)
@@ -184,6 +191,10 @@ class World:
         """The LiveMigrations labelled as ``host``'s evacuation (every window)."""
         return [self.migrations[k] for k in self.evacuating.get(host, ()) if k in self.migrations]
 
+    def leaving_from(self, host: str) -> list[LiveMigration]:
+        """The unfinished LiveMigrations whose source is ``host``."""
+        return [self.migrations[k] for k in self.leaving.get(host, ()) if k in self.migrations]
+
     def allocated_on(self, host: str) -> Resources:
         """``allocated()[host]`` without the others: its droplets, and the placements on it not
         seen back yet."""
@@ -235,6 +246,10 @@ class World:
 
     def migrations_of(self, droplet: ObjectKey) -> Iterable[LiveMigration]:
         return [self.migrations[k] for k in self.by_droplet.get(droplet, ()) if k in self.migrations]
+
+
+def _leaving(m: LiveMigration | None) -> str | None:
+    return m.status.source_host if m is not None and not m.terminal else None
 
 
 def _move(index: dict[str, dict[ObjectKey, None]], key: ObjectKey, old: str | None, new: str | None) -> None:

@@ -23,6 +23,14 @@ class Evacuation:
     running: int
     failed: int
     completed: int
+    # Every unfinished migration whose source is this host, the users' own included: until it
+    # ends, its source copy is the one to fall back on (a target that fails its verification
+    # after the record moved hands the droplet back), so the host is not Evacuated yet.
+    outgoing: int = 0
+
+    @property
+    def done(self) -> bool:
+        return self.droplets_left == 0 and self.running == 0 and self.outgoing == 0
 
 
 def evacuation_name(host: str, droplet: str, window: int) -> str:
@@ -64,6 +72,7 @@ def window_of(m: LiveMigration) -> int:
 def evacuation_of(host: Host, droplets: Iterable[Droplet], migrations: Iterable[LiveMigration],
                   window: int | None = None) -> Evacuation:
     """Progress of the evacuation in ``window`` (every window when None)."""
+    migrations = list(migrations)
     left = sum(1 for d in droplets if d.host == host.name)
     evac = [m for m in migrations if m.meta.labels.get(c.EVACUATION_LABEL) == host.name
             and (window is None or window_of(m) == window)]
@@ -72,6 +81,7 @@ def evacuation_of(host: Host, droplets: Iterable[Droplet], migrations: Iterable[
         running=sum(1 for m in evac if not m.terminal),
         failed=sum(1 for m in evac if m.phase == Phase.FAILED),
         completed=sum(1 for m in evac if m.phase == Phase.COMPLETED),
+        outgoing=sum(1 for m in migrations if not m.terminal and m.status.source_host == host.name),
     )
 
 
@@ -134,7 +144,7 @@ def host_status(host: Host, droplets: Iterable[Droplet], migrations: Iterable[Li
     if not ready:
         phase = HostPhase.NOT_READY
     elif host.in_maintenance:
-        phase = HostPhase.EVACUATED if ev.droplets_left == 0 and ev.running == 0 else HostPhase.DRAINING
+        phase = HostPhase.EVACUATED if ev.done else HostPhase.DRAINING
     elif not host.schedulable:
         phase = HostPhase.CORDONED
     else:
@@ -159,11 +169,11 @@ def host_status(host: Host, droplets: Iterable[Droplet], migrations: Iterable[Li
               (f"in maintenance: {host.maintenance_reason}" if host.in_maintenance else
                "cordoned (spec.schedulable is false)" if not host.schedulable else "host is not ready"), now)
     if host.in_maintenance:
-        done = ev.droplets_left == 0 and ev.running == 0
         conds = set_condition(
-            conds, "Evacuated", done, "Evacuated" if done else "Draining",
-            "no droplet is left on this host" if done else
-            f"{ev.droplets_left} droplet(s) left, {ev.running} migration(s) running, {ev.failed} failed", now)
+            conds, "Evacuated", ev.done, "Evacuated" if ev.done else "Draining",
+            "no droplet is left on this host and no migration off it is unfinished" if ev.done else
+            f"{ev.droplets_left} droplet(s) left, {ev.running} migration(s) running, {ev.failed} failed, "
+            f"{ev.outgoing} migration(s) off this host unfinished (the users' own included)", now)
     else:
         conds = tuple(cnd for cnd in conds if cnd.type != "Evacuated")
     cap = host.capacity
@@ -175,7 +185,7 @@ def host_status(host: Host, droplets: Iterable[Droplet], migrations: Iterable[Li
         "allocatedSummary": {"cpu": f"{allocated.cpu}/{cap.cpu}",
                              "memory": f"{allocated.memory_mib}/{cap.memory_mib}Mi"},
         "evacuation": {"window": window, "dropletsLeft": ev.droplets_left, "migrationsRunning": ev.running,
-                       "migrationsFailed": ev.failed, "migrationsCompleted": ev.completed}
+                       "migrationsOutgoing": ev.outgoing, "migrationsFailed": ev.failed, "migrationsCompleted": ev.completed}
         if window is not None else None,
         "maintenanceWindow": window if window is not None else host.status.get("maintenanceWindow"),
         "conditions": [cnd.to_dict() for cnd in conds],
