@@ -102,6 +102,10 @@ def test_summary_of_a_completed_migration():
     assert lines[0] == "migration team/web-1-abc Completed: droplet web-1 host-a -> host-b"
     assert lines[1] == "  duration 1m02s, attempts 1, rounds 4, sent 1.5 GiB of 1.0 GiB, downtime 87 ms"
     assert len(lines) == 2
+    # the guest's whole pause (the source's pause to the target's resume), when both sides said
+    body["status"]["guestPauseMs"] = 131
+    lines = pg.migration_summary(pg.migration_view(body), T0 + dt.timedelta(hours=1))
+    assert lines[1].endswith("downtime 87 ms, guest paused 131 ms in all")
 
 
 def test_summary_of_a_failed_migration_gives_the_reason_and_where_the_droplet_stays():

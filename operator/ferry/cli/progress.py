@@ -132,6 +132,7 @@ class MigrationView:
     forced: bool = False
     force_requested: bool = False
     slow: bool = False  # not converging yet: throttle at its maximum, downtime steps taken, or ETA over budget
+    guest_pause_ms: int | None = None  # the guest's whole pause: the source's pause to the target's resume
 
     @property
     def key(self) -> str:
@@ -185,6 +186,7 @@ def migration_view(body: Mapping[str, Any]) -> MigrationView:
         downtime_steps=tr.downtime_steps,
         forced=tr.forced,
         force_requested=lm.spec.force_complete,
+        guest_pause_ms=st.guest_pause_ms,
         slow=phase == Phase.PRECOPY and tr.state in ("Copying", "Converging") and (
             (tr.throttle_percent or 0) >= 99 or bool(tr.downtime_steps)
             or (st.condition("CompletionAtRisk") is not None and st.condition("CompletionAtRisk").status == "True")),
@@ -270,6 +272,8 @@ def migration_summary(view: MigrationView, now: dt.datetime) -> list[str]:
     if view.downtime_ms is not None:
         budget = f" (budget {view.downtime_budget_ms} ms)" if view.downtime_budget_ms else ""
         facts.append(f"downtime {view.downtime_ms} ms{budget}" + (", force-completed" if view.forced else ""))
+    if view.guest_pause_ms is not None:
+        facts.append(f"guest paused {view.guest_pause_ms} ms in all")
     lines = [head]
     if facts:
         lines.append("  " + ", ".join(facts))
