@@ -50,20 +50,28 @@ def eth0_addresses(e2e, node: str) -> set[str]:
     return {a["local"] for link in out for a in link.get("addr_info", [])}
 
 
-def test_a_qemu_guest_keeps_its_address_ping_and_tcp_connections_through_a_migration(e2e, ns):
+def qemu_droplet_with_address(e2e, ns: str, name: str, host_part: int) -> tuple[str, dict]:
+    """Create droplet NAME with the address .HOST_PART of the nodes' droplet subnet on the qemu
+    release, and return (its address, its running launcher pod); skip where the release or the
+    nodes cannot give a guest a routable address."""
     e2e.require_cluster("the qemu guest's NIC")
     if os.environ.get("FERRY_E2E_DRIVER") != "qemu":
         pytest.skip("the release runs the sim driver: FERRY_NODES_QEMU=1 hack/nodes-e2e.sh runs this test")
     prefix = os.environ.get("FERRY_E2E_DROPLET_SUBNET", "")
     if not prefix or not e2e.node_exec:
         pytest.skip("needs droplet addresses on the nodes' segment (FERRY_E2E_DROPLET_SUBNET) and FERRY_E2E_NODE_EXEC")
-    ip = f"{prefix}.210"
+    ip = f"{prefix}.{host_part}"
     apply_example_hosts(e2e)
-    name = "qnet"
     e2e.kubectl("apply", "-n", ns, "-f", "-", input=json.dumps({
         "apiVersion": "ferry.dev/v1alpha1", "kind": "Droplet", "metadata": {"name": name},
         "spec": {"size": "s-1vcpu-1gb", "datacenter": os.environ.get("FERRY_E2E_DATACENTER", "nyc3"), "ip": ip}}))
     pod = wait_until(lambda: running_pod(e2e, ns, name), 180, what=f"{ns}/{name}'s QEMU in its pod")
+    return ip, pod
+
+
+def test_a_qemu_guest_keeps_its_address_ping_and_tcp_connections_through_a_migration(e2e, ns):
+    name = "qnet"
+    ip, pod = qemu_droplet_with_address(e2e, ns, name, 210)
     source = pod["spec"]["nodeName"]
     # what the launcher pod needs for the NIC: /dev/net/tun, and still no capability at all
     [c] = pod["spec"]["containers"]
@@ -112,19 +120,8 @@ def test_a_qemu_guest_keeps_its_address_ping_and_tcp_connections_through_a_migra
 
 
 def test_a_cancelled_qemu_migration_leaves_the_guest_answering_on_the_source(e2e, ns):
-    e2e.require_cluster("the qemu guest's NIC")
-    if os.environ.get("FERRY_E2E_DRIVER") != "qemu":
-        pytest.skip("the release runs the sim driver: FERRY_NODES_QEMU=1 hack/nodes-e2e.sh runs this test")
-    prefix = os.environ.get("FERRY_E2E_DROPLET_SUBNET", "")
-    if not prefix or not e2e.node_exec:
-        pytest.skip("needs droplet addresses on the nodes' segment (FERRY_E2E_DROPLET_SUBNET) and FERRY_E2E_NODE_EXEC")
-    ip = f"{prefix}.211"
-    apply_example_hosts(e2e)
     name = "qstay"
-    e2e.kubectl("apply", "-n", ns, "-f", "-", input=json.dumps({
-        "apiVersion": "ferry.dev/v1alpha1", "kind": "Droplet", "metadata": {"name": name},
-        "spec": {"size": "s-1vcpu-1gb", "datacenter": os.environ.get("FERRY_E2E_DATACENTER", "nyc3"), "ip": ip}}))
-    pod = wait_until(lambda: running_pod(e2e, ns, name), 180, what=f"{ns}/{name}'s QEMU in its pod")
+    ip, pod = qemu_droplet_with_address(e2e, ns, name, 211)
     source = pod["spec"]["nodeName"]
     wait_until(lambda: _echo_once(ip), 240, interval=1, what=f"the guest's echo service on {ip}:{TCP_PORT}")
     [source_tap] = taps_on(e2e, source)
