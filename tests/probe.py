@@ -23,18 +23,18 @@ INTERVAL = 0.010
 LATE_MS = 1000.0
 
 
-class Probe:
-    def __init__(self, ip: str, port: int, interval: float = INTERVAL):
-        self.ip, self.port, self.interval = ip, port, interval
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self.sock.settimeout(0.05)
+class _Sender:
+    """Numbered probes sent every ``interval`` by one thread (``_send_one``) while another takes
+    the answers (``_recv``), from ``with`` (or ``__enter__``) until ``stop()``."""
+
+    def __init__(self, interval: float = INTERVAL):
+        self.interval = interval
         self.sent: dict[int, float] = {}
-        self.answers: dict[int, tuple[float, dict]] = {}
         self._stop = threading.Event()
         self._threads = [threading.Thread(target=self._send, daemon=True),
                          threading.Thread(target=self._recv, daemon=True)]
 
-    def __enter__(self) -> Probe:
+    def __enter__(self):
         for t in self._threads:
             t.start()
         return self
@@ -47,8 +47,8 @@ class Probe:
             time.sleep(LATE_MS / 1000 + 0.2)  # everything sent until now gets its time to be answered
             self._stop.set()
             for t in self._threads:
-                t.join(2)
-            self.sock.close()
+                t.join(3)
+            self._close()
 
     def _send(self) -> None:
         n = 0
@@ -57,11 +57,35 @@ class Probe:
             n += 1
             self.sent[n] = time.monotonic()
             try:
-                self.sock.sendto(f"probe {n}".encode(), (self.ip, self.port))
+                self._send_one(n)
             except OSError:
                 pass  # no route/neighbour yet: lost like any other
             next_at += self.interval
             self._stop.wait(max(0.0, next_at - time.monotonic()))
+
+    def _send_one(self, n: int) -> None:
+        raise NotImplementedError
+
+    def _recv(self) -> None:
+        raise NotImplementedError
+
+    def _close(self) -> None:
+        raise NotImplementedError
+
+
+class Probe(_Sender):
+    def __init__(self, ip: str, port: int, interval: float = INTERVAL):
+        self.ip, self.port = ip, port
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.settimeout(0.05)
+        self.answers: dict[int, tuple[float, dict]] = {}
+        super().__init__(interval)
+
+    def _send_one(self, n: int) -> None:
+        self.sock.sendto(f"probe {n}".encode(), (self.ip, self.port))
+
+    def _close(self) -> None:
+        self.sock.close()
 
     def _recv(self) -> None:
         while not self._stop.is_set():
@@ -139,52 +163,19 @@ def _checksum(data: bytes) -> int:
     return ~total & 0xFFFF
 
 
-class _Probes:
+class _Probes(_Sender):
     """Numbered probes sent every ``interval`` and their answers: ``result()`` as ``Probe``'s
     (sent, answered, lost, longest_gap_ms; an answer later than LATE_MS counts as lost)."""
 
     kind = "probe"
 
     def __init__(self, interval: float = INTERVAL):
-        self.interval = interval
-        self.sent: dict[int, float] = {}
         self.answers: dict[int, float] = {}
-        self._stop = threading.Event()
-        self._threads = [threading.Thread(target=self._send, daemon=True),
-                         threading.Thread(target=self._recv, daemon=True)]
-
-    def __enter__(self):
-        for t in self._threads:
-            t.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
-
-    def stop(self) -> None:
-        if not self._stop.is_set():
-            time.sleep(LATE_MS / 1000 + 0.2)
-            self._stop.set()
-            for t in self._threads:
-                t.join(3)
-            self._close()
+        super().__init__(interval)
 
     def answered_since(self, t: float) -> int:
         """Answers to probes sent after monotonic time ``t``."""
         return sum(1 for n in list(self.answers) if self.sent.get(n, 0.0) > t)
-
-    def _send(self) -> None:
-        n = 0
-        next_at = time.monotonic()
-        while not self._stop.is_set():
-            n += 1
-            self.sent[n] = time.monotonic()
-            try:
-                self._send_one(n)
-            except OSError:
-                pass  # lost like any other
-            next_at += self.interval
-            self._stop.wait(max(0.0, next_at - time.monotonic()))
 
     def _answered(self, n: int) -> None:
         self.answers.setdefault(n, time.monotonic())
