@@ -53,24 +53,43 @@ def test_node_fabric_without_its_helper_says_so(tmp_path):
     assert "127.0.0.11" in f._loopback
 
 
-SCRIPT = textwrap.dedent("""
+NETNS_PRELUDE = textwrap.dedent("""
     import json, socket, subprocess, sys, threading, time
-    from ferry.drivers.network import NodeFabric, FabricError, serve
+    from ferry.drivers.network import NodeFabric, FabricError, serve, tap_owner
     run = lambda *a: subprocess.run(a, check=True, capture_output=True)
+
+    def helper(**kw):
+        # the node's network helper on eth0, serving sys.argv[1]; its client once it answers
+        threading.Thread(target=serve, args=(sys.argv[1], "eth0", threading.Event()), kwargs=kw,
+                         daemon=True).start()
+        fabric = NodeFabric(sys.argv[1])
+        for _ in range(100):
+            try:
+                fabric.held()
+                break
+            except FabricError:
+                time.sleep(0.05)
+        return fabric
+""")
+
+
+def run_in_netns(script: str, tmp_path) -> dict:
+    """SCRIPT (after NETNS_PRELUDE) as root in a private network namespace: the JSON it printed last."""
+    import json
+
+    proc = subprocess.run(["unshare", "-n", sys.executable, "-c", NETNS_PRELUDE + script, str(tmp_path / "net.sock")],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+SCRIPT = textwrap.dedent("""
     run("ip", "link", "add", "eth0", "type", "veth", "peer", "name", "peer0")
     run("ip", "link", "set", "eth0", "up"); run("ip", "link", "set", "peer0", "up")
     run("ip", "addr", "add", "10.250.0.11/24", "dev", "eth0")
     rx = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0806))
     rx.bind(("peer0", 0)); rx.settimeout(2)
-    stop = threading.Event()
-    sock = sys.argv[1]
-    threading.Thread(target=serve, args=(sock, "eth0", stop), daemon=True).start()
-    fabric = NodeFabric(sock)
-    for _ in range(100):
-        try:
-            fabric.held(); break
-        except FabricError:
-            time.sleep(0.05)
+    fabric = helper()
     out = {"held0": sorted(fabric.held())}
     fabric.claim("10.250.0.200"); fabric.claim("10.250.0.200")
     out["held1"] = sorted(fabric.held())
@@ -98,12 +117,7 @@ SCRIPT = textwrap.dedent("""
 @pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("unshare") or not shutil.which("ip"),
                     reason="needs root, unshare and iproute2 (a private network namespace)")
 def test_node_fabric_claims_announces_and_releases_in_a_network_namespace(tmp_path):
-    import json
-
-    proc = subprocess.run(["unshare", "-n", sys.executable, "-c", SCRIPT, str(tmp_path / "net.sock")],
-                          capture_output=True, text=True, timeout=60)
-    assert proc.returncode == 0, proc.stderr
-    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    out = run_in_netns(SCRIPT, tmp_path)
     assert out["held0"] == [] and out["held1"] == ["10.250.0.200"] and out["held2"] == []
     # two claims (idempotent): one address, labelled as ferry's; each claim announced
     assert out["labels"] == [["10.250.0.11", "eth0"], ["10.250.0.200", "eth0:ferry"]]
@@ -128,21 +142,9 @@ def test_tap_names_and_macs_are_derived():
 
 
 TAP_SCRIPT = textwrap.dedent("""
-    import json, subprocess, sys, threading, time
-    from ferry.drivers.network import NodeFabric, FabricError, serve, tap_owner
-    run = lambda *a: subprocess.run(a, check=True, capture_output=True)
     run("ip", "link", "add", "eth0", "type", "veth", "peer", "name", "peer0"); run("ip", "link", "set", "eth0", "up")
     run("ip", "link", "add", "ferryvm", "type", "bridge"); run("ip", "link", "set", "ferryvm", "up")
-    stop = threading.Event()
-    sock = sys.argv[1]
-    threading.Thread(target=serve, args=(sock, "eth0", stop), kwargs={"vm_bridge": "ferryvm", "tap_uid": 10001},
-                     daemon=True).start()
-    fabric = NodeFabric(sock)
-    for _ in range(100):
-        try:
-            fabric.held(); break
-        except FabricError:
-            time.sleep(0.05)
+    fabric = helper(vm_bridge="ferryvm", tap_uid=10001)
     out = {}
     fabric.add_tap("ft0123456789ab"); fabric.add_tap("ft0123456789ab")
     link = json.loads(run("ip", "-j", "-d", "link", "show", "dev", "ft0123456789ab").stdout)[0]
@@ -167,12 +169,7 @@ TAP_SCRIPT = textwrap.dedent("""
                     or not os.path.exists("/dev/net/tun"),
                     reason="needs root, unshare, iproute2 and /dev/net/tun (a private network namespace)")
 def test_the_helper_makes_only_ferrys_taps_on_its_bridge_for_its_user(tmp_path):
-    import json
-
-    proc = subprocess.run(["unshare", "-n", sys.executable, "-c", TAP_SCRIPT, str(tmp_path / "net.sock")],
-                          capture_output=True, text=True, timeout=60)
-    assert proc.returncode == 0, proc.stderr
-    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    out = run_in_netns(TAP_SCRIPT, tmp_path)
     assert out["master"] == "ferryvm" and out["owner"] == 10001 and out["up"], out
     assert "not one of ferry's tap devices" in out["refused_eth0"] and "refused_ferryvm" in out
     assert "not a tap of user 10001" in out["other_user"]  # never takes over someone else's tap
