@@ -373,3 +373,29 @@ def test_a_corrupt_block_is_never_written(pair):
     got, want = contents(dst[0]), contents(src[0])
     for b in range(32):
         assert got[b * BS : (b + 1) * BS] in (bytes(BS), want[b * BS : (b + 1) * BS]), f"block {b}"
+
+
+@pytest.mark.parametrize("corrupt", [None, 1])
+def test_frames_larger_than_a_write_buffer_span_buffers(pair, monkeypatch, corrupt):
+    # a peer may cut frames larger than the 1 MiB a ferry source does (the protocol allows
+    # 64 MiB): the target fills and queues one buffer after the other, each checked first
+    monkeypatch.setattr(source, "MAX_EXTENT_BYTES", 4 << 20)
+    src, dst = pair
+    for b in range(32):
+        src[0].write(b * BS, bytes([b + 1]) * BS)
+    tgt = TargetEngine(disk=dst[0], memory=dst[1], secret=b"k" * 32, migration_id="m")
+    host, port = tgt.listen("127.0.0.1")
+    tgt.start()
+    eng = SourceEngine(disk=src[0], memory=src[1], guest=FakeGuest(), target=f"{host}:{port}", secret=b"k" * 32,
+                       migration_id="m")
+    eng.corrupt_data_frame = corrupt  # the bad byte is in the frame's second half: its second buffer
+    eng.run()
+    tgt.join(10)
+    got, want = contents(dst[0]), contents(src[0])
+    if corrupt is None:
+        assert eng.state == session.COMPLETED and tgt.state == session.RECEIVED and got == want
+        assert eng.stats()["disk"]["sent"] == 32 * BS
+    else:
+        assert tgt.state == session.FAILED and "checksum mismatch in disk frame at block 16" in tgt.error
+        assert got[: 16 * BS] in (bytes(16 * BS), want[: 16 * BS])  # the checked first buffer, or nothing
+        assert got[16 * BS :] == bytes(16 * BS)  # the buffer with the bad block never written

@@ -293,8 +293,8 @@ class SealedChannel:
     # --- receiving -------------------------------------------------------------
 
     def recv_data(self, n: int, should_stop=None, into=None) -> memoryview:
-        """The next ``n`` plaintext bytes, at the start of ``into`` (at least ``n + TAG_SIZE``
-        bytes: the target's page-aligned write buffers) or in a buffer of the channel's (valid
+        """The next ``n`` plaintext bytes, at the start of ``into`` (a writable buffer of at least
+        ``n + TAG_SIZE`` bytes: the target's page-aligned write buffers) or in a buffer of the channel's (valid
         until the next call). A record of exactly ``n`` bytes (every data record the sender cut
         for this read) is received into that buffer and decrypted where it lies."""
         if self._pt_pos < self._pt_end or not IN_PLACE:
@@ -303,7 +303,8 @@ class SealedChannel:
         (length,) = RECORD_HEADER.unpack(self._head)
         if not TAG_SIZE <= length <= MAX_RECORD:
             raise framing.FrameError(f"sealed record of {length} bytes")
-        if into is not None and len(into) >= length:
+        in_into = into is not None and len(into) >= length
+        if in_into:
             rec = memoryview(into)[:length]
         else:
             if len(self._rdata) < length:
@@ -315,7 +316,7 @@ class SealedChannel:
             self._rx.aead.decrypt_into(self._rx.nonce(), rec, bytes(self._head), rec[:plen])
         except InvalidTag:
             raise framing.ChecksumError("sealed record failed authentication (altered, replayed or not from the peer)") from None
-        if plen == n and (into is None or rec.obj is into):
+        if plen == n and (into is None or in_into):
             return rec[:plen]
         # a record of another size (not what a ferry source sends for data): hand out what
         # was asked for, keep the rest for the next read

@@ -26,6 +26,7 @@ from ferry.transfer.session import (
     ABORTED,
     COPYING,
     FAILED,
+    MAX_EXTENT_BYTES,
     NONE,
     RECEIVED,
     TERMINAL,
@@ -168,9 +169,11 @@ class TargetEngine:
                 pass
 
     def _open_writer(self) -> ImageWriter:
-        # a buffer holds one receive chunk of the larger block size, sealed (its tag after it)
+        # a buffer holds a whole frame as a ferry source cuts them (or at least one receive
+        # chunk), the last record's tag after it
         chunk = max(max(1, RECV_CHUNK_BYTES // dev.block_size) * dev.block_size for dev in (self.disk, self.memory))
-        w = ImageWriter(chunk + TAG_SIZE, direct=self.direct_writes, name=f"writer-{self.migration_id}")
+        w = ImageWriter(max(MAX_EXTENT_BYTES, chunk) + TAG_SIZE, direct=self.direct_writes,
+                        name=f"writer-{self.migration_id}")
         w.add_image("disk", self.disk.fd)
         w.add_image("memory", self.memory.fd)
         return w
@@ -268,24 +271,27 @@ class TargetEngine:
                 if zlib.crc32(hlv) != check:
                     raise framing.ChecksumError(f"checksum mismatch in {name} frame at block {index}")
                 hl = bytes(hlv)
-                # receive and verify in chunks that stay in the CPU cache, each at the start of
-                # one of the writer's page-aligned buffers (a sealed record is decrypted where
-                # it was received); a chunk is queued for writing only once every block in it
-                # matched its hash, and written while the next one is received
+                # receive and verify in chunks that stay in the CPU cache, one after the other
+                # into one of the writer's page-aligned buffers (a sealed record is decrypted
+                # where it was received); the buffer (the frame, or as much of it as fits) is
+                # queued for writing only once every block in it matched its hash, and written
+                # while the next frame is received
                 per = max(1, RECV_CHUNK_BYTES // bs)
-                for c0 in range(0, count, per):
-                    n = min(per, count - c0)
+                per_buf = max(per, (writer.buffer_bytes - TAG_SIZE) // bs // per * per)
+                for b0 in range(0, count, per_buf):
+                    m = min(per_buf, count - b0)
                     buf = writer.acquire()
                     try:
-                        data = chan.recv_data(n * bs, stop, buf)
-                        bad = first_mismatch(data, bs, hl[c0 * HASH_SIZE : (c0 + n) * HASH_SIZE])
+                        for c0 in range(b0, b0 + m, per):
+                            n = min(per, b0 + m - c0)
+                            data = chan.recv_data(n * bs, stop, memoryview(buf)[(c0 - b0) * bs :])
+                            bad = first_mismatch(data, bs, hl[c0 * HASH_SIZE : (c0 + n) * HASH_SIZE])
+                            if bad is not None:
+                                raise framing.ChecksumError(f"checksum mismatch in {name} frame at block {index + c0 + bad}")
                     except BaseException:
-                        writer.release(buf)
+                        writer.release(buf)  # never written
                         raise
-                    if bad is not None:
-                        writer.release(buf)
-                        raise framing.ChecksumError(f"checksum mismatch in {name} frame at block {index + c0 + bad}")
-                    writer.write(name, buf, n * bs, (index + c0) * bs)
+                    writer.write(name, buf, m * bs, (index + b0) * bs)
                 self._hashes[name].set_run(index, hl)
                 self._received[name] += count * bs
                 continue

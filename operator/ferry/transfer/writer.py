@@ -36,8 +36,12 @@ from dataclasses import dataclass, field
 log = logging.getLogger(__name__)
 
 DIRECT_ALIGN = 4096  # offsets and lengths of O_DIRECT writes (covers 512 and 4096 byte sectors)
-BUFFERS = 3  # receive buffers in turn: one being received, up to two queued or being written
+BUFFERS = 3  # buffers in turn: one being received into, up to two queued or being written
+ZERO_JOBS = 16  # zero runs queued at most (data writes are bounded by the buffers)
 ZERO_CHUNK = 1 << 20  # zero runs are written in pieces of this size
+
+
+_WRITE, _ZERO, _BARRIER, _STOP = "write", "zero", "barrier", "stop"
 
 
 class WriteFailed(OSError):
@@ -89,9 +93,10 @@ class ImageWriter:
         self._free: queue.SimpleQueue = queue.SimpleQueue()
         for _ in range(buffers):
             self._free.put(mmap.mmap(-1, self.buffer_bytes))
-        self._nbuffers = buffers
-        # bounded: data jobs are bounded by the buffers, zero runs by this
-        self._jobs: queue.Queue = queue.Queue(maxsize=4 * buffers)
+        # one job per buffer (a whole frame, not per chunk) through C-implemented queues: the
+        # hand-over costs little next to the write; bounded by the buffers and ZERO_JOBS
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self._zero_slots = threading.Semaphore(ZERO_JOBS)
         self._zeros: mmap.mmap | None = None
         self.error: WriteFailed | None = None
         self._discard = False
@@ -138,16 +143,19 @@ class ImageWriter:
         if self.error is not None:
             self._free.put(buf)
             self._raise_if_failed()
-        self._jobs.put((name, buf, length, offset))
+        self._jobs.put((_WRITE, name, buf, length, offset))
 
     def zero(self, name: str, offset: int, length: int) -> None:
         """Queue zeros over ``length`` bytes at ``offset``, after every write queued before."""
         self._raise_if_failed()
-        self._jobs.put((name, None, length, offset))
+        self._zero_slots.acquire()
+        self._jobs.put((_ZERO, name, None, length, offset))
 
     def drain(self) -> None:
         """Wait until every queued write is done; raise the first that failed."""
-        self._jobs.join()
+        done = threading.Event()
+        self._jobs.put((_BARRIER, "", done, 0, 0))
+        done.wait()
         self._raise_if_failed()
 
     def close(self, *, discard: bool = False) -> None:
@@ -157,7 +165,7 @@ class ImageWriter:
             return
         self._closed = True
         self._discard = discard
-        self._jobs.put(None)
+        self._jobs.put((_STOP, "", None, 0, 0))
         self._thread.join()
         for img in self._images.values():
             if img.direct_fd is not None:
@@ -174,26 +182,30 @@ class ImageWriter:
     # --- the writer thread ---------------------------------------------------------
 
     def _run(self) -> None:
+        # every job is taken off the queue, also after a failure (then dropped): buffers and
+        # zero slots always come back, barriers always open
         while True:
-            job = self._jobs.get()
-            try:
-                if job is None:
-                    return
-                name, buf, length, offset = job
-                if self.error is None and not self._discard:
-                    try:
-                        if buf is None:
-                            self._write_zeros(self._images[name], offset, length)
-                        else:
-                            self._write(self._images[name], memoryview(buf)[:length], offset)
-                    except OSError as e:
-                        self.error = WriteFailed(f"writing the {name} image at offset {offset} failed: {e.strerror or e}")
-                        self.error.errno = e.errno or errno.EIO
-                        log.error("%s", self.error)
-                if buf is not None:
-                    self._free.put(buf)
-            finally:
-                self._jobs.task_done()
+            kind, name, buf, length, offset = self._jobs.get()
+            if kind is _STOP:
+                return
+            if kind is _BARRIER:
+                buf.set()
+                continue
+            if self.error is None and not self._discard:
+                try:
+                    if kind is _ZERO:
+                        self._write_zeros(self._images[name], offset, length)
+                    else:
+                        self._write(self._images[name], memoryview(buf)[:length], offset)
+                except Exception as e:  # noqa: BLE001 - whatever it was, the attempt fails with it
+                    why = (e.strerror if isinstance(e, OSError) else None) or str(e) or e.__class__.__name__
+                    self.error = WriteFailed(f"writing the {name} image at offset {offset} failed: {why}")
+                    self.error.errno = getattr(e, "errno", None) or errno.EIO
+                    log.error("%s", self.error)
+            if kind is _ZERO:
+                self._zero_slots.release()
+            else:
+                self._free.put(buf)
 
     def _write(self, img: _Image, view: memoryview, offset: int) -> None:
         n = len(view)
