@@ -21,7 +21,6 @@ from ferry.transfer import auth, framing, session
 from ferry.transfer.channel import TAG_SIZE
 from ferry.transfer.digest import HASH_NAME, BlockHashes, combine, first_mismatch
 from ferry.transfer.framing import HASH_SIZE, Kind
-from ferry.transfer.writer import ImageWriter
 from ferry.transfer.session import (
     ABORTED,
     COPYING,
@@ -34,12 +33,14 @@ from ferry.transfer.session import (
     MigrationFailed,
     failure_reason,
 )
+from ferry.transfer.writer import ImageWriter
 
 log = logging.getLogger(__name__)
 
-# The receiver takes a frame in RECV_CHUNK_BYTES pieces (receive, check, write) so the bytes
-# are still in the CPU cache when hashed and written: with whole 1 MiB pieces the receiver
-# needed ~2.5x the CPU (measured with tests/perf/bench_dataplane.py).
+# The receiver takes a frame in RECV_CHUNK_BYTES pieces (receive, check) so the bytes are
+# still in the CPU cache when hashed: with whole 1 MiB pieces (received, checked and written
+# through the page cache) the receiver needed ~2.5x the CPU (tests/perf/bench_dataplane.py).
+# The checked pieces of a frame are then written together (ferry.transfer.writer).
 RECV_CHUNK_BYTES = 256 << 10
 
 # Data frames are written with O_DIRECT where the image's file system takes it (a buffered

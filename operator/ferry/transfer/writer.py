@@ -1,26 +1,27 @@
 """The target's image writer: every write to an incoming image, in frame order, from one thread.
 
-The receiver checks a chunk's blocks against their hashes in a buffer of the writer's and
-only then hands the buffer over (``write``); the writer thread writes it while the receiver
-takes the next chunk, then gives the buffer back. Zero runs go through the same queue
-(``zero``), so every write to an image lands in the order its frames came: a ZERO frame for a
-block whose data frame of an earlier round is still queued is written after it.
+The receiver checks a frame's chunks against their hashes one after the other in a buffer of
+the writer's (``acquire``) and only then hands the buffer over (``write``); the writer thread
+writes it while the receiver takes the next frame, then gives the buffer back. A buffer that
+is not handed over (a chunk failed its check) is never written (``release``). Zero runs go
+through the same queue (``zero``), so every write to an image lands in the order its frames
+came: a ZERO frame for a block whose data frame of an earlier round is still queued is
+written after it. The queue is bounded: data by the buffers, zero runs by ``ZERO_JOBS``.
 
 Writes go with O_DIRECT where the file system takes it (as QEMU's ``cache=none``): no page
-cache to allocate and copy into. The buffers are page-aligned (anonymous mmaps) and the
-receiver places every chunk at the start of one, so a write is aligned when its offset and
-length are multiples of ``DIRECT_ALIGN``. A write that is not, an image whose file system
-refuses O_DIRECT when opened (EINVAL), or one that refuses a direct write (EINVAL: the
-device's alignment is larger) is written through the page cache instead (automatic; counted
-and named in ``stats()`` and logged once per image, so nobody believes O_DIRECT ran when it
-did not).
+cache to allocate and copy into. The buffers are page-aligned (anonymous mmaps) and data
+starts at the start of one, so a write is aligned when its offset and length are multiples
+of ``DIRECT_ALIGN``. A write that is not, an image whose file system refuses O_DIRECT when
+opened, or one that refuses a direct write with EINVAL (the device's alignment is larger) is
+written through the page cache instead: automatic, counted and named in ``stats()`` and
+logged, so nobody believes O_DIRECT ran when it did not.
 
-A write that fails (EIO, ENOSPC, a short write) fails the attempt: the error is kept,
-later jobs are discarded (their buffers still come back, so the receiver never waits on a
-writer that stopped) and ``acquire``/``write``/``zero``/``drain`` raise it. ``drain`` waits
-until every queued write is done: the receiver calls it before its verdict. Durability is
-what it was with buffered writes (the verdict does not fsync; a direct write is on the
-device, a buffered one in the page cache, both visible to every later read of the file).
+A write that fails (EIO, ENOSPC, a short write) fails the attempt: the error is kept, later
+jobs are dropped (their buffers still come back, so the receiver never waits on a writer
+that stopped) and ``acquire``/``write``/``zero``/``drain`` raise it. ``drain`` waits until
+every queued write is done: the receiver calls it before its verdict. Durability is what it
+was with buffered writes (nothing is fsynced; a direct write is on the device, a buffered one
+in the page cache, both what every later read of the file sees).
 """
 
 from __future__ import annotations
@@ -119,8 +120,8 @@ class ImageWriter:
         img = _Image(name, fd, direct_fd)
         img.stats.fallback = reason
         self._images[name] = img
-        if reason:
-            log.warning("%s image written through the page cache (%s)", name, reason)
+        if direct_fd is None:  # a refusal is a warning, O_DIRECT turned off is a setting
+            (log.info if not self.direct else log.warning)("%s image written through the page cache (%s)", name, reason)
 
     # --- the receiver's side -------------------------------------------------------
 
