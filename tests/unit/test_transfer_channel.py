@@ -287,5 +287,44 @@ def test_plain_channel_data_frames_pass_through():
     t.join(5)
 
 
+@pytest.mark.parametrize("sizes", [[RECORD_BYTES, RECORD_BYTES, 4096], [1000, RECORD_BYTES, 5, RECORD_BYTES, 3091]])
+def test_data_is_received_at_the_start_of_the_callers_buffer(sizes):
+    # the target's page-aligned write buffers: each read's data lies at offset 0 of the
+    # buffer it gave, whether the record matched the read (opened in place) or not (copied)
+    import mmap
+
+    parts = frame_parts(RECORD_BYTES * 2 + 4096)
+    wire = _in_place_wire([parts])
+    a, b = socket.socketpair()
+    dst = SealedChannel.for_target(b, SECRET, SN, CN, "lm-1")
+    t = send_in_thread(lambda: (a.sendall(wire), a.shutdown(socket.SHUT_WR)))
+    dst.recv_exact(framing.HEADER_SIZE + len(parts[1]))
+    got = bytearray()
+    for n in sizes:
+        n = min(n, len(parts[2]) - len(got))
+        buf = mmap.mmap(-1, 2 * RECORD_BYTES)
+        view = dst.recv_data(n, into=memoryview(buf)[100:])  # a slice, as the target gives
+        assert len(view) == n and bytes(buf[100 : 100 + n]) == bytes(view)
+        got += view
+    t.join(5)
+    assert bytes(got) == parts[2]
+
+
+def test_plain_channel_receives_data_into_the_callers_buffer():
+    import mmap
+
+    a, b = socket.socketpair()
+    src, dst = PlainChannel(a), PlainChannel(b)
+    head, hl, data = frame_parts(RECORD_BYTES)
+    (view,) = src.data_views(len(data))
+    view[:] = data
+    t = send_in_thread(lambda: src.send_data(head, hl, len(data)))
+    dst.recv_exact(len(head) + len(hl))
+    buf = mmap.mmap(-1, RECORD_BYTES + 4096)
+    got = dst.recv_data(RECORD_BYTES, into=buf)
+    assert got.obj is buf and bytes(buf[:RECORD_BYTES]) == data
+    t.join(5)
+
+
 def test_this_cryptography_seals_in_place():
     assert channel.IN_PLACE  # else every record costs a copy through a scratch buffer (still correct)

@@ -117,11 +117,15 @@ class PlainChannel:
     def send_data(self, head: bytes, hashes: bytes, nbytes: int) -> None:
         framing.send_parts(self.sock, [head, hashes, memoryview(self._data)[:nbytes]])
 
-    def recv_data(self, n: int, should_stop=None) -> memoryview:
-        """The next ``n`` bytes, in a buffer of the channel's (valid until the next call)."""
-        if len(self._rdata) < n:
-            self._rdata = bytearray(n)
-        view = memoryview(self._rdata)[:n]
+    def recv_data(self, n: int, should_stop=None, into=None) -> memoryview:
+        """The next ``n`` bytes, at the start of ``into`` (at least ``n + TAG_SIZE`` bytes) or
+        in a buffer of the channel's (valid until the next call)."""
+        if into is not None:
+            view = memoryview(into)[:n]
+        else:
+            if len(self._rdata) < n:
+                self._rdata = bytearray(n)
+            view = memoryview(self._rdata)[:n]
         framing.recv_exact_into(self.sock, view, should_stop)
         return view
 
@@ -288,26 +292,31 @@ class SealedChannel:
 
     # --- receiving -------------------------------------------------------------
 
-    def recv_data(self, n: int, should_stop=None) -> memoryview:
-        """The next ``n`` plaintext bytes, in a buffer of the channel's (valid until the next
-        call). A record of exactly ``n`` bytes (every data record the sender cut for this
-        read) is received into that buffer and decrypted where it lies."""
+    def recv_data(self, n: int, should_stop=None, into=None) -> memoryview:
+        """The next ``n`` plaintext bytes, at the start of ``into`` (a writable buffer of at least
+        ``n + TAG_SIZE`` bytes: the target's page-aligned write buffers) or in a buffer of the channel's (valid
+        until the next call). A record of exactly ``n`` bytes (every data record the sender cut
+        for this read) is received into that buffer and decrypted where it lies."""
         if self._pt_pos < self._pt_end or not IN_PLACE:
-            return self._recv_data_copy(n, should_stop)
+            return self._recv_data_copy(n, should_stop, into)
         framing.recv_exact_into(self.sock, memoryview(self._head), should_stop)
         (length,) = RECORD_HEADER.unpack(self._head)
         if not TAG_SIZE <= length <= MAX_RECORD:
             raise framing.FrameError(f"sealed record of {length} bytes")
-        if len(self._rdata) < length:
-            self._rdata = bytearray(length)
-        rec = memoryview(self._rdata)[:length]
+        in_into = into is not None and len(into) >= length
+        if in_into:
+            rec = memoryview(into)[:length]
+        else:
+            if len(self._rdata) < length:
+                self._rdata = bytearray(length)
+            rec = memoryview(self._rdata)[:length]
         framing.recv_exact_into(self.sock, rec, should_stop)
         plen = length - TAG_SIZE
         try:
             self._rx.aead.decrypt_into(self._rx.nonce(), rec, bytes(self._head), rec[:plen])
         except InvalidTag:
             raise framing.ChecksumError("sealed record failed authentication (altered, replayed or not from the peer)") from None
-        if plen == n:
+        if plen == n and (into is None or in_into):
             return rec[:plen]
         # a record of another size (not what a ferry source sends for data): hand out what
         # was asked for, keep the rest for the next read
@@ -315,14 +324,17 @@ class SealedChannel:
             self._pt = bytearray(plen)
         self._pt[:plen] = rec[:plen]
         self._pt_pos, self._pt_end = 0, plen
-        return self._recv_data_copy(n, should_stop)
+        return self._recv_data_copy(n, should_stop, into)
 
-    def _recv_data_copy(self, n: int, should_stop=None) -> memoryview:
+    def _recv_data_copy(self, n: int, should_stop=None, into=None) -> memoryview:
         """Small frames (their data shares a record with the header) and reads that do not
-        match the records: through ``recv_into``, into a buffer kept for it."""
-        if len(self._copy) < n:
-            self._copy = bytearray(n)
-        view = memoryview(self._copy)[:n]
+        match the records: through ``recv_into``, into ``into`` or a buffer kept for it."""
+        if into is not None:
+            view = memoryview(into)[:n]
+        else:
+            if len(self._copy) < n:
+                self._copy = bytearray(n)
+            view = memoryview(self._copy)[:n]
         self.recv_into(view, should_stop)
         return view
 

@@ -1,15 +1,15 @@
 """The receiving end of a migration's pre-copy: runs in the target VM process.
 
 It accepts one authenticated connection (encrypted, or plain where ``allow_plain``), checks
-every block against its hash as it arrives and writes it; on DONE it compares the source's digests with those of what it
+every block against its hash as it arrives and only then queues it to its image writer
+(``ferry.transfer.writer``: one thread, frame order, O_DIRECT where the file system takes
+it); on DONE it waits for every write, compares the source's digests with those of what it
 holds and answers VERDICT. It never runs what it received until its VM is told ``cont``.
 """
 
 from __future__ import annotations
 
-import errno
 import logging
-import os
 import socket
 import threading
 import time
@@ -18,6 +18,7 @@ from collections.abc import Callable
 from typing import Protocol
 
 from ferry.transfer import auth, framing, session
+from ferry.transfer.channel import TAG_SIZE
 from ferry.transfer.digest import HASH_NAME, BlockHashes, combine, first_mismatch
 from ferry.transfer.framing import HASH_SIZE, Kind
 from ferry.transfer.session import (
@@ -32,13 +33,19 @@ from ferry.transfer.session import (
     MigrationFailed,
     failure_reason,
 )
+from ferry.transfer.writer import ImageWriter
 
 log = logging.getLogger(__name__)
 
-# The receiver takes a frame in RECV_CHUNK_BYTES pieces (receive, check, write) so the bytes
-# are still in the CPU cache when hashed and written: with whole 1 MiB pieces the receiver
-# needed ~2.5x the CPU (measured with tests/perf/bench_dataplane.py).
+# The receiver takes a frame in RECV_CHUNK_BYTES pieces (receive, check) so the bytes are
+# still in the CPU cache when hashed: with whole 1 MiB pieces (received, checked and written
+# through the page cache) the receiver needed ~2.5x the CPU (tests/perf/bench_dataplane.py).
+# The checked pieces of a frame are then written together (ferry.transfer.writer).
 RECV_CHUNK_BYTES = 256 << 10
+
+# Data frames are written with O_DIRECT where the image's file system takes it (a buffered
+# fallback is automatic and named in stats()["writes"]); False writes through the page cache.
+DIRECT_WRITES = True
 
 
 class TargetDevice(Protocol):
@@ -63,6 +70,7 @@ class TargetEngine:
         io_timeout: float = 120.0,
         on_finish: Callable[["TargetEngine"], None] | None = None,
         allow_plain: bool = False,
+        direct_writes: bool | None = None,
     ):
         self.disk, self.memory = disk, memory
         self.secret = bytes(secret)
@@ -70,6 +78,9 @@ class TargetEngine:
         self.io_timeout = io_timeout
         self.on_finish = on_finish
         self.allow_plain = allow_plain  # take a plain channel if the source asks for one (else encrypted only)
+        self.direct_writes = DIRECT_WRITES if direct_writes is None else direct_writes
+        self._writer: ImageWriter | None = None
+        self._write_stats: dict | None = None  # the writer's stats once it is closed
         self._chan = None
         self.state = NONE
         self.error: str | None = None
@@ -143,17 +154,39 @@ class TargetEngine:
             return
         self._conn = conn
         try:
+            self._writer = self._open_writer()
             self._serve(self._chan)
         except Exception as e:  # noqa: BLE001
             reason = "stopped" if self._stop.is_set() else failure_reason(e)
             log.warning("incoming migration %s failed: %s", self.migration_id, reason)
+            self._close_writer(discard=True)
             self._finish(FAILED, reason)
             self._send_error_and_drain(conn, self._chan, reason)
         finally:
+            self._close_writer(discard=True)  # a no-op after the verdict (drained and closed)
             try:
                 conn.close()
             except OSError:
                 pass
+
+    def _open_writer(self) -> ImageWriter:
+        # a buffer holds a whole frame as a ferry source cuts them (or at least one receive
+        # chunk), the last record's tag after it
+        chunk = max(max(1, RECV_CHUNK_BYTES // dev.block_size) * dev.block_size for dev in (self.disk, self.memory))
+        w = ImageWriter(max(MAX_EXTENT_BYTES, chunk) + TAG_SIZE, direct=self.direct_writes,
+                        name=f"writer-{self.migration_id}")
+        w.add_image("disk", self.disk.fd)
+        w.add_image("memory", self.memory.fd)
+        return w
+
+    def _close_writer(self, *, discard: bool) -> None:
+        w = self._writer
+        if w is None:
+            return
+        w.close(discard=discard)
+        self._write_stats = w.stats()
+        self._writer = None
+        log.info("migration %s: image writes %s", self.migration_id, self._write_stats)
 
     def _accept_authenticated(self) -> socket.socket:
         ls = self._listener
@@ -213,6 +246,7 @@ class TargetEngine:
 
     def _serve(self, chan) -> None:
         self.state = COPYING
+        writer = self._writer
         stop = self._stop.is_set
         devs = {Kind.DISK: ("disk", self.disk), Kind.MEMORY: ("memory", self.memory),
                 Kind.ZERO_DISK: ("disk", self.disk), Kind.ZERO_MEMORY: ("memory", self.memory)}
@@ -238,17 +272,27 @@ class TargetEngine:
                 if zlib.crc32(hlv) != check:
                     raise framing.ChecksumError(f"checksum mismatch in {name} frame at block {index}")
                 hl = bytes(hlv)
-                # receive, verify and write in chunks that stay in the CPU cache, each in
-                # the channel's buffer (a sealed record is decrypted where it was received)
+                # receive and verify in chunks that stay in the CPU cache, one after the other
+                # into one of the writer's page-aligned buffers (a sealed record is decrypted
+                # where it was received); the buffer (the frame, or as much of it as fits) is
+                # queued for writing only once every block in it matched its hash, and written
+                # while the next frame is received
                 per = max(1, RECV_CHUNK_BYTES // bs)
-                for c0 in range(0, count, per):
-                    n = min(per, count - c0)
-                    data = chan.recv_data(n * bs, stop)
-                    bad = first_mismatch(data, bs, hl[c0 * HASH_SIZE : (c0 + n) * HASH_SIZE])
-                    if bad is not None:
-                        raise framing.ChecksumError(f"checksum mismatch in {name} frame at block {index + c0 + bad}")
-                    if os.pwritev(dev.fd, [data], (index + c0) * bs) != n * bs:
-                        raise OSError(errno.EIO, f"short write to {name} image")
+                per_buf = max(per, (writer.buffer_bytes - TAG_SIZE) // bs // per * per)
+                for b0 in range(0, count, per_buf):
+                    m = min(per_buf, count - b0)
+                    buf = writer.acquire()
+                    try:
+                        for c0 in range(b0, b0 + m, per):
+                            n = min(per, b0 + m - c0)
+                            data = chan.recv_data(n * bs, stop, memoryview(buf)[(c0 - b0) * bs :])
+                            bad = first_mismatch(data, bs, hl[c0 * HASH_SIZE : (c0 + n) * HASH_SIZE])
+                            if bad is not None:
+                                raise framing.ChecksumError(f"checksum mismatch in {name} frame at block {index + c0 + bad}")
+                    except BaseException:
+                        writer.release(buf)  # never written
+                        raise
+                    writer.write(name, buf, m * bs, (index + b0) * bs)
                 self._hashes[name].set_run(index, hl)
                 self._received[name] += count * bs
                 continue
@@ -258,7 +302,7 @@ class TargetEngine:
                 count = framing.parse_zero(payload, check)
                 if index + count > dev.nblocks:
                     raise framing.FrameError(f"{name} zero frame out of range")
-                self._write_zeros(dev, index, count)
+                writer.zero(name, index * dev.block_size, count * dev.block_size)  # after the writes queued before
                 self._hashes[name].set_zero(index, count)
                 continue
             body = framing.parse_control(payload, check)
@@ -290,16 +334,10 @@ class TargetEngine:
                     f"target {dev.size}/{dev.block_size}"
                 )
 
-    def _write_zeros(self, dev, first: int, count: int) -> None:
-        bs = dev.block_size
-        zero = bytes(min(count * bs, MAX_EXTENT_BYTES))
-        off, end = first * bs, (first + count) * bs
-        while off < end:
-            n = min(len(zero), end - off)
-            os.pwrite(dev.fd, zero[:n] if n < len(zero) else zero, off)
-            off += n
-
     def _verify(self, chan, body: dict) -> None:
+        # the verdict only once every queued write is done (a failed one fails the attempt)
+        self._writer.drain()
+        self._close_writer(discard=False)
         disk_root, mem_root = self._hashes["disk"].root(), self._hashes["memory"].root()
         self.digest = combine(disk_root, mem_root)
         ok = body.get("digest") == self.digest and body.get("disk_root") == disk_root.hex() and body.get("memory_root") == mem_root.hex()
@@ -341,4 +379,10 @@ class TargetEngine:
             "auth_failures": self.auth_failures,
             "channel": self._chan.name if self._chan is not None else None,
             "address": f"{self.address[0]}:{self.address[1]}" if self.address else None,
+            "writes": self._writes(),
         }
+
+    def _writes(self) -> dict | None:
+        """How the images were written: per image, O_DIRECT or buffered bytes and why not direct."""
+        w = self._writer
+        return self._write_stats if w is None else w.stats()
