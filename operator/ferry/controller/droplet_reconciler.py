@@ -36,6 +36,7 @@ async def on_event(cx: Context, event_type: str | None, body: dict, logger: logg
 async def reconcile_droplet(cx: Context, key: ObjectKey, logger: logging.Logger) -> None:
     async with cx.object_lock(("Droplet", key)):
         await _reconcile(cx, key, logger)
+    cx.looked("Droplet", key)  # the sweep's drift check: one interval from now
 
 
 async def _reconcile(cx: Context, key: ObjectKey, logger: logging.Logger) -> None:

@@ -40,7 +40,7 @@ async def on_event(cx: Context, event_type: str | None, body: dict, logger: logg
     before = cx.world.hosts.get(name)
     cx.world.observe("Host", event_type, body)
     after = cx.world.hosts.get(name)
-    # React at once to spec changes (maintenance on/off); heartbeats are handled by the timer.
+    # React at once to spec changes (maintenance on/off); heartbeats are the sweep's (every 2 s).
     if after is not None and (before is None or before.meta.generation != after.meta.generation):
         await reconcile_host(cx, name, logger)
     if after is None:  # deleted: its droplets are HostMissing now
@@ -54,6 +54,7 @@ async def reconcile_host(cx: Context, name: str, logger: logging.Logger) -> list
     follows it, HostLost or back), for the caller to reconcile."""
     await ensure_current(cx)
     cx.reconciled_at = time.monotonic()
+    cx.looked("Host", name)  # the sweep's next look at it: one interval from now
     async with cx.object_lock(("Host", name)):
         world = cx.world
         host = world.hosts.get(name)

@@ -1,6 +1,6 @@
 """LiveMigration reconciler: a thin shell around the pure state machine.
 
-Every watch event and a one-second timer call ``reconcile``: build an ``Observation`` from
+Every watch event and the sweep (a look within a second of the last) call ``reconcile``: build an ``Observation`` from
 the world (no API reads), ``decide``, apply the decision's actions in order, then write the
 status as one merge patch guarded by the migration's resourceVersion (a decision made on a
 stale view is dropped and made again on a fresh read), and only then post its Events.
@@ -63,7 +63,7 @@ async def on_delete(cx: Context, body: dict, logger: logging.Logger) -> None:
 
 async def expire(cx: Context, key: ObjectKey, logger: logging.Logger) -> None:
     """Delete the finished migrations of this migration's droplet that the retention says to
-    (``ferry.migration.retention``). Called by a timer on every finished migration (the TTL)
+    (``ferry.migration.retention``). Called by the sweep on every finished migration (the TTL)
     and at once when one finishes (the newest-N rule: the one that finished may push out the
     oldest)."""
     m = cx.world.migrations.get(key)
@@ -209,16 +209,19 @@ def _ref(cx: Context, m: LiveMigration, t: dt.datetime) -> MigrationRef:
 async def reconcile(cx: Context, key: ObjectKey, logger: logging.Logger) -> None:
     await ensure_current(cx)
     cx.reconciled_at = time.monotonic()
-    async with cx.object_lock(("LiveMigration", key)):
-        for _ in range(3):  # a decision made on a stale view is retried on a fresh read
-            if await _reconcile_once(cx, key, logger):
-                return
-            try:
-                fresh = await cx.call(cx.kube.get, "LiveMigration", key[1], key[0])
-            except NotFound:
-                cx.world.observe("LiveMigration", "DELETED", {"metadata": {"namespace": key[0], "name": key[1]}})
-                return
-            cx.world.observe("LiveMigration", "MODIFIED", fresh)
+    try:
+        async with cx.object_lock(("LiveMigration", key)):
+            for _ in range(3):  # a decision made on a stale view is retried on a fresh read
+                if await _reconcile_once(cx, key, logger):
+                    return
+                try:
+                    fresh = await cx.call(cx.kube.get, "LiveMigration", key[1], key[0])
+                except NotFound:
+                    cx.world.observe("LiveMigration", "DELETED", {"metadata": {"namespace": key[0], "name": key[1]}})
+                    return
+                cx.world.observe("LiveMigration", "MODIFIED", fresh)
+    finally:
+        cx.looked("LiveMigration", key)  # the sweep's next look at it: one interval from now
 
 
 async def _reconcile_once(cx: Context, key: ObjectKey, logger: logging.Logger) -> bool:
