@@ -8,11 +8,12 @@ import asyncio
 import logging
 import time
 
+import pytest
 from hypothesis import given, strategies as st
 from test_controller import NS, stack  # noqa: F401  (the fixture)
 
-from ferry.controller import sweep as sweep_mod
-from ferry.controller.schedule import Schedule, spread
+from ferry.controller import app, migration_reconciler, sweep as sweep_mod
+from ferry.controller.schedule import Schedule, migration_delay, spread
 
 LOG = logging.getLogger("test")
 
@@ -139,3 +140,57 @@ def test_the_sweep_drives_a_migration_to_its_next_step_and_notes_the_look(stack)
     assert cx.world.migrations[(NS, "move")].phase == "Preparing"
     nxt = cx.schedules["LiveMigration"].next_look((NS, "move"))
     assert nxt is not None and nxt > time.monotonic() + 0.5  # one interval (1 s) after the look
+
+
+def test_a_look_may_say_when_within_the_interval_and_a_wake_brings_it_forward():
+    s = Schedule(5.0, first=1.0)
+    s.looked("a", 0.0, delay=2.0)
+    assert s.next_look("a") == 2.0
+    s.looked("a", 0.0, delay=60.0)  # never later than the interval (the drift check)
+    assert s.next_look("a") == 5.0
+    s.looked("a", 0.0, delay=None)
+    assert s.next_look("a") == 5.0
+    s.wake("a", 1.0)
+    assert s.next_look("a") == 1.0 and s.due(["a"], 1.0) == ["a"]
+    s.wake("a", 9.0)  # a wake never puts a look later
+    assert s.next_look("a") == 6.0
+
+
+@pytest.mark.parametrize("attempt_running, requeue, expected", [
+    (False, None, 1.0),   # waiting for its turn (a slot, a host): every second
+    (False, 30.0, 1.0),
+    (True, None, None),   # an attempt, nothing due: the schedule's interval (the drift check)
+    (True, 0.0, 1.0),     # a transition: its own write's watch event looks at once; the sweep 1 s on
+    (True, 2.5, 2.5),     # the next deadline
+    (True, 600.0, 600.0), # capped by the schedule (Schedule.looked)
+])
+def test_migration_delay(attempt_running, requeue, expected):
+    assert migration_delay(attempt_running, requeue) == expected
+
+
+def test_a_migration_under_way_is_looked_at_by_its_deadline_and_woken_by_its_host(stack):  # noqa: F811
+    """After the look that starts an attempt (Preparing, waiting for the target), the next look
+    is at most the drift interval away; the host reconciler wakes it when its target host's
+    phase changes, and a droplet event that moves or deletes its droplet does too."""
+    from ferry.controller import droplet_reconciler, host_reconciler
+
+    kube, cx = stack
+    key = (NS, "move")
+    asyncio.run(migration_reconciler.reconcile(cx, key, LOG))
+    assert cx.world.migrations[key].phase == "Preparing"
+    sched = cx.schedules["LiveMigration"]
+    t = time.monotonic()
+    assert t + 0.5 < sched.next_look(key) <= t + app.MIGRATION_DRIFT_SECONDS + 0.1
+    # the target host's heartbeat goes stale: its reconcile writes NotReady and wakes the migration
+    h2 = kube.obj("Host", "h2")
+    h2["status"]["agent"]["heartbeatTime"] = "2020-01-01T00:00:00Z"
+    cx.world.observe("Host", "MODIFIED", h2)
+    asyncio.run(host_reconciler.reconcile_host(cx, "h2", LOG))
+    assert kube.obj("Host", "h2")["status"]["phase"] == "NotReady"
+    assert sched.next_look(key) <= time.monotonic()
+    # looked at again: put back at its next deadline; then its droplet is deleted: woken
+    asyncio.run(migration_reconciler.reconcile(cx, key, LOG))
+    assert sched.next_look(key) > time.monotonic()
+    body = kube.obj("Droplet", "web", NS)
+    asyncio.run(droplet_reconciler.on_event(cx, "DELETED", body, LOG))
+    assert sched.next_look(key) <= time.monotonic()

@@ -43,12 +43,19 @@ class SlotVerdicts:
     computed: int = 0
 
 
+#: A migration whose attempt runs is looked at again at its next deadline and at least this
+#: often (``schedule.migration_delay``); one waiting for its turn every second.
+MIGRATION_DRIFT_SECONDS = 5.0
+
+
 def sweep_schedules() -> dict[str, Schedule]:
     """The sweep's intervals and first delays (``controller/sweep.py``), as kopf's timers had
-    them: a migration under way is looked at again within a second, a finished one (its
+    them, but for migrations whose attempt runs: a migration waiting for its turn is looked at
+    again within a second, one whose attempt runs at its next deadline and within 5 s (its
+    agents' reports are watch events; its hosts and droplet wake it), a finished one (its
     retention) within 5 s, a host (heartbeats) within 2 s, a droplet (drift) within 30 s. A new
     droplet's first look is spread over its interval: a fleet seen at once is not due at once."""
-    return {"LiveMigration": Schedule(1.0, first=1.0), "Finished": Schedule(5.0, first=5.0),
+    return {"LiveMigration": Schedule(MIGRATION_DRIFT_SECONDS, first=1.0), "Finished": Schedule(5.0, first=5.0),
             "Host": Schedule(2.0, first=3.0), "Droplet": Schedule(30.0, first=spread(2.0, 30.0))}
 
 
@@ -83,9 +90,14 @@ class Context:
         """Does this replica reconcile? (The sweep looks only then.)"""
         return self.standalone or bool(self.anchors)
 
-    def looked(self, kind: str, key: Any) -> None:
-        """``key`` was just reconciled: the sweep's next look at it is one interval away."""
-        self.schedules[kind].looked(key, time.monotonic())
+    def looked(self, kind: str, key: Any, delay: float | None = None) -> None:
+        """``key`` was just reconciled: the sweep's next look at it is one interval (or
+        ``delay``) away."""
+        self.schedules[kind].looked(key, time.monotonic(), delay)
+
+    def wake(self, kind: str, key: Any) -> None:
+        """Something ``key``'s decision reads changed: the sweep looks at it on its next tick."""
+        self.schedules[kind].wake(key, time.monotonic())
 
     def object_lock(self, key: Any) -> asyncio.Lock:
         lock = self.object_locks.get(key)

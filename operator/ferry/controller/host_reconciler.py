@@ -79,6 +79,7 @@ async def reconcile_host(cx: Context, name: str, logger: logging.Logger) -> list
         if status_changed(host.status, desired) and _write_now(cx, name, host.status, desired):
             if host.status.get("phase") != desired["phase"]:
                 moved = [d.key for d in droplets]
+                _wake_migrations(cx, name, migrations)
                 log.info("host %s: %s -> %s", name, host.status.get("phase"), desired["phase"])
                 not_ready = desired["phase"] == HostPhase.NOT_READY
                 await effects.post_event(cx, effects.ref("Host", name, None, host.meta.uid),
@@ -108,3 +109,15 @@ async def reconcile_host(cx: Context, name: str, logger: logging.Logger) -> list
         cx.metrics.hosts_ready.set(sum(1 for h in world.hosts.values()
                                        if h.ready(t, cx.settings.heartbeat_timeout_seconds)))
         return moved
+
+
+def _wake_migrations(cx: Context, name: str, migrations: list) -> None:
+    """The host's phase changed (Ready, NotReady): the unfinished migrations from it and to it
+    decide on its readiness; the sweep looks at them on its next tick, not at their next
+    deadline."""
+    for m in migrations:
+        if not m.terminal:
+            cx.wake("LiveMigration", m.key)
+    for m in cx.world.in_flight():
+        if m.status.target_host == name:
+            cx.wake("LiveMigration", m.key)

@@ -19,12 +19,13 @@ import kopf
 from ferry import failpoints
 from ferry.api import constants as c
 from ferry.api.livemigration import LiveMigration, MigrationStatus
-from ferry.api.phases import OWNING, QUEUED, TERMINAL, Phase
+from ferry.api.phases import ATTEMPT, OWNING, QUEUED, TERMINAL, Phase
 from ferry.api.times import now
 from ferry.controller import effects
 from ferry.controller.app import Context, ensure_current
 from ferry.controller.droplet_reconciler import reconcile_droplet
 from ferry.controller.host_reconciler import reconcile_host
+from ferry.controller.schedule import migration_delay
 from ferry.api.meta import ObjectKey
 from ferry.api.patch import merge_patch
 from ferry.migration.actions import Announce, CreateSecret, EmitEvent, RecomputeAllocations, SetLabels
@@ -209,10 +210,11 @@ def _ref(cx: Context, m: LiveMigration, t: dt.datetime) -> MigrationRef:
 async def reconcile(cx: Context, key: ObjectKey, logger: logging.Logger) -> None:
     await ensure_current(cx)
     cx.reconciled_at = time.monotonic()
+    look: dict = {}  # what the last decision said about the next look
     try:
         async with cx.object_lock(("LiveMigration", key)):
             for _ in range(3):  # a decision made on a stale view is retried on a fresh read
-                if await _reconcile_once(cx, key, logger):
+                if await _reconcile_once(cx, key, logger, look):
                     return
                 try:
                     fresh = await cx.call(cx.kube.get, "LiveMigration", key[1], key[0])
@@ -221,11 +223,13 @@ async def reconcile(cx: Context, key: ObjectKey, logger: logging.Logger) -> None
                     return
                 cx.world.observe("LiveMigration", "MODIFIED", fresh)
     finally:
-        cx.looked("LiveMigration", key)  # the sweep's next look at it: one interval from now
+        # the sweep's next look at it (an error or no decision: the interval)
+        cx.looked("LiveMigration", key, look.get("delay"))
 
 
-async def _reconcile_once(cx: Context, key: ObjectKey, logger: logging.Logger) -> bool:
-    """One look. False when the status write met a newer version (decide again)."""
+async def _reconcile_once(cx: Context, key: ObjectKey, logger: logging.Logger, look: dict) -> bool:
+    """One look. False when the status write met a newer version (decide again). ``look``
+    gets the delay until the sweep's next look, from the last decision."""
     m = cx.world.migrations.get(key)
     if m is None:
         invalid = cx.world.invalid.get(("LiveMigration", key))
@@ -289,6 +293,7 @@ async def _reconcile_once(cx: Context, key: ObjectKey, logger: logging.Logger) -
             break
         cur = dataclasses.replace(cur, status=decision.new_status)
     first, (_, decision) = steps[0][0], steps[-1]
+    look["delay"] = migration_delay(decision.new_status.phase in ATTEMPT, decision.requeue_after)
     status = merge_patch(m.status.to_dict(), decision.new_status.to_dict()) if len(steps) > 1 else decision.status
     if not status and not any(d.actions for _, d in steps):
         return True
