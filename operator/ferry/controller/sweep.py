@@ -1,12 +1,13 @@
 """The operator's one periodic sweep: what kopf's per-object timers did, from the world.
 
 Each kind is looked at again within its interval even when no watch event comes (drift and
-time: a deadline, a heartbeat gone stale, a slot that freed): a migration under way every
-second (``decide`` waits by asking to be looked at again; before, the 1 s timer), a finished
-one every 5 s (the retention's TTL), a host every 2 s (heartbeat staleness, counts, the
-evacuation plan), a droplet every 30 s (its slow drift check). A look made for a watch event
-counts: the sweep looks only at what is due (``schedule.Schedule``), from the world's own
-tables, never at every object on every tick.
+time: a deadline, a heartbeat gone stale, a slot that freed): a migration waiting for its turn
+every second (before, the 1 s timer), one whose attempt runs by its decision's next deadline
+and within 5 s (``schedule.migration_delay``; its hosts' and droplet's reconcilers wake it
+when those change), a finished one every 5 s (the retention's TTL), a host every 2 s
+(heartbeat staleness, counts, the evacuation plan), a droplet every 30 s (its slow drift
+check). A look made for a watch event counts: the sweep looks only at what is due
+(``schedule.Schedule``), never twice at once.
 
 Before, each of these was a kopf timer: an asyncio task per object with kopf's handler
 machinery around every run (its filters, its settings and logging contexts, the progress
