@@ -2,14 +2,14 @@
 
 Watch events feed the world first and reconcile what they touch. There are no kopf timers:
 one ferry-owned sweep (``sweep.py``, started at startup, stopped at cleanup) looks again at
-whatever is due from the world: a migration under way within 1 s, a finished one (its
-retention) within 5 s, a host within 2 s, a droplet within 30 s. Each reconciler reads the
+whatever is due from the world: a migration waiting for its turn within 1 s, one whose
+attempt runs by its next deadline (within 5 s), a finished one (its retention) within 5 s, a
+host within 2 s, a droplet within 30 s. Each reconciler reads the
 world, calls a pure decision and writes the result (``*_reconciler``).
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from typing import Any
 
@@ -24,15 +24,12 @@ HOST, DROPLET, LM = RESOURCES["Host"], RESOURCES["Droplet"], RESOURCES["LiveMigr
 @kopf.on.startup()
 async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: logging.Logger, **_: Any) -> None:
     await app.start(settings, memo, logger)
-    memo["ferry_sweep_task"] = asyncio.create_task(sweep.Sweep(ctx(memo)).run(), name="ferry-sweep")
+    sweep.start(memo, ctx(memo))
 
 
 @kopf.on.cleanup()
 async def cleanup(memo: kopf.Memo, **_: Any) -> None:
-    task = memo.get("ferry_sweep_task")
-    if task is not None:
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
+    await sweep.stop(memo)
 
 
 @kopf.on.login()

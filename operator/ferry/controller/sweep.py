@@ -39,6 +39,19 @@ TICK_SECONDS = 0.2
 WORKERS = 16
 
 
+def start(memo: Any, cx: Context) -> None:
+    """Start the sweep (the startup handler: after the world is loaded)."""
+    memo["ferry_sweep_task"] = asyncio.create_task(Sweep(cx).run(), name="ferry-sweep")
+
+
+async def stop(memo: Any) -> None:
+    """Stop it (the cleanup handler): a look under way is cancelled as kopf cancels a timer."""
+    task = memo.get("ferry_sweep_task")
+    if task is not None:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
 async def anchor(cx: Context, host: str, stopped: Any) -> None:
     """A kopf daemon per Host, doing nothing but exist: kopf stops them when it pauses this
     replica (a standby of a peering) and spawns them again when it resumes. While one runs the
