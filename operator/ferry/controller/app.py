@@ -18,6 +18,7 @@ from ferry.api.phases import QUEUED
 from ferry.api.times import now
 from ferry.controller.events import POSTERS as EVENT_POSTERS, EventRecorder
 from ferry.controller.metrics import Metrics
+from ferry.controller.schedule import Schedule, spread
 from ferry.controller.world import World
 from ferry.settings import Settings
 from ferry.storage import Kube
@@ -42,6 +43,22 @@ class SlotVerdicts:
     computed: int = 0
 
 
+#: A migration whose attempt runs is looked at again at its next deadline and at least this
+#: often (``schedule.migration_delay``); one waiting for its turn every second.
+MIGRATION_DRIFT_SECONDS = 5.0
+
+
+def sweep_schedules() -> dict[str, Schedule]:
+    """The sweep's intervals and first delays (``controller/sweep.py``), as kopf's timers had
+    them, but for migrations whose attempt runs: a migration waiting for its turn is looked at
+    again within a second, one whose attempt runs at its next deadline and within 5 s (its
+    agents' reports are watch events; its hosts and droplet wake it), a finished one (its
+    retention) within 5 s, a host (heartbeats) within 2 s, a droplet (drift) within 30 s. A new
+    droplet's first look is spread over its interval: a fleet seen at once is not due at once."""
+    return {"LiveMigration": Schedule(MIGRATION_DRIFT_SECONDS, first=1.0), "Finished": Schedule(5.0, first=5.0),
+            "Host": Schedule(2.0, first=3.0), "Droplet": Schedule(30.0, first=spread(2.0, 30.0))}
+
+
 @dataclasses.dataclass
 class Context:
     """Everything handlers share."""
@@ -62,6 +79,25 @@ class Context:
     #: monotonic time of each host's last status write (counts are written at most once a second)
     host_written: dict[str, float] = dataclasses.field(default_factory=dict)
     gauges_at: float = -1e9  # monotonic time the migration gauges were last counted
+    #: when each object is next due for the sweep's look (``controller/sweep.py``)
+    schedules: dict[str, Schedule] = dataclasses.field(default_factory=sweep_schedules)
+    #: kopf never pauses a standalone operator; in a peering, the Hosts whose kopf daemon runs
+    #: (kopf stops them all while this replica is a standby)
+    standalone: bool = True
+    anchors: set[str] = dataclasses.field(default_factory=set)
+
+    def active(self) -> bool:
+        """Does this replica reconcile? (The sweep looks only then.)"""
+        return self.standalone or bool(self.anchors)
+
+    def looked(self, kind: str, key: Any, delay: float | None = None) -> None:
+        """``key`` was just reconciled: the sweep's next look at it is one interval (or
+        ``delay``) away."""
+        self.schedules[kind].looked(key, time.monotonic(), delay)
+
+    def wake(self, kind: str, key: Any) -> None:
+        """Something ``key``'s decision reads changed: the sweep looks at it on its next tick."""
+        self.schedules[kind].wake(key, time.monotonic())
 
     def object_lock(self, key: Any) -> asyncio.Lock:
         lock = self.object_locks.get(key)
@@ -114,8 +150,8 @@ async def start(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: loggin
     # thousand migrations created at once waited minutes without a phase. A worker is one
     # asyncio task; their API calls queue for asyncio's default executor (Context.call).
     settings.queueing.worker_limit = None
-    # A finished migration's retention timer may delete that very migration; kopf removes the
-    # finalizer only once it sees the timer exited, polling every this many seconds (default 60).
+    # A deleted Host's finalizer goes once kopf sees its daemon (``sweep.anchor``) exited,
+    # polling every this many seconds (default 60).
     settings.background.cancellation_polling = 1.0
     kube = Kube.connect()
     metrics = Metrics()
@@ -123,7 +159,7 @@ async def start(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: loggin
         metrics.serve(cfg.metrics_port, log)
     world = World()
     cx = memo["ferry"] = Context(settings=cfg, kube=kube, world=world, metrics=metrics, lock=asyncio.Lock(),
-                                 object_locks={})
+                                 object_locks={}, standalone=bool(settings.peering.standalone))
     # Load the whole world before any handler decides: after a restart, a migration must never
     # be judged against a world that has not seen its droplet or its hosts yet.
     await load_world(cx)
@@ -178,7 +214,7 @@ def refresh_metrics(cx: Context) -> None:
 
 
 #: A replica that reconciled nothing for this long serves no fleet gauges (it is a standby;
-#: the active one reconciles every host every 2 s and every migration in flight every 1 s).
+#: the active one's sweep reconciles every host every 2 s and every migration under way every 1 s).
 ACTIVE_SECONDS = 10.0
 
 

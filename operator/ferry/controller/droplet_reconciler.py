@@ -23,7 +23,16 @@ async def on_event(cx: Context, event_type: str | None, body: dict, logger: logg
     meta = body["metadata"]
     key = (meta.get("namespace") or "", meta["name"])
     before = cx.world.address_of(key)
+    was = cx.world.droplets.get(key)
     cx.world.observe("Droplet", event_type, body)
+    now_ = cx.world.droplets.get(key)
+    if was is not None and (now_ is None or now_.host != was.host or now_.meta.generation != was.meta.generation
+                            or now_.meta.deleting != was.meta.deleting):
+        # Deleted, its record moved, its spec changed: its migrations decide on it; the sweep
+        # looks at them on its next tick, not at their next deadline.
+        for m in cx.world.migrations_of(key):
+            if not m.terminal:
+                cx.wake("LiveMigration", m.key)
     if event_type != "DELETED":
         await reconcile_droplet(cx, key, logger)
     # An address this droplet gave up (deleted, or spec.ip changed) may now belong to another.
@@ -36,6 +45,7 @@ async def on_event(cx: Context, event_type: str | None, body: dict, logger: logg
 async def reconcile_droplet(cx: Context, key: ObjectKey, logger: logging.Logger) -> None:
     async with cx.object_lock(("Droplet", key)):
         await _reconcile(cx, key, logger)
+    cx.looked("Droplet", key)  # the sweep's drift check: one interval from now
 
 
 async def _reconcile(cx: Context, key: ObjectKey, logger: logging.Logger) -> None:

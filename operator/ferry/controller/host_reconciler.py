@@ -40,7 +40,7 @@ async def on_event(cx: Context, event_type: str | None, body: dict, logger: logg
     before = cx.world.hosts.get(name)
     cx.world.observe("Host", event_type, body)
     after = cx.world.hosts.get(name)
-    # React at once to spec changes (maintenance on/off); heartbeats are handled by the timer.
+    # React at once to spec changes (maintenance on/off); heartbeats are the sweep's (every 2 s).
     if after is not None and (before is None or before.meta.generation != after.meta.generation):
         await reconcile_host(cx, name, logger)
     if after is None:  # deleted: its droplets are HostMissing now
@@ -54,6 +54,7 @@ async def reconcile_host(cx: Context, name: str, logger: logging.Logger) -> list
     follows it, HostLost or back), for the caller to reconcile."""
     await ensure_current(cx)
     cx.reconciled_at = time.monotonic()
+    cx.looked("Host", name)  # the sweep's next look at it: one interval from now
     async with cx.object_lock(("Host", name)):
         world = cx.world
         host = world.hosts.get(name)
@@ -78,6 +79,7 @@ async def reconcile_host(cx: Context, name: str, logger: logging.Logger) -> list
         if status_changed(host.status, desired) and _write_now(cx, name, host.status, desired):
             if host.status.get("phase") != desired["phase"]:
                 moved = [d.key for d in droplets]
+                _wake_migrations(cx, name, migrations)
                 log.info("host %s: %s -> %s", name, host.status.get("phase"), desired["phase"])
                 not_ready = desired["phase"] == HostPhase.NOT_READY
                 await effects.post_event(cx, effects.ref("Host", name, None, host.meta.uid),
@@ -107,3 +109,15 @@ async def reconcile_host(cx: Context, name: str, logger: logging.Logger) -> list
         cx.metrics.hosts_ready.set(sum(1 for h in world.hosts.values()
                                        if h.ready(t, cx.settings.heartbeat_timeout_seconds)))
         return moved
+
+
+def _wake_migrations(cx: Context, name: str, migrations: list) -> None:
+    """The host's phase changed (Ready, NotReady): the unfinished migrations from it and to it
+    decide on its readiness; the sweep looks at them on its next tick, not at their next
+    deadline."""
+    for m in migrations:
+        if not m.terminal:
+            cx.wake("LiveMigration", m.key)
+    for m in cx.world.in_flight():
+        if m.status.target_host == name:
+            cx.wake("LiveMigration", m.key)

@@ -1,6 +1,6 @@
 """LiveMigration reconciler: a thin shell around the pure state machine.
 
-Every watch event and a one-second timer call ``reconcile``: build an ``Observation`` from
+Every watch event and the sweep (a look within a second of the last) call ``reconcile``: build an ``Observation`` from
 the world (no API reads), ``decide``, apply the decision's actions in order, then write the
 status as one merge patch guarded by the migration's resourceVersion (a decision made on a
 stale view is dropped and made again on a fresh read), and only then post its Events.
@@ -19,12 +19,13 @@ import kopf
 from ferry import failpoints
 from ferry.api import constants as c
 from ferry.api.livemigration import LiveMigration, MigrationStatus
-from ferry.api.phases import OWNING, QUEUED, TERMINAL, Phase
+from ferry.api.phases import ATTEMPT, OWNING, QUEUED, TERMINAL, Phase
 from ferry.api.times import now
 from ferry.controller import effects
 from ferry.controller.app import Context, ensure_current
 from ferry.controller.droplet_reconciler import reconcile_droplet
 from ferry.controller.host_reconciler import reconcile_host
+from ferry.controller.schedule import migration_delay
 from ferry.api.meta import ObjectKey
 from ferry.api.patch import merge_patch
 from ferry.migration.actions import Announce, CreateSecret, EmitEvent, RecomputeAllocations, SetLabels
@@ -63,7 +64,7 @@ async def on_delete(cx: Context, body: dict, logger: logging.Logger) -> None:
 
 async def expire(cx: Context, key: ObjectKey, logger: logging.Logger) -> None:
     """Delete the finished migrations of this migration's droplet that the retention says to
-    (``ferry.migration.retention``). Called by a timer on every finished migration (the TTL)
+    (``ferry.migration.retention``). Called by the sweep on every finished migration (the TTL)
     and at once when one finishes (the newest-N rule: the one that finished may push out the
     oldest)."""
     m = cx.world.migrations.get(key)
@@ -209,20 +210,26 @@ def _ref(cx: Context, m: LiveMigration, t: dt.datetime) -> MigrationRef:
 async def reconcile(cx: Context, key: ObjectKey, logger: logging.Logger) -> None:
     await ensure_current(cx)
     cx.reconciled_at = time.monotonic()
-    async with cx.object_lock(("LiveMigration", key)):
-        for _ in range(3):  # a decision made on a stale view is retried on a fresh read
-            if await _reconcile_once(cx, key, logger):
-                return
-            try:
-                fresh = await cx.call(cx.kube.get, "LiveMigration", key[1], key[0])
-            except NotFound:
-                cx.world.observe("LiveMigration", "DELETED", {"metadata": {"namespace": key[0], "name": key[1]}})
-                return
-            cx.world.observe("LiveMigration", "MODIFIED", fresh)
+    look: dict = {}  # what the last decision said about the next look
+    try:
+        async with cx.object_lock(("LiveMigration", key)):
+            for _ in range(3):  # a decision made on a stale view is retried on a fresh read
+                if await _reconcile_once(cx, key, logger, look):
+                    return
+                try:
+                    fresh = await cx.call(cx.kube.get, "LiveMigration", key[1], key[0])
+                except NotFound:
+                    cx.world.observe("LiveMigration", "DELETED", {"metadata": {"namespace": key[0], "name": key[1]}})
+                    return
+                cx.world.observe("LiveMigration", "MODIFIED", fresh)
+    finally:
+        # the sweep's next look at it (an error or no decision: the interval)
+        cx.looked("LiveMigration", key, look.get("delay"))
 
 
-async def _reconcile_once(cx: Context, key: ObjectKey, logger: logging.Logger) -> bool:
-    """One look. False when the status write met a newer version (decide again)."""
+async def _reconcile_once(cx: Context, key: ObjectKey, logger: logging.Logger, look: dict) -> bool:
+    """One look. False when the status write met a newer version (decide again). ``look``
+    gets the delay until the sweep's next look, from the last decision."""
     m = cx.world.migrations.get(key)
     if m is None:
         invalid = cx.world.invalid.get(("LiveMigration", key))
@@ -286,6 +293,7 @@ async def _reconcile_once(cx: Context, key: ObjectKey, logger: logging.Logger) -
             break
         cur = dataclasses.replace(cur, status=decision.new_status)
     first, (_, decision) = steps[0][0], steps[-1]
+    look["delay"] = migration_delay(decision.new_status.phase in ATTEMPT, decision.requeue_after)
     status = merge_patch(m.status.to_dict(), decision.new_status.to_dict()) if len(steps) > 1 else decision.status
     if not status and not any(d.actions for _, d in steps):
         return True
