@@ -354,10 +354,9 @@ def test_a_failed_image_write_fails_the_attempt_before_the_verdict(pair):
     assert eng.error.startswith("target: WriteFailed: writing the disk image"), eng.error
 
 
-def test_a_corrupt_block_is_never_written(pair):
-    # every block of the target image is either never written (zero) or the source's: the
-    # chunk with the bad block is checked before it is queued for writing
-    src, dst = pair
+def distinct_blocks_pair(src, dst):
+    """32 blocks of the source's disk, each of its own byte, and a target listening for them:
+    (the started target engine, the source engine to run)."""
     for b in range(32):
         src[0].write(b * BS, bytes([b + 1]) * BS)
     tgt = TargetEngine(disk=dst[0], memory=dst[1], secret=b"k" * 32, migration_id="m")
@@ -365,6 +364,14 @@ def test_a_corrupt_block_is_never_written(pair):
     tgt.start()
     eng = SourceEngine(disk=src[0], memory=src[1], guest=FakeGuest(), target=f"{host}:{port}", secret=b"k" * 32,
                        migration_id="m")
+    return tgt, eng
+
+
+def test_a_corrupt_block_is_never_written(pair):
+    # every block of the target image is either never written (zero) or the source's: the
+    # chunk with the bad block is checked before it is queued for writing
+    src, dst = pair
+    tgt, eng = distinct_blocks_pair(src, dst)
     eng.corrupt_data_frame = 1
     eng.run()
     tgt.join(10)
@@ -381,13 +388,7 @@ def test_frames_larger_than_a_write_buffer_span_buffers(pair, monkeypatch, corru
     # 64 MiB): the target fills and queues one buffer after the other, each checked first
     monkeypatch.setattr(source, "MAX_EXTENT_BYTES", 4 << 20)
     src, dst = pair
-    for b in range(32):
-        src[0].write(b * BS, bytes([b + 1]) * BS)
-    tgt = TargetEngine(disk=dst[0], memory=dst[1], secret=b"k" * 32, migration_id="m")
-    host, port = tgt.listen("127.0.0.1")
-    tgt.start()
-    eng = SourceEngine(disk=src[0], memory=src[1], guest=FakeGuest(), target=f"{host}:{port}", secret=b"k" * 32,
-                       migration_id="m")
+    tgt, eng = distinct_blocks_pair(src, dst)
     eng.corrupt_data_frame = corrupt  # the bad byte is in the frame's second half: its second buffer
     eng.run()
     tgt.join(10)

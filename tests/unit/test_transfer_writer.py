@@ -39,9 +39,8 @@ def put(w, name, data, offset):
     w.write(name, buf, len(data), offset)
 
 
-def test_a_zero_run_queued_after_a_data_write_lands_after_it(image, monkeypatch):
-    # the data write is held in the writer while the ZERO for the same block is queued: the
-    # block must end up zero (a synchronous zero write would be overwritten by the stale data)
+def held_writer(image, monkeypatch):
+    """A writer of IMAGE whose writes wait for ``gate``; ``entered`` is set when one is held."""
     gate, entered = threading.Event(), threading.Event()
 
     def held(fd, bufs, off):
@@ -52,6 +51,13 @@ def test_a_zero_run_queued_after_a_data_write_lands_after_it(image, monkeypatch)
     monkeypatch.setattr(writer_mod, "os", _Os(held))
     w = ImageWriter(BS)
     w.add_image("disk", image)
+    return w, gate, entered
+
+
+def test_a_zero_run_queued_after_a_data_write_lands_after_it(image, monkeypatch):
+    # the data write is held in the writer while the ZERO for the same block is queued: the
+    # block must end up zero (a synchronous zero write would be overwritten by the stale data)
+    w, gate, entered = held_writer(image, monkeypatch)
     put(w, "disk", b"a" * BS, 3 * BS)
     assert entered.wait(10)
     w.zero("disk", 3 * BS, BS)
@@ -158,16 +164,7 @@ def test_a_failed_write_fails_every_later_call_and_never_blocks_the_receiver(tmp
 
 
 def test_close_discarding_drops_what_is_queued_after_the_write_in_progress(image, monkeypatch):
-    gate, entered = threading.Event(), threading.Event()
-
-    def held(fd, bufs, off):
-        entered.set()
-        assert gate.wait(10)
-        return os.pwritev(fd, bufs, off)
-
-    monkeypatch.setattr(writer_mod, "os", _Os(held))
-    w = ImageWriter(BS)
-    w.add_image("disk", image)
+    w, gate, entered = held_writer(image, monkeypatch)
     put(w, "disk", b"a" * BS, 0)
     assert entered.wait(10)
     put(w, "disk", b"b" * BS, BS)
