@@ -96,13 +96,12 @@ def test_the_sweep_looks_at_what_is_due_without_any_watch_event(stack):  # noqa:
         worker = asyncio.create_task(sw._worker())
         try:
             sw.tick(100.0)  # every object new: nothing due yet
-            await asyncio.sleep(0)
-            assert looks == []
+            assert sw.queue.empty() and looks == []
             sw.tick(101.0)  # the migration's first delay (1 s)
-            await asyncio.sleep(0.01)
+            await asyncio.wait_for(sw.queue.join(), 5)  # every look queued is done
             assert looks == [("LiveMigration", (NS, "move"))]
             sw.tick(103.0)  # the hosts' (3 s)
-            await asyncio.sleep(0.01)
+            await asyncio.wait_for(sw.queue.join(), 5)  # every look queued is done
             assert {x for x in looks[1:]} >= {("Host", "h1"), ("Host", "h2")}
         finally:
             worker.cancel()

@@ -122,6 +122,7 @@ class Sweep:
                 log.exception("sweep: looking at %s %s failed", *item)
             finally:
                 self.pending.discard(item)
+                self.queue.task_done()  # queue.join(): every look queued so far is done
 
     async def look(self, kind: str, key: Any) -> None:
         cx = self.cx
