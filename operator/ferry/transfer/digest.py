@@ -20,6 +20,7 @@ image the same way (an independent check).
 
 from __future__ import annotations
 
+import errno
 import functools
 import hashlib
 import os
@@ -125,7 +126,7 @@ def sparse_image_root(fd: int, size: int, block_size: int) -> bytes:
     hashes = bytearray(zero_hash(block_size) * nblocks)
     buf = bytearray(max(block_size, (4 << 20) // block_size * block_size))
     mv = memoryview(buf)
-    for first, count in _data_blocks(fd, size, block_size):
+    for first, count in data_block_ranges(fd, size, block_size):
         b = first
         end = min(first + count, nblocks)
         while b < end:
@@ -143,15 +144,14 @@ def sparse_image_root(fd: int, size: int, block_size: int) -> bytes:
 def data_bytes(fd: int, size: int, block_size: int) -> int:
     """Bytes ``sparse_image_root`` reads: the blocks SEEK_DATA/SEEK_HOLE report as data."""
     nblocks = -(-size // block_size)
-    blocks = sum(min(first + count, nblocks) - first for first, count in _data_blocks(fd, size, block_size))
+    blocks = sum(min(first + count, nblocks) - first for first, count in data_block_ranges(fd, size, block_size))
     return min(size, blocks * block_size)
 
 
-def _data_blocks(fd: int, size: int, block_size: int) -> list[tuple[int, int]]:
-    """(first block, count) of every range SEEK_DATA/SEEK_HOLE reports as data; the whole
-    image when the file system cannot tell."""
-    import errno
-
+def data_block_ranges(fd: int, size: int, block_size: int) -> list[tuple[int, int]]:
+    """Blocks that may hold data, as sorted, disjoint (first, count) ranges, from
+    SEEK_DATA/SEEK_HOLE; the whole image when the file system cannot tell."""
+    nblocks = -(-size // block_size)
     out: list[tuple[int, int]] = []
     off = 0
     try:
@@ -165,10 +165,15 @@ def _data_blocks(fd: int, size: int, block_size: int) -> list[tuple[int, int]]:
             if start >= size:
                 break
             end = min(os.lseek(fd, start, os.SEEK_HOLE), size)
-            out.append((start // block_size, -(-end // block_size) - start // block_size))
+            first, last = start // block_size, -(-end // block_size)
+            if out and out[-1][0] + out[-1][1] >= first:  # two ranges meet inside one block
+                pf, pc = out[-1]
+                out[-1] = (pf, max(last, pf + pc) - pf)
+            else:
+                out.append((first, last - first))
             off = end
     except OSError as e:
         if e.errno in (errno.EINVAL, errno.EOPNOTSUPP):
-            return [(0, -(-size // block_size))]
+            return [(0, nblocks)] if nblocks else []
         raise
     return out

@@ -20,7 +20,6 @@ attempt with a reason; the source lifts the throttle and resumes its guest if it
 
 from __future__ import annotations
 
-import errno
 import logging
 import os
 import socket
@@ -33,7 +32,7 @@ from ferry.api.reports import bounded_rounds
 from ferry.transfer import auth, framing, session
 from ferry.transfer.channel import AES_256_GCM, read_frame
 from ferry.transfer.bitmap import DirtyBitmap, extents, popcount, split_extents
-from ferry.transfer.digest import HASH_NAME, BlockHashes, block_hashes, combine, zero_hash
+from ferry.transfer.digest import HASH_NAME, BlockHashes, block_hashes, combine, data_block_ranges, zero_hash
 from ferry.transfer.framing import HASH_SIZE, Kind
 from ferry.transfer.policy import RoundStep, KindSample, PolicyConfig, PolicyInput, after_round, expected_downtime_ms
 from ferry.transfer.ratelimit import TokenBucket
@@ -80,36 +79,6 @@ class Guest(Protocol):
 
     def export_state(self) -> dict:
         """Guest state that travels with the migration (like CPU state)."""
-
-
-def data_block_ranges(fd: int, size: int, block_size: int) -> list[tuple[int, int]]:
-    """Blocks that may hold data, as (first, count), from SEEK_DATA/SEEK_HOLE."""
-    nblocks = -(-size // block_size)
-    out: list[tuple[int, int]] = []
-    off = 0
-    try:
-        while off < size:
-            try:
-                start = os.lseek(fd, off, os.SEEK_DATA)
-            except OSError as e:
-                if e.errno == errno.ENXIO:
-                    break
-                raise
-            if start >= size:
-                break
-            end = min(os.lseek(fd, start, os.SEEK_HOLE), size)
-            first, last = start // block_size, -(-end // block_size)
-            if out and out[-1][0] + out[-1][1] >= first:
-                pf, _ = out[-1]
-                out[-1] = (pf, max(last, out[-1][0] + out[-1][1]) - pf)
-            else:
-                out.append((first, last - first))
-            off = end
-    except OSError as e:
-        if e.errno in (errno.EINVAL, errno.EOPNOTSUPP):
-            return [(0, nblocks)] if nblocks else []
-        raise
-    return out
 
 
 class _KindProgress:
