@@ -1069,6 +1069,18 @@ def test_the_side_that_failed_is_named_not_the_one_that_saw_the_connection_drop(
     assert d.new_status.attempts[-1].reason == "TargetFailed"
 
 
+def test_a_target_whose_qemu_died_is_named_though_its_error_quotes_a_connection_reset():
+    """The qemu target's QEMU was killed: its monitor socket reset (the OS says "Connection reset
+    by peer") and the source's mirror lost its NBD export. The target failed; the source saw it."""
+    src = TransferReport(1, "Failed", error="disk mirror ended early: PeerLost: the disk mirror could not write "
+                                            "to the target's NBD export")
+    tgt = TargetReport(1, "Failed", error="target QEMU exited or is unreachable: /x/qmp.sock: query-migrate: "
+                                          "connection lost ([Errno 104] Connection reset by peer)")
+    d = decide(obs("PreCopy", transfer=src, target=tgt), T0)
+    assert d.new_status.attempts[-1].reason == "TargetFailed", d.new_status.message
+    assert "source host saw: disk mirror ended early" in d.new_status.message
+
+
 def test_a_witness_alone_waits_for_the_other_side_then_says_connection_lost():
     d = decide(obs("PreCopy", transfer=TransferReport(1, "Copying"), target=TargetReport(1, "Failed", error=PEER)), T0)
     assert d.phase == "PreCopy" and d.new_status.reason == "PeerLost"

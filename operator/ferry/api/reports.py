@@ -278,9 +278,18 @@ PEER_LOST_MARKERS = ("PeerLost:", "ConnectionClosed", "ConnectionResetError", "B
                      "Unable to write to socket")
 
 
+#: How an agent's error says that its OWN VM process went away. Such a side failed itself, whatever
+#: words of the OS its error quotes: a dead QEMU resets its monitor socket, so the target's "target
+#: QEMU exited or is unreachable: ...: connection lost ([Errno 104] Connection reset by peer)" is
+#: the target failing, not a witness of its peer.
+OWN_VM_LOST_MARKERS = ("QEMU exited", "VM process exited", "VM process died")
+
+
 def peer_lost(error: str | None) -> bool:
     """Whether an agent's error says only that its peer closed or broke the connection."""
-    return bool(error) and any(m in error for m in PEER_LOST_MARKERS)  # type: ignore[operator]
+    if not error or any(m in error for m in OWN_VM_LOST_MARKERS):
+        return False
+    return any(m in error for m in PEER_LOST_MARKERS)
 
 
 #: What a LiveMigration carries while an agent has reported nothing (attempt 0 matches no attempt).
