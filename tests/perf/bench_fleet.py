@@ -36,8 +36,9 @@ seen answering live_migrate), time until all migrations are terminal (drain), AP
 writes and conflicts per migration (and each write by writer and what it carried), operator
 CPU-seconds (from the scenario's start to its end: once all are terminal, the operator's last
 write, e.g. its queued Events, within TAIL_MAX_SECONDS) and peak RSS (process lifetime), reconcile latency p50/p99 (one call of
-migration_reconciler.reconcile, lock waits included), and the largest number of watch events
-waiting in kopf's per-object queues (sampled every 50 ms).
+migration_reconciler.reconcile, lock waits included) and where it goes (``Waits``: lock
+waits, the storage calls' wait for a thread, the calls, the event loop), and the largest
+number of watch events waiting in kopf's per-object queues (sampled every 50 ms).
 """
 
 from __future__ import annotations
