@@ -36,8 +36,9 @@ seen answering live_migrate), time until all migrations are terminal (drain), AP
 writes and conflicts per migration (and each write by writer and what it carried), operator
 CPU-seconds (from the scenario's start to its end: once all are terminal, the operator's last
 write, e.g. its queued Events, within TAIL_MAX_SECONDS) and peak RSS (process lifetime), reconcile latency p50/p99 (one call of
-migration_reconciler.reconcile, lock waits included), and the largest number of watch events
-waiting in kopf's per-object queues (sampled every 50 ms).
+migration_reconciler.reconcile, lock waits included) and where it goes (``Waits``: lock
+waits, the storage calls' wait for a thread, the calls, the event loop), and the largest
+number of watch events waiting in kopf's per-object queues (sampled every 50 ms).
 """
 
 from __future__ import annotations
@@ -125,25 +126,36 @@ def operator_process(src: str, ns: str, control: str) -> None:
 
     kopf_api.patch = kopf_write
 
-    backlogs: list = []
+    # kopf's per-object queues of live workers only: a worker that ends (5 s without events)
+    # drops its queue. (A list of every queue ever made, pruned at 20,000, cost this sampling
+    # loop ~20% of the operator process's GIL samples at 1,000 migrations: py-spy.)
+    import weakref
+
+    backlogs: weakref.WeakSet = weakref.WeakSet()
     orig_stream = queueing.Stream
 
     def stream(backlog, pressure):  # kopf's per-object queue of raw watch events
-        backlogs.append(backlog)
+        backlogs.add(backlog)
         return orig_stream(backlog=backlog, pressure=pressure)
 
     queueing.Stream = stream
     latencies: list[float] = []
+    waits: list[dict] = []  # per measured reconcile: where its time went (``Waits``)
     orig_reconcile = migration_reconciler.reconcile
     measuring = {"on": False}
+    timing = Waits()
+    timing.install()
 
     async def timed_reconcile(*args, **kwargs):
         t0 = time.perf_counter()
+        acc = timing.begin()
         try:
             return await orig_reconcile(*args, **kwargs)
         finally:
+            timing.end(acc)
             if measuring["on"]:
                 latencies.append(time.perf_counter() - t0)
+                waits.append(acc)
 
     migration_reconciler.reconcile = timed_reconcile
     ctl = pathlib.Path(control)
@@ -164,8 +176,6 @@ def operator_process(src: str, ns: str, control: str) -> None:
                 except RuntimeError:
                     waiting = 0
                 max_queue = max(max_queue, waiting)
-                if len(backlogs) > 20000:  # finished workers' queues: keep the live ones only
-                    backlogs[:] = [b for b in backlogs if b.qsize()]
             time.sleep(0.05)
         # Every migration is terminal; what they caused may still be queued (the Events, posted by
         # one task in the background): count on until the operator wrote nothing for 2 s.
@@ -179,9 +189,150 @@ def operator_process(src: str, ns: str, control: str) -> None:
         cpu = _cpu_seconds() - cpu0
         counter.enabled = False
         # written before kopf stops: stopping a thousand objects' workers may take long
-        _write_stats(ctl, counter, cpu, latencies, max_queue, status_writes, writes, tail, None, None)
+        _write_stats(ctl, counter, cpu, latencies, max_queue, status_writes, writes, tail, None, None,
+                     timing.summary(latencies, waits))
     _write_stats(ctl, counter, cpu, latencies, max_queue, status_writes, writes, tail, runner.exit_code,
-                 runner.exception)
+                 runner.exception, timing.summary(latencies, waits))
+
+
+class Waits:
+    """Where a migration reconcile's time goes: each reconcile (``timed_reconcile``) gets an
+    accumulator in a context variable (asyncio copies it into every task and thread the
+    reconcile's own awaits run in), and the operator's waiting points add to it:
+
+    - ``lock <kind>``: waiting to acquire a per-object lock (``Context.object_lock``: the
+      migration's own, or a droplet's or host's taken by a nested reconcile or the record flip)
+      or ``cx.lock`` (the decision lock);
+    - ``executor queue``: a storage call (``Context.call``) waiting for a thread of the executor;
+    - ``API call``: the call running in its thread (the request and its JSON; it may also wait
+      for the GIL);
+    - ``loop resume``: from the call's end in its thread to the reconcile running again on the
+      event loop (the loop busy with other work);
+    - ``rest``: the remainder: the reconcile's own code on the loop (observe, decide) and any
+      other await not named above.
+
+    Only waits of the reconcile's own task count (kopf's worker or the sweep's worker)."""
+
+    PARTS = ("lock LiveMigration", "lock Droplet", "lock Host", "cx.lock", "executor queue", "API call",
+             "loop resume")
+
+    def __init__(self) -> None:
+        import contextvars
+
+        self.current = contextvars.ContextVar("ferry_bench_waits", default=None)
+        self.queued = 0  # storage calls waiting for an executor thread now
+        self.running = 0  # storage calls running in a thread now
+        self.max_queued = 0
+        self.max_running = 0
+        self.calls: list[tuple[float, float]] = []  # (queue wait, run) of every storage call
+        self.lock = threading.Lock()
+
+    def begin(self) -> dict:
+        task = asyncio.current_task()
+        acc = {"calls": 0, "sweep": bool(task and task.get_name().startswith("ferry-sweep"))}
+        acc["token"] = self.current.set(acc)
+        return acc
+
+    def end(self, acc: dict) -> None:
+        self.current.reset(acc.pop("token"))
+
+    def add(self, part: str, seconds: float) -> None:
+        acc = self.current.get()
+        if acc is not None:
+            acc[part] = acc.get(part, 0.0) + seconds
+
+    def install(self) -> None:
+        from ferry.controller import app
+
+        waits = self
+        orig_call, orig_object_lock, orig_init = app.Context.call, app.Context.object_lock, app.Context.__init__
+
+        class TimedLock:
+            def __init__(self, lock, part: str) -> None:
+                self.lock, self.part = lock, part
+
+            async def __aenter__(self):
+                t = time.perf_counter()
+                await self.lock.acquire()
+                waits.add(self.part, time.perf_counter() - t)
+                return None
+
+            async def __aexit__(self, *exc):
+                self.lock.release()
+                return False
+
+            def locked(self) -> bool:
+                return self.lock.locked()
+
+        def object_lock(cx, key):
+            return TimedLock(orig_object_lock(cx, key), f"lock {key[0]}")
+
+        def init(cx, *args, **kwargs):
+            orig_init(cx, *args, **kwargs)
+            cx.lock = TimedLock(cx.lock, "cx.lock")
+
+        async def call(cx, fn, *args, **kwargs):
+            box: dict = {}
+            submitted = time.perf_counter()
+            with waits.lock:
+                waits.queued += 1
+                waits.max_queued = max(waits.max_queued, waits.queued)
+
+            def run():
+                box["start"] = time.perf_counter()
+                with waits.lock:
+                    waits.queued -= 1
+                    waits.running += 1
+                    waits.max_running = max(waits.max_running, waits.running)
+                try:
+                    return fn(*args, **kwargs)
+                finally:
+                    box["end"] = time.perf_counter()
+                    with waits.lock:
+                        waits.running -= 1
+
+            try:
+                return await orig_call(cx, run)
+            finally:
+                back = time.perf_counter()
+                if "start" in box:
+                    queue, ran = box["start"] - submitted, box["end"] - box["start"]
+                    waits.add("executor queue", queue)
+                    waits.add("API call", ran)
+                    waits.add("loop resume", back - box["end"])
+                    acc = waits.current.get()
+                    if acc is not None:
+                        acc["calls"] += 1
+                    if len(waits.calls) < 1_000_000:
+                        waits.calls.append((queue, ran))
+
+        app.Context.call, app.Context.object_lock, app.Context.__init__ = call, object_lock, init
+
+    def summary(self, latencies: list[float], accs: list[dict]) -> dict:
+        """Mean seconds per part for every reconcile and for the slowest 1% (those at or over
+        p99), and the storage calls' queue wait and run time percentiles."""
+        pairs = sorted(zip(latencies, accs), key=lambda x: x[0])
+
+        def parts(sel):
+            n = max(1, len(sel))
+            out = {p: sum(a.get(p, 0.0) for _, a in sel) / n for p in self.PARTS}
+            total = sum(lat for lat, _ in sel) / n
+            out["rest"] = total - sum(out.values())
+            out["total"] = total
+            out["calls"] = sum(a["calls"] for _, a in sel) / n
+            out["n"] = len(sel)
+            out["by_sweep"] = sum(1 for _, a in sel if a["sweep"])
+            out["with_calls"] = sum(1 for _, a in sel if a["calls"])
+            return out
+
+        slow = pairs[int(0.99 * len(pairs)):] if pairs else []
+        calls = list(self.calls)
+        q = sorted(x for x, _ in calls)
+        r = sorted(x for _, x in calls)
+        return {"all": parts(pairs), "p99": parts(slow), "storage_calls": len(calls),
+                "call_queue_p50_ms": _pct(q, 0.5) * 1000, "call_queue_p99_ms": _pct(q, 0.99) * 1000,
+                "call_run_p50_ms": _pct(r, 0.5) * 1000, "call_run_p99_ms": _pct(r, 0.99) * 1000,
+                "max_calls_queued": self.max_queued, "max_calls_running": self.max_running}
 
 
 #: how long the figures wait, after the drain, for the operator's last writes (its Event queue)
@@ -228,14 +379,14 @@ def classify(method: str, url: str, body: dict) -> str:
 
 
 def _write_stats(ctl, counter, cpu, latencies, max_queue, status_writes, writes, tail, exit_code,
-                 exception) -> None:
+                 exception, breakdown) -> None:
     lat = sorted(latencies)
     stats = {
         "by_verb": dict(counter.by_verb), "by_kind": dict(counter.by_kind), "cpu_seconds": cpu,
         "max_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "reconciles": len(lat), "reconcile_p50_ms": _pct(lat, 0.50) * 1000, "reconcile_p99_ms": _pct(lat, 0.99) * 1000,
         "max_queue": max_queue, "status_writes": dict(status_writes), "writes": dict(writes), "tail_s": tail,
-        "exit_code": exit_code,
+        "exit_code": exit_code, "breakdown": breakdown,
         "exception": repr(exception) if exception else None,
     }
     tmp = ctl / "stats.json.tmp"
@@ -575,9 +726,42 @@ def print_report(results: list[dict], args: argparse.Namespace) -> None:
                     print(f"    {k:64}{v / n:8.2f}")
             print(f"  {lb} migration status writes per migration (phase/reason): "
                   + ", ".join(f"{k} {v / n:.2f}" for k, v in sw.most_common()))
+        print_breakdown([r for r in results if r["scenario"] == scenario], labels)
         for r in results:
             if r["scenario"] == scenario and (r.get("exception") or r.get("exit_code") not in (0, None)):
                 print(f"  {r['label']}: operator exit {r.get('exit_code')} {r.get('exception')}")
+
+
+def print_breakdown(results: list[dict], labels: list[str]) -> None:
+    """Where the migration reconciles' time went (``Waits``), per version: the mean of every
+    reconcile and of the slowest 1%, in ms and as a share of the latency."""
+    print("\n  where a migration reconcile's time goes (mean per reconcile, ms, and share of its latency)")
+    head = f"  {'':22}" + "".join(f"{lb + ' all':>18}{lb + ' slowest 1%':>22}" for lb in labels)
+    print(head)
+    rows = [*Waits.PARTS, "rest", "total"]
+    b = {lb: [r.get("breakdown") or {} for r in results if r["label"] == lb] for lb in labels}
+    for part in rows:
+        line = f"  {part:22}"
+        for lb in labels:
+            for which, width in (("all", 18), ("p99", 22)):
+                vals = [x[which][part] for x in b[lb] if which in x]
+                tots = [x[which]["total"] for x in b[lb] if which in x]
+                if vals and sum(tots) > 0:
+                    v = statistics.mean(vals)
+                    cell = f"{v * 1000:.1f} ({v / statistics.mean(tots):.0%})" if part != "total" else f"{v * 1000:.1f}"
+                else:
+                    cell = "-"
+                line += f"{cell:>{width}}"
+        print(line)
+    for lb in labels:
+        for x in b[lb]:
+            if x:
+                print(f"  {lb}: {x['all']['n']} reconciles, {x['all']['by_sweep']} of them the sweep's looks (the "
+                      f"others watch events), {x['all']['with_calls']} made a storage call")
+                print(f"  {lb}: storage calls per reconcile {x['all']['calls']:.1f} (slowest 1%: {x['p99']['calls']:.1f}); "
+                      f"{x['storage_calls']} storage calls, executor queue wait p50/p99 {x['call_queue_p50_ms']:.1f}/"
+                      f"{x['call_queue_p99_ms']:.1f} ms, run p50/p99 {x['call_run_p50_ms']:.1f}/{x['call_run_p99_ms']:.1f} ms, "
+                      f"at most {x['max_calls_queued']} queued and {x['max_calls_running']} running at once")
 
 
 def main() -> None:
