@@ -3,9 +3,12 @@ them: each guest's write sequence number, read through its pod, shows it never r
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 
+import pytest
+from guest_console import GuestKernelCrashed, kernel_crash
 from steps import example_droplet, migration
 
 QUERY_SEQ = ("import json,socket;s=socket.socket(socket.AF_UNIX);s.connect('control.sock');"
@@ -57,6 +60,27 @@ def running_pod(e2e, ns: str, name: str) -> dict | None:
     """The one Running launcher pod of NAME, if exactly one (a migration has two for a while)."""
     pods = [p for p in vm_pods(e2e, ns, name) if p["status"].get("phase") == "Running"]
     return pods[0] if len(pods) == 1 else None
+
+
+def qemu_serial(e2e, pod: dict) -> str:
+    """A qemu guest's serial console: serial.log in the VM's directory (its pod's working dir)."""
+    return e2e.kubectl("exec", "-n", pod["metadata"]["namespace"], pod["metadata"]["name"], "-c", "vm", "--",
+                       "tail", "-c", "200000", "serial.log", timeout=60).stdout
+
+
+@contextlib.contextmanager
+def blame_guest_kernel(e2e, ns: str, name: str):
+    """A failed check in the block is QEMU's TCG crash (``GuestKernelCrashed``: the e2e qemu tests
+    rerun once on it) when the migrated guest's console shows its kernel crashed; any other
+    failure stays what it is."""
+    try:
+        yield
+    except (AssertionError, pytest.fail.Exception) as e:
+        pod = running_pod(e2e, ns, name)
+        crash = kernel_crash(qemu_serial(e2e, pod)) if pod else None
+        if crash:
+            raise GuestKernelCrashed(f"{e}\nthe guest kernel crashed on {pod['spec']['nodeName']}:\n{crash}") from e
+        raise
 
 
 def guest_seq(e2e, pod: dict) -> int:

@@ -22,7 +22,7 @@ import os
 import time
 
 import pytest
-from pods import figure, running_pod
+from pods import blame_guest_kernel, figure, running_pod
 from probe import IcmpProbe, LongLivedTcp, TcpProbe
 from steps import apply_example_hosts
 from support import wait_until
@@ -92,8 +92,9 @@ def test_a_qemu_guest_keeps_its_address_ping_and_tcp_connections_through_a_migra
         done = time.monotonic()
         st = json.loads(e2e.kubectl("get", "-n", ns, "livemigration", lm, "-o", "json").stdout)["status"]
         target = st["targetHost"]
-        wait_until(lambda: ping.answered_since(done) >= 100 and tcp.answered_since(done) >= 100, 60,
-                   what=f"answers from the guest on {target}")
+        with blame_guest_kernel(e2e, ns, name):
+            wait_until(lambda: ping.answered_since(done) >= 100 and tcp.answered_since(done) >= 100, 60,
+                       what=f"answers from the guest on {target}")
     fate = long_lived.check()
     icmp, tcp_r = ping.result(), tcp.result()
     net = st.get("networkCutOver") or {}

@@ -17,25 +17,17 @@ import os
 import re
 
 import pytest
-from pods import Stopwatch, figure, finished, memory_bytes, running_pod, vm_pods
+from guest_console import BOOT_BANNER, counters_in
+from pods import Stopwatch, blame_guest_kernel, figure, finished, memory_bytes, qemu_serial, running_pod, vm_pods
 from steps import apply_example_hosts
 from support import wait_until
 
 pytestmark = pytest.mark.e2e
 
-COUNTER = re.compile(r"^ferry-counter (\d+)\r?\n", re.MULTILINE)
-BOOT_BANNER = "ferry-guest: boot"
 SIZE, CPU, MEMORY_MIB = "s-1vcpu-1gb", 1, 1024
 
 
-def serial(e2e, pod: dict) -> str:
-    """The guest's serial console: serial.log in the VM's directory (the pod's working dir)."""
-    return e2e.kubectl("exec", "-n", pod["metadata"]["namespace"], pod["metadata"]["name"], "-c", "vm", "--",
-                       "tail", "-c", "200000", "serial.log", timeout=60).stdout
-
-
-def counters(text: str) -> list[int]:
-    return [int(m) for m in COUNTER.findall(text)]
+serial, counters = qemu_serial, counters_in
 
 
 def in_pod(e2e, pod: dict, *cmd: str) -> str:
@@ -103,9 +95,9 @@ def test_a_booted_qemu_guest_migrates_between_two_nodes_in_its_pods(e2e, ns):
     old_agent = agent_pod(e2e, source)
     restart = Stopwatch()
     e2e.kubectl("delete", "pod", "-n", e2e.namespace, old_agent["metadata"]["name"], "--grace-period=0", "--force")
-    new_agent = wait_until(lambda: (lambda a: a if a and a["metadata"]["name"] != old_agent["metadata"]["name"]
+    wait_until(lambda: (lambda a: a if a and a["metadata"]["name"] != old_agent["metadata"]["name"]
                                     and ready(a) else None)(agent_pod(e2e, source)), 120, interval=1,
-                           what=f"a new agent pod on {source}")
+               what=f"a new agent pod on {source}")
     # a heartbeat written well after the new pod was Ready: by the new agent (the old one's
     # container is killed by its kubelet within seconds of the forced deletion)
     since = dt.datetime.now(dt.timezone.utc) + dt.timedelta(seconds=5)
@@ -155,11 +147,12 @@ def test_a_booted_qemu_guest_migrates_between_two_nodes_in_its_pods(e2e, ns):
         vm_pods(e2e, ns, name)), 60, what=f"{name}'s one pod on {target}")
     assert new["metadata"]["uid"] != source_pod_uid
     # the same guest goes on counting on the target: no boot banner, counters past the source's
-    wait_until(lambda: len(counters(serial(e2e, new))) >= 5, 60, interval=1, what="the guest counting on the target")
-    text = serial(e2e, new)
-    assert BOOT_BANNER not in text, text[:2000]
-    after = counters(text)
-    assert after[0] > last_before and after == sorted(after), (last_before, after[:10])
+    with blame_guest_kernel(e2e, ns, name):
+        wait_until(lambda: len(counters(serial(e2e, new))) >= 5, 60, interval=1, what="the guest counting on the target")
+        text = serial(e2e, new)
+        assert BOOT_BANNER not in text, text[:2000]
+        after = counters(text)
+        assert after[0] > last_before and after == sorted(after), (last_before, after[:10])
     # Hosts' accounting: the droplet's size left the source's allocation and joined the target's,
     # and the pod on the target requests that size times the scale
     def moved():

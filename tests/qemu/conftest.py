@@ -31,7 +31,7 @@ LONG_CASES = ("clean-512MiB",)
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     # QEMU 7.2's TCG sometimes crashes the guest's kernel right after a live migration, without
-    # ferry (qemu_support.GuestKernelCrashed): a test that meets exactly that runs once more
+    # ferry (guest_console.GuestKernelCrashed): a test that meets exactly that runs once more
     for item in items:
         if "qemu" in item.keywords:
             item.add_marker(pytest.mark.flaky(reruns=1, only_rerun=["GuestKernelCrashed"]))

@@ -8,6 +8,7 @@ import re
 from collections.abc import Callable
 
 import pytest
+from guest_console import GuestKernelCrashed, counters_in, kernel_crash
 from support import wait_until
 
 from ferry.drivers.base import VMSpec
@@ -23,62 +24,13 @@ def make_driver(guest: dict[str, str], data_dir: pathlib.Path) -> QemuDriver:
                       binary=QEMU, max_vcpus=1)
 
 
-# whole lines only: a VM can stop mid-line, and the rest of that line then comes out
-# of the target's serial port
-COUNTER = re.compile(r"^ferry-counter (\d+)\r?\n", re.MULTILINE)
-BOOT_BANNER = "ferry-guest: boot"
-
-
 def serial_text(path: pathlib.Path) -> str:
     return path.read_text(errors="replace") if path.exists() else ""
 
 
 def counters(path: pathlib.Path | str) -> list[int]:
     """The counter values on whole lines of a serial log (a path) or of a text."""
-    text = path if isinstance(path, str) else serial_text(path)
-    return [int(m) for m in COUNTER.findall(text)]
-
-
-class GuestKernelCrashed(AssertionError):
-    """The guest's kernel crashed, or stopped doing anything, right after QEMU resumed it on the
-    target of a live migration, while QEMU itself runs it.
-
-    QEMU 7.2's TCG (the only accelerator on this machine) does this in about 1 of 80-100 live
-    migrations with no ferry code involved: ``hack/qemu-tcg-migration-repro.py`` reproduces it
-    with plain QEMU (``migrate``, then ``cont``). The crashes are in the guest's timer interrupt
-    (a corrupted hrtimer, scheduler tick or stack). ferry never touches guest memory or CPU state
-    in the qemu driver (QEMU moves both), so the qemu tests rerun ONCE on this error alone
-    (pytest-rerunfailures, ``only_rerun``), and say so in the report; any other failure, or the
-    same crash twice, fails the test."""
-
-
-#: what the guest's kernel prints when it dies (console_loglevel 1 keeps these: KERN_EMERG/ALERT)
-KERNEL_CRASH = re.compile(r"Kernel panic|general protection fault|BUG: |Oops: |stack-protector|double fault")
-
-
-def kernel_crash(text: str) -> str | None:
-    """The guest kernel's crash report in a console text, if there is one (first lines)."""
-    m = KERNEL_CRASH.search(text)
-    if m is None:
-        return None
-    start = text.rfind("\n", 0, m.start()) + 1
-    return "\n".join(text[start:].splitlines()[:12])
-
-
-def assert_continues(frozen: int, text: str) -> None:
-    """The target's console goes on from the source's last whole counter line: the same guest,
-    never a second boot. On failure the message shows what the target printed up to its first
-    counter lines (a boot banner, a kernel panic line), so a CI log alone tells what happened;
-    a guest kernel that crashed first is ``GuestKernelCrashed``."""
-    seen = counters(text)
-    if seen and seen[0] in (frozen + 1, frozen + 2) and BOOT_BANNER not in text:
-        return
-    m = COUNTER.search(text)
-    head = text[: (m.end() if m else len(text)) + 200][-3000:]
-    crash = kernel_crash(text[: m.start() if m else len(text)])
-    error = GuestKernelCrashed if crash else AssertionError
-    raise error(f"the target does not go on from counter {frozen}: it counts {seen[:3]}; "
-                f"its console begins:\n{head}")
+    return counters_in(path if isinstance(path, str) else serial_text(path))
 
 
 def wait_counting(serial: pathlib.Path, qmp_aux: pathlib.Path, enough: Callable[[list[int]], bool],

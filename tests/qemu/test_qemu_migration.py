@@ -14,9 +14,8 @@ import os
 import signal
 
 import pytest
+from guest_console import BOOT_BANNER, assert_continues
 from qemu_support import (
-    BOOT_BANNER,
-    assert_continues,
     counters,
     fill_disk,
     last_counter,

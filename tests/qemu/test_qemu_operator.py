@@ -22,9 +22,8 @@ import signal
 import sys
 
 import pytest
+from guest_console import BOOT_BANNER, assert_continues
 from qemu_support import (
-    BOOT_BANNER,
-    assert_continues,
     counters,
     fill_file,
     last_counter,

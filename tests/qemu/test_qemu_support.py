@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from qemu_support import GuestKernelCrashed, assert_continues, kernel_crash
+from guest_console import GuestKernelCrashed, assert_continues, kernel_crash
 
 # what a target printed after QEMU 7.2 (TCG) resumed a migrated guest with a corrupted timer
 # path (plain QEMU, no ferry: hack/qemu-tcg-migration-repro.py), then rebooted (panic=-1)

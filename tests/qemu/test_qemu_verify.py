@@ -16,7 +16,8 @@ from __future__ import annotations
 import os
 
 import pytest
-from qemu_support import assert_continues, memsums, wait_counting
+from guest_console import assert_continues
+from qemu_support import memsums, wait_counting
 from support import wait_until
 from test_qemu_migration import SECRET, boot, keeps_counting, wait_migration
 
