@@ -343,3 +343,18 @@ def test_the_worlds_host_indexes_follow_moves_relabels_and_deletions():
     w.resync("Droplet", [droplet("d2", "h3", 50)])  # a re-list that no longer holds the others
     check()
     assert [d.name for d in w.droplets_on("h3")] == ["d2"] and not w.droplets_on("h1")
+
+
+def test_kopfs_diff_base_sees_no_change_and_copies_nothing():
+    """ferry reconciles from the world, so kopf's essence diff must always be empty (no
+    on.create/update causes, no diff-base writes), whatever changed in the object; kopf's own
+    essence (a deep copy of the object) comes back only for field handlers' extra fields."""
+    import kopf
+
+    storage = app.NoDiffBase()
+    before = kopf.Body({"metadata": {"name": "m", "labels": {"a": "1"}}, "spec": {"droplet": "web"}})
+    after = kopf.Body({"metadata": {"name": "m", "labels": {"a": "2"}}, "spec": {"droplet": "db"},
+                       "status": {"phase": "PreCopy"}})
+    assert storage.fetch(body=before) == storage.build(body=after) == {}
+    assert storage.fetch(body=before) is not None  # never a creation either
+    assert storage.build(body=after, extra_fields=["status.phase"])["status"] == {"phase": "PreCopy"}
