@@ -722,7 +722,7 @@ def _precopy(b: _Builder) -> None:
         b.set(progress=max(0, min(100, int(tr.progress))))
     _check_outlook(b, tr)
     if _ready_to_flip(b, tr, tg):
-        what = (f"target froze its copy at the switchover (checked against the paused source after the resume)"
+        what = ("target froze its copy at the switchover (checked against the paused source after the resume)"
                 if tg is not None and tg.frozen_point else f"copy verified (digest {tr.digest})")  # type: ignore[union-attr]
         b.transition(
             Phase.CUTOVER,
