@@ -149,12 +149,14 @@ class SourceEngine:
         after_hash: Callable[[str, int, int], None] | None = None,
         on_finish: Callable[["SourceEngine"], None] | None = None,
         channel: str = AES_256_GCM,
+        reads: str = "mmap",
     ):
         self.disk, self.memory, self.guest = disk, memory, guest
         self.on_finish = on_finish  # called in the engine's thread once the attempt ended
         self.target = target
         self.secret = bytes(secret)
         self.migration_id = migration_id
+        self.reads = reads  # "mmap" (where the mapping can be used) or "preadv" (a benchmark's baseline)
         self.channel = channel  # asked for: ferry.transfer.channel.AES_256_GCM (default) or PLAIN
         self.offline = offline
         self.bandwidth_limit = bandwidth_bps or 0
@@ -292,7 +294,7 @@ class SourceEngine:
 
     def _map_images(self) -> None:
         for name, dev in (("disk", self.disk), ("memory", self.memory)):
-            m, why = map_image(dev.fd, dev.size)
+            m, why = map_image(dev.fd, dev.size) if self.reads != "preadv" else (None, "preadv asked for")
             r = self._reads[name]
             if m is None:
                 r["mode"], r["fallback"] = "preadv", why
@@ -305,7 +307,10 @@ class SourceEngine:
         views, maps = self._views, self._maps
         self._views, self._maps = {}, {}
         for v in views.values():
-            v.release()
+            try:
+                v.release()
+            except BufferError:
+                pass
         for m in maps.values():
             try:
                 m.close()
