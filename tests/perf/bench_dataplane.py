@@ -322,7 +322,7 @@ def bench_throughput(root: str, disk_gib: float, memory_mib: int, runs: int, cha
         print("CPU s/GiB: user+system of both ends (ferry: source VM process during the copy + target VM process, "
               "including its start-up); user share: the part spent in user space (Python, hashing, AES), the rest is "
               "the kernel (copies, TCP, page cache)")
-        print(f"ferry includes: auth, SEEK_DATA scan, pread, per-block {HASH_NAME} hash on both sides, framing, "
+        print(f"ferry includes: auth, SEEK_DATA scan, reads through an mmap (or preadv: /preadv), per-block {HASH_NAME} hash on both sides, framing, "
               "AES-256-GCM records (encrypted channel), target pwrite, digest verdict")
         return out
     finally:

@@ -22,7 +22,7 @@ send and receive every frame through it:
   decrypts each data record straight into the buffer it checks and writes from.
 
   Data frames are sealed in place on both ends (``data_views``/``send_data`` and
-  ``recv_data``): the source reads an extent straight into the record slots it will send
+  ``recv_data``): the source (with ``preadv`` reads) reads an extent straight into the record slots it will send
   (gaps left for each record's length and tag), hashes it there and encrypts it where it
   lies; the target receives a record into the buffer it checks and writes from and
   decrypts it there. One buffer per direction, no copy between a plaintext and a

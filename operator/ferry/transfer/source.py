@@ -213,7 +213,7 @@ class SourceEngine:
         self._buf = bytearray(MAX_EXTENT_BYTES)
         self._maps: dict[str, mmap.mmap] = {}
         self._views: dict[str, memoryview] = {}
-        self._reads = {n: {"mode": "preadv", "mmap_bytes": 0, "preadv_bytes": 0, "fallback": None}
+        self._reads = {n: {"mode": None, "mmap_bytes": 0, "preadv_bytes": 0, "fallback": None}
                        for n in ("disk", "memory")}
         self._thread: threading.Thread | None = None
 
@@ -692,7 +692,10 @@ class SourceEngine:
         self._channel_send(lambda chan: chan.send_parts(parts))
 
     def _send_data(self, head: bytes, hashes: bytes, nbytes: int, src=None) -> None:
-        self._channel_send(lambda chan: chan.send_data(head, hashes, nbytes, src))
+        if src is None:
+            self._channel_send(lambda chan: chan.send_data(head, hashes, nbytes))
+        else:
+            self._channel_send(lambda chan: chan.send_data(head, hashes, nbytes, src))
 
     def _channel_send(self, send) -> None:
         chan = self._chan
