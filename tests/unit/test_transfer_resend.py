@@ -149,3 +149,27 @@ def test_preadv_where_the_mapping_cannot_be_used_and_stats_say_so(pair, monkeypa
     assert r["disk"]["fallback"] == ("mmap reads off" if why == "off"
                                      else f"file shorter than the image ({20 * BS} < {32 * BS} bytes)")
     assert r["memory"]["mode"] == ("preadv" if why == "off" else "mmap")
+
+
+def test_a_force_complete_between_hash_and_send_hashes_again_and_sends_strictly(pair):
+    # force-complete pauses the guest in the check just before the send: the extent was hashed
+    # while the guest ran (and a write tore it), so it is hashed again, paused, and goes
+    # without FLAG_LIVE: it matches, nothing is owed, and the migration completes
+    src, dst = pair
+    tgt, eng = distinct_blocks_pair(src, dst)
+    seen = []
+
+    def hook(name, first, count):
+        if name == "disk" and not seen:
+            seen.append(first)
+            src[0].write((first + 2) * BS, b"F" * BS)
+            eng.force_complete()
+
+    eng.after_hash = hook
+    eng.run()
+    tgt.join(10)
+    assert seen and eng.forced
+    assert eng.state == session.COMPLETED and tgt.state == session.RECEIVED, (eng.error, tgt.error)
+    assert tgt.stats()["torn_blocks"] == {"disk": 0, "memory": 0}
+    assert contents(dst[0]) == contents(src[0]) and contents(dst[0])[(seen[0] + 2) * BS :][:BS] == b"F" * BS
+    assert eng.digest == tgt.digest
