@@ -15,7 +15,8 @@ directory, runs the guest workload thread, and answers a QMP-like JSON line prot
     migrate_cancel                        abort the source side (resume the guest)
     set-workload {pattern, write_rate_kibps}
     query-digest                          -> {disk_root, memory_root, digest} by re-reading the images
-    x-debug-corrupt {frame}               test hook: corrupt the Nth data frame sent
+    x-debug-corrupt {frame}               test hook: corrupt the Nth data frame sent (as a bad copy:
+                                          without FLAG_LIVE, so the target fails at once)
 
 ``status`` is one of running, paused, stopped, inmigrate (a target not yet resumed),
 finish-migrate (source paused for the final copy), postmigrate (source done, waiting for
