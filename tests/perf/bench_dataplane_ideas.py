@@ -10,9 +10,13 @@ baseline of ``bench_dataplane.py`` and then every variant, so each ratio (sendfi
 variant time) comes from one run. A variant changes one thing of the shipped engines in
 its child process only (module attributes, as a patch would):
 
-- ``shipped, plain`` / ``shipped, aes-256-gcm``: the engines as they are.
+- ``shipped, plain`` / ``shipped, aes-256-gcm``: the engines as they are (the source reads
+  through a mapping of the image, with the resend rule: ``ferry.transfer.source``).
+- ``preadv reads (before)``: the source ``preadv``s every extent into the channel's
+  buffers (plain) or record slots (sealed in place) instead (``source.MMAP_READS`` off).
 - ``aes-256-gcm, sealed through copies (before)``: the sealed channel before it sealed
-  in place: a plaintext and a ciphertext buffer on each end, a copy between them.
+  in place: a plaintext and a ciphertext buffer on each end, a copy between them (with
+  ``preadv`` reads, as then).
 - ``aes-256-gcm, one sendmsg per frame``: the source seals a whole frame before it sends
   it, instead of sending every two records (512 KiB).
 - ``socket buffers autotuned``: neither end sets SO_SNDBUF/SO_RCVBUF (which fixes them
@@ -23,11 +27,13 @@ its child process only (module attributes, as a patch would):
   baseline's receiver writes through the page cache. (The O_DIRECT variants measured in
   issue 16's second round are what ships now.)
 - ``frames 4 MiB``: data frames of up to 4 MiB instead of 1 MiB (larger frames).
+- ``frames 256 KiB``: data frames of up to 256 KiB: the source's hash pass and its send or
+  seal pass over a frame then meet in the CPU's cache (with the mapping, each is a read).
 - ``target chunk 1 MiB``: the target receives, checks and writes 1 MiB at a time, not 256 KiB.
 - ``Python socket timeouts``: both sockets in Python's timeout mode (a poll before every
   send and recv) instead of blocking sockets with SO_RCVTIMEO/SO_SNDTIMEO and MSG_WAITALL.
 - ``pread into new buffers``: the source reads each extent into a new bytes object
-  instead of ``preadv`` into one reused buffer.
+  instead of ``preadv`` into one reused buffer (both instead of the mapping).
 - ``MSG_ZEROCOPY``: the source sends with MSG_ZEROCOPY (and waits for each completion
   before it reuses its buffer).
 - ``sendfile + mmap hash``: hashing off the send path's copies: the source hashes the
@@ -95,6 +101,17 @@ def frames_4mib(role: str) -> None:
     source.MAX_EXTENT_BYTES = 4 << 20
 
 
+def frames_256kib(role: str) -> None:
+    """Data frames of up to 256 KiB: the source hashes a frame and then seals or sends it
+    while the frame is still in the CPU's cache (from the mapping, a second read of memory)."""
+    source.MAX_EXTENT_BYTES = 256 << 10
+
+
+def frames_256kib_preadv(role: str) -> None:
+    frames_256kib(role)
+    preadv_reads(role)
+
+
 def target_chunk_1mib(role: str) -> None:
     target.RECV_CHUNK_BYTES = 1 << 20
 
@@ -103,9 +120,16 @@ def python_timeouts(role: str) -> None:
     session.BLOCKING_IO = False
 
 
+def preadv_reads(role: str) -> None:
+    """The source reads with preadv into the channel's buffers, not through a mapping."""
+    if role == "source":
+        source.MMAP_READS = False
+
+
 def pread_new_buffers(role: str) -> None:
     if role != "source":
         return
+    source.MMAP_READS = False
     real = os.preadv
 
     def preadv(fd, buffers, offset):
@@ -215,6 +239,8 @@ def sealed_through_copies(role: str) -> None:
     buffer and decrypts it into another."""
     from ferry.transfer.channel import SealedChannel
 
+    source.MMAP_READS = False  # the copies were with preadv reads
+
     def data_views(self, nbytes):
         if len(getattr(self, "_copy_in", b"")) < nbytes:
             self._copy_in = bytearray(nbytes)
@@ -261,6 +287,8 @@ def target_buffered(role: str) -> None:
 VARIANTS = [
     ("shipped, plain", "plain", None),
     ("shipped, aes-256-gcm", "aes-256-gcm", None),
+    ("preadv reads (plain, before)", "plain", preadv_reads),
+    ("aes-256-gcm, preadv reads (before)", "aes-256-gcm", preadv_reads),
     ("aes-256-gcm, sealed through copies (before)", "aes-256-gcm", sealed_through_copies),
     ("aes-256-gcm, one sendmsg per frame", "aes-256-gcm", seal_whole_frames),
     ("socket buffers autotuned (plain)", "plain", autotuned_buffers),
@@ -268,6 +296,9 @@ VARIANTS = [
     ("target writes through the page cache (plain)", "plain", target_buffered),
     ("aes-256-gcm, target writes through the page cache", "aes-256-gcm", target_buffered),
     ("frames 4 MiB (plain)", "plain", frames_4mib),
+    ("frames 256 KiB (plain)", "plain", frames_256kib),
+    ("frames 256 KiB, aes-256-gcm", "aes-256-gcm", frames_256kib),
+    ("frames 256 KiB, aes-256-gcm, with preadv", "aes-256-gcm", frames_256kib_preadv),
     ("target chunk 1 MiB (plain)", "plain", target_chunk_1mib),
     ("Python socket timeouts (plain)", "plain", python_timeouts),
     ("pread into new buffers (plain)", "plain", pread_new_buffers),

@@ -222,6 +222,42 @@ def test_sealing_in_place_puts_the_same_records_on_the_wire(nbytes, monkeypatch)
     assert _in_place_wire(frames, monkeypatch, in_place=False) == want  # the fallback without in-place sealing
 
 
+def _from_mapping_wire(parts_list, tmp_path):
+    """The bytes a source puts on the wire for data frames sealed from a read-only mapping."""
+    import mmap
+
+    a, b = socket.socketpair()
+    src = SealedChannel.for_source(a, SECRET, SN, CN, "lm-1")
+    path = tmp_path / "image"
+    path.write_bytes(b"".join(data for _, _, data in parts_list))
+    fd = os.open(path, os.O_RDONLY)
+    m = mmap.mmap(fd, 0, mmap.MAP_SHARED, mmap.PROT_READ)
+
+    def send():
+        o = 0
+        with memoryview(m) as mv:
+            for head, hl, data in parts_list:
+                src.send_data(head, hl, len(data), mv[o : o + len(data)])
+                o += len(data)
+        a.shutdown(socket.SHUT_WR)
+
+    t = send_in_thread(send)
+    wire = bytearray()
+    while chunk := b.recv(1 << 16):
+        wire += chunk
+    t.join(5)
+    m.close()
+    os.close(fd)
+    return wire
+
+
+@pytest.mark.parametrize("nbytes", [RECORD_BYTES * 4, RECORD_BYTES * 2 + 8192, 4096])
+def test_sealing_from_a_mapping_puts_the_same_records_on_the_wire(nbytes, tmp_path):
+    # the source's mmap reads: each record encrypted from the mapping into its slot
+    frames = [frame_parts(nbytes), frame_parts(nbytes)]
+    assert _from_mapping_wire(frames, tmp_path) == _sealed_bytes([list(p) for p in frames])
+
+
 def test_the_target_opens_data_records_in_place_and_gets_the_data():
     parts = frame_parts(RECORD_BYTES * 3 + 4096 * 5)
     wire = _in_place_wire([parts])

@@ -22,11 +22,13 @@ send and receive every frame through it:
   decrypts each data record straight into the buffer it checks and writes from.
 
   Data frames are sealed in place on both ends (``data_views``/``send_data`` and
-  ``recv_data``): the source reads an extent straight into the record slots it will send
+  ``recv_data``): the source (with ``preadv`` reads) reads an extent straight into the record slots it will send
   (gaps left for each record's length and tag), hashes it there and encrypts it where it
   lies; the target receives a record into the buffer it checks and writes from and
   decrypts it there. One buffer per direction, no copy between a plaintext and a
-  ciphertext buffer. (OpenSSL's EVP supports in == out; ``IN_PLACE`` checks once that
+  ciphertext buffer. A source reading through a mapping of the image passes the mapping
+  as ``send_data(..., src=)``: each record is then encrypted from the mapping into its
+  slot (the copy out of the page cache and the encryption are one pass). (OpenSSL's EVP supports in == out; ``IN_PLACE`` checks once that
   this build of ``cryptography`` does it right and falls back to a scratch buffer if not.)
 
 Kernel TLS would keep ``sendfile`` possible, but it needs ``CONFIG_TLS``
@@ -114,8 +116,10 @@ class PlainChannel:
             self._data = bytearray(nbytes)
         return [memoryview(self._data)[:nbytes]]
 
-    def send_data(self, head: bytes, hashes: bytes, nbytes: int) -> None:
-        framing.send_parts(self.sock, [head, hashes, memoryview(self._data)[:nbytes]])
+    def send_data(self, head: bytes, hashes: bytes, nbytes: int, src=None) -> None:
+        """Send a data frame: its data from ``data_views(nbytes)``, or from ``src`` (the
+        source's mapping of the image: sendmsg straight from it, no copy in user space)."""
+        framing.send_parts(self.sock, [head, hashes, memoryview(self._data)[:nbytes] if src is None else src])
 
     def recv_data(self, n: int, should_stop=None, into=None) -> memoryview:
         """The next ``n`` bytes, at the start of ``into`` (at least ``n + TAG_SIZE`` bytes) or
@@ -251,14 +255,20 @@ class SealedChannel:
         return [mv[i * self._SLOT + h : i * self._SLOT + h + min(RECORD_BYTES, nbytes - i * RECORD_BYTES)]
                 for i in range(k)]
 
-    def send_data(self, head: bytes, hashes: bytes, nbytes: int) -> None:
+    def send_data(self, head: bytes, hashes: bytes, nbytes: int, src=None) -> None:
         """Send a data frame whose data is in ``data_views(nbytes)``: the header and hash
         list in one record, then each data record sealed where it lies; a sendmsg per
-        ``FLUSH_BYTES`` (the same records ``send_parts`` would make)."""
+        ``FLUSH_BYTES`` (the same records ``send_parts`` would make). With ``src`` (the
+        source's mapping of the image) each record is sealed from ``src`` into its slot:
+        the copy into the slot is the encryption itself."""
         h = RECORD_HEADER.size
         if nbytes < SMALL_PART:  # a small frame: one record, as send_parts cuts it
-            self.send_parts([head, hashes, memoryview(self._slots)[h : h + nbytes]])
+            self.send_parts([head, hashes, memoryview(self._slots)[h : h + nbytes] if src is None else src])
             return
+        if src is not None:
+            k = -(-nbytes // RECORD_BYTES)
+            if len(self._slots) < k * self._SLOT:
+                self._slots = bytearray(k * self._SLOT)
         small = head + hashes
         if len(small) >= SMALL_PART:  # a hash list this long does not happen with 1 MiB extents
             self.send_parts([head, hashes])
@@ -279,7 +289,10 @@ class SealedChannel:
                 pending, pos = [], 0
             RECORD_HEADER.pack_into(rec, 0, plen + TAG_SIZE)
             aad = bytes(rec[:h])
-            if IN_PLACE:
+            if src is not None:
+                o = i * RECORD_BYTES
+                self._tx.aead.encrypt_into(self._tx.nonce(), src[o : o + plen], aad, rec[h:])
+            elif IN_PLACE:
                 self._tx.aead.encrypt_into(self._tx.nonce(), rec[h : h + plen], aad, rec[h:])
             else:
                 out = memoryview(self._scratch)[: plen + TAG_SIZE]

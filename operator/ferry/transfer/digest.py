@@ -55,6 +55,15 @@ def first_mismatch(view, block_size: int, hashes) -> int | None:
     return len(got) // HASH_SIZE  # pragma: no cover - lengths differ
 
 
+def mismatches(view, block_size: int, hashes) -> list[int]:
+    """Indexes of every block of ``view`` whose hash is not its entry in ``hashes``."""
+    got = block_hashes(view, block_size)
+    if got == hashes:
+        return []
+    return [k for k in range(len(got) // HASH_SIZE)
+            if got[k * HASH_SIZE : (k + 1) * HASH_SIZE] != hashes[k * HASH_SIZE : (k + 1) * HASH_SIZE]]
+
+
 @functools.lru_cache(maxsize=8)
 def zero_hash(block_size: int) -> bytes:
     return block_hash(bytes(block_size))

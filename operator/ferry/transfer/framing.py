@@ -4,7 +4,8 @@ Every frame starts with a fixed 24-byte header::
 
     magic   2s   b"FY"
     kind    u8   one of ``Kind``
-    flags   u8   reserved (0)
+    flags   u8   ``FLAG_LIVE`` on data frames read from the running guest's image (below);
+                 0 otherwise
     length  u32  payload bytes that follow the header
     index   u64  first block (disk, 64 KiB) or page (memory, 4 KiB) of a data frame;
                  the round number for ROUND; 0 otherwise
@@ -20,7 +21,16 @@ frames (INFO, ROUND, DONE, VERDICT, ERROR, ABORT) carry a small JSON object and 
 is the crc32 of all of it.
 
 A mismatch anywhere raises ``ChecksumError``: the receiver drops the frame and fails the
-attempt (it never writes a block whose hash does not match).
+attempt (it never writes a block whose hash does not match). The one exception is the
+resend rule: a data frame with ``FLAG_LIVE`` was hashed and sent from a mapping of the
+image while the guest ran, so a guest write between the hash and the send can tear a
+block (its data then does not match its hash). Such a block is not written and is owed:
+the write that tore it marks it dirty, so the source sends it again in a later round, and
+only a matching copy (or a ZERO frame) pays the debt. A block still owed at DONE, a
+mismatch in a frame without the flag (the source read a copy) or in a round the source
+announced as paused (ROUND ``{"paused": true}``: no guest write can tear anything) fails
+the attempt as before. So every block of the final image still arrived with a matching
+hash.
 """
 
 from __future__ import annotations
@@ -52,6 +62,10 @@ class Kind(enum.IntEnum):
     ERROR = 9  # either way: {"error": reason}; the attempt failed
     ABORT = 10  # source -> target: the source cancelled
 
+
+# data frame flag: hashed and sent from a mapping of the image while the guest ran (a block
+# mismatch may be a tear by a guest write: the block is owed, see the module docstring)
+FLAG_LIVE = 0x01
 
 DATA_KINDS = (Kind.DISK, Kind.MEMORY)
 ZERO_KINDS = (Kind.ZERO_DISK, Kind.ZERO_MEMORY)
@@ -113,9 +127,9 @@ def parse_control(payload: bytes, check: int) -> dict:
     return body
 
 
-def data_header(kind: Kind, first: int, hashes: bytes, data_len: int) -> bytes:
+def data_header(kind: Kind, first: int, hashes: bytes, data_len: int, flags: int = 0) -> bytes:
     """Header of a DISK/MEMORY frame; ``hashes`` is the hash list that follows it."""
-    return encode_header(kind, len(hashes) + data_len, first, zlib.crc32(hashes))
+    return encode_header(kind, len(hashes) + data_len, first, zlib.crc32(hashes), flags)
 
 
 def zero_frame(kind: Kind, first: int, count: int) -> bytes:

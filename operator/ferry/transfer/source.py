@@ -14,6 +14,17 @@ Per attempt::
               digests of what was sent; the target compares them with the digests of
               what it holds and answers VERDICT. Downtime = pause -> verdict received.
 
+Reading: each image is read through a read-only shared mapping of its file (``MMAP_READS``):
+the plain channel hashes a block there and sends it straight from the mapping (sendmsg,
+no copy in user space), the sealed one hashes it there and encrypts it from the mapping
+into its record slot. While the guest runs, a guest write between the hash and the send
+can tear a block; such frames carry ``framing.FLAG_LIVE`` and the target holds a block
+that does not match as owed until it comes again (the write that tore it marked it dirty,
+so a later round sends it): the resend rule, ``ferry.transfer.framing``. In a paused round
+nothing can tear, and the flag is off. Where the mapping cannot be used (mmap refused, a
+file shorter than the image) the source ``preadv``s into the channel's buffers as before;
+``stats()["reads"]`` says which path ran, per image, in bytes.
+
 Failure anywhere (socket error, checksum mismatch, digest mismatch, cancel) fails the
 attempt with a reason; the source lifts the throttle and resumes its guest if it paused it.
 """
@@ -21,6 +32,7 @@ attempt with a reason; the source lifts the throttle and resumes its guest if it
 from __future__ import annotations
 
 import logging
+import mmap
 import os
 import socket
 import threading
@@ -54,6 +66,29 @@ from ferry.transfer.session import (
 log = logging.getLogger(__name__)
 
 ROUNDS_KEPT = 20
+
+# Read the images through a mapping (False: preadv into the channel's buffers, as before).
+MMAP_READS = True
+
+
+def map_image(fd: int, size: int) -> tuple[mmap.mmap | None, str | None]:
+    """A read-only shared mapping of the first ``size`` bytes of the file behind ``fd``,
+    or (None, why not). A file shorter than ``size`` is not mapped: reading a mapping
+    past the end of its file is SIGBUS, not zeros."""
+    if not MMAP_READS:
+        return None, "mmap reads off"
+    try:
+        have = os.fstat(fd).st_size
+        if have < size:
+            return None, f"file shorter than the image ({have} < {size} bytes)"
+        m = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ)
+    except (OSError, ValueError) as e:
+        return None, f"mmap refused: {e}"
+    try:
+        m.madvise(mmap.MADV_SEQUENTIAL)
+    except (OSError, AttributeError):
+        pass
+    return m, None
 
 
 class SourceDevice(Protocol):
@@ -111,14 +146,17 @@ class SourceEngine:
         io_timeout: float = 60.0,
         connect_timeout: float = 10.0,
         before_round: Callable[[int], None] | None = None,
+        after_hash: Callable[[str, int, int], None] | None = None,
         on_finish: Callable[["SourceEngine"], None] | None = None,
         channel: str = AES_256_GCM,
+        reads: str = "mmap",
     ):
         self.disk, self.memory, self.guest = disk, memory, guest
         self.on_finish = on_finish  # called in the engine's thread once the attempt ended
         self.target = target
         self.secret = bytes(secret)
         self.migration_id = migration_id
+        self.reads = reads  # "mmap" (where the mapping can be used) or "preadv" (a benchmark's baseline)
         self.channel = channel  # asked for: ferry.transfer.channel.AES_256_GCM (default) or PLAIN
         self.offline = offline
         self.bandwidth_limit = bandwidth_bps or 0
@@ -126,7 +164,11 @@ class SourceEngine:
         self.io_timeout = io_timeout
         self.connect_timeout = connect_timeout
         self.before_round = before_round  # benchmark hook: before_round(n) just before round n >= 2 takes the bitmaps
-        self.corrupt_data_frame: int | None = None  # test hook: corrupt the Nth data frame
+        self.corrupt_data_frame: int | None = None  # test hook: corrupt the Nth data frame (sent without
+        # FLAG_LIVE: a bad copy, which the target fails at once; a tear is a guest write, below)
+        # test hook: after_hash(name, first, count) runs between hashing an extent in the
+        # mapping and sending it (a guest write there tears a block)
+        self.after_hash = after_hash
 
         self.state = NONE
         self.error: str | None = None
@@ -169,6 +211,10 @@ class SourceEngine:
         self._paused_at: float | None = None
         self._data_frames = 0
         self._buf = bytearray(MAX_EXTENT_BYTES)
+        self._maps: dict[str, mmap.mmap] = {}
+        self._views: dict[str, memoryview] = {}
+        self._reads = {n: {"mode": None, "mmap_bytes": 0, "preadv_bytes": 0, "fallback": None}
+                       for n in ("disk", "memory")}
         self._thread: threading.Thread | None = None
 
     # --- control ---------------------------------------------------------------
@@ -222,6 +268,7 @@ class SourceEngine:
                 log.warning("migration %s failed: %s", self.migration_id, outcome[1])
         finally:
             self._done.set()
+            self._unmap()
             if outcome is not None and outcome[0] == ABORTED:
                 self._send_abort(outcome[1])
             # the source is whole again before anyone can see the attempt as over
@@ -244,6 +291,31 @@ class SourceEngine:
                     self.on_finish(self)
                 except Exception:  # noqa: BLE001
                     log.exception("on_finish hook failed")
+
+    def _map_images(self) -> None:
+        for name, dev in (("disk", self.disk), ("memory", self.memory)):
+            m, why = map_image(dev.fd, dev.size) if self.reads != "preadv" else (None, "preadv asked for")
+            r = self._reads[name]
+            if m is None:
+                r["mode"], r["fallback"] = "preadv", why
+                log.info("migration %s: %s image read with preadv (%s)", self.migration_id, name, why)
+            else:
+                self._maps[name], self._views[name] = m, memoryview(m)
+                r["mode"] = "mmap"
+
+    def _unmap(self) -> None:
+        views, maps = self._views, self._maps
+        self._views, self._maps = {}, {}
+        for v in views.values():
+            try:
+                v.release()
+            except BufferError:
+                pass
+        for m in maps.values():
+            try:
+                m.close()
+            except BufferError:  # a view still held somewhere: the mapping goes with it
+                pass
 
     def _send_abort(self, reason: str) -> None:
         sock, chan = self._sock, self._chan
@@ -306,6 +378,7 @@ class SourceEngine:
             framing.set_kernel_timeouts(sock, self.io_timeout)
         else:
             sock.settimeout(self.io_timeout)
+        self._map_images()
         reader = threading.Thread(target=self._reader, name="migrate-reader", daemon=True)
         reader.start()
         self._send(
@@ -435,7 +508,9 @@ class SourceEngine:
             else:
                 self._progress[name].queued = sum(c for _, c in spec) * dev.block_size
                 work[name] = split_extents(spec, per)
-        self._send(framing.control_frame(Kind.ROUND, {"full": full}, index=self.round))
+        # paused: no guest write can tear a block in this round, so the target takes any
+        # mismatch as corruption (the resend rule does not apply)
+        self._send(framing.control_frame(Kind.ROUND, {"full": full, "paused": self.state == PAUSED}, index=self.round))
         for name, kd, kz in (("disk", Kind.DISK, Kind.ZERO_DISK), ("memory", Kind.MEMORY, Kind.ZERO_MEMORY)):
             for first, count in work[name]:
                 self._check()
@@ -490,6 +565,11 @@ class SourceEngine:
         chan = self._chan
         if chan is None:
             raise Cancelled()
+        src = self._views.get(name)
+        if src is not None and (first + count) * bs <= len(src):
+            self._send_mapped(name, src[first * bs : (first + count) * bs], kind_data, kind_zero, first, count, skip_zero)
+            return
+        self._reads[name]["preadv_bytes"] += nbytes
         # read the extent straight into where the channel sends it from (the sealed
         # channel's record slots: it encrypts the data where it lies)
         views = chan.data_views(nbytes)
@@ -527,6 +607,41 @@ class SourceEngine:
                 o += len(v)
         if not whole:
             hashes = block_hashes(mv, bs)
+        self._send_runs(name, mv, hashes, kind_data, kind_zero, first, count, skip_zero, 0)
+
+    def _send_mapped(self, name, mv, kind_data, kind_zero, first, count, skip_zero) -> None:
+        """Send an extent from the image's mapping: hashed there, sent (plain) or sealed
+        (encrypted into the record slots) from there. Flagged FLAG_LIVE while the guest
+        runs: a guest write between the hash and the send tears the block, and the target
+        then waits for it to come again (it is dirty again: the resend rule)."""
+        bs = len(mv) // count
+        nbytes = len(mv)
+        self._reads[name]["mmap_bytes"] += nbytes
+        hashes = block_hashes(mv, bs)
+        flags = framing.FLAG_LIVE if self.state != PAUSED else 0
+        if self.after_hash is not None:
+            self.after_hash(name, first, count)
+        if zero_hash(bs) not in hashes and self.corrupt_data_frame is None:
+            self._data_frames += 1
+            self._bucket.consume(nbytes)
+            self._check()
+            if self.state == PAUSED and flags:  # force-complete paused the guest in _check: a frame hashed
+                hashes = block_hashes(mv, bs)  # before the pause is hashed again (paused frames are strict)
+                flags = 0
+            self._send_data(framing.data_header(kind_data, first, hashes, nbytes, flags), hashes, nbytes, mv)
+            self._hashes[name].set_run(first, hashes)
+            prog = self._progress[name]
+            prog.sent += nbytes
+            self._round_bytes += nbytes
+            prog.queued = max(0, prog.queued - nbytes)
+            return
+        self._send_runs(name, mv, hashes, kind_data, kind_zero, first, count, skip_zero, flags)
+
+    def _send_runs(self, name, mv, hashes, kind_data, kind_zero, first, count, skip_zero, flags) -> None:
+        """Send an extent that holds all-zero blocks (or a test's corruption): ZERO frames
+        for the zero runs, a data frame per run of data blocks."""
+        bs = len(mv) // count
+        zh = zero_hash(bs)
         if zh in hashes:  # some all-zero blocks: split into runs of zero / data blocks
             zero = [hashes[k * HASH_SIZE : (k + 1) * HASH_SIZE] == zh for k in range(count)]
             runs, i = [], 0
@@ -549,16 +664,20 @@ class SourceEngine:
                 hl = hashes[i * HASH_SIZE : j * HASH_SIZE] if (i, j) != (0, count) else hashes
                 data = mv[i * bs : j * bs]
                 self._data_frames += 1
+                length = (j - i) * bs
+                self._bucket.consume(length)
+                self._check()
+                f = flags
+                if f and self.state == PAUSED:  # force-complete paused the guest in _check: hashed
+                    hl, f = block_hashes(data, bs), 0  # again, still, so the frame is strict
                 if self.corrupt_data_frame is not None and self._data_frames >= self.corrupt_data_frame:
                     self.corrupt_data_frame = None
                     bad = bytearray(data)
                     bad[len(bad) // 2] ^= 0x5A
-                    data = bad
-                length = (j - i) * bs
-                self._bucket.consume(length)
-                self._check()
-                # header, hash list and the data straight from the read buffer: one sendmsg
-                self._send_parts([framing.data_header(kind_data, first + i, hl, length), hl, data])
+                    data, f = bad, 0
+                # header, hash list and the data straight from the read buffer (or the
+                # mapping): one sendmsg
+                self._send_parts([framing.data_header(kind_data, first + i, hl, length, f), hl, data])
                 table.set_run(first + i, hl)
                 prog.sent += length
                 self._round_bytes += length
@@ -572,8 +691,11 @@ class SourceEngine:
     def _send_parts(self, parts: list) -> None:
         self._channel_send(lambda chan: chan.send_parts(parts))
 
-    def _send_data(self, head: bytes, hashes: bytes, nbytes: int) -> None:
-        self._channel_send(lambda chan: chan.send_data(head, hashes, nbytes))
+    def _send_data(self, head: bytes, hashes: bytes, nbytes: int, src=None) -> None:
+        if src is None:
+            self._channel_send(lambda chan: chan.send_data(head, hashes, nbytes))
+        else:
+            self._channel_send(lambda chan: chan.send_data(head, hashes, nbytes, src))
 
     def _channel_send(self, send) -> None:
         chan = self._chan
@@ -694,5 +816,6 @@ class SourceEngine:
             "error": self.error,
             "offline": self.offline,
             "channel": self._chan.name if self._chan is not None else None,
+            "reads": {n: dict(r) for n, r in self._reads.items()},
             "elapsed_ms": int(((self.finished_at or time.monotonic()) - self.started_at) * 1000),
         }

@@ -5,6 +5,13 @@ every block against its hash as it arrives and only then queues it to its image 
 (``ferry.transfer.writer``: one thread, frame order, O_DIRECT where the file system takes
 it); on DONE it waits for every write, compares the source's digests with those of what it
 holds and answers VERDICT. It never runs what it received until its VM is told ``cont``.
+
+The resend rule (``ferry.transfer.framing``): a block that does not match its hash in a
+``FLAG_LIVE`` frame of a round that is not paused was torn by a guest write on the source
+(it hashed and sent from a mapping of the live image). The block is not written (its hash
+in the table stays that of what the image holds), and it is owed: a later matching data
+frame or ZERO frame for it pays the debt. A block still owed at DONE fails the attempt
+(VERDICT not ok, the reason naming the block), as does any mismatch elsewhere, at once.
 """
 
 from __future__ import annotations
@@ -19,7 +26,7 @@ from typing import Protocol
 
 from ferry.transfer import auth, framing, session
 from ferry.transfer.channel import TAG_SIZE
-from ferry.transfer.digest import HASH_NAME, BlockHashes, combine, first_mismatch
+from ferry.transfer.digest import HASH_NAME, BlockHashes, combine, mismatches
 from ferry.transfer.framing import HASH_SIZE, Kind
 from ferry.transfer.session import (
     ABORTED,
@@ -97,6 +104,10 @@ class TargetEngine:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._hl_buf = bytearray(HASH_SIZE * 256)
+        self._round_paused = False  # the source said this round runs with its guest paused
+        # the resend rule: blocks torn in a live frame and not sent again yet -> the round they tore in
+        self._owed: dict[str, dict[int, int]] = {"disk": {}, "memory": {}}
+        self.torn_blocks = {"disk": 0, "memory": 0}  # mismatches excused as tears (all of them resent, or the attempt failed)
         self.address: tuple[str, int] | None = None
         self.started_at = time.monotonic()
 
@@ -255,7 +266,7 @@ class TargetEngine:
         got_info = False
         while True:
             chan.recv_into(headv, stop)
-            kind, _flags, length, index, check = framing.decode_header(headv)
+            kind, flags, length, index, check = framing.decode_header(headv)
             if not got_info and kind is not Kind.INFO:
                 raise framing.FrameError(f"expected INFO, got {kind.name}")
             if kind in framing.DATA_KINDS:
@@ -277,23 +288,56 @@ class TargetEngine:
                 # where it was received); the buffer (the frame, or as much of it as fits) is
                 # queued for writing only once every block in it matched its hash, and written
                 # while the next frame is received
+                live = bool(flags & framing.FLAG_LIVE) and not self._round_paused
+                owed = self._owed[name]
+                torn: list[int] = []  # blocks of this frame (from 0) torn by a guest write on the source
                 per = max(1, RECV_CHUNK_BYTES // bs)
                 per_buf = max(per, (writer.buffer_bytes - TAG_SIZE) // bs // per * per)
                 for b0 in range(0, count, per_buf):
                     m = min(per_buf, count - b0)
                     buf = writer.acquire()
+                    t0 = len(torn)
                     try:
                         for c0 in range(b0, b0 + m, per):
                             n = min(per, b0 + m - c0)
                             data = chan.recv_data(n * bs, stop, memoryview(buf)[(c0 - b0) * bs :])
-                            bad = first_mismatch(data, bs, hl[c0 * HASH_SIZE : (c0 + n) * HASH_SIZE])
-                            if bad is not None:
-                                raise framing.ChecksumError(f"checksum mismatch in {name} frame at block {index + c0 + bad}")
+                            bad = mismatches(data, bs, hl[c0 * HASH_SIZE : (c0 + n) * HASH_SIZE])
+                            if bad:
+                                if not live:
+                                    raise framing.ChecksumError(self._mismatch_reason(name, index + c0 + bad[0], flags))
+                                torn.extend(c0 + k for k in bad)
                     except BaseException:
                         writer.release(buf)  # never written
                         raise
-                    writer.write(name, buf, m * bs, (index + b0) * bs)
-                self._hashes[name].set_run(index, hl)
+                    if len(torn) == t0:
+                        writer.write(name, buf, m * bs, (index + b0) * bs)
+                    else:  # only the runs of blocks that matched: a torn block is never written
+                        runs, k = [], b0
+                        for t in torn[t0:] + [b0 + m]:
+                            if t > k:
+                                runs.append(((k - b0) * bs, (t - k) * bs, (index + k) * bs))
+                            k = t + 1
+                        writer.write_runs(name, buf, runs)
+                if torn:
+                    table = self._hashes[name]
+                    k = 0
+                    for t in torn + [count]:
+                        if t > k:
+                            table.set_run(index + k, hl[k * HASH_SIZE : t * HASH_SIZE])
+                        k = t + 1
+                    if owed:
+                        for b in range(index, index + count):
+                            owed.pop(b, None)
+                    for t in torn:
+                        owed[index + t] = self.round
+                    self.torn_blocks[name] += len(torn)
+                    log.info("migration %s: %d %s block(s) torn by a guest write in round %d (first %d): owed until sent again",
+                             self.migration_id, len(torn), name, self.round, index + torn[0])
+                else:
+                    self._hashes[name].set_run(index, hl)
+                    if owed:
+                        for b in range(index, index + count):
+                            owed.pop(b, None)
                 self._received[name] += count * bs
                 continue
             payload = chan.recv_exact(length, stop)
@@ -304,6 +348,10 @@ class TargetEngine:
                     raise framing.FrameError(f"{name} zero frame out of range")
                 writer.zero(name, index * dev.block_size, count * dev.block_size)  # after the writes queued before
                 self._hashes[name].set_zero(index, count)
+                owed = self._owed[name]
+                if owed:
+                    for b in range(index, index + count):
+                        owed.pop(b, None)
                 continue
             body = framing.parse_control(payload, check)
             if kind is Kind.INFO:
@@ -311,6 +359,7 @@ class TargetEngine:
                 got_info = True
             elif kind is Kind.ROUND:
                 self.round = index
+                self._round_paused = bool(body.get("paused"))
             elif kind is Kind.DONE:
                 self._verify(chan, body)
                 return
@@ -334,19 +383,39 @@ class TargetEngine:
                     f"target {dev.size}/{dev.block_size}"
                 )
 
+    def _mismatch_reason(self, name: str, block: int, flags: int) -> str:
+        why = ("in a paused round: no guest write can explain it" if self._round_paused
+               else "not sent as read from a running guest" if not flags & framing.FLAG_LIVE else "")
+        return f"checksum mismatch in {name} frame at block {block}" + (f" (round {self.round}, {why})" if why else "")
+
+    def _unpaid(self) -> str | None:
+        """Why the attempt fails if a torn block was never sent again (None: none owed)."""
+        for name in ("disk", "memory"):
+            owed = self._owed[name]
+            if owed:
+                block = min(owed)
+                more = f"; {len(owed) - 1} more owed" if len(owed) > 1 else ""
+                return (f"checksum mismatch in {name} frame at block {block} (round {owed[block]}, read from the "
+                        f"running guest: taken as torn by a guest write) and the block was never sent again{more}")
+        return None
+
     def _verify(self, chan, body: dict) -> None:
         # the verdict only once every queued write is done (a failed one fails the attempt)
         self._writer.drain()
         self._close_writer(discard=False)
         disk_root, mem_root = self._hashes["disk"].root(), self._hashes["memory"].root()
         self.digest = combine(disk_root, mem_root)
-        ok = body.get("digest") == self.digest and body.get("disk_root") == disk_root.hex() and body.get("memory_root") == mem_root.hex()
+        unpaid = self._unpaid()
+        ok = (unpaid is None and body.get("digest") == self.digest and body.get("disk_root") == disk_root.hex()
+              and body.get("memory_root") == mem_root.hex())
         verdict = {"ok": ok, "digest": self.digest, "disk_root": disk_root.hex(), "memory_root": mem_root.hex()}
         if not ok:
-            verdict["error"] = "target holds different data"
+            verdict["error"] = unpaid or "target holds different data"
         if ok:
             self.guest_state = body.get("guest") or {}
             self._finish(RECEIVED)
+        elif unpaid:
+            self._finish(FAILED, unpaid)
         else:
             self._finish(FAILED, f"digest mismatch: source {body.get('digest')}, target {self.digest}")
         chan.send_parts([framing.control_frame(Kind.VERDICT, verdict)])
@@ -380,6 +449,7 @@ class TargetEngine:
             "channel": self._chan.name if self._chan is not None else None,
             "address": f"{self.address[0]}:{self.address[1]}" if self.address else None,
             "writes": self._writes(),
+            "torn_blocks": dict(self.torn_blocks),
         }
 
     def _writes(self) -> dict | None:

@@ -146,6 +146,15 @@ class ImageWriter:
             self._raise_if_failed()
         self._jobs.put((_WRITE, name, buf, length, offset))
 
+    def write_runs(self, name: str, buf: mmap.mmap, runs: list[tuple[int, int, int]]) -> None:
+        """Like ``write`` for parts of ``buf``: ``runs`` of (start in buf, length, offset in the
+        image), written in order; the buffer comes back after the last (or at once if none)."""
+        if self.error is not None or not runs:
+            self._free.put(buf)
+            self._raise_if_failed()
+            return
+        self._jobs.put((_WRITE, name, buf, 0, runs))
+
     def zero(self, name: str, offset: int, length: int) -> None:
         """Queue zeros over ``length`` bytes at ``offset``, after every write queued before."""
         self._raise_if_failed()
@@ -196,6 +205,10 @@ class ImageWriter:
                 try:
                     if kind is _ZERO:
                         self._write_zeros(self._images[name], offset, length)
+                    elif isinstance(offset, list):  # write_runs: parts of the buffer
+                        for start, n, at in offset:
+                            offset = at
+                            self._write(self._images[name], memoryview(buf)[start : start + n], at)
                     else:
                         self._write(self._images[name], memoryview(buf)[:length], offset)
                 except Exception as e:  # noqa: BLE001 - whatever it was, the attempt fails with it

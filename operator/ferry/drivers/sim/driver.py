@@ -115,6 +115,7 @@ class SimDriver:
         if channel not in CHANNELS:
             raise ValueError(f"channel must be one of {', '.join(CHANNELS)}")
         self.channel = channel  # the data channel migrations ask for (and, for plain, also take)
+        self.reads = "mmap"  # how a source reads its images: "mmap" or "preadv" (the benchmark's baseline)
         self.data_dir = os.path.realpath(data_dir)
         self.vms_dir = os.path.join(self.data_dir, "vms")
         self.size_scale = size_scale
@@ -426,6 +427,7 @@ class SimDriver:
                 "force_complete": options.force_complete,
                 "max_throttle_percent": options.max_throttle_percent,
                 "channel": self.channel,
+                "reads": self.reads,
             },
         )
 

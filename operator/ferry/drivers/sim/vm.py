@@ -8,20 +8,24 @@ directory, runs the guest workload thread, and answers a QMP-like JSON line prot
     stop / cont                           pause / run the guest (cont on a received target adopts it)
     quit                                  stop everything and exit
     migrate {uri, secret, id, downtime_ms, bandwidth_bps, offline, channel, max_downtime_ms,
-             force_complete, max_throttle_percent}
+             force_complete, max_throttle_percent, reads}
     migrate-force-complete                pause the guest now and finish the outgoing migration
     migrate-incoming {listen, secret, id, channel} -> {uri}
     query-migrate                         -> MigrationStats fields
     migrate_cancel                        abort the source side (resume the guest)
     set-workload {pattern, write_rate_kibps}
     query-digest                          -> {disk_root, memory_root, digest} by re-reading the images
-    x-debug-corrupt {frame}               test hook: corrupt the Nth data frame sent
+    x-debug-corrupt {frame}               test hook: corrupt the Nth data frame sent (as a bad copy:
+                                          without FLAG_LIVE, so the target fails at once)
 
 ``status`` is one of running, paused, stopped, inmigrate (a target not yet resumed),
 finish-migrate (source paused for the final copy), postmigrate (source done, waiting for
 cut-over). Secrets arrive hex-encoded over the (0600) control socket and are kept in
 memory only. ``channel`` (``ferry.transfer.channel``): ``aes-256-gcm`` (the default) or
 ``plain``; an incoming VM given ``plain`` takes either, one given ``aes-256-gcm`` only that.
+``reads``: how the source reads its images, ``mmap`` (the default: through a mapping, with
+the resend rule, ``ferry.transfer.source``) or ``preadv`` (the copy it replaced: what the
+data-plane benchmark compares it with in the same run).
 """
 
 from __future__ import annotations
@@ -292,7 +296,8 @@ class VM:
 
     def cmd_migrate(self, uri: str, secret: str, id: str, downtime_ms: int = 300, bandwidth_bps: int | None = None,
                     offline: bool = False, channel: str = AES_256_GCM, max_downtime_ms: int | None = None,
-                    force_complete: bool = False, max_throttle_percent: int = 99, **_ignored) -> dict:
+                    force_complete: bool = False, max_throttle_percent: int = 99, reads: str = "mmap",
+                    **_ignored) -> dict:
         if self.power == "inmigrate":
             raise CommandError("an incoming VM cannot migrate out", "InvalidState")
         if self.source is not None and not self.source.finished:
@@ -309,6 +314,8 @@ class VM:
             raise CommandError("secret must be hex", "InvalidParameter") from None
         if channel not in CHANNELS:
             raise CommandError(f"channel must be one of {', '.join(CHANNELS)}", "InvalidParameter")
+        if reads not in ("mmap", "preadv"):
+            raise CommandError("reads must be mmap or preadv", "InvalidParameter")
         eng = SourceEngine(
             disk=self.disk,
             memory=self.memory,
@@ -324,6 +331,7 @@ class VM:
             offline=bool(offline),
             on_finish=self._source_finished,
             channel=channel,
+            reads=reads,
         )
         if self._corrupt_frame is not None:
             eng.corrupt_data_frame, self._corrupt_frame = self._corrupt_frame, None
