@@ -11,26 +11,26 @@ from ferry.api.phases import HostPhase
 from ferry.api.times import now
 from ferry.controller import effects
 from ferry.controller.app import Context, ensure_current
-from ferry.hosts.status import evacuation_plan, evacuation_withdrawals, host_status, status_changed
+from ferry.hosts.status import counts_only, evacuation_plan, evacuation_withdrawals, host_status, status_changed
 from ferry.storage import Conflict, NotFound
 
 log = logging.getLogger("ferry.operator")
 
 #: A host's status that changed only in its counts (allocated, droplets, the evacuation's
-#: counts) is written at most this often; phase, conditions and a new maintenance window at
-#: once. Decisions read the world, not these counts: they are the UI, and a drain of a hundred
-#: droplets would otherwise rewrite its host after every step of every migration.
-COUNTS_MIN_INTERVAL_SECONDS = 1.0
-_COUNTS = frozenset({"allocated", "droplets", "evacuation"})
+#: counts and the Evacuated condition's message that restates them: ``hosts.status.counts_only``)
+#: is written at most this often (the host's sweep interval); phase, conditions and a new
+#: maintenance window at once. Decisions read the world, not these counts: they are the UI, and
+#: a drain would otherwise rewrite a host after every step of each of its migrations (each
+#: migration changes its two hosts' counts three times: the reservation, the record flip on
+#: both sides). A change held back is written by a look scheduled for when the interval ends.
+COUNTS_MIN_INTERVAL_SECONDS = 2.0
 
 
-def _write_now(cx: Context, name: str, current: dict, desired: dict) -> bool:
-    changed = {k for k, v in desired.items() if current.get(k) != v}
-    if not changed <= _COUNTS:
-        return True
-    if (desired.get("evacuation") or {}).get("window") != (current.get("evacuation") or {}).get("window"):
-        return True  # a window is recorded before any of its migrations is created
-    return time.monotonic() - cx.host_written.get(name, 0.0) >= COUNTS_MIN_INTERVAL_SECONDS
+def _counts_wait(cx: Context, name: str, current: dict, desired: dict) -> float:
+    """Seconds this change must wait before it is written (0: write it now)."""
+    if not counts_only(current, desired):
+        return 0.0
+    return max(0.0, COUNTS_MIN_INTERVAL_SECONDS - (time.monotonic() - cx.host_written.get(name, -1e9)))
 
 
 async def on_event(cx: Context, event_type: str | None, body: dict, logger: logging.Logger) -> list[ObjectKey]:
@@ -76,7 +76,10 @@ async def reconcile_host(cx: Context, name: str, logger: logging.Logger) -> list
             migrations.update((m.key, m) for m in world.migrations_of(d.key))
         migrations = list(migrations.values())
         desired = host_status(host, droplets, migrations, allocated, t, cx.settings.heartbeat_timeout_seconds)
-        if status_changed(host.status, desired) and _write_now(cx, name, host.status, desired):
+        wait = _counts_wait(cx, name, host.status, desired) if status_changed(host.status, desired) else None
+        if wait:
+            cx.looked("Host", name, wait)  # held back: written by the look when the interval ends
+        elif wait is not None:
             if host.status.get("phase") != desired["phase"]:
                 moved = [d.key for d in droplets]
                 _wake_migrations(cx, name, migrations)
