@@ -8,7 +8,8 @@ import pytest
 
 from ferry.api.livemigration import LiveMigration
 from ferry.api.models import Droplet, Host
-from ferry.droplets.status import droplet_state, placement_status, state_changed
+from ferry.api.times import fmt_api
+from ferry.droplets.status import completed_by_record, completion_status, droplet_state, placement_status, state_changed
 from ferry.placement import DropletRequest, HostInfo, place
 from ferry.api.sizes import Resources
 
@@ -156,3 +157,33 @@ def test_the_flips_own_words_stand_while_the_migration_finishes():
     assert droplet_state(d, host(1), [migration("Completed")], NOW, 30).phase == "Placed"
     before = droplet(host="h0", phase="Placed", reason="Placed", message="running on h0")
     assert droplet_state(before, host(1), [migration("Preparing")], NOW, 30).reason == "LiveMigration"
+
+
+def migration_cut(name: str, phase: str, cut_at: dt.datetime) -> LiveMigration:
+    return LiveMigration.from_body({"metadata": {"name": name, "namespace": "team"}, "spec": {"droplet": "web"},
+                                    "status": {"phase": phase, "phaseTimes": {"CutOver": fmt_api(cut_at)}}})
+
+
+def test_the_completion_writes_lastmigration_and_placed_in_one_patch():
+    """lastMigration and the phase back to Placed were two writes; the completion's one patch
+    carries both, and the droplet's own look between that write and the migration's status
+    Completed (its world still says CutOver) does not write Migrating back."""
+    cut = NOW - dt.timedelta(seconds=3)
+    d = droplet(host="h1", phase="Migrating", reason="RecordMoved", message="record moved from h0 to h1")
+    moving = migration_cut("move", "CutOver", cut)
+    last = {"name": "move", "completedAt": fmt_api(NOW), "fromHost": "h0", "toHost": "h1"}
+    patch = completion_status(d, host(1), [moving], "move", last, NOW, 30)
+    assert patch == {"lastMigration": last, "phase": "Placed", "reason": "Placed", "message": "running on h1",
+                     "observedGeneration": 3}
+    written = droplet(host="h1", phase="Placed", reason="Placed", message="running on h1", lastMigration=last)
+    assert completed_by_record(written, moving)
+    assert not state_changed(written, droplet_state(written, host(1), [moving], NOW, 30))
+    # already Placed (nothing else to say): lastMigration alone
+    assert completion_status(written, host(1), [moving], "move", last, NOW, 30) == {"lastMigration": last}
+    # a later migration that reuses the name is not the one the record names: it moves the droplet
+    again = migration_cut("move", "CutOver", NOW + dt.timedelta(minutes=1))
+    assert not completed_by_record(written, again)
+    assert droplet_state(written, host(1), [again], NOW, 30).phase == "Migrating"
+    assert not completed_by_record(written, migration_cut("move", "PreCopy", cut))
+    # the host lost meanwhile: that is what the patch says
+    assert completion_status(d, host(60), [moving], "move", last, NOW, 30)["phase"] == "HostLost"

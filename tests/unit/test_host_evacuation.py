@@ -8,7 +8,7 @@ import pytest
 
 from ferry.api.livemigration import LiveMigration
 from ferry.api.models import Droplet, Host
-from ferry.hosts.status import (evacuation_name, evacuation_plan, evacuation_withdrawals, host_status,
+from ferry.hosts.status import (counts_only, evacuation_name, evacuation_plan, evacuation_withdrawals, host_status,
                                 maintenance_window)
 from ferry.api.sizes import Resources
 
@@ -131,3 +131,31 @@ def test_a_host_is_not_evacuated_while_a_migration_off_it_is_unfinished():
     # another host's migration is not this host's business
     other = lm("theirs", "x", "CutOver", evac=False, source="host-b")
     assert status_of(h, [], [done, other])["phase"] == "Evacuated"
+
+
+def test_only_a_change_of_counts_may_wait_for_the_next_host_write():
+    """The host reconciler holds back a status that changed only in its counts (and the
+    Evacuated message that restates them); a phase, a condition's status or reason, and a new
+    window are written at once (the Evacuated rule: the last migration off the host ending)."""
+    h = host(maintenance=True, status={"maintenanceWindow": 1, "evacuation": {"window": 1}})
+    w1, w2 = droplet("w1"), droplet("w2")
+    m1 = lm(evacuation_name("host-a", "w1", 1), "w1", "PreCopy", window=1)
+    m2 = lm(evacuation_name("host-a", "w2", 1), "w2", "Announced", window=1)
+    before = status_of(h, [w1, w2], [m1, m2])
+    # m1's record moved (w1 left the host) and m2 started: counts and the Evacuated message only
+    after = status_of(h, [w2], [lm(m1.name, "w1", "Completed", window=1), lm(m2.name, "w2", "PreCopy", window=1)])
+    assert before["conditions"] != after["conditions"] and before["phase"] == after["phase"] == "Draining"
+    assert counts_only(before, after)
+    assert counts_only(before, before)
+    # the last one ends: phase Evacuated and the condition's status turn at once
+    done = status_of(h, [], [lm(m1.name, "w1", "Completed", window=1), lm(m2.name, "w2", "Completed", window=1)])
+    assert done["phase"] == "Evacuated" and not counts_only(after, done)
+    # a new window (and the window's end) is never held back
+    assert not counts_only({**after, "evacuation": None}, after)
+    assert not counts_only(after, {**after, "evacuation": {**after["evacuation"], "window": 2}})
+    # a host out of maintenance: allocation alone waits, readiness does not
+    idle = status_of(host(maintenance=False), [w1], [])
+    busier = host_status(host(maintenance=False), [w1, w2], [], Resources(2, 2048, 50), T0, 30)
+    assert busier["allocatedSummary"] != idle["allocatedSummary"] and counts_only(idle, busier)
+    lost = host_status(host(maintenance=False), [w1], [], Resources(0, 0, 0), T0 + dt.timedelta(minutes=5), 30)
+    assert lost["phase"] == "NotReady" and not counts_only(idle, lost)

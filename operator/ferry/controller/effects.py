@@ -15,6 +15,7 @@ from ferry.api.models import Droplet
 from ferry.api.phases import DropletPhase
 from ferry.api.times import fmt, now
 from ferry.controller.app import Context
+from ferry.droplets.status import completion_status
 from ferry.api.meta import ObjectKey
 from ferry.migration import actions as a
 from ferry.storage import Conflict, NotFound, StorageError
@@ -93,11 +94,16 @@ async def apply(cx: Context, m: LiveMigration, action: a.Action, logger: logging
     elif isinstance(action, a.MarkDropletCondition):
         await mark_droplet_condition(cx, ns, action)
     elif isinstance(action, a.RecordLastMigration):
+        last = {"name": action.migration, "completedAt": fmt(action.completed_at), "fromHost": action.from_host,
+                "toHost": action.to_host, "downtimeMs": m.status.downtime_ms}
+        d = cx.world.droplets.get((ns, action.droplet))
+        # With the phase it has once this migration is over (Placed): one write, not two (the
+        # droplet reconciler, run after the migration's status write, then finds nothing to do).
+        patch = {"lastMigration": last} if d is None or not d.host else completion_status(
+            d, cx.world.hosts.get(d.host), cx.world.migrations_of(d.key), m.name, last, now(),
+            cx.settings.heartbeat_timeout_seconds)
         try:
-            new = await cx.call(kube.patch_status, "Droplet", action.droplet, {"lastMigration": {
-                "name": action.migration, "completedAt": fmt(action.completed_at),
-                "fromHost": action.from_host, "toHost": action.to_host,
-                "downtimeMs": m.status.downtime_ms}}, ns)
+            new = await cx.call(kube.patch_status, "Droplet", action.droplet, patch, ns)
             cx.world.observe("Droplet", "MODIFIED", new)
         except NotFound:
             pass
@@ -157,7 +163,15 @@ async def _write_record(cx: Context, ns: str, action: a.FlipRecord | a.ReturnRec
 
 
 async def mark_droplet_condition(cx: Context, ns: str, action: a.MarkDropletCondition) -> None:
-    """Set a condition on a droplet, read fresh and written guarded (retried on conflict)."""
+    """Set a condition on a droplet, read fresh and written guarded (retried on conflict).
+
+    Clearing one the world's copy of the droplet does not have reads nothing: only the operator
+    sets these conditions, and the world takes in its own writes (and is listed afresh by a
+    replica that takes over), so the read would find it unset too (one GET per completed
+    migration less: the completion clears ``OfflineMigrationNeeded``)."""
+    seen = cx.world.droplets.get((ns, action.droplet))
+    if not action.status and seen is not None and seen.condition(action.type) is None:
+        return
     for _ in range(5):
         try:
             body = await cx.call(cx.kube.get, "Droplet", action.droplet, ns)

@@ -11,26 +11,25 @@ from ferry.api.phases import HostPhase
 from ferry.api.times import now
 from ferry.controller import effects
 from ferry.controller.app import Context, ensure_current
-from ferry.hosts.status import evacuation_plan, evacuation_withdrawals, host_status, status_changed
+from ferry.hosts.status import counts_only, evacuation_plan, evacuation_withdrawals, host_status, status_changed
 from ferry.storage import Conflict, NotFound
 
 log = logging.getLogger("ferry.operator")
 
 #: A host's status that changed only in its counts (allocated, droplets, the evacuation's
-#: counts) is written at most this often; phase, conditions and a new maintenance window at
-#: once. Decisions read the world, not these counts: they are the UI, and a drain of a hundred
-#: droplets would otherwise rewrite its host after every step of every migration.
-COUNTS_MIN_INTERVAL_SECONDS = 1.0
-_COUNTS = frozenset({"allocated", "droplets", "evacuation"})
+#: counts and the Evacuated condition's message that restates them: ``hosts.status.counts_only``)
+#: is written at most this often (the host's sweep interval); phase, conditions and a new
+#: maintenance window at once. Decisions read the world, not these counts: they are the UI, and
+#: a drain would otherwise rewrite a host after every step of each of its migrations (each
+#: migration changes its two hosts' counts three times: the reservation, the record flip on
+#: both sides). A change held back is written by the sweep's next look at the host.
+COUNTS_MIN_INTERVAL_SECONDS = 2.0
 
 
-def _write_now(cx: Context, name: str, current: dict, desired: dict) -> bool:
-    changed = {k for k, v in desired.items() if current.get(k) != v}
-    if not changed <= _COUNTS:
-        return True
-    if (desired.get("evacuation") or {}).get("window") != (current.get("evacuation") or {}).get("window"):
-        return True  # a window is recorded before any of its migrations is created
-    return time.monotonic() - cx.host_written.get(name, 0.0) >= COUNTS_MIN_INTERVAL_SECONDS
+def _held_back(cx: Context, name: str, current: dict, desired: dict) -> bool:
+    """Does this change wait for a later look (counts alone, the last write too recent)?"""
+    return counts_only(current, desired) and \
+        time.monotonic() - cx.host_written.get(name, -1e9) < COUNTS_MIN_INTERVAL_SECONDS
 
 
 async def on_event(cx: Context, event_type: str | None, body: dict, logger: logging.Logger) -> list[ObjectKey]:
@@ -54,6 +53,7 @@ async def reconcile_host(cx: Context, name: str, logger: logging.Logger) -> list
     follows it, HostLost or back), for the caller to reconcile."""
     await ensure_current(cx)
     cx.reconciled_at = time.monotonic()
+    started = time.monotonic()
     cx.looked("Host", name)  # the sweep's next look at it: one interval from now
     async with cx.object_lock(("Host", name)):
         world = cx.world
@@ -76,7 +76,9 @@ async def reconcile_host(cx: Context, name: str, logger: logging.Logger) -> list
             migrations.update((m.key, m) for m in world.migrations_of(d.key))
         migrations = list(migrations.values())
         desired = host_status(host, droplets, migrations, allocated, t, cx.settings.heartbeat_timeout_seconds)
-        if status_changed(host.status, desired) and _write_now(cx, name, host.status, desired):
+        # A change held back is written by the sweep's next look (one interval from this one, so
+        # never sooner than the interval after the last write): no look of its own.
+        if status_changed(host.status, desired) and not _held_back(cx, name, host.status, desired):
             if host.status.get("phase") != desired["phase"]:
                 moved = [d.key for d in droplets]
                 _wake_migrations(cx, name, migrations)
@@ -87,7 +89,7 @@ async def reconcile_host(cx: Context, name: str, logger: logging.Logger) -> list
                                          desired["conditions"][0]["message"] if not_ready
                                          else f"host is {desired['phase']}")
             new = await cx.call(cx.kube.patch_status, "Host", name, desired)
-            cx.host_written[name] = time.monotonic()
+            cx.host_written[name] = started  # the next look (one interval on) may write again
             world.observe("Host", "MODIFIED", new)
         # The window is planned only once the status that records it is written.
         window = (desired.get("evacuation") or {}).get("window")

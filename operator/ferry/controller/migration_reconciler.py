@@ -24,7 +24,6 @@ from ferry.api.times import now
 from ferry.controller import effects
 from ferry.controller.app import Context, ensure_current
 from ferry.controller.droplet_reconciler import reconcile_droplet
-from ferry.controller.host_reconciler import reconcile_host
 from ferry.controller.schedule import migration_delay
 from ferry.api.meta import ObjectKey
 from ferry.api.patch import merge_patch
@@ -275,8 +274,12 @@ async def _reconcile_once(cx: Context, key: ObjectKey, logger: logging.Logger, l
                 if isinstance(action, EmitEvent):
                     continue
                 if isinstance(action, RecomputeAllocations):
+                    # The sweep's next tick (0.2 s) recomputes them, after this status write: one
+                    # host write for all the migrations that changed it meanwhile, and no host
+                    # write waited for here (the host reconciler holds back a change of its
+                    # counts alone: ``host_reconciler.COUNTS_MIN_INTERVAL_SECONDS``).
                     for h in action.hosts:
-                        await reconcile_host(cx, h, logger)
+                        cx.wake("Host", h)
                     continue
                 new_rv = await effects.apply(cx, cur, action, logger)
                 if new_rv:  # our own write to this LiveMigration (labels): guard the status with it

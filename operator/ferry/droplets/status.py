@@ -9,10 +9,10 @@ from collections.abc import Iterable
 from typing import Any
 
 from ferry.api.conditions import set_condition
-from ferry.api.times import fmt_api
+from ferry.api.times import fmt_api, parse_any
 from ferry.api.livemigration import LiveMigration
 from ferry.api.models import Droplet, Host
-from ferry.api.phases import DropletPhase
+from ferry.api.phases import DropletPhase, Phase
 from ferry.placement.model import PlacementResult
 
 
@@ -51,7 +51,7 @@ def droplet_state(d: Droplet, host: Host | None, migrations: Iterable[LiveMigrat
         return DropletState(DropletPhase.HOST_LOST, "HostNotReady",
                             f"host {d.host} is not ready (no agent heartbeat); the droplet cannot be "
                             "live-migrated until its host is back")
-    moving = next((m for m in migrations if m.in_flight), None)
+    moving = next((m for m in migrations if m.in_flight and not completed_by_record(d, m)), None)
     if moving is not None:
         if d.phase == DropletPhase.MIGRATING and d.status.get("reason") in FLIP_REASONS:
             # the record flip's own words ("record moved from a to b"), written with the record:
@@ -61,8 +61,37 @@ def droplet_state(d: Droplet, host: Host | None, migrations: Iterable[LiveMigrat
     return DropletState(DropletPhase.PLACED, "Placed", f"running on {d.host}")
 
 
+def completed_by_record(d: Droplet, m: LiveMigration) -> bool:
+    """Has ``m`` completed, by the droplet's ``lastMigration``, whatever its own status still says?
+
+    The completion writes the droplet's lastMigration with its phase Placed (``completion_status``)
+    just before the migration's status Completed: a look in between (the droplet's own watch
+    event) must not write Migrating back. The name alone is not enough (a new migration may
+    reuse a finished one's): it must also be in CutOver, the one phase a completion comes from,
+    since no later than that completion."""
+    last = d.status.get("lastMigration")
+    if not isinstance(last, dict) or last.get("name") != m.name or m.phase != Phase.CUTOVER:
+        return False
+    completed, cut = parse_any(last.get("completedAt")), m.status.phase_times.get(Phase.CUTOVER)
+    return completed is not None and cut is not None and completed >= cut.replace(microsecond=0)
+
+
 def state_changed(d: Droplet, state: DropletState) -> bool:
     return (d.phase, d.status.get("reason"), d.status.get("message")) != (state.phase, state.reason, state.message)
+
+
+def completion_status(d: Droplet, host: Host | None, migrations: Iterable[LiveMigration], finished: str,
+                      last_migration: dict[str, Any], now: dt.datetime, heartbeat_timeout: float) -> dict[str, Any]:
+    """The droplet's status patch when migration ``finished`` (its name) completes: its
+    ``lastMigration`` and, in the same write, the phase it has once that migration is over
+    (``droplet_state`` without it: Placed on its new host, as a rule), which the droplet
+    reconciler would otherwise write as a second patch right after."""
+    state = droplet_state(d, host, [m for m in migrations if m.name != finished], now, heartbeat_timeout)
+    patch: dict[str, Any] = {"lastMigration": last_migration}
+    if state_changed(d, state):
+        patch.update(phase=state.phase, reason=state.reason, message=state.message,
+                     observedGeneration=d.meta.generation)
+    return patch
 
 
 ADDRESS_CONFLICT = "AddressConflict"

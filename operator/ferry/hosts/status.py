@@ -194,3 +194,34 @@ def host_status(host: Host, droplets: Iterable[Droplet], migrations: Iterable[Li
 
 def status_changed(current: Mapping[str, Any], desired: Mapping[str, Any]) -> bool:
     return any(current.get(k) != v for k, v in desired.items())
+
+
+#: the parts of a Host's status that are counts (the UI's): what a drain changes after every
+#: step of every migration
+COUNTS = frozenset({"allocated", "allocatedSummary", "droplets", "evacuation"})
+
+
+def _conditions_key(conditions: Any, counted: str = "Evacuated") -> list:
+    """The conditions without ``counted``'s message (it only restates the evacuation's counts)."""
+    out = []
+    for cnd in conditions or ():
+        if isinstance(cnd, Mapping) and cnd.get("type") == counted:
+            cnd = {k: v for k, v in cnd.items() if k != "message"}
+        out.append(cnd)
+    return out
+
+
+def counts_only(current: Mapping[str, Any], desired: Mapping[str, Any]) -> bool:
+    """Does ``desired`` differ from ``current`` only in its counts (``COUNTS``, and the message of
+    the ``Evacuated`` condition, which restates them)? Such a change may wait for the next write;
+    a new phase, a condition's status or reason, or a new maintenance window may not (the window
+    is recorded before any of its migrations is created, and ``Evacuated`` turning True comes
+    with the phase Evacuated)."""
+    changed = {k for k, v in desired.items() if current.get(k) != v}
+    if "conditions" in changed:
+        if _conditions_key(current.get("conditions")) != _conditions_key(desired.get("conditions")):
+            return False
+        changed.discard("conditions")
+    if not changed <= COUNTS:
+        return False
+    return (desired.get("evacuation") or {}).get("window") == (current.get("evacuation") or {}).get("window")
