@@ -29,6 +29,16 @@ def send_in_thread(fn):
     return t
 
 
+def wire_of(send, b: socket.socket) -> bytearray:
+    """Everything ``send`` (run in a thread, ending with a shutdown) puts on the wire to ``b``."""
+    t = send_in_thread(send)
+    wire = bytearray()
+    while chunk := b.recv(1 << 16):
+        wire += chunk
+    t.join(5)
+    return wire
+
+
 def frame_parts(nbytes=RECORD_BYTES * 4 + 4096, block=4096):
     data = os.urandom(nbytes)
     hl = os.urandom(16 * (nbytes // block))
@@ -206,12 +216,7 @@ def _in_place_wire(parts_list, monkeypatch=None, in_place=True, mid="lm-1"):
             src.send_data(head, hl, len(data))
         a.shutdown(socket.SHUT_WR)
 
-    t = send_in_thread(send)
-    wire = bytearray()
-    while chunk := b.recv(1 << 16):
-        wire += chunk
-    t.join(5)
-    return wire
+    return wire_of(send, b)
 
 
 @pytest.mark.parametrize("nbytes", [RECORD_BYTES * 4, RECORD_BYTES * 2 + 8192, 4096])
@@ -241,11 +246,7 @@ def _from_mapping_wire(parts_list, tmp_path):
                 o += len(data)
         a.shutdown(socket.SHUT_WR)
 
-    t = send_in_thread(send)
-    wire = bytearray()
-    while chunk := b.recv(1 << 16):
-        wire += chunk
-    t.join(5)
+    wire = wire_of(send, b)
     m.close()
     os.close(fd)
     return wire

@@ -590,11 +590,7 @@ class SourceEngine:
             self._bucket.consume(nbytes)
             self._check()
             self._send_data(framing.data_header(kind_data, first, hashes, nbytes), hashes, nbytes)
-            self._hashes[name].set_run(first, hashes)
-            prog = self._progress[name]
-            prog.sent += nbytes
-            self._round_bytes += nbytes
-            prog.queued = max(0, prog.queued - nbytes)
+            self._sent_whole(name, first, hashes, nbytes)
             return
         # zero blocks (or a test's corruption): gather the extent, send its runs of data
         if len(views) == 1:
@@ -629,13 +625,17 @@ class SourceEngine:
                 hashes = block_hashes(mv, bs)  # before the pause is hashed again (paused frames are strict)
                 flags = 0
             self._send_data(framing.data_header(kind_data, first, hashes, nbytes, flags), hashes, nbytes, mv)
-            self._hashes[name].set_run(first, hashes)
-            prog = self._progress[name]
-            prog.sent += nbytes
-            self._round_bytes += nbytes
-            prog.queued = max(0, prog.queued - nbytes)
+            self._sent_whole(name, first, hashes, nbytes)
             return
         self._send_runs(name, mv, hashes, kind_data, kind_zero, first, count, skip_zero, flags)
+
+    def _sent_whole(self, name: str, first: int, hashes: bytes, nbytes: int) -> None:
+        """Account for a whole extent sent as one data frame."""
+        self._hashes[name].set_run(first, hashes)
+        prog = self._progress[name]
+        prog.sent += nbytes
+        self._round_bytes += nbytes
+        prog.queued = max(0, prog.queued - nbytes)
 
     def _send_runs(self, name, mv, hashes, kind_data, kind_zero, first, count, skip_zero, flags) -> None:
         """Send an extent that holds all-zero blocks (or a test's corruption): ZERO frames
