@@ -318,6 +318,7 @@ class TargetEngine:
                                 runs.append(((k - b0) * bs, (t - k) * bs, (index + k) * bs))
                             k = t + 1
                         writer.write_runs(name, buf, runs)
+                self._paid(name, index, count)  # every block of the frame arrived again (torn ones owed anew below)
                 if torn:
                     table = self._hashes[name]
                     k = 0
@@ -325,9 +326,6 @@ class TargetEngine:
                         if t > k:
                             table.set_run(index + k, hl[k * HASH_SIZE : t * HASH_SIZE])
                         k = t + 1
-                    if owed:
-                        for b in range(index, index + count):
-                            owed.pop(b, None)
                     for t in torn:
                         owed[index + t] = self.round
                     self.torn_blocks[name] += len(torn)
@@ -335,9 +333,6 @@ class TargetEngine:
                              self.migration_id, len(torn), name, self.round, index + torn[0])
                 else:
                     self._hashes[name].set_run(index, hl)
-                    if owed:
-                        for b in range(index, index + count):
-                            owed.pop(b, None)
                 self._received[name] += count * bs
                 continue
             payload = chan.recv_exact(length, stop)
@@ -348,10 +343,7 @@ class TargetEngine:
                     raise framing.FrameError(f"{name} zero frame out of range")
                 writer.zero(name, index * dev.block_size, count * dev.block_size)  # after the writes queued before
                 self._hashes[name].set_zero(index, count)
-                owed = self._owed[name]
-                if owed:
-                    for b in range(index, index + count):
-                        owed.pop(b, None)
+                self._paid(name, index, count)
                 continue
             body = framing.parse_control(payload, check)
             if kind is Kind.INFO:
@@ -387,6 +379,13 @@ class TargetEngine:
         why = ("in a paused round: no guest write can explain it" if self._round_paused
                else "not sent as read from a running guest" if not flags & framing.FLAG_LIVE else "")
         return f"checksum mismatch in {name} frame at block {block}" + (f" (round {self.round}, {why})" if why else "")
+
+    def _paid(self, name: str, first: int, count: int) -> None:
+        """Blocks ``first``..``first + count`` arrived again (matching, or as zeros): no longer owed."""
+        owed = self._owed[name]
+        if owed:
+            for b in range(first, first + count):
+                owed.pop(b, None)
 
     def _unpaid(self) -> str | None:
         """Why the attempt fails if a torn block was never sent again (None: none owed)."""
